@@ -1,0 +1,149 @@
+"""One stochastic step and its log-probability, from a kernel's coefficients.
+
+All step math runs in float32 whatever the dtype of ``x_t`` and ``v`` (bf16 overflows in the
+log-prob); results come back in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import STD_FLOOR, Kernel
+
+__all__ = ["StepOutput", "step", "log_prob", "gaussian_log_prob", "draw_noise"]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass
+class StepOutput:
+    """``sample`` and ``mean`` are ``(B, ...)``; ``std`` and ``log_prob`` are ``(B,)``; float32."""
+
+    sample: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    log_prob: torch.Tensor
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """Section 4's log-density: mean over the non-batch elements of the Normal log-pdf.
+
+    ``std`` is a float or a ``(B,)`` tensor, clamped from below by ``STD_FLOOR``.
+    """
+    x = x.float()
+    mean = mean.float()
+    std_row = torch.as_tensor(std, dtype=torch.float32, device=x.device).clamp_min(STD_FLOOR)
+    if std_row.ndim == 0:
+        std_row = std_row.expand(x.shape[0])
+    std_b = std_row.view(-1, *([1] * (x.ndim - 1)))
+    z2 = ((x - mean) / std_b).square().flatten(1).mean(dim=1)
+    return -0.5 * z2 - torch.log(std_row) - _HALF_LOG_2PI
+
+
+def draw_noise(shape: Sequence[int], device: torch.device, generator: Generators = None) -> torch.Tensor:
+    """Standard normal noise of ``shape`` in float32: one generator for the batch, or one per row."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+    gens = list(generator)
+    if len(gens) != shape[0]:
+        raise ValueError(f"got {len(gens)} generators for a batch of {shape[0]}; pass one per sample")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=torch.float32) for g in gens])
+
+
+def _coefficients(kern: Kernel, index: int | torch.Tensor, x: torch.Tensor):
+    """``(a, b, std)`` for this step: Python floats for a shared index, ``(B, 1, ...)`` tensors otherwise."""
+    n = kern.num_steps
+    if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.ndim == 0):
+        i = int(index)
+        if not 0 <= i < n:
+            raise ValueError(f"step index {i} is out of range for a kernel of {n} steps")
+        return float(kern.a[i]), float(kern.b[i]), float(kern.std[i])
+    idx = torch.as_tensor(index)
+    if idx.dtype.is_floating_point or idx.ndim != 1 or idx.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"per-sample step indices must be an integer tensor of shape ({x.shape[0]},), got "
+            f"{idx.dtype} of shape {tuple(idx.shape)}"
+        )
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"step indices must lie in [0, {n - 1}], got min {lo} max {hi}")
+    coeffs = kern.on_device(x.device)
+    view = (-1,) + (1,) * (x.ndim - 1)
+    idx = idx.to(x.device)
+    return tuple(c[idx].view(view) for c in coeffs)
+
+
+def _check_inputs(x_t: torch.Tensor, v: torch.Tensor, x_s: torch.Tensor | None) -> None:
+    if x_t.ndim < 1 or x_t.shape != v.shape:
+        raise ValueError(f"x_t and v must have the same shape (B, ...), got {tuple(x_t.shape)} and {tuple(v.shape)}")
+    if x_s is not None and x_s.shape != x_t.shape:
+        raise ValueError(f"x_s must have the shape of x_t {tuple(x_t.shape)}, got {tuple(x_s.shape)}")
+    for name, tensor in (("x_t", x_t), ("v", v), ("x_s", x_s)):
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+
+
+def step(
+    kern: Kernel,
+    index: int | torch.Tensor,
+    x_t: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    generator: Generators = None,
+    noise: torch.Tensor | None = None,
+    x_s: torch.Tensor | None = None,
+    validate: bool = True,
+) -> StepOutput:
+    """Step ``index`` of ``kern`` from ``x_t`` with velocity ``v``.
+
+    Draws ``x_s = mean + std * z`` (``z`` from ``noise``, else from ``generator``: one
+    ``torch.Generator`` or one per sample), or, when ``x_s`` is given, evaluates its log-prob
+    instead of sampling. ``index`` is an int or a ``(B,)`` integer tensor of per-sample steps.
+    ``validate=False`` skips the shape and finiteness checks (the rollout does its own).
+    """
+    if validate:
+        _check_inputs(x_t, v, x_s)
+    x = x_t.float()
+    vel = v.float()
+    a, b, std = _coefficients(kern, index, x)
+    if isinstance(a, float):
+        mean = torch.add(x * a, vel, alpha=b)
+        std_row = torch.full((x.shape[0],), std, dtype=torch.float32, device=x.device)
+    else:
+        mean = torch.addcmul(x * a, vel, b)
+        std_row = std.flatten()
+    if x_s is not None:
+        return StepOutput(x_s.float(), mean, std_row, gaussian_log_prob(x_s, mean, std_row))
+
+    std_c = std_row.clamp_min(STD_FLOOR)
+    if isinstance(std, float) and std == 0.0:
+        # Deterministic step (ODE, or the last step of the cps/precise family): no draw.
+        log_p = -torch.log(std_c) - _HALF_LOG_2PI
+        return StepOutput(mean, mean, std_row, log_p)
+    if noise is None:
+        z = draw_noise(x.shape, x.device, generator)
+    else:
+        if noise.shape != x.shape:
+            raise ValueError(f"noise must have the shape of x_t {tuple(x.shape)}, got {tuple(noise.shape)}")
+        z = noise.float()
+    sample = torch.add(mean, z, alpha=std) if isinstance(std, float) else torch.addcmul(mean, z, std)
+    # (x_s - mean) / std_c = (std / std_c) z exactly, so the density needs only sum(z^2).
+    z2 = torch.linalg.vector_norm(z.flatten(1), dim=1).square() / z[0].numel()
+    log_p = -0.5 * (std_row / std_c).square() * z2 - torch.log(std_c) - _HALF_LOG_2PI
+    return StepOutput(sample, mean, std_row, log_p)
+
+
+def log_prob(
+    kern: Kernel, index: int | torch.Tensor, x_t: torch.Tensor, v: torch.Tensor, x_s: torch.Tensor
+) -> torch.Tensor:
+    """``log p(x_s | x_t)`` under step ``index`` of ``kern`` with velocity ``v``; ``(B,)`` float32.
+
+    Differentiable in ``v``: this is what training recomputes with the current parameters.
+    """
+    return step(kern, index, x_t, v, x_s=x_s).log_prob
