@@ -1,0 +1,89 @@
+"""The adapter interface between a model and the trainer.
+
+An adapter turns a model into ``velocity(x, t, cond)`` plus what the trainer needs: prompt
+encoding, the initial noise, decoding latents to images, and the module to train. It knows
+nothing about samplers or rewards.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Policy", "index_cond", "cat_cond"]
+
+
+class Policy(ABC):
+    """A flow-matching model seen as a policy. Latents are ``(B, *latent_shape)``.
+
+    ``velocity`` gets ``t`` as a ``(B,)`` float tensor of sigmas in [0, 1] (t = 1 is noise)
+    and returns ``v = eps - x0`` with the shape of ``x``.
+    """
+
+    #: the module the trainer optimises (wrapped with LoRA when asked)
+    transformer: nn.Module
+
+    @property
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @abstractmethod
+    def encode_prompts(self, prompts: Sequence[str]) -> Any:
+        """Conditioning for a batch of prompts: a tensor, or a dict/tuple of ``(B, ...)`` tensors."""
+
+    @abstractmethod
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The model's velocity at ``(x, t)`` under conditioning ``cond``."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` as floats in [0, 1]."""
+
+    def time_grid(self, num_steps: int) -> torch.Tensor:
+        """The model's own sigmas for ``num_steps`` steps (uniform unless the model shifts them)."""
+        from ..sde import uniform_sigmas
+
+        return uniform_sigmas(num_steps)
+
+    def sample_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Initial latents ``x1 ~ N(0, I)`` in float32 on the policy's device."""
+        return torch.randn((batch, *self.latent_shape), generator=generator, device=self.device)
+
+    def lora_target_modules(self) -> list[str]:
+        """Names (or suffixes) of the modules LoRA adapts in this model."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare LoRA target modules")
+
+
+def index_cond(cond: Any, index: torch.Tensor | slice) -> Any:
+    """Rows ``index`` of a conditioning batch (tensor, dict, list or tuple of tensors, or None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[index]
+    if isinstance(cond, Mapping):
+        return {k: index_cond(v, index) for k, v in cond.items()}
+    if isinstance(cond, tuple | list):
+        return type(cond)(index_cond(v, index) for v in cond)
+    return cond
+
+
+def cat_cond(conds: Sequence[Any]) -> Any:
+    """Concatenate conditioning batches along the batch dimension."""
+    first = conds[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(conds))
+    if isinstance(first, Mapping):
+        return {k: cat_cond([c[k] for c in conds]) for k in first}
+    if isinstance(first, tuple | list):
+        return type(first)(cat_cond([c[i] for c in conds]) for i in range(len(first)))
+    return first
