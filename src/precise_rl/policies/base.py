@@ -57,9 +57,9 @@ class Policy(ABC):
         """Initial latents ``x1 ~ N(0, I)`` in float32 on the policy's device."""
         return torch.randn((batch, *self.latent_shape), generator=generator, device=self.device)
 
+    @abstractmethod
     def lora_target_modules(self) -> list[str]:
-        """Names (or suffixes) of the modules LoRA adapts in this model."""
-        raise NotImplementedError(f"{type(self).__name__} does not declare LoRA target modules")
+        """Names (or suffixes) of the modules of ``transformer`` that LoRA adapts."""
 
 
 def index_cond(cond: Any, index: torch.Tensor | slice) -> Any:
