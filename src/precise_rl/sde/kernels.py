@@ -212,6 +212,10 @@ def precise_rho(
     """
     name, shape = resolve_schedule(schedule)
     t, s = sigmas[:-1], sigmas[1:]
+    if eta == 0.0:
+        # g = 0: nothing is forgotten (rho = 1, the ODE). The closed forms would give 0 ** 0 -> 0
+        # at t = 1 and 0 * inf -> NaN at s = 0.
+        return torch.ones_like(t)
     if name == "logsnr" and not quadrature:
         with torch.no_grad():
             ratio = (s * (1 - t)) / (t * (1 - s))
