@@ -7,6 +7,7 @@ log-prob); results come back in float32.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,13 +60,14 @@ def draw_noise(shape: Sequence[int], device: torch.device, generator: Generators
 def _coefficients(kern: Kernel, index: int | torch.Tensor, x: torch.Tensor):
     """``(a, b, std)`` for this step: Python floats for a shared index, ``(B, 1, ...)`` tensors otherwise."""
     n = kern.num_steps
-    if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.ndim == 0):
+    if isinstance(index, numbers.Integral) or (isinstance(index, torch.Tensor) and index.ndim == 0):
         i = int(index)
         if not 0 <= i < n:
             raise ValueError(f"step index {i} is out of range for a kernel of {n} steps")
         return float(kern.a[i]), float(kern.b[i]), float(kern.std[i])
     idx = torch.as_tensor(index)
-    if idx.dtype.is_floating_point or idx.ndim != 1 or idx.shape[0] != x.shape[0]:
+    # A boolean tensor would index the steps as a mask, not per sample.
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.ndim != 1 or idx.shape[0] != x.shape[0]:
         raise ValueError(
             f"per-sample step indices must be an integer tensor of shape ({x.shape[0]},), got "
             f"{idx.dtype} of shape {tuple(idx.shape)}"
