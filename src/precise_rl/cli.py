@@ -18,6 +18,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "precise_rl.fidelity.cli",
         "exact and Monte Carlo fidelity report of every sampler (tables, JSON, PNG plots)",
     ),
+    "train": (
+        "precise_rl.rl.train_cli",
+        "GRPO post-training with any sampler (default: the built-in digits task, offline)",
+    ),
+    "eval": ("precise_rl.rl.eval_cli", "score a trained run on held-out prompts with chosen samplers and steps"),
+    "compare": (
+        "precise_rl.rl.compare",
+        "train one recipe with every sampler and several seeds; reward against wall-clock",
+    ),
     "pretrain": (
         "precise_rl.tasks.pretrain_cli",
         "regenerate the built-in task's shipped weights (model and reward classifier)",

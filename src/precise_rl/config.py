@@ -1,0 +1,378 @@
+"""Experiment configuration: typed dataclasses, YAML files, dotted command-line overrides.
+
+Every key is checked against the schema below: an unknown key, a wrong type or a value out
+of range is refused with one sentence naming the key (``UserError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import UserError
+
+__all__ = [
+    "ModelConfig",
+    "PromptsConfig",
+    "SamplerConfig",
+    "WindowConfig",
+    "RewardConfig",
+    "LoraConfig",
+    "EmaConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "ExperimentConfig",
+    "load_config",
+    "apply_overrides",
+    "config_to_dict",
+    "config_from_dict",
+]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "digits"  #: policy adapter (``digits`` is the built-in task)
+    path: str | None = None  #: local directory or hub id; None = the adapter's default weights
+    revision: str | None = None  #: pinned hub revision
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    options: dict[str, Any] = field(default_factory=dict)  #: adapter-specific keyword arguments
+
+
+@dataclass
+class PromptsConfig:
+    train: str = "builtin"  #: ``builtin`` (the task's prompts) or a text file, one prompt per line
+    eval: str = "builtin"
+
+
+@dataclass
+class WindowConfig:
+    size: int = 0  #: stochastic steps per trajectory; 0 = every step is stochastic
+    start: int = 0  #: first stochastic step (fixed window)
+    slide_every: int = 0  #: move the window every this many epochs (MixGRPO-style); 0 = fixed
+    stride: int = 1  #: steps the window moves each time
+
+
+@dataclass
+class SamplerConfig:
+    name: Literal["precise", "flow_grpo", "dance_grpo", "cps", "dance_precise"] = "precise"
+    eta: float | None = None  #: None = the sampler's reference default
+    num_steps: int = 10
+    grid: Literal["model", "uniform", "shifted"] = "model"  #: ``model`` = the adapter's own sigmas
+    shift: float = 3.0  #: for ``grid: shifted``
+    schedule: Literal["logsnr", "constant"] = "logsnr"  #: exploration schedule of ``precise``
+    window: WindowConfig = field(default_factory=WindowConfig)
+
+
+@dataclass
+class RewardConfig:
+    weights: dict[str, float] = field(default_factory=dict)  #: reward name -> weight; {} = the task's default
+    options: dict[str, Any] = field(default_factory=dict)  #: reward name -> keyword arguments
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 16.0
+    init: Literal["gaussian", "default"] = "gaussian"
+    dropout: float = 0.0
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = True
+    decay: float = 0.9
+    every: int = 8  #: update the average every this many optimizer steps
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    groups_per_epoch: int = 8  #: prompts per epoch; each is sampled ``group_size`` times
+    group_size: int = 8
+    rollout_batch_size: int = 64  #: samples per batched rollout call
+    batch_size: int = 16  #: samples per training micro-batch (each with all its trained steps)
+    grad_accum: int = 1  #: micro-batches per optimizer step
+    inner_epochs: int = 1  #: passes over each epoch's samples
+    timestep_fraction: float = 0.99  #: share of the steps trained per trajectory, floor(f * N)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    clip_range: float = 1e-4
+    guard: bool = False  #: ratio-normalised loss (math page section 5)
+    kl_beta: float = 0.0
+    adv_clip: float = 5.0
+    adv_std: Literal["group", "batch"] = "group"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    forward_batch: int = 0  #: (sample, step) rows per training forward; 0 = a whole micro-batch at once
+    max_nonfinite: int = 5  #: updates skipped in a row for a NaN/inf loss or gradient before the run stops
+    full_finetune: bool = True  #: train every weight when LoRA is off
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10  #: evaluate every this many epochs (and at the start and the end); 0 = never
+    samplers: list[str] = field(default_factory=lambda: ["ode", "train"])  #: ``train`` = the training sampler
+    num_steps: int = 10
+    samples_per_prompt: int = 4
+    max_prompts: int = 40
+    grid_prompts: int = 8  #: prompts shown in the sample-grid PNG
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 10  #: epochs between checkpoints (and one at the end); 0 = only the end
+    keep: int = 3  #: most recent checkpoints kept
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "precise-rl"
+    progress: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp`` and return it converted (ints accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except UserError:
+                continue
+        raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _from_dict(tp, value, key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
+            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+    obj = cls(**kwargs)
+    return obj
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig` from a plain mapping."""
+    if not isinstance(data, dict):
+        raise UserError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
+    cfg = _from_dict(ExperimentConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain data (round-trips through :func:`config_from_dict`)."""
+    return dataclasses.asdict(cfg)
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Range checks that types alone cannot express."""
+    t = cfg.train
+    for key in ("epochs", "groups_per_epoch", "group_size", "rollout_batch_size", "batch_size", "grad_accum"):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.inner_epochs", t.inner_epochs)
+    _positive("train.forward_batch", t.forward_batch, allow_zero=True)
+    _positive("train.max_nonfinite", t.max_nonfinite)
+    _positive("train.lr", t.lr)
+    _positive("train.clip_range", t.clip_range)
+    _positive("train.adv_clip", t.adv_clip)
+    _positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    _positive("train.kl_beta", t.kl_beta, allow_zero=True)
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    if not 0 < t.timestep_fraction <= 1:
+        raise UserError(f"config key 'train.timestep_fraction' must be in (0, 1], got {t.timestep_fraction!r}")
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        raise UserError(f"config key 'train.adam_betas' must be two numbers in [0, 1), got {t.adam_betas!r}")
+    if t.group_size < 2:
+        raise UserError(f"config key 'train.group_size' must be >= 2 for group advantages, got {t.group_size}")
+    _positive("train.lora.rank", t.lora.rank)
+    _positive("train.lora.alpha", t.lora.alpha)
+    if not 0 <= t.lora.dropout < 1:
+        raise UserError(f"config key 'train.lora.dropout' must be in [0, 1), got {t.lora.dropout!r}")
+    if not 0 <= t.ema.decay < 1:
+        raise UserError(f"config key 'train.ema.decay' must be in [0, 1), got {t.ema.decay!r}")
+    _positive("train.ema.every", t.ema.every)
+    s = cfg.sampler
+    _positive("sampler.num_steps", s.num_steps)
+    if s.eta is not None:
+        _positive("sampler.eta", s.eta, allow_zero=True)
+        if s.name == "cps" and s.eta > 1:
+            raise UserError(f"config key 'sampler.eta' must be in [0, 1] for cps, got {s.eta!r}")
+    _positive("sampler.shift", s.shift)
+    w = s.window
+    _positive("sampler.window.size", w.size, allow_zero=True)
+    _positive("sampler.window.start", w.start, allow_zero=True)
+    _positive("sampler.window.slide_every", w.slide_every, allow_zero=True)
+    _positive("sampler.window.stride", w.stride)
+    if w.size > s.num_steps or (w.size and w.start + w.size > s.num_steps and not w.slide_every):
+        raise UserError(
+            f"config key 'sampler.window' does not fit in {s.num_steps} steps (start {w.start}, size {w.size})"
+        )
+    for name, weight in cfg.reward.weights.items():
+        if weight != weight or abs(weight) == float("inf"):
+            raise UserError(f"config key 'reward.weights.{name}' must be a finite number, got {weight!r}")
+    e = cfg.eval
+    _positive("eval.every", e.every, allow_zero=True)
+    _positive("eval.num_steps", e.num_steps)
+    _positive("eval.samples_per_prompt", e.samples_per_prompt)
+    _positive("eval.max_prompts", e.max_prompts)
+    _positive("eval.grid_prompts", e.grid_prompts, allow_zero=True)
+    allowed = {"ode", "train", "precise", "flow_grpo", "dance_grpo", "cps", "dance_precise"}
+    for name in e.samplers:
+        if name not in allowed:
+            raise UserError(f"config key 'eval.samplers' has unknown sampler {name!r}; choose from {sorted(allowed)}")
+    _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
+
+
+# --------------------------------------------------------------------------- files and overrides
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested mapping, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like key.path=value (e.g. train.lr=1e-4)")
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise UserError(f"override {item!r} has an empty key; write it as key.path=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override {item!r}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file (or the built-in default when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"config file {str(p)!r} is not a text file") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {str(p)!r} must hold a mapping of keys to values")
+        data = loaded
+    apply_overrides(data, overrides or [])
+    return config_from_dict(data)

@@ -1,0 +1,75 @@
+"""Model registry: a config's ``model.name`` becomes a policy plus its task (prompts, rewards).
+
+Adding a model is one builder function and one line in ``TASKS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from .base import Policy
+
+__all__ = ["TaskSpec", "TASKS", "build_task", "read_prompt_file"]
+
+
+@dataclass
+class TaskSpec:
+    """A policy and what training it needs besides the model."""
+
+    policy: Policy
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    metadata: Callable[[list[str]], list[dict]] = lambda prompts: [{} for _ in prompts]
+    default_rewards: dict[str, float] = field(default_factory=dict)
+    #: rewards scored at evaluation only (e.g. a held-out classifier)
+    eval_rewards: dict[str, float] = field(default_factory=dict)
+
+
+def _digits(model_cfg: Any, device: torch.device) -> TaskSpec:
+    from ..tasks import digits
+
+    policy = digits.DigitsPolicy.from_pretrained(model_cfg.path, device=device, **model_cfg.options)
+    return TaskSpec(
+        policy=policy,
+        train_prompts=list(digits.train_prompts()),
+        eval_prompts=list(digits.eval_prompts()),
+        metadata=digits.prompt_metadata,
+        default_rewards=dict(digits.DEFAULT_REWARD_WEIGHTS),
+        eval_rewards={"digit_recognised": 1.0},
+    )
+
+
+#: model name -> builder(model_cfg, device) -> TaskSpec
+TASKS: dict[str, Callable[[Any, torch.device], TaskSpec]] = {"digits": _digits}
+
+
+def build_task(model_cfg: Any, device: torch.device | str) -> TaskSpec:
+    """Build the task named by ``model_cfg.name`` on ``device``."""
+    builder = TASKS.get(model_cfg.name)
+    if builder is None:
+        raise UserError(f"unknown model {model_cfg.name!r} in config key 'model.name'; choose one of {sorted(TASKS)}")
+    try:
+        return builder(model_cfg, torch.device(device))
+    except TypeError as exc:
+        raise UserError(f"config key 'model.options' does not fit model {model_cfg.name!r}: {exc}") from None
+
+
+def read_prompt_file(path: str | Path, key: str = "prompts") -> list[str]:
+    """Prompts from a text file, one per line (blank lines and lines starting with '#' skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompt file {str(p)!r} (config key '{key}') does not exist")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {str(p)!r} is not UTF-8 text") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"prompt file {str(p)!r} holds no prompts")
+    return prompts

@@ -1,0 +1,189 @@
+"""Checkpoints written atomically, checked by checksum, loaded without executing code.
+
+Layout of a run directory's ``checkpoints/``::
+
+    epoch_000010/   trainable.safetensors  ema.safetensors  optimizer.pt  rng.safetensors
+                    state.json  manifest.json   (and adapter/ with LoRA)
+
+A checkpoint is built in a hidden temporary directory and renamed into place only when
+every file is written and synced, so a crash or a full disk never leaves a half-written
+checkpoint that resume would pick up. ``manifest.json`` holds each file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import UserError
+
+__all__ = [
+    "CheckpointError",
+    "write_checkpoint",
+    "read_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "prune_checkpoints",
+    "verify_checkpoint",
+]
+
+_NAME = re.compile(r"^epoch_(\d{6,})$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written or read (message names the path)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(
+    root: str | Path,
+    epoch: int,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    state: dict[str, Any],
+    objects: dict[str, Any] | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``root/epoch_XXXXXX`` atomically and return its path.
+
+    ``tensors`` maps a file stem to a dict of tensors (saved as safetensors); ``objects`` maps
+    a file stem to plain tensor containers saved with ``torch.save`` (e.g. the optimizer state,
+    later loaded with ``weights_only=True``); ``state`` is saved as JSON; ``extra(dir)`` may write
+    more files before the manifest is made.
+    """
+    root = Path(root)
+    final = root / f"epoch_{epoch:06d}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-epoch_{epoch:06d}-", dir=root))
+    except OSError as exc:
+        raise CheckpointError(f"cannot create checkpoint directory {str(root)!r}: {exc.strerror or exc}") from None
+    try:
+        for stem, group in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{stem}.safetensors"))
+        for stem, obj in (objects or {}).items():
+            torch.save(obj, tmp / f"{stem}.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+        if extra is not None:
+            extra(tmp)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+        (tmp / MANIFEST).write_text(json.dumps({"epoch": epoch, "files": manifest}, indent=1, sort_keys=True))
+        for p in [*files, tmp / MANIFEST]:
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {str(final)!r}: {exc.strerror or exc} (nothing was left half-written)"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Completed checkpoints under ``root``, oldest first (temporary directories are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(path: str | Path) -> Path:
+    """The checkpoint to resume from: ``path`` itself, or the newest one in a run or checkpoints directory."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"resume path {str(p)!r} does not exist")
+    if (p / MANIFEST).is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1]
+    raise CheckpointError(f"no checkpoint found in {str(p)!r} (expected checkpoints/epoch_XXXXXX/manifest.json)")
+
+
+def verify_checkpoint(ckpt: str | Path) -> dict[str, Any]:
+    """Check every file of a checkpoint against its manifest; return the manifest."""
+    ckpt = Path(ckpt)
+    mpath = ckpt / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has a missing or unreadable {MANIFEST}") from None
+    for rel, info in files.items():
+        fp = ckpt / rel
+        if not fp.is_file():
+            raise CheckpointError(f"checkpoint file {str(fp)!r} is missing")
+        if fp.stat().st_size != info["bytes"] or _sha256(fp) != info["sha256"]:
+            raise CheckpointError(f"checkpoint file {str(fp)!r} is corrupt or truncated (checksum mismatch)")
+    return manifest
+
+
+def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
+    """Verify and load a checkpoint: ``(tensors by stem, objects by stem, state)``; no code is executed."""
+    ckpt = Path(ckpt)
+    manifest = verify_checkpoint(ckpt)
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    objects: dict[str, Any] = {}
+    try:
+        for rel in manifest["files"]:
+            fp = ckpt / rel
+            if "/" in rel:
+                continue
+            if rel.endswith(".safetensors"):
+                tensors[rel[: -len(".safetensors")]] = load_file(str(fp))
+            elif rel.endswith(".pt"):
+                objects[rel[: -len(".pt")]] = torch.load(fp, map_location="cpu", weights_only=True)
+        state = json.loads((ckpt / "state.json").read_text())
+    except Exception as exc:  # a file that passed its checksum but does not parse
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} could not be read: {exc}") from None
+    return tensors, objects, state
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints (and stale temporary directories)."""
+    root = Path(root)
+    for stale in root.glob(".tmp-epoch_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,190 @@
+"""Everything a run writes for people: metrics.jsonl, TensorBoard, wandb, PNG curves and sample grids."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ExperimentConfig, config_to_dict
+from ..errors import UserError
+
+__all__ = ["RunLogger", "plot_reward_curves", "image_grid", "read_metrics"]
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def image_grid(images: torch.Tensor, rows: int, cols: int, scale: int = 1) -> np.ndarray:
+    """Tile ``(B, C, H, W)`` images in [0, 1] into one ``(rows*H, cols*W, 3)`` uint8 array."""
+    imgs = images.detach().float().clamp(0, 1).cpu()
+    if imgs.shape[1] == 1:
+        imgs = imgs.expand(-1, 3, -1, -1)
+    b, _, h, w = imgs.shape
+    pad = 1
+    grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), dtype=np.float32) * 0.5
+    for k in range(min(b, rows * cols)):
+        r, c = divmod(k, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y : y + h, x : x + w] = imgs[k].permute(1, 2, 0).numpy()
+    out = (grid * 255).round().astype(np.uint8)
+    if scale > 1:
+        out = out.repeat(scale, axis=0).repeat(scale, axis=1)
+    return out
+
+
+def plot_reward_curves(records: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Training reward (mean of the rollouts) and held-out eval rewards against epochs, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "reward_mean" in r]
+    evals = [r for r in records if any(k.startswith("eval_") and k.endswith("_reward") for k in r)]
+    comp_keys = sorted({k for r in train for k in r if k.startswith("reward/")})
+    fig, axes = plt.subplots(1, 2 if comp_keys else 1, figsize=(11 if comp_keys else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    if train:
+        ax.plot([r["epoch"] for r in train], [r["reward_mean"] for r in train], label="train (rollouts)", lw=1.2)
+    eval_keys = sorted({k for r in evals for k in r if k.startswith("eval_") and k.endswith("_reward")})
+    for k in eval_keys:
+        pts = [(r["epoch"], r[k]) for r in evals if k in r]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=k.removeprefix("eval_").removesuffix("_reward") + " (eval)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("weighted reward")
+    ax.set_title(title or "reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if comp_keys:
+        ax2 = axes[0, 1]
+        for k in comp_keys:
+            ax2.plot([r["epoch"] for r in train], [r.get(k, math.nan) for r in train], label=k.removeprefix("reward/"))
+        ax2.set_xlabel("epoch")
+        ax2.set_title("reward components (train rollouts)")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class RunLogger:
+    """Writes one run directory. Only the main process writes; others get a disabled logger."""
+
+    def __init__(self, out: Path, cfg: ExperimentConfig, enabled: bool = True, resume_epoch: int | None = None) -> None:
+        self.out = Path(out)
+        self.cfg = cfg
+        self.enabled = enabled
+        self.tb = None
+        self.wandb = None
+        self.metrics_path = self.out / "metrics.jsonl"
+        if not enabled:
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "samples").mkdir(exist_ok=True)
+            (self.out / "config.yaml").write_text(_yaml_dump(config_to_dict(cfg)))
+        except OSError as exc:
+            raise UserError(f"cannot write to output directory {str(self.out)!r}: {exc.strerror or exc}") from None
+        if resume_epoch is not None:
+            # Resume repeats the epochs after the checkpoint: drop what was logged beyond it.
+            kept = [r for r in read_metrics(self.metrics_path) if r.get("epoch", 0) <= resume_epoch]
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()
+        self.records = read_metrics(self.metrics_path)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=resume_epoch)
+        if cfg.logging.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("logging.wandb is true but wandb is not installed (pip install wandb)") from None
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, config=config_to_dict(cfg), dir=str(self.out))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.records.append(record)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = int(record.get("epoch", 0))
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "epoch" and isinstance(v, int | float) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=step)
+
+    def sample_grid(
+        self, images: torch.Tensor, prompts: Sequence[str], epoch: int, sampler: str, n_prompts: int, per_prompt: int
+    ) -> Path | None:
+        """PNG of the first ``n_prompts`` eval prompts, ``per_prompt`` samples each (a row per prompt)."""
+        if not self.enabled or n_prompts == 0:
+            return None
+        from PIL import Image
+
+        rows = min(n_prompts, len(prompts) // max(1, per_prompt))
+        if rows == 0:
+            return None
+        imgs = images[: rows * per_prompt]
+        scale = max(1, 64 // imgs.shape[-1])
+        grid = image_grid(imgs, rows, per_prompt, scale=scale)
+        path = self.out / "samples" / f"epoch_{epoch:04d}_{sampler}.png"
+        Image.fromarray(grid).save(path)
+        if self.tb is not None:
+            self.tb.add_image(f"samples/{sampler}", grid, epoch, dataformats="HWC")
+        return path
+
+    def finish(self, first_eval: dict[str, float] | None) -> dict[str, Any]:
+        """Write the reward-curve PNG and ``summary.json``; return the summary."""
+        if not self.enabled:
+            return {}
+        records = self.records
+        curve = self.out / "reward_curve.png"
+        plot_reward_curves(records, curve, title=f"{self.cfg.model.name} / {self.cfg.sampler.name}")
+        train = [r for r in records if "reward_mean" in r]
+        evals = [r for r in records if "eval_ode_reward" in r or "eval_train_reward" in r]
+        key = "eval_ode_reward" if any("eval_ode_reward" in r for r in evals) else "eval_train_reward"
+        summary: dict[str, Any] = {
+            "sampler": self.cfg.sampler.name,
+            "seed": self.cfg.seed,
+            "epochs": train[-1]["epoch"] if train else 0,
+            "elapsed_s": records[-1].get("elapsed_s") if records else 0.0,
+            "train_elapsed_s": records[-1].get("train_elapsed_s") if records else 0.0,
+            "train_reward_first": train[0]["reward_mean"] if train else None,
+            "train_reward_last": train[-1]["reward_mean"] if train else None,
+            "eval_key": key,
+            "reward_before": (first_eval or {}).get(key),
+            "reward_after": evals[-1].get(key) if evals else None,
+            "final_eval": {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")},
+            "reward_curve": str(curve),
+            "samples_dir": str(self.out / "samples"),
+            "checkpoints_dir": str(self.out / "checkpoints"),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        return summary
+
+
+def _yaml_dump(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
