@@ -221,6 +221,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise UserError(f"config key '{key}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads exponent floats without a dot (``1e-4``) as strings.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise UserError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
