@@ -31,7 +31,7 @@ from ..errors import UserError
 from ..policies import Policy, index_cond
 from ..policies.registry import TaskSpec, build_task, read_prompt_file
 from ..rewards.base import RewardSet, combine_rewards, weighted_raw
-from ..sde import Kernel, kernel, rollout, sde_window, shifted_sigmas, sliding_window, step, uniform_sigmas
+from ..sde import Kernel, StepOutput, kernel, rollout, sde_window, shifted_sigmas, sliding_window, step, uniform_sigmas
 from .checkpoint import (
     latest_checkpoint,
     prune_checkpoints,
@@ -278,19 +278,14 @@ class GRPOTrainer:
         if not steps:
             raise UserError("no stochastic step is trained: check sampler.window and train.timestep_fraction")
         # Groups whose advantages are all zero carry no signal: leave them out of the update.
-        keep = adv.abs() > 0
-        n_groups_zero = 0
-        for g in torch.unique(batch.group_ids):
-            rows = batch.group_ids == g
-            if not keep[rows].any():
-                n_groups_zero += 1
-        stats["zero_adv_groups"].append(n_groups_zero / max(1, len(torch.unique(batch.group_ids))))
-        rows_all = torch.nonzero(keep).flatten()
+        groups = torch.unique(batch.group_ids)
+        live = [g for g in groups.tolist() if bool((adv[batch.group_ids == g] != 0).any())]
+        stats["zero_adv_groups"].append(1.0 - len(live) / max(1, len(groups)))
+        rows_all = torch.nonzero(torch.isin(batch.group_ids, torch.tensor(live, dtype=batch.group_ids.dtype))).flatten()
         device = acc.device
         coeffs = kern.on_device(device)
         std_all = coeffs[2]
         guard_all = coeffs[1].abs()
-        sig = kern.sigmas.to(device=device, dtype=torch.float32)
         steps_t = torch.tensor(steps, device=device)
         self.model.train()
         for inner in range(cfg.inner_epochs):
@@ -308,9 +303,7 @@ class GRPOTrainer:
                     last = k == len(group) - 1
                     ctx = acc.no_sync(self.model) if (self.world > 1 and not last) else nullcontext()
                     with ctx:
-                        finite &= self._micro_step(
-                            batch, adv, mb, steps_t, sig, std_all, guard_all, kern, total_rows, stats
-                        )
+                        finite &= self._micro_step(batch, adv, mb, steps_t, std_all, guard_all, total_rows, stats)
                 if not group:  # a process with fewer micro-batches still joins the collective step
                     dummy = sum(p.sum() * 0.0 for p in self.params)
                     acc.backward(dummy)
@@ -356,10 +349,8 @@ class GRPOTrainer:
         adv: torch.Tensor,
         rows: torch.Tensor,
         steps_t: torch.Tensor,
-        sig: torch.Tensor,
         std_all: torch.Tensor,
         guard_all: torch.Tensor,
-        kern: Kernel,
         total_rows: int,
         stats: dict[str, list[float]],
     ) -> bool:
@@ -378,10 +369,16 @@ class GRPOTrainer:
         for lo in range(0, len(sample_all), chunk):
             sample_idx = sample_all[lo : lo + chunk]
             step_idx = step_all[lo : lo + chunk]
-            finite &= self._pairs_step(
-                batch, adv, sample_idx, step_idx, sig, std_all, guard_all, kern, total_rows, stats
-            )
+            finite &= self._pairs_step(batch, adv, sample_idx, step_idx, std_all, guard_all, total_rows, stats)
         return finite
+
+    def recompute(self, batch: RolloutBatch, sample_idx: torch.Tensor, step_idx: torch.Tensor) -> StepOutput:
+        """Mean and log-prob of the stored transitions ``(sample, step)`` under the current parameters."""
+        x_t = batch.latents[sample_idx, step_idx]
+        x_s = batch.latents[sample_idx, step_idx + 1]
+        sig = batch.kernel.sigmas.to(device=x_t.device, dtype=torch.float32)
+        v = self._velocity_rows(x_t, sig[step_idx], index_cond(batch.cond, sample_idx))
+        return step(batch.kernel, step_idx, x_t, v, x_s=x_s, validate=False)
 
     def _pairs_step(
         self,
@@ -389,23 +386,16 @@ class GRPOTrainer:
         adv: torch.Tensor,
         sample_idx: torch.Tensor,
         step_idx: torch.Tensor,
-        sig: torch.Tensor,
         std_all: torch.Tensor,
         guard_all: torch.Tensor,
-        kern: Kernel,
         total_rows: int,
         stats: dict[str, list[float]],
     ) -> bool:
         cfg = self.cfg.train
         device = self.accelerator.device
-        x_t = batch.latents[sample_idx, step_idx]
-        x_s = batch.latents[sample_idx, step_idx + 1]
         old_lp = batch.log_probs[sample_idx, step_idx]
         a = adv.to(device)[sample_idx]
-        cond = index_cond(batch.cond, sample_idx)
-        t = sig[step_idx]
-        v = self._velocity_rows(x_t, t, cond)
-        out = step(kern, step_idx, x_t, v, x_s=x_s, validate=False)
+        out = self.recompute(batch, sample_idx, step_idx)
         if cfg.guard:
             old_mean = batch.means[sample_idx, step_idx]
             res = guard_loss(
@@ -418,15 +408,14 @@ class GRPOTrainer:
             with torch.no_grad():
                 if self.ref_module is None:
                     with adapters_disabled(self.model):
-                        v_ref = self._velocity_rows(x_t, t, cond)
+                        ref = self.recompute(batch, sample_idx, step_idx)
                 else:
                     live = self.policy.transformer
                     self.policy.transformer = self.ref_module
                     try:
-                        v_ref = self._velocity_rows(x_t, t, cond)
+                        ref = self.recompute(batch, sample_idx, step_idx)
                     finally:
                         self.policy.transformer = live
-                ref = step(kern, step_idx, x_t, v_ref, x_s=x_s, validate=False)
             kl = kl_penalty(out.mean, ref.mean)
             loss_rows = loss_rows + cfg.kl_beta * kl
             stats["kl_ref"].append(float(kl.mean()))
