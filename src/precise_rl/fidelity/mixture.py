@@ -107,12 +107,13 @@ class GaussianMixture:
         x = x.to(torch.float64)
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
         log_joint, denom, centred = self._log_joint(x, t)
-        resp = torch.softmax(log_joint, dim=1)[:, :, None]  # (B, K, 1)
+        resp = torch.softmax(log_joint, dim=1)  # (B, K)
         _, m, c = self.tensors(x.device)
-        tt = t.reshape(-1, 1, 1)  # (B or 1, 1, 1)
-        x0_k = m[None] + ((1.0 - tt) * c[None, :, None] ** 2 / denom[:, :, None]) * centred
-        eps_k = (tt / denom[:, :, None]) * centred
-        return (resp * x0_k).sum(dim=1), (resp * eps_k).sum(dim=1)
+        t = t.reshape(-1, 1)  # (B or 1, 1)
+        weighted = resp / denom  # r_k / D_k
+        x0_hat = resp @ m + (1.0 - t) * torch.einsum("bk,bkd->bd", weighted * c**2, centred)
+        eps_hat = t * torch.einsum("bk,bkd->bd", weighted, centred)
+        return x0_hat, eps_hat
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor | float, cond: object = None) -> torch.Tensor:
         """The exact velocity ``E[eps - x0 | x_t = x]``, as a ``velocity_fn`` for :func:`precise_rl.sde.rollout`."""
