@@ -309,8 +309,8 @@ def format_tables(results: Mapping[str, Any]) -> str:
     for c in meta["target_stds"]:
         for grid in grids:
             lines.append("")
-            lines.append(f"  {f'c={c:g}, {grid}':<20}| default eta          | least KL                    | max expl")
-            lines.append(f"  {'':<20}|  expl  ratio     KL  |   eta  expl  ratio     KL  |   eta  expl")
+            lines.append(f"  {f'c={c:g}, {grid}':<20}| default eta           | least KL                     | max expl")
+            lines.append(f"  {'':<20}|   expl  ratio     KL  |   eta   expl  ratio     KL  |   eta   expl")
             ode = select(gauss, target_std=c, grid=grid, sampler="ode", nfe=fn)
             for s in samplers:
                 recs = sorted(select(gauss, target_std=c, grid=grid, sampler=s, nfe=fn), key=lambda r: r["eta"])
@@ -322,10 +322,10 @@ def format_tables(results: Mapping[str, Any]) -> str:
                     (r["exploration"] or 0.0, r["eta"], r) for r, k in zip(recs, kl, strict=True) if k <= 1.1 * ref_kl
                 ]
                 most = max(ok, key=lambda e: e[:2])[2] if ok else None
-                row = f"  {s:<20}| {_num(d['exploration']):>5} {_num(d['std_ratio']):>6} {_num(d['kl']):>6}  |"
-                row += f" {best['eta']:5.3g} {_num(best['exploration']):>5} {_num(best['std_ratio']):>6}"
+                row = f"  {s:<20}| {_num(d['exploration']):>6} {_num(d['std_ratio']):>6} {_num(d['kl']):>6}  |"
+                row += f" {best['eta']:5.2g} {_num(best['exploration']):>6} {_num(best['std_ratio']):>6}"
                 row += f" {_num(best['kl']):>6}  |"
-                row += f" {most['eta']:5.3g} {_num(most['exploration']):>5}" if most else "     -     -"
+                row += f" {most['eta']:5.2g} {_num(most['exploration']):>6}" if most else "     -      -"
                 lines.append(row)
 
     ref = results["mixture_reference"]
@@ -338,16 +338,16 @@ def format_tables(results: Mapping[str, Any]) -> str:
     ]
     for grid in grids:
         lines.append("")
-        lines.append(_row(f"{grid}", [f"NFE {n}" for n in nfe], 8, 14) + " |    W2     TV    RMS median")
+        lines.append(_row(f"{grid}", [f"NFE {n}" for n in nfe], 9, 14) + " |    W2     TV    RMS median")
         for s in samplers:
             recs = {r["nfe"]: r for r in select(results["mixture"], grid=grid, sampler=s)}
             r = recs[sn]
             tail = f" | {_num(r['w2']):>5} {_num(r['weight_error']):>6} {_num(r['residual_noise']):>6} "
             tail += f"{_num(r['residual_median']):>6}"
-            lines.append(_row(s, [_num(recs[n]["mode_w2"]) for n in nfe], 8, 14) + tail)
+            lines.append(_row(s, [_num(recs[n]["mode_w2"]) for n in nfe], 9, 14) + tail)
         tail = f" | {_num(ref['w2']):>5} {_num(ref['weight_error']):>6} {_num(ref['residual_noise']):>6} "
         tail += f"{_num(ref['residual_median']):>6}"
-        lines.append(_row("target (fresh)", [_num(ref["mode_w2"])], 8, 14).ljust(16 + 8 * len(nfe)) + tail)
+        lines.append(_row("target (fresh)", [_num(ref["mode_w2"])], 9, 14).ljust(16 + 9 * len(nfe)) + tail)
     return "\n".join(lines)
 
 
