@@ -194,3 +194,39 @@ def test_step_math_is_float32_for_half_precision_inputs(name: str, dtype: torch.
         torch.testing.assert_close(out.sample.double(), mean64 + std * noise.double(), rtol=1e-5, atol=1e-3)
         expected = normal_log_prob(x_s, mean64, kern.std[i].expand(4))
         torch.testing.assert_close(given.log_prob.double(), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_step_leaves_inputs_and_given_noise_untouched(name: str, rng) -> None:
+    kern = kernel(name, random_grid(rng, 6), random_eta(rng, name))
+    x, v, noise = torch.randn(3, 4, 2, 5)
+    copies = [t.clone() for t in (x, v, noise)]
+    out = step(kern, 2, x, v, noise=noise)
+    step(kern, 2, x, v, generator=torch.Generator().manual_seed(0))
+    for tensor, copy in zip((x, v, noise), copies, strict=True):
+        assert torch.equal(tensor, copy)
+    assert out.sample.data_ptr() not in (x.data_ptr(), v.data_ptr(), noise.data_ptr(), out.mean.data_ptr())
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_sampling_and_log_prob_are_differentiable_in_v(name: str, rng) -> None:
+    kern = kernel(name, random_grid(rng, 6), random_eta(rng, name))
+    i = 2
+    x = torch.randn(3, 4, 5)
+    v = torch.randn(3, 4, 5, requires_grad=True)
+    noise = torch.randn(3, 4, 5)
+    out = step(kern, i, x, v, noise=noise)
+    (out.sample.sum()).backward()
+    torch.testing.assert_close(v.grad.double(), torch.full((3, 4, 5), float(kern.b[i]), dtype=torch.float64))
+    v.grad = None
+    out = step(kern, i, x, v, generator=torch.Generator().manual_seed(0))
+    out.sample.sum().backward()
+    torch.testing.assert_close(v.grad.double(), torch.full((3, 4, 5), float(kern.b[i]), dtype=torch.float64))
+    # d log_prob / d v for a fixed x_s: (x_s - mean) / std^2 * b, averaged over the 20 elements
+    x_s = out.sample.detach()
+    v.grad = None
+    log_prob(kern, i, x, v, x_s).sum().backward()
+    std = float(kern.std[i])
+    mean = float(kern.a[i]) * x.double() + float(kern.b[i]) * v.detach().double()
+    expected = (x_s.double() - mean) / std**2 * float(kern.b[i]) / 20
+    torch.testing.assert_close(v.grad.double(), expected, rtol=1e-3, atol=1e-5)

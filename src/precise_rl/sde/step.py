@@ -57,14 +57,39 @@ def draw_noise(shape: Sequence[int], device: torch.device, generator: Generators
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=torch.float32) for g in gens])
 
 
-def _coefficients(kern: Kernel, index: int | torch.Tensor, x: torch.Tensor):
-    """``(a, b, std)`` for this step: Python floats for a shared index, ``(B, 1, ...)`` tensors otherwise."""
-    n = kern.num_steps
+def _shared_index(kern: Kernel, index: int | torch.Tensor) -> int | None:
+    """The step of a shared (scalar) index, range-checked; ``None`` for per-sample indices."""
     if isinstance(index, numbers.Integral) or (isinstance(index, torch.Tensor) and index.ndim == 0):
         i = int(index)
-        if not 0 <= i < n:
-            raise ValueError(f"step index {i} is out of range for a kernel of {n} steps")
-        return float(kern.a[i]), float(kern.b[i]), float(kern.std[i])
+        if not 0 <= i < kern.num_steps:
+            raise ValueError(f"step index {i} is out of range for a kernel of {kern.num_steps} steps")
+        return i
+    return None
+
+
+def _step_constants(kern: Kernel, device: torch.device) -> list[tuple[float, float, float, float, torch.Tensor]]:
+    """Per step ``(a, b, std, q, c)``: Python floats, except ``c``, a 0-d float32 tensor on ``device``.
+
+    A drawn step's log-prob is ``c + q * mean(z^2)`` with ``q = -(std / std_c)^2 / 2`` and
+    ``c = -log(std_c) - log(2 pi) / 2`` (``std_c`` the floored std), in float32 as before.
+    Computed once per kernel and device: reading them per call costs more than the step's
+    arithmetic on small tensors.
+    """
+    key = ("step_constants", device)
+    consts = kern._device_cache.get(key)
+    if consts is None:
+        std32 = kern.std.float()
+        std_c = std32.clamp_min(STD_FLOOR)
+        q = (-0.5 * (std32 / std_c).square()).tolist()
+        c = (-torch.log(std_c) - _HALF_LOG_2PI).to(device)
+        consts = list(zip(kern.a.tolist(), kern.b.tolist(), kern.std.tolist(), q, c.unbind(), strict=True))
+        kern._device_cache[key] = consts
+    return consts
+
+
+def _per_sample_coefficients(kern: Kernel, index: torch.Tensor, x: torch.Tensor):
+    """``(a, b, std)`` as ``(B, 1, ...)`` float32 tensors for per-sample step indices."""
+    n = kern.num_steps
     idx = torch.as_tensor(index)
     # A boolean tensor would index the steps as a mask, not per sample.
     if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.ndim != 1 or idx.shape[0] != x.shape[0]:
@@ -111,31 +136,52 @@ def step(
     """
     if validate:
         _check_inputs(x_t, v, x_s)
+    if noise is not None and noise.shape != x_t.shape:
+        raise ValueError(f"noise must have the shape of x_t {tuple(x_t.shape)}, got {tuple(noise.shape)}")
     x = x_t.float()
     vel = v.float()
-    a, b, std = _coefficients(kern, index, x)
-    if isinstance(a, float):
-        mean = torch.add(x * a, vel, alpha=b)
-        std_row = torch.full((x.shape[0],), std, dtype=torch.float32, device=x.device)
-    else:
-        mean = torch.addcmul(x * a, vel, b)
-        std_row = std.flatten()
+    i = _shared_index(kern, index)
+    if i is None:
+        return _step_per_sample(kern, index, x, vel, generator, noise, x_s)
+
+    a, b, std, q, c = _step_constants(kern, x.device)[i]
+    batch = x.shape[0]
+    # In place on the fresh product: one buffer fewer than torch.add(x * a, vel, alpha=b), same numbers.
+    mean = (x * a).add_(vel, alpha=b)
+    std_row = torch.full((batch,), std, dtype=torch.float32, device=x.device)
     if x_s is not None:
         return StepOutput(x_s.float(), mean, std_row, gaussian_log_prob(x_s, mean, std_row))
-
-    std_c = std_row.clamp_min(STD_FLOOR)
-    if isinstance(std, float) and std == 0.0:
+    if std == 0.0:
         # Deterministic step (ODE, or the last step of the cps/precise family): no draw.
-        log_p = -torch.log(std_c) - _HALF_LOG_2PI
-        return StepOutput(mean, mean, std_row, log_p)
-    if noise is None:
-        z = draw_noise(x.shape, x.device, generator)
-    else:
-        if noise.shape != x.shape:
-            raise ValueError(f"noise must have the shape of x_t {tuple(x.shape)}, got {tuple(noise.shape)}")
-        z = noise.float()
-    sample = torch.add(mean, z, alpha=std) if isinstance(std, float) else torch.addcmul(mean, z, std)
+        return StepOutput(mean, mean, std_row, c.expand(batch).clone())
+    z = draw_noise(x.shape, x.device, generator) if noise is None else noise.float()
     # (x_s - mean) / std_c = (std / std_c) z exactly, so the density needs only sum(z^2).
+    z_norm = torch.linalg.vector_norm(z.reshape(batch, -1), dim=1)
+    log_p = torch.addcmul(c, z_norm, z_norm, value=q * batch / z.numel())
+    # Write the sample over our own noise buffer (never the caller's, nor under autograd).
+    reuse = noise is None and not (mean.requires_grad and torch.is_grad_enabled())
+    sample = torch.add(mean, z, alpha=std, out=z) if reuse else torch.add(mean, z, alpha=std)
+    return StepOutput(sample, mean, std_row, log_p)
+
+
+def _step_per_sample(
+    kern: Kernel,
+    index: torch.Tensor,
+    x: torch.Tensor,
+    vel: torch.Tensor,
+    generator: Generators,
+    noise: torch.Tensor | None,
+    x_s: torch.Tensor | None,
+) -> StepOutput:
+    """``step`` with a ``(B,)`` tensor of per-sample step indices (float32 x and v)."""
+    a, b, std = _per_sample_coefficients(kern, index, x)
+    mean = torch.addcmul(x * a, vel, b)
+    std_row = std.flatten()
+    if x_s is not None:
+        return StepOutput(x_s.float(), mean, std_row, gaussian_log_prob(x_s, mean, std_row))
+    std_c = std_row.clamp_min(STD_FLOOR)
+    z = draw_noise(x.shape, x.device, generator) if noise is None else noise.float()
+    sample = torch.addcmul(mean, z, std)
     z2 = torch.linalg.vector_norm(z.flatten(1), dim=1).square() / z[0].numel()
     log_p = -0.5 * (std_row / std_c).square() * z2 - torch.log(std_c) - _HALF_LOG_2PI
     return StepOutput(sample, mean, std_row, log_p)
