@@ -1,0 +1,93 @@
+"""The ``digits`` flow model as a :class:`~precise_rl.policies.Policy`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import UserError
+from ...policies.base import Policy
+from .data import latents_to_images
+from .models import DigitsFlowNet, FlowNetConfig, load_module
+from .pretrain import FLOW_FILE
+from .prompts import encode_prompts, prompt_metadata
+
+__all__ = ["DigitsPolicy", "assets_dir", "resolve_weights"]
+
+
+def assets_dir() -> Path:
+    """The folder of the shipped weights (``precise_rl/assets``)."""
+    return Path(__file__).resolve().parents[2] / "assets"
+
+
+def resolve_weights(path: str | Path | None, filename: str) -> Path:
+    """``path`` as a weights file: ``None`` is the shipped file, a directory holds ``filename``."""
+    p = assets_dir() / filename if path is None else Path(path).expanduser()
+    if p.is_dir():
+        p = p / filename
+    if not p.is_file():
+        raise UserError(f"digits weights file {p} does not exist (regenerate with 'precise-rl pretrain digits')")
+    return p
+
+
+class DigitsPolicy(Policy):
+    """Class-conditional flow model over 1x8x8 pixel latents in [-1, 1], prompted by text like ``"a bold 7"``."""
+
+    def __init__(self, transformer: DigitsFlowNet, device: str | torch.device = "cpu") -> None:
+        if not isinstance(transformer, DigitsFlowNet):
+            raise TypeError(f"DigitsPolicy needs a DigitsFlowNet, got {type(transformer).__name__}")
+        # kept apart from the module: the trainer may wrap ``transformer`` (LoRA) after this
+        self.config: FlowNetConfig = transformer.config
+        self.transformer: nn.Module = transformer.to(device)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> DigitsPolicy:
+        """Load the shipped weights, or those in ``path`` (a directory or a ``.safetensors`` file)."""
+        net = load_module(resolve_weights(path, FLOW_FILE), "digits_flow", device)
+        return cls(net, device)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: FlowNetConfig | dict[str, Any] | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> DigitsPolicy:
+        """A freshly initialised (untrained) model, e.g. ``from_config({"width": 1024})`` for benchmarks."""
+        if isinstance(config, dict):
+            config = FlowNetConfig.from_dict(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = DigitsFlowNet(config or FlowNetConfig())
+        return cls(net, device)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (1, 8, 8)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``(B, 2)`` long tensor ``[digit, style]`` on the policy's device; UserError for an unreadable prompt."""
+        return encode_prompts(prompts, self.device)
+
+    def prompt_metadata(self, prompts: Sequence[str]) -> list[dict]:
+        """``{"digit", "style"}`` per prompt, for the rewards."""
+        return prompt_metadata(prompts)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``v = eps - x0`` in float32 whatever the module's dtype (the step math stays in float32)."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        return self.transformer(x, t, cond).float()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1], ``(B, 1, 8, 8)``."""
+        return latents_to_images(latents)
+
+    def lora_target_modules(self) -> list[str]:
+        """Every linear layer on the image path and the FiLM layers (not the time embedding)."""
+        return DigitsFlowNet.linear_names_for(self.config)
