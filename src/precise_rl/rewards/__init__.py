@@ -1,0 +1,41 @@
+"""Rewards: the ``Reward`` interface, a registry by name, weighted combination and the built-in scorers.
+
+Built-in: ``digit_alignment``, ``ink_style``, ``digit_recognised`` (eval only) for the digits task,
+and ``jpeg_compressibility`` / ``jpeg_incompressibility`` for any model. A reward of your own:
+decorate it with ``@register_reward("name")``, or name it by import path ``"package.module:Name"``.
+"""
+
+from . import digits, image
+from .base import (
+    FunctionReward,
+    Reward,
+    RewardSet,
+    available_rewards,
+    build_reward,
+    check_weights,
+    combine_rewards,
+    register_reward,
+    weighted_raw,
+)
+from .digits import DigitAlignment, DigitRecognised, InkStyle
+from .image import JpegCompressibility, JpegIncompressibility, jpeg_sizes_kb
+
+__all__ = [
+    "Reward",
+    "FunctionReward",
+    "RewardSet",
+    "register_reward",
+    "build_reward",
+    "available_rewards",
+    "check_weights",
+    "combine_rewards",
+    "weighted_raw",
+    "DigitAlignment",
+    "DigitRecognised",
+    "InkStyle",
+    "JpegCompressibility",
+    "JpegIncompressibility",
+    "jpeg_sizes_kb",
+    "digits",
+    "image",
+]

@@ -1,0 +1,273 @@
+"""The reward interface, the registry of rewards by name, and the weighted combination.
+
+A reward maps a batch of images ``(B, C, H, W)`` (floats in [0, 1]), their prompts and their
+metadata dicts to named ``(B,)`` float32 scores. ``RewardSet`` scores a batch with several
+rewards; ``combine_rewards`` z-scores each over the batch and sums them with weights
+(``docs/sampler-math.md`` section 5).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+import numbers
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+__all__ = [
+    "Reward",
+    "FunctionReward",
+    "RewardSet",
+    "register_reward",
+    "build_reward",
+    "available_rewards",
+    "combine_rewards",
+    "weighted_raw",
+    "check_weights",
+]
+
+ZSCORE_EPS = 1e-8
+
+
+class Reward(ABC):
+    """A scorer: ``reward(images, prompts, metadata) -> {field: (B,) float32 tensor}``.
+
+    One field carries the reward's own name (the one a weight applies to); more fields are
+    extra measurements that get logged.
+    """
+
+    #: the registry name (or import path) this reward was built under
+    name: str = ""
+
+    @abstractmethod
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> dict[str, torch.Tensor]: ...
+
+
+class FunctionReward(Reward):
+    """A plain function ``f(images, prompts, metadata)`` returning a ``(B,)`` tensor or a dict, as a Reward."""
+
+    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+        self.name = name
+        self.fn = fn
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        out = self.fn(images, prompts, metadata)
+        return dict(out) if isinstance(out, Mapping) else {self.name: out}
+
+
+_REGISTRY: dict[str, Any] = {}
+
+
+def register_reward(name: str) -> Callable[[Any], Any]:
+    """Class or function decorator: make a reward buildable by ``name``."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ValueError(f"a reward name must be a non-empty string without ':', got {name!r}")
+
+    def decorate(obj: Any) -> Any:
+        if name in _REGISTRY and _REGISTRY[name] is not obj:
+            raise ValueError(f"a reward named {name!r} is already registered ({_REGISTRY[name]!r})")
+        _REGISTRY[name] = obj
+        return obj
+
+    return decorate
+
+
+def _load_builtins() -> None:
+    # the built-in rewards register themselves on import
+    from . import digits, image  # noqa: F401
+
+
+def available_rewards() -> list[str]:
+    """Names of the registered rewards (import paths ``package.module:Name`` work too)."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def _resolve(name: str) -> Any:
+    if not isinstance(name, str) or not name:
+        raise UserError(f"a reward name must be a non-empty string, got {name!r}")
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise UserError(f"cannot import the module of reward {name!r} ({exc})") from None
+        obj = module
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise UserError(f"module {module_name!r} has no attribute {attr!r} (reward {name!r})")
+            obj = getattr(obj, part)
+        return obj
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise UserError(
+            f"unknown reward {name!r}; choose one of {sorted(_REGISTRY)} or give an import path 'package.module:Name'"
+        )
+    return _REGISTRY[name]
+
+
+def _accepts(obj: Any, param: str) -> bool:
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return False
+    return param in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def build_reward(name: str, **kwargs: Any) -> Reward:
+    """Build a registered reward, or one given by import path ``"package.module:ClassOrFunction"``.
+
+    A class is instantiated with ``kwargs``; a function is bound to them. The result always
+    behaves as a :class:`Reward` named ``name``.
+    """
+    obj = _resolve(name)
+    if inspect.isclass(obj):
+        try:
+            instance = obj(**kwargs)
+        except TypeError as exc:
+            raise UserError(f"cannot build reward {name!r} with options {sorted(kwargs)}: {exc}") from None
+    elif callable(obj):
+        if kwargs:
+            unknown = [k for k in kwargs if not _accepts(obj, k)]
+            if unknown:
+                raise UserError(f"reward {name!r} takes no options {unknown}")
+        instance = functools.partial(obj, **kwargs) if kwargs else obj
+    else:
+        raise UserError(f"reward {name!r} is neither a class nor a function ({type(obj).__name__})")
+    if not isinstance(instance, Reward):
+        if not callable(instance):
+            raise UserError(f"reward {name!r} built a non-callable {type(instance).__name__}")
+        instance = FunctionReward(name, instance)
+    instance.name = name
+    return instance
+
+
+def check_weights(weights: Mapping[str, Any]) -> dict[str, float]:
+    """Validate reward weights (names to finite numbers); UserError otherwise."""
+    if not isinstance(weights, Mapping) or not weights:
+        raise UserError(f"reward weights must be a non-empty mapping of reward name to number, got {weights!r}")
+    out: dict[str, float] = {}
+    for name, w in weights.items():
+        if not isinstance(name, str) or not name:
+            raise UserError(f"reward names must be non-empty strings, got {name!r}")
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(float(w)):
+            raise UserError(f"the weight of reward {name!r} must be a finite number, got {w!r}")
+        out[name] = float(w)
+    return out
+
+
+def _zscore(r: torch.Tensor) -> torch.Tensor:
+    r = r.detach().to(torch.float64)
+    # population std: a batch of one, or a constant component, then contributes exactly 0
+    return (r - r.mean()) / (r.std(correction=0) + ZSCORE_EPS)
+
+
+def _pick(components: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> list[tuple[torch.Tensor, float]]:
+    missing = [n for n in weights if n not in components]
+    if missing:
+        raise ValueError(f"no scores for rewards {missing}; scored: {sorted(components)}")
+    return [(components[n], float(w)) for n, w in weights.items()]
+
+
+def combine_rewards(components: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """``sum_k w_k * (r_k - mean(r_k)) / (std(r_k) + 1e-8)`` over the batch, ``(B,)`` float32.
+
+    ``std`` is the population std (no Bessel correction); a constant component contributes 0.
+    """
+    pairs = _pick(components, weights)
+    total = sum(w * _zscore(r) for r, w in pairs)
+    return total.to(torch.float32)
+
+
+def weighted_raw(components: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """``sum_k w_k * r_k`` on the raw scores, ``(B,)`` float32: a human-readable reward curve."""
+    pairs = _pick(components, weights)
+    total = sum(w * r.detach().to(torch.float64) for r, w in pairs)
+    return total.to(torch.float32)
+
+
+def _as_components(name: str, out: Any, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    if not isinstance(out, Mapping):
+        out = {name: out}
+    if not out:
+        raise UserError(f"reward {name!r} returned no scores")
+    if name not in out:
+        if len(out) != 1:
+            raise UserError(f"reward {name!r} returned fields {sorted(out)}; one of them must be named {name!r}")
+        out = {name: next(iter(out.values()))}
+    result: dict[str, torch.Tensor] = {}
+    for field, value in out.items():
+        key = name if field == name else f"{name}/{field}"
+        t = torch.as_tensor(value).detach().to(device=device, dtype=torch.float32)
+        if t.shape != (batch,):
+            raise UserError(f"reward {key!r} returned shape {tuple(t.shape)}; expected ({batch},), one score per image")
+        if not bool(torch.isfinite(t).all()):
+            raise UserError(f"reward {key!r} returned NaN or inf")
+        result[key] = t
+    return result
+
+
+class RewardSet:
+    """Several rewards with weights: ``score`` gives every raw component, ``combine`` the training signal.
+
+    ``weights`` maps reward names (or import paths) to finite floats; a weight of 0 scores and
+    logs a reward without training on it. ``kwargs`` maps a reward name to the options it is
+    built with, e.g. ``RewardSet({"jpeg_compressibility": 1.0}, "cpu", jpeg_compressibility={"quality": 80})``;
+    ``device`` is passed to every reward that takes one.
+    """
+
+    def __init__(
+        self, weights: Mapping[str, float], device: str | torch.device = "cpu", **kwargs: Mapping[str, Any]
+    ) -> None:
+        self.weights = check_weights(weights)
+        self.device = torch.device(device)
+        stray = sorted(set(kwargs) - set(self.weights))
+        if stray:
+            raise UserError(f"options given for rewards {stray} that have no weight; weighted: {sorted(self.weights)}")
+        self.rewards: dict[str, Reward] = {}
+        for name in self.weights:
+            options = dict(kwargs.get(name) or {})
+            if "device" not in options and _accepts(_resolve(name), "device"):
+                options["device"] = self.device
+            self.rewards[name] = build_reward(name, **options)
+
+    @torch.no_grad()
+    def score(
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[str],
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every reward's fields, ``(B,)`` float32 each on ``device`` (extra fields as ``"name/field"``)."""
+        if images.ndim != 4:
+            raise UserError(f"rewards need images shaped (B, C, H, W), got {tuple(images.shape)}")
+        batch = images.shape[0]
+        metadata = [{} for _ in range(batch)] if metadata is None else list(metadata)
+        if len(prompts) != batch or len(metadata) != batch:
+            raise UserError(f"got {batch} images, {len(prompts)} prompts and {len(metadata)} metadata entries")
+        images = images.to(self.device)
+        components: dict[str, torch.Tensor] = {}
+        for name, reward in self.rewards.items():
+            components.update(_as_components(name, reward(images, list(prompts), metadata), batch, self.device))
+        return components
+
+    __call__ = score
+
+    def combine(self, components: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The z-scored weighted sum (see :func:`combine_rewards`)."""
+        return combine_rewards(components, self.weights)
+
+    def weighted_raw(self, components: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of raw scores (see :func:`weighted_raw`)."""
+        return weighted_raw(components, self.weights)
