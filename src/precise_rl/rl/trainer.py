@@ -418,7 +418,7 @@ class GRPOTrainer:
                         self.policy.transformer = live
             kl = kl_penalty(out.mean, ref.mean)
             loss_rows = loss_rows + cfg.kl_beta * kl
-            stats["kl_ref"].append(float(kl.mean()))
+            stats["kl_ref"].append(float(kl.detach().mean()))
         loss = loss_rows.sum() / total_rows
         if not bool(torch.isfinite(loss)):
             # Still run backward (zeroed) so that every process joins the same collectives.
