@@ -88,11 +88,17 @@ class InkStyle(Reward):
     With ``ink`` the image's mean intensity and ``z = (ink - mean_d) / std_d`` (per-digit mean
     and std of ink over the data set, ``d`` the asked-for digit), the reward is ``z`` for
     ``bold`` (more ink is better), ``-z`` for ``thin`` (less ink is better) and ``-|z|`` for
-    ``plain`` (best at the digit's typical ink). Being in the same units for every digit and
-    style, it is comparable across a batch. The raw ink is logged as the field ``ink``.
+    ``plain`` (best at the digit's typical ink). ``bold`` and ``thin`` saturate at ``cap``
+    (default 2: about the boldest or thinnest 2.5% of the data set's own strokes), so the reward
+    asks for a stroke a real hand would make instead of a blot of ink; ``cap=None`` removes the
+    limit. Being in the same units for every digit and style, it is comparable across a batch.
+    The raw ink is logged as the field ``ink``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cap: float | None = 2.0) -> None:
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+            raise UserError(f"ink_style cap must be a positive number or null, got {cap!r}")
+        self.cap = None if cap is None else float(cap)
         means, stds = ink_statistics()
         self.mean = torch.tensor(means, dtype=torch.float32)
         self.std = torch.tensor(stds, dtype=torch.float32)
@@ -106,5 +112,6 @@ class InkStyle(Reward):
         d = torch.tensor(digits, device=images.device)
         z = (amount - self.mean.to(images.device)[d]) / self.std.to(images.device)[d]
         sign = torch.tensor([{"bold": 1.0, "thin": -1.0, "plain": 0.0}[s] for s in styles], device=images.device)
-        score = torch.where(sign == 0, -z.abs(), sign * z)
+        directed = sign * z if self.cap is None else (sign * z).clamp_max(self.cap)
+        score = torch.where(sign == 0, -z.abs(), directed)
         return {"ink_style": score, "ink": amount}
