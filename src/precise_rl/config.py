@@ -96,7 +96,7 @@ class EmaConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60
+    epochs: int = 100
     groups_per_epoch: int = 8  #: prompts per epoch; each is sampled ``group_size`` times
     group_size: int = 8
     rollout_batch_size: int = 64  #: samples per batched rollout call
@@ -104,7 +104,7 @@ class TrainConfig:
     grad_accum: int = 1  #: micro-batches per optimizer step
     inner_epochs: int = 1  #: passes over each epoch's samples
     timestep_fraction: float = 0.99  #: share of the steps trained per trajectory, floor(f * N)
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
