@@ -130,7 +130,8 @@ def compare_runs(items: list[str], seeds: int, samplers: list[str], output: Path
     if "ode" not in base.eval.samplers:
         base.eval.samplers = ["ode", *base.eval.samplers]
     runs: dict[str, list[list[dict[str, Any]]]] = {s: [] for s in samplers}
-    jobs = [(s, k) for s in samplers for k in range(seeds)]
+    # Seed-major order: a machine that slows down or speeds up during the run hits every sampler alike.
+    jobs = [(s, k) for k in range(seeds) for s in samplers]
     for sampler, k in tqdm(jobs, desc="compare", dynamic_ncols=True):
         cfg = copy.deepcopy(base)
         cfg.sampler.name = sampler
@@ -162,15 +163,28 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds must be a positive integer, got {args.seeds}")
     summary = compare_runs(args.items, args.seeds, samplers, args.output)
     print(f"target (best final prior reward, {summary['best_prior']}): {_fmt(summary['target'])}")
-    print(f"{'sampler':>14} {'final reward':>18} {'epochs to target':>17} {'wall-clock to target':>21}")
+    print(
+        f"{'sampler':>14} {'final reward':>18} {'epochs to target':>17} {'wall-clock to target':>21} "
+        f"{'train s/epoch':>14}"
+    )
     for name, c in summary["samplers"].items():
         final = f"{c['final_reward_mean']:.4f} ± {c['final_reward_std']:.4f}"
+        per_epoch = c["wallclock_s_mean"][-1] / c["epochs"][-1] if c["epochs"][-1] else float("nan")
         print(
             f"{name:>14} {final:>18} {_fmt(c['epochs_to_target'], 'd'):>17} "
-            f"{_fmt(c['wallclock_to_target_s'], '.1f') + ' s':>21}"
+            f"{_fmt(c['wallclock_to_target_s'], '.1f') + ' s':>21} {per_epoch:>14.3f}"
         )
     ratio = summary.get("precise_time_ratio_vs_best_prior")
     if ratio is not None:
-        print(f"precise reaches the target in {ratio:.2f}x the wall-clock of {summary['best_prior']}")
+        print(
+            f"precise reaches the target in {ratio:.2f}x the wall-clock of {summary['best_prior']} "
+            f"({summary['precise_time_saving_pct_vs_best_prior']:+.1f}% saved)"
+        )
+    elif "precise" in summary["samplers"] and summary["target"] is not None:
+        p = summary["samplers"]["precise"]
+        print(
+            f"precise does not reach the target within {p['epochs'][-1]} epochs "
+            f"(final {p['final_reward_mean']:.4f} against {summary['target']:.4f})"
+        )
     print(f"wrote {args.output / 'compare.json'} and {args.output / 'compare.png'}")
     return 0
