@@ -53,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Overrides may follow flags (``train CONFIG --output DIR key=value``): argparse leaves them over.
+        if isinstance(getattr(args, "items", None), list) and not any(e.startswith("-") for e in extra):
+            args.items.extend(extra)
+        else:
+            parser.parse_args(argv)  # reports the unrecognised arguments and exits with code 2
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
