@@ -235,7 +235,12 @@ def pretrain_digits(
     etr, ete = torch.from_numpy(eval_train_idx), torch.from_numpy(eval_test_idx)
 
     total = settings.flow_steps + 2 * settings.classifier_steps
-    with _fixed_threads(threads), tqdm(total=total, desc="pretrain digits", disable=not progress) as bar:
+    # the seeds below would otherwise overwrite the caller's global RNG: fork it and restore it after
+    with (
+        torch.random.fork_rng(devices=[]),
+        _fixed_threads(threads),
+        tqdm(total=total, desc="pretrain digits", disable=not progress) as bar,
+    ):
         tick = lambda: bar.update(1)  # noqa: E731
         torch.manual_seed(seed)
         flow = DigitsFlowNet(FlowNetConfig())
