@@ -45,6 +45,9 @@ class Reward(ABC):
 
     #: the registry name (or import path) this reward was built under
     name: str = ""
+    #: True for a reward that may fail to score an image (a remote one): it marks such an image
+    #: with a NaN score, which ``combine_rewards`` passes on and the trainer leaves out
+    may_fail: bool = False
 
     @abstractmethod
     def __call__(
@@ -71,8 +74,8 @@ _REGISTRY: dict[str, Any] = {}
 
 def register_reward(name: str) -> Callable[[Any], Any]:
     """Class or function decorator: make a reward buildable by ``name``."""
-    if not isinstance(name, str) or not name or ":" in name:
-        raise ValueError(f"a reward name must be a non-empty string without ':', got {name!r}")
+    if not isinstance(name, str) or not name or ":" in name or "@" in name:
+        raise ValueError(f"a reward name must be a non-empty string without ':' or '@', got {name!r}")
 
     def decorate(obj: Any) -> Any:
         if name in _REGISTRY and _REGISTRY[name] is not obj:
@@ -97,6 +100,10 @@ def available_rewards() -> list[str]:
 def _resolve(name: str) -> Any:
     if not isinstance(name, str) or not name:
         raise UserError(f"a reward name must be a non-empty string, got {name!r}")
+    # "name@label" is reward "name" under its own label: the same reward twice with other options
+    name = name.split("@", 1)[0]
+    if not name:
+        raise UserError("a reward name must not start with '@' (write 'name@label', e.g. 'remote@hps')")
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -129,7 +136,8 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
     """Build a registered reward, or one given by import path ``"package.module:ClassOrFunction"``.
 
     A class is instantiated with ``kwargs``; a function is bound to them. The result always
-    behaves as a :class:`Reward` named ``name``.
+    behaves as a :class:`Reward` named ``name``. ``"name@label"`` builds reward ``name`` under the
+    label: its scores are keyed ``"name@label"``, so one reward can be used twice with other options.
     """
     obj = _resolve(name)
     if inspect.isclass(obj):
@@ -169,8 +177,13 @@ def check_weights(weights: Mapping[str, Any]) -> dict[str, float]:
 
 def _zscore(r: torch.Tensor) -> torch.Tensor:
     r = r.detach().to(torch.float64)
+    # NaN marks an image a reward could not score: the statistics use the scored ones only
+    scored = ~torch.isnan(r)
+    if not bool(scored.any()):
+        return r
+    ok = r[scored]
     # population std: a batch of one, or a constant component, then contributes exactly 0
-    return (r - r.mean()) / (r.std(correction=0) + ZSCORE_EPS)
+    return (r - ok.mean()) / (ok.std(correction=0) + ZSCORE_EPS)
 
 
 def _pick(components: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> list[tuple[torch.Tensor, float]]:
@@ -184,20 +197,31 @@ def combine_rewards(components: Mapping[str, torch.Tensor], weights: Mapping[str
     """``sum_k w_k * (r_k - mean(r_k)) / (std(r_k) + 1e-8)`` over the batch, ``(B,)`` float32.
 
     ``std`` is the population std (no Bessel correction); a constant component contributes 0.
+    A NaN score (an image a reward could not score) is left out of that reward's mean and std and
+    makes the image's combined reward NaN; components of weight 0 are only logged and never count.
     """
-    pairs = _pick(components, weights)
+    pairs = [(r, w) for r, w in _pick(components, weights) if w != 0]
+    if not pairs:
+        return torch.zeros_like(next(iter(components.values())), dtype=torch.float32)
     total = sum(w * _zscore(r) for r, w in pairs)
     return total.to(torch.float32)
 
 
 def weighted_raw(components: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
-    """``sum_k w_k * r_k`` on the raw scores, ``(B,)`` float32: a human-readable reward curve."""
-    pairs = _pick(components, weights)
+    """``sum_k w_k * r_k`` on the raw scores, ``(B,)`` float32: a human-readable reward curve.
+
+    NaN where a reward of non-zero weight could not score the image (see :func:`combine_rewards`).
+    """
+    pairs = [(r, w) for r, w in _pick(components, weights) if w != 0]
+    if not pairs:
+        return torch.zeros_like(next(iter(components.values())), dtype=torch.float32)
     total = sum(w * r.detach().to(torch.float64) for r, w in pairs)
     return total.to(torch.float32)
 
 
-def _as_components(name: str, out: Any, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+def _as_components(
+    name: str, out: Any, batch: int, device: torch.device, may_fail: bool = False
+) -> dict[str, torch.Tensor]:
     if not isinstance(out, Mapping):
         out = {name: out}
     if not out:
@@ -212,7 +236,7 @@ def _as_components(name: str, out: Any, batch: int, device: torch.device) -> dic
         t = torch.as_tensor(value).detach().to(device=device, dtype=torch.float32)
         if t.shape != (batch,):
             raise UserError(f"reward {key!r} returned shape {tuple(t.shape)}; expected ({batch},), one score per image")
-        if not bool(torch.isfinite(t).all()):
+        if bool(torch.isinf(t).any()) or (not may_fail and bool(torch.isnan(t).any())):
             raise UserError(f"reward {key!r} returned NaN or inf")
         result[key] = t
     return result
@@ -259,7 +283,8 @@ class RewardSet:
         images = images.to(self.device)
         components: dict[str, torch.Tensor] = {}
         for name, reward in self.rewards.items():
-            components.update(_as_components(name, reward(images, list(prompts), metadata), batch, self.device))
+            out = reward(images, list(prompts), metadata)
+            components.update(_as_components(name, out, batch, self.device, getattr(reward, "may_fail", False)))
         return components
 
     __call__ = score
