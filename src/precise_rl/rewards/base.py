@@ -106,6 +106,8 @@ def _resolve(name: str) -> Any:
         raise UserError("a reward name must not start with '@' (write 'name@label', e.g. 'remote@hps')")
     if ":" in name:
         module_name, _, attr = name.partition(":")
+        if not module_name or module_name.startswith(".") or not attr:
+            raise UserError(f"reward {name!r} is not an import path of the form 'package.module:Name'")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
