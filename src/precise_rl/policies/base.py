@@ -39,6 +39,14 @@ class Policy(ABC):
     def encode_prompts(self, prompts: Sequence[str]) -> Any:
         """Conditioning for a batch of prompts: a tensor, or a dict/tuple of ``(B, ...)`` tensors."""
 
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Raise ``UserError`` for prompts the model cannot take; the default encodes them.
+
+        Adapters with large text encoders override it with a cheap check, so that a long prompt
+        file is not encoded (and held in memory) just to be validated.
+        """
+        self.encode_prompts(prompts)
+
     @abstractmethod
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """The model's velocity at ``(x, t)`` under conditioning ``cond``."""

@@ -138,7 +138,7 @@ class GRPOTrainer:
         prompts = list(builtin) if source == "builtin" else read_prompt_file(source, key)
         if not prompts:
             raise UserError(f"config key '{key}' gives no prompts")
-        self.policy.encode_prompts(prompts)  # parse them now: a bad prompt fails before any work
+        self.policy.check_prompts(prompts)  # a bad prompt fails before any work
         return prompts
 
     def _sigmas(self, num_steps: int) -> torch.Tensor:
