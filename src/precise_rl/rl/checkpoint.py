@@ -7,7 +7,10 @@ Layout of a run directory's ``checkpoints/``::
 
 A checkpoint is built in a hidden temporary directory and renamed into place only when
 every file is written and synced, so a crash or a full disk never leaves a half-written
-checkpoint that resume would pick up. ``manifest.json`` holds each file's SHA-256.
+checkpoint that resume would pick up; a checkpoint is deleted by renaming it out of the way
+first, for the same reason. ``manifest.json`` holds each file's size and SHA-256, checked
+before anything is loaded. Loading never runs code from the files: tensors are safetensors,
+the optimizer state is read with ``torch.load(weights_only=True)``, the rest is JSON.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
@@ -35,6 +40,7 @@ __all__ = [
     "latest_checkpoint",
     "prune_checkpoints",
     "verify_checkpoint",
+    "check_writable",
 ]
 
 _NAME = re.compile(r"^epoch_(\d{6,})$")
@@ -51,6 +57,39 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why an operation failed."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    for known in ("No space left on device", "Permission denied", "File too large", "Read-only file system"):
+        if known.lower() in text.lower():
+            return known
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory: first renamed out of the listing (atomic), then removed."""
+    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(path, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def check_writable(root: str | Path) -> None:
+    """Fail early, with a clear message, when checkpoints cannot be written under ``root``."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=".tmp-probe-", dir=root))
+        (probe / "probe").write_bytes(b"0")
+        shutil.rmtree(probe)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint directory {str(root)!r} is not writable: {_reason(exc)}") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -87,7 +126,7 @@ def write_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-epoch_{epoch:06d}-", dir=root))
     except OSError as exc:
-        raise CheckpointError(f"cannot create checkpoint directory {str(root)!r}: {exc.strerror or exc}") from None
+        raise CheckpointError(f"cannot create checkpoint directory {str(root)!r}: {_reason(exc)}") from None
     try:
         for stem, group in tensors.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{stem}.safetensors"))
@@ -104,13 +143,13 @@ def write_checkpoint(
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except OSError as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save and safetensors wrap I/O errors
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
-            f"could not write checkpoint {str(final)!r}: {exc.strerror or exc} (nothing was left half-written)"
+            f"could not write checkpoint {str(final)!r}: {_reason(exc)} (nothing was left half-written)"
         ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,7 +171,7 @@ def latest_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"resume path {str(p)!r} does not exist")
-    if (p / MANIFEST).is_file():
+    if (p / MANIFEST).is_file() or _NAME.match(p.name):
         return p
     for root in (p / "checkpoints", p):
         found = list_checkpoints(root)
@@ -150,11 +189,16 @@ def verify_checkpoint(ckpt: str | Path) -> dict[str, Any]:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError):
         raise CheckpointError(f"checkpoint {str(ckpt)!r} has a missing or unreadable {MANIFEST}") from None
+    if not isinstance(files, dict) or "state.json" not in files:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has a {MANIFEST} that lists no state.json")
     for rel, info in files.items():
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or not isinstance(info, dict):
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} has a {MANIFEST} with a bad entry {rel!r}")
         fp = ckpt / rel
         if not fp.is_file():
             raise CheckpointError(f"checkpoint file {str(fp)!r} is missing")
-        if fp.stat().st_size != info["bytes"] or _sha256(fp) != info["sha256"]:
+        if fp.stat().st_size != info.get("bytes") or _sha256(fp) != info.get("sha256"):
             raise CheckpointError(f"checkpoint file {str(fp)!r} is corrupt or truncated (checksum mismatch)")
     return manifest
 
@@ -165,6 +209,7 @@ def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     manifest = verify_checkpoint(ckpt)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     objects: dict[str, Any] = {}
+    fp = ckpt / "state.json"
     try:
         for rel in manifest["files"]:
             fp = ckpt / rel
@@ -173,17 +218,21 @@ def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
             if rel.endswith(".safetensors"):
                 tensors[rel[: -len(".safetensors")]] = load_file(str(fp))
             elif rel.endswith(".pt"):
+                # weights_only: plain containers of tensors and numbers; a pickled object is refused
                 objects[rel[: -len(".pt")]] = torch.load(fp, map_location="cpu", weights_only=True)
-        state = json.loads((ckpt / "state.json").read_text())
-    except Exception as exc:  # a file that passed its checksum but does not parse
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} could not be read: {exc}") from None
+        fp = ckpt / "state.json"
+        state = json.loads(fp.read_text())
+        if not isinstance(state, dict):
+            raise ValueError("state.json does not hold a mapping")
+    except Exception as exc:  # a file that passed its checksum but does not parse, or holds code
+        raise CheckpointError(f"checkpoint file {str(fp)!r} could not be loaded safely: {_reason(exc)}") from None
     return tensors, objects, state
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:
     """Delete all but the ``keep`` newest checkpoints (and stale temporary directories)."""
     root = Path(root)
-    for stale in root.glob(".tmp-epoch_*"):
+    for stale in [*root.glob(".tmp-*"), *root.glob(".trash-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)

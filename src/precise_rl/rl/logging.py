@@ -18,11 +18,20 @@ __all__ = ["RunLogger", "plot_reward_curves", "image_grid", "read_metrics"]
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file."""
+    """The records of a ``metrics.jsonl`` file (a last line cut short by a crash is left out)."""
     p = Path(path)
     if not p.is_file():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    lines = [line for line in p.read_text().splitlines() if line.strip()]
+    records = []
+    for k, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if k == len(lines) - 1:
+                break
+            raise UserError(f"metrics file {str(p)!r} has an unreadable line {k + 1}") from None
+    return records
 
 
 def image_grid(images: torch.Tensor, rows: int, cols: int, scale: int = 1) -> np.ndarray:

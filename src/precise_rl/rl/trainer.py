@@ -4,17 +4,37 @@ One epoch: draw ``groups_per_epoch`` prompts and roll each out ``group_size`` ti
 training sampler; score the images; turn the z-scored, weighted rewards into per-group
 advantages; then train on every (sample, step) pair of the stochastic steps kept by
 ``timestep_fraction``, recomputing each step's log-prob from the stored trajectory with the
-current parameters. Randomness comes from generators seeded by ``(seed, epoch, process)``, so a
+current parameters. Randomness comes from generators seeded by ``(seed, epoch, sample)``, so a
 resumed run repeats exactly what an uninterrupted one does.
+
+Data parallelism (accelerate: DDP, FSDP, several machines). The config describes the global
+algorithm and the processes only share the work, so a run gives the same numbers (up to float
+rounding) on any number of processes:
+
+* ``groups_per_epoch`` and ``batch_size`` are global. Group ``g`` of an epoch is rolled out
+  whole on process ``g % num_processes`` (each group stays on one process), with noise drawn
+  from a generator of its own per sample, so a sample does not depend on where it is computed.
+* Rewards are gathered from every process *before* advantages are computed, in global sample
+  order: the z-scored combination of several rewards and ``adv_std: batch`` need statistics of
+  the whole epoch, not of one process's share, and a group never has to be split for them.
+* Updates follow one global schedule that every process derives alone: samples are visited slot
+  by slot (member ``j`` of every trained group, in a fresh random member order per group), cut
+  into micro-batches of ``batch_size`` samples and ``grad_accum`` micro-batches per optimizer
+  step. Each process computes the (sample, step) pairs of its own samples; its loss is scaled by
+  ``num_processes / pairs in the update`` so that the averaged gradient of DDP/FSDP is the mean
+  over the whole update. Every process runs the same number of forward/backward passes per
+  update (idle ones have weight 0), which FSDP's collectives need.
+* Statistics are summed over all processes before they are logged; only the main process writes
+  logs and checkpoints; every process resumes from the checkpoint the main process names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,7 +53,11 @@ from ..policies.registry import TaskSpec, build_task, read_prompt_file
 from ..rewards.base import RewardSet, combine_rewards, weighted_raw
 from ..sde import Kernel, StepOutput, kernel, rollout, sde_window, shifted_sigmas, sliding_window, step, uniform_sigmas
 from .checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    check_writable,
     latest_checkpoint,
+    list_checkpoints,
     prune_checkpoints,
     read_checkpoint,
     write_checkpoint,
@@ -54,6 +78,25 @@ def _seed_for(*parts: int) -> int:
     return h
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter or EMA shadow, gathering FSDP shards (a collective then)."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``whole`` laid out like ``like``: sharded as ``like`` is when it is an FSDP DTensor, else on its device."""
+    if hasattr(like, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(whole.to(like.device_mesh.device_type), like.device_mesh, like.placements)
+    return whole.to(like.device)
+
+
 def train_step_indices(kern: Kernel, timestep_fraction: float) -> list[int]:
     """The steps trained per trajectory: stochastic ones among the first ``floor(f * N)``."""
     n_train = max(1, math.floor(timestep_fraction * kern.num_steps)) if timestep_fraction < 1 else kern.num_steps
@@ -67,12 +110,44 @@ class RolloutBatch:
     prompts: list[str]
     metadata: list[dict]
     group_ids: torch.Tensor  # (B,) global group index
+    row_ids: torch.Tensor  # (B,) global sample index: group * group_size + member
     cond: Any
     latents: torch.Tensor  # (B, N + 1, ...)
     means: torch.Tensor  # (B, N, ...)
     log_probs: torch.Tensor  # (B, N)
     kernel: Kernel
     images: torch.Tensor
+
+
+class _StatSums:
+    """Sums, counts and maxima of per-pair statistics on the device; reduced over processes at the end."""
+
+    MEAN_KEYS = ("loss", "policy_loss", "clip_frac", "approx_kl", "ratio_mean", "kl_ref")
+    MAX_KEYS = ("ratio_max_dev",)
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(2 * len(self.MEAN_KEYS), dtype=torch.float64, device=device)
+        self.maxima = torch.full((len(self.MAX_KEYS),), -math.inf, dtype=torch.float64, device=device)
+
+    def add(self, key: str, values: torch.Tensor) -> None:
+        i = self.MEAN_KEYS.index(key)
+        self.sums[i] += values.detach().double().sum()
+        self.sums[len(self.MEAN_KEYS) + i] += values.numel()
+
+    def maximum(self, key: str, values: torch.Tensor) -> None:
+        i = self.MAX_KEYS.index(key)
+        self.maxima[i] = torch.maximum(self.maxima[i], values.detach().double().max())
+
+    def means(self, accelerator: Accelerator | None = None) -> dict[str, float]:
+        """Means over every pair of every process (``accelerator`` given: a collective)."""
+        sums, maxima = self.sums, self.maxima
+        if accelerator is not None:
+            sums = accelerator.reduce(sums.clone(), "sum")
+            maxima = accelerator.gather(maxima[None]).amax(dim=0)
+        n = len(self.MEAN_KEYS)
+        out = {k: float(sums[i] / sums[n + i]) for i, k in enumerate(self.MEAN_KEYS) if sums[n + i] > 0}
+        out.update({k: float(maxima[i]) for i, k in enumerate(self.MAX_KEYS) if math.isfinite(maxima[i])})
+        return out
 
 
 class GRPOTrainer:
@@ -128,9 +203,16 @@ class GRPOTrainer:
             self._resume(resume)
         self.nonfinite_streak = 0
         self.skipped_updates = 0
-        self.logger = RunLogger(
-            self.out, cfg, enabled=self.is_main and not read_only, resume_epoch=self.epoch if resume else None
-        )
+        error = None
+        try:
+            self.logger = RunLogger(
+                self.out, cfg, enabled=self.is_main and not read_only, resume_epoch=self.epoch if resume else None
+            )
+            if self.is_main and not read_only:
+                check_writable(self.out / "checkpoints")
+        except UserError as exc:
+            error = str(exc)
+        self._agree(error)
 
     # ------------------------------------------------------------------ set-up
 
@@ -179,7 +261,25 @@ class GRPOTrainer:
         )
         self.model, self.optimizer = acc.prepare(module, self.optimizer)
         self.policy.transformer = self.model
+        # FSDP replaces the parameters while it shards them: take them again from the prepared model.
+        named = [(n, p) for n, p in acc.unwrap_model(self.model).named_parameters() if p.requires_grad]
+        if [n for n, _ in named] == self.param_names:
+            self.params = [p for _, p in named]
         self.ema = EMA(self.params, t.ema.decay, t.ema.every) if t.ema.enabled else None
+
+    def _agree(self, error: str | None) -> None:
+        """Raise ``error`` on every process when any process has one (a collective: all must call it).
+
+        A failure on one process alone (an unwritable directory on the main process, a checkpoint
+        another machine cannot read) would otherwise leave the others waiting in a collective.
+        """
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            errors = [e for e in gather_object([error]) if e]
+            error = errors[0] if errors else None
+        if error:
+            raise UserError(error)
 
     def _eval_context(self):
         return self.ema.swapped_in() if self.ema is not None else nullcontext()
@@ -202,13 +302,20 @@ class GRPOTrainer:
         self,
         prompts: list[str],
         kern: Kernel,
-        seed: int,
+        seeds: Sequence[int],
         store: bool = True,
     ) -> tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Roll out ``prompts`` in chunks; returns (cond, latents, means, log_probs)."""
+        """Roll out ``prompts`` in chunks; returns (cond, latents, means, log_probs).
+
+        Row ``i`` draws all its noise (initial latent, then every step) from a generator of its
+        own seeded with ``seeds[i]``: a sample is the same whichever process or chunk computes it.
+        """
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         cond = self.policy.encode_prompts(prompts)
-        gen = torch.Generator(device=self.accelerator.device).manual_seed(seed)
-        x1 = self.policy.sample_noise(len(prompts), generator=gen)
+        device = self.accelerator.device
+        gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        x1 = torch.cat([self.policy.sample_noise(1, generator=g) for g in gens])
         chunk = self.cfg.train.rollout_batch_size
         lat, means, lps = [], [], []
         self.model.eval()
@@ -221,7 +328,7 @@ class GRPOTrainer:
                     None,
                     kern,
                     cond=index_cond(cond, sl),
-                    generator=gen,
+                    generator=gens[sl],
                     store_means=store,
                 )
                 lat.append(traj.latents if store else traj.sample)
@@ -231,36 +338,57 @@ class GRPOTrainer:
         return cond, torch.cat(lat), (torch.cat(means) if store else None), torch.cat(lps)
 
     def collect(self, epoch: int) -> RolloutBatch:
-        """This process's groups of the epoch, rolled out with the epoch's kernel."""
+        """This process's groups of the epoch, rolled out with the epoch's kernel.
+
+        Every process draws the same global list of ``groups_per_epoch`` prompts and rolls out
+        the groups ``g`` with ``g % num_processes == process index``, each group whole.
+        """
         cfg = self.cfg.train
-        local_groups = cfg.groups_per_epoch // self.world
-        # Every process draws the same global prompt list and takes its own groups.
+        size = cfg.group_size
         gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch, 1))
         chosen = torch.randint(len(self.train_prompts), (cfg.groups_per_epoch,), generator=gen).tolist()
-        mine = list(range(self.rank * local_groups, (self.rank + 1) * local_groups))
-        prompts = [self.train_prompts[chosen[g]] for g in mine for _ in range(cfg.group_size)]
-        group_ids = torch.tensor([g for g in mine for _ in range(cfg.group_size)])
+        mine = list(range(self.rank, cfg.groups_per_epoch, self.world))
+        prompts = [self.train_prompts[chosen[g]] for g in mine for _ in range(size)]
+        group_ids = torch.tensor([g for g in mine for _ in range(size)])
+        row_ids = torch.tensor([g * size + j for g in mine for j in range(size)])
         kern = self.kernel_for_epoch(epoch)
-        cond, latents, means, log_probs = self._sample(prompts, kern, _seed_for(self.cfg.seed, epoch, 2, self.rank))
+        seeds = [_seed_for(self.cfg.seed, epoch, 2, r) for r in row_ids.tolist()]
+        cond, latents, means, log_probs = self._sample(prompts, kern, seeds)
         with torch.no_grad():
             images = self.policy.decode(latents[:, -1])
         metadata = self.task.metadata(prompts)
-        return RolloutBatch(prompts, metadata, group_ids, cond, latents, means, log_probs, kern, images)
+        return RolloutBatch(prompts, metadata, group_ids, row_ids, cond, latents, means, log_probs, kern, images)
 
     def score(self, batch: RolloutBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Reward components, advantages (local rows) and the global raw weighted reward."""
+        """Reward components and raw weighted reward of the whole epoch, and this process's advantages.
+
+        Each process scores its own samples; the scores of all processes are gathered, put in
+        global sample order and turned into advantages there, so the z-scores and group statistics
+        are those of the epoch whatever the number of processes. A sample whose combined reward is
+        NaN (a ``may_fail`` reward could not score it) is left out of its group's statistics and
+        gets a NaN advantage, which keeps it out of the update.
+        """
+        acc = self.accelerator
         comps = self.rewards.score(batch.images, batch.prompts, batch.metadata)
-        comps = {k: v.detach().float().to(self.accelerator.device) for k, v in comps.items()}
-        # z-scores and advantages need the whole epoch's batch: gather across processes.
-        gathered = {k: self.accelerator.gather(v) for k, v in comps.items()}
-        gids = self.accelerator.gather(batch.group_ids.to(self.accelerator.device))
-        combined = combine_rewards(gathered, self.reward_weights)
+        comps = {k: v.detach().float().to(acc.device) for k, v in comps.items()}
+        rows = batch.row_ids.to(acc.device)
+        if self.world > 1:
+            comps = {k: acc.gather(comps[k]) for k in sorted(comps)}
+            rows = acc.gather(rows)
+        order = torch.argsort(rows)
+        gathered = {k: v[order].cpu() for k, v in comps.items()}
+        rows = rows[order].cpu()
         t = self.cfg.train
-        adv = group_advantages(combined.cpu(), gids.cpu(), t.adv_std, t.adv_clip)
-        n = len(batch.prompts)
-        local_adv = adv[self.rank * n : (self.rank + 1) * n]
+        if not torch.equal(rows, torch.arange(t.groups_per_epoch * t.group_size)):
+            raise RuntimeError("the processes' samples do not cover the epoch exactly once")
+        combined = combine_rewards(gathered, self.reward_weights)
+        scored = torch.isfinite(combined)
+        adv = torch.full_like(combined, math.nan)
+        if bool(scored.any()):
+            gids = rows // t.group_size
+            adv[scored] = group_advantages(combined[scored], gids[scored], t.adv_std, t.adv_clip)
         raw = weighted_raw(gathered, self.reward_weights)
-        return gathered, local_adv, raw
+        return gathered, adv[batch.row_ids], raw
 
     # ------------------------------------------------------------------ training
 
@@ -268,109 +396,149 @@ class GRPOTrainer:
         with self.accelerator.autocast():
             return self.policy.velocity(x, t, cond)
 
+    def update_plan(self, batch: RolloutBatch, adv: torch.Tensor, epoch: int, inner: int) -> list[list[torch.Tensor]]:
+        """The epoch's optimizer updates for pass ``inner``: each a list of micro-batches of global sample ids.
+
+        Only samples with a finite advantage in a group with some non-zero advantage are trained
+        (a group of equal rewards carries no signal). The plan is the same on every process and for
+        any number of processes: samples are visited slot by slot (member ``j`` of every trained
+        group, in a fresh random member order per group and pass), ``batch_size`` per micro-batch,
+        ``grad_accum`` micro-batches per update.
+        """
+        t = self.cfg.train
+        n_groups, size = t.groups_per_epoch, t.group_size
+        usable = self._usable_rows(batch, adv)
+        gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch, 3, inner))
+        members = torch.argsort(torch.rand(n_groups, size, generator=gen), dim=1)
+        order = (torch.arange(n_groups)[:, None] * size + members).t().flatten()
+        order = order[usable[order]]
+        micro = list(order.split(t.batch_size)) if len(order) else []
+        return [micro[u : u + t.grad_accum] for u in range(0, len(micro), t.grad_accum)]
+
+    def _usable_rows(self, batch: RolloutBatch, adv: torch.Tensor) -> torch.Tensor:
+        """``(groups_per_epoch * group_size,)`` mask of the samples that are trained this epoch."""
+        t = self.cfg.train
+        adv = adv.detach().cpu()
+        ok = torch.isfinite(adv)
+        usable = torch.zeros(t.groups_per_epoch * t.group_size)
+        for g in torch.unique(batch.group_ids).tolist():
+            m = batch.group_ids == g
+            if bool((ok[m] & (adv[m] != 0)).any()):
+                usable[batch.row_ids[m & ok]] = 1.0
+        if self.world > 1:
+            usable = self.accelerator.reduce(usable.to(self.accelerator.device), "sum").cpu()
+        return usable > 0
+
     def train_on(self, batch: RolloutBatch, adv: torch.Tensor, epoch: int) -> dict[str, float]:
-        """Inner epochs of PPO updates on one epoch's samples; returns mean statistics."""
+        """Inner epochs of PPO updates on one epoch's samples (``adv``: this process's rows); returns statistics.
+
+        Follows :meth:`update_plan`. Each process computes the (sample, trained step) pairs of its
+        own samples, ``train.forward_batch`` pairs per forward pass (0: all pairs of a micro-batch),
+        with the loss scaled so that the gradient averaged over processes is the mean over the
+        update's pairs. An update whose loss or gradient is NaN or infinite on any process is skipped.
+        """
         cfg = self.cfg.train
         acc = self.accelerator
+        device = acc.device
         kern = batch.kernel
         steps = train_step_indices(kern, cfg.timestep_fraction)
-        stats: dict[str, list[float]] = defaultdict(list)
         if not steps:
             raise UserError("no stochastic step is trained: check sampler.window and train.timestep_fraction")
-        # Groups whose advantages are all zero carry no signal: leave them out of the update.
-        groups = torch.unique(batch.group_ids)
-        live = [g for g in groups.tolist() if bool((adv[batch.group_ids == g] != 0).any())]
-        stats["zero_adv_groups"].append(1.0 - len(live) / max(1, len(groups)))
-        rows_all = torch.nonzero(torch.isin(batch.group_ids, torch.tensor(live, dtype=batch.group_ids.dtype))).flatten()
-        device = acc.device
+        n_groups, size = cfg.groups_per_epoch, cfg.group_size
+        # Which process holds each global sample, and where in this process's batch.
+        owner = (torch.arange(n_groups * size) // size) % self.world
+        local_of = torch.full((n_groups * size,), -1, dtype=torch.long)
+        local_of[batch.row_ids] = torch.arange(len(batch.row_ids))
+        adv_dev = adv.to(device=device, dtype=torch.float32)
+        zero_adv = torch.zeros_like(adv_dev)
         coeffs = kern.on_device(device)
         std_all = coeffs[2]
         guard_all = coeffs[1].abs()
         steps_t = torch.tensor(steps, device=device)
+        sums = _StatSums(device)
+        grad_norms: list[float] = []
+        skipped = 0
+        live_groups = 0
         self.model.train()
         for inner in range(cfg.inner_epochs):
-            gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch, 3, self.rank, inner))
-            order = rows_all[torch.randperm(len(rows_all), generator=gen)] if len(rows_all) else rows_all
-            micro = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-            # In multi-process runs every process must take the same number of optimizer steps.
-            n_micro = torch.tensor([len(micro)], device=device)
-            n_micro = int(acc.gather(n_micro).max()) if self.world > 1 else len(micro)
-            for u0 in range(0, n_micro, cfg.grad_accum):
-                group = micro[u0 : u0 + cfg.grad_accum]
-                total_rows = sum(len(m) for m in group) * len(steps)
+            plan = self.update_plan(batch, adv, epoch, inner)
+            if inner == 0:
+                live_groups = len(torch.unique(torch.cat([m for u in plan for m in u]) // size)) if plan else 0
+            for update in plan:
+                total_pairs = sum(len(m) for m in update) * len(steps)
+                scale = self.world / total_pairs
+                # Forward passes per process (all derive the same counts alone) and this process's own.
+                per_process = [
+                    sum(self._n_passes(int((owner[m] == p).sum()), len(steps)) for m in update)
+                    for p in range(self.world)
+                ]
+                mine = [c for m in update for c in self._forward_chunks(local_of[m[owner[m] == self.rank]], len(steps))]
+                n_passes = max(1, max(per_process))
                 finite = True
-                for k, mb in enumerate(group):
-                    last = k == len(group) - 1
-                    ctx = acc.no_sync(self.model) if (self.world > 1 and not last) else nullcontext()
+                for c in range(n_passes):
+                    sync = c == n_passes - 1
+                    ctx = acc.no_sync(self.model) if (self.world > 1 and not sync) else nullcontext()
                     with ctx:
-                        finite &= self._micro_step(batch, adv, mb, steps_t, std_all, guard_all, total_rows, stats)
-                if not group:  # a process with fewer micro-batches still joins the collective step
-                    dummy = sum(p.sum() * 0.0 for p in self.params)
-                    acc.backward(dummy)
+                        if c < len(mine):
+                            rows_c, steps_c = mine[c]
+                            s_idx = rows_c.to(device)
+                            t_idx = steps_t[steps_c.to(device)]
+                            finite &= self._pairs_step(batch, adv_dev, s_idx, t_idx, std_all, guard_all, scale, sums)
+                        else:  # an idle pass of weight 0 keeps this process in step with the others
+                            one = torch.zeros(1, dtype=torch.long, device=device)
+                            self._pairs_step(batch, zero_adv, one, steps_t[:1], std_all, guard_all, 0.0, None)
                 gn = acc.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                finite &= bool(torch.isfinite(gn))
+                gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+                finite &= math.isfinite(gn)
                 if self.world > 1:
                     flag = torch.tensor([1.0 if finite else 0.0], device=device)
                     finite = bool(acc.gather(flag).min() > 0)
                 if not finite:
-                    self._skip_update(stats)
+                    skipped += 1
+                    self._skip_update()
                     continue
                 self.nonfinite_streak = 0
-                stats["grad_norm"].append(float(gn))
+                grad_norms.append(gn)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.global_step += 1
                 if self.ema is not None:
                     self.ema.step()
-        skipped = stats.pop("skipped_updates", [])
-        out = {k: float(np.mean(v)) for k, v in stats.items() if v}
-        out["skipped_updates"] = float(len(skipped))
+        out = sums.means(acc if self.world > 1 else None)
+        out["zero_adv_groups"] = 1.0 - live_groups / n_groups
+        if grad_norms:
+            out["grad_norm"] = float(np.mean(grad_norms))
+        out["skipped_updates"] = float(skipped)
         out["updates"] = float(self.global_step)
         return out
 
-    def _skip_update(self, stats: dict[str, list[float]]) -> None:
+    def _n_passes(self, n_rows: int, n_steps: int) -> int:
+        """Forward passes over the pairs of ``n_rows`` samples (the length of :meth:`_forward_chunks`)."""
+        pairs = n_rows * n_steps
+        return 0 if pairs == 0 else math.ceil(pairs / (self.cfg.train.forward_batch or pairs))
+
+    def _forward_chunks(self, rows: torch.Tensor, n_steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(rows, step positions)`` of each forward pass over the pairs of ``rows`` (one micro-batch)."""
+        if len(rows) == 0:
+            return []
+        sample_all = rows.repeat_interleave(n_steps)
+        step_all = torch.arange(n_steps).repeat(len(rows))
+        chunk = self.cfg.train.forward_batch or len(sample_all)
+        return [(sample_all[lo : lo + chunk], step_all[lo : lo + chunk]) for lo in range(0, len(sample_all), chunk)]
+
+    def _skip_update(self) -> None:
         """Drop an update whose loss or gradient is NaN/inf; stop after too many in a row."""
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_streak += 1
         self.skipped_updates += 1
-        stats["skipped_updates"].append(1.0)
         limit = self.cfg.train.max_nonfinite
         if self.nonfinite_streak >= limit:
-            ckpts = sorted((self.out / "checkpoints").glob("epoch_*"))
-            where = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+            ckpts = list_checkpoints(self.out / "checkpoints")
+            where = f"the last good checkpoint is {str(ckpts[-1])!r}" if ckpts else "no checkpoint was written yet"
             raise UserError(
                 f"training stopped: {limit} updates in a row had a NaN or infinite loss or gradient "
                 f"(train.max_nonfinite); {where}"
             )
-
-    def _micro_step(
-        self,
-        batch: RolloutBatch,
-        adv: torch.Tensor,
-        rows: torch.Tensor,
-        steps_t: torch.Tensor,
-        std_all: torch.Tensor,
-        guard_all: torch.Tensor,
-        total_rows: int,
-        stats: dict[str, list[float]],
-    ) -> bool:
-        """Forward and backward on every (sample, trained step) pair of ``rows``.
-
-        The pairs go through the model together (``train.forward_batch`` rows at a time), each
-        with its own step index: one batched call instead of a loop over timesteps.
-        """
-        cfg = self.cfg.train
-        device = self.accelerator.device
-        t_count = len(steps_t)
-        sample_all = rows.to(device).repeat_interleave(t_count)
-        step_all = steps_t.repeat(len(rows))
-        chunk = cfg.forward_batch or len(sample_all)
-        finite = True
-        for lo in range(0, len(sample_all), chunk):
-            sample_idx = sample_all[lo : lo + chunk]
-            step_idx = step_all[lo : lo + chunk]
-            finite &= self._pairs_step(batch, adv, sample_idx, step_idx, std_all, guard_all, total_rows, stats)
-        return finite
 
     def recompute(self, batch: RolloutBatch, sample_idx: torch.Tensor, step_idx: torch.Tensor) -> StepOutput:
         """Mean and log-prob of the stored transitions ``(sample, step)`` under the current parameters."""
@@ -388,13 +556,16 @@ class GRPOTrainer:
         step_idx: torch.Tensor,
         std_all: torch.Tensor,
         guard_all: torch.Tensor,
-        total_rows: int,
-        stats: dict[str, list[float]],
+        scale: float,
+        sums: _StatSums | None,
     ) -> bool:
+        """Forward and backward of the loss summed over the pairs ``(sample, step)``, times ``scale``.
+
+        Returns whether the loss was finite; ``sums`` (None for an idle pass) collects statistics.
+        """
         cfg = self.cfg.train
-        device = self.accelerator.device
         old_lp = batch.log_probs[sample_idx, step_idx]
-        a = adv.to(device)[sample_idx]
+        a = adv[sample_idx]
         out = self.recompute(batch, sample_idx, step_idx)
         if cfg.guard:
             old_mean = batch.means[sample_idx, step_idx]
@@ -404,6 +575,7 @@ class GRPOTrainer:
         else:
             res = ppo_clip_loss(out.log_prob, old_lp, a, cfg.clip_range)
         loss_rows = res.loss
+        kl = None
         if cfg.kl_beta > 0:
             with torch.no_grad():
                 if self.ref_module is None:
@@ -418,36 +590,46 @@ class GRPOTrainer:
                         self.policy.transformer = live
             kl = kl_penalty(out.mean, ref.mean)
             loss_rows = loss_rows + cfg.kl_beta * kl
-            stats["kl_ref"].append(float(kl.detach().mean()))
-        loss = loss_rows.sum() / total_rows
+        loss = loss_rows.sum() * scale
         if not bool(torch.isfinite(loss)):
             # Still run backward (zeroed) so that every process joins the same collectives.
             self.accelerator.backward(loss_rows.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0)
             return False
         self.accelerator.backward(loss)
-        with torch.no_grad():
-            diff = (out.log_prob - old_lp).float()
-            stats["loss"].append(float(loss_rows.mean()))
-            stats["policy_loss"].append(float(res.loss.mean()))
-            stats["clip_frac"].append(float(res.clipped.float().mean()))
-            stats["approx_kl"].append(float(0.5 * diff.square().mean()))
-            stats["ratio_mean"].append(float(res.ratio.mean()))
-            stats["ratio_max_dev"].append(float((res.ratio - 1).abs().max()))
+        if sums is not None:
+            with torch.no_grad():
+                diff = (out.log_prob - old_lp).float()
+                sums.add("loss", loss_rows)
+                sums.add("policy_loss", res.loss)
+                sums.add("clip_frac", res.clipped.float())
+                sums.add("approx_kl", 0.5 * diff.square())
+                sums.add("ratio_mean", res.ratio)
+                sums.maximum("ratio_max_dev", (res.ratio - 1).abs())
+                if kl is not None:
+                    sums.add("kl_ref", kl)
         return True
 
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, epoch: int, write_grid: bool = True) -> dict[str, float]:
-        """Score held-out prompts with the EMA weights, for each evaluation sampler (fixed noise)."""
+        """Score held-out prompts with the EMA weights, for each evaluation sampler (fixed noise).
+
+        The eval samples are spread over processes in equal shares (the last share padded with
+        repeats of the last sample, dropped after gathering); sample ``i`` draws its noise from a
+        generator seeded by ``(seed, i)``, so the scores do not depend on the number of processes.
+        """
         e = self.cfg.eval
         prompts_base = self.eval_prompts[: e.max_prompts]
-        # Spread prompts over processes: every process scores its share, results are gathered.
         prompts_all = [p for p in prompts_base for _ in range(e.samples_per_prompt)]
-        per = math.ceil(len(prompts_all) / self.world)
-        mine = prompts_all[self.rank * per : (self.rank + 1) * per]
+        n_all = len(prompts_all)
+        per = math.ceil(n_all / self.world)
+        idx = [min(i, n_all - 1) for i in range(self.rank * per, (self.rank + 1) * per)]
+        mine = [prompts_all[i] for i in idx]
+        seeds = [_seed_for(self.cfg.seed, 7, i) for i in idx]
+        n_grid = min(e.grid_prompts, len(prompts_base)) * e.samples_per_prompt
         out: dict[str, float] = {}
         sigmas = self._sigmas(e.num_steps)
-        images_for_grid = None
+        grid = None
         with self._eval_context():
             for name in e.samplers:
                 sampler = self.cfg.sampler.name if name == "train" else name
@@ -455,98 +637,183 @@ class GRPOTrainer:
                 sched = self.cfg.sampler.schedule if sampler == "precise" else None
                 kern = kernel(sampler, sigmas, eta if sampler == self.cfg.sampler.name else None, sched)
                 key = "train" if name == "train" else name
-                if not mine:
-                    continue
-                _, latents, _, _ = self._sample(mine, kern, _seed_for(self.cfg.seed, 7, self.rank), store=False)
+                _, latents, _, _ = self._sample(mine, kern, seeds, store=False)
                 with torch.no_grad():
                     images = self.policy.decode(latents)
                 meta = self.task.metadata(mine)
                 comps = self.rewards.score(images, mine, meta)
                 if self.eval_rewards is not None:
                     comps.update(self.eval_rewards.score(images, mine, meta))
-                comps = {
-                    k: self.accelerator.gather(v.float().to(self.accelerator.device)).cpu() for k, v in comps.items()
-                }
+                comps = {k: v.float().to(self.accelerator.device) for k, v in comps.items()}
+                if self.world > 1:
+                    comps = {k: self.accelerator.gather(comps[k]) for k in sorted(comps)}
+                comps = {k: v[:n_all].cpu() for k, v in comps.items()}
                 raw = weighted_raw({k: comps[k] for k in self.reward_weights}, self.reward_weights)
-                out[f"eval_{key}_reward"] = float(raw.mean())
+                out[f"eval_{key}_reward"] = float(raw.nanmean())
                 for k, v in comps.items():
-                    out[f"eval_{key}/{k}"] = float(v.mean())
-                if images_for_grid is None:
-                    images_for_grid = (images, mine, key)
-        if write_grid and images_for_grid is not None and self.is_main:
-            images, prompts, key = images_for_grid
-            self.logger.sample_grid(images, prompts, epoch, key, self.cfg.eval.grid_prompts, e.samples_per_prompt)
+                    out[f"eval_{key}/{k}"] = float(v.nanmean())
+                if write_grid and grid is None:
+                    grid = (self._grid_images(images, n_grid, per), key)
+        if grid is not None and self.is_main:
+            images, key = grid
+            shown = prompts_all[: len(images)]
+            self.logger.sample_grid(images, shown, epoch, key, self.cfg.eval.grid_prompts, e.samples_per_prompt)
         return out
+
+    def _grid_images(self, images: torch.Tensor, n_grid: int, per: int) -> torch.Tensor:
+        """The first ``n_grid`` eval images of all processes, on the main process (a collective)."""
+        if self.world == 1:
+            return images[:n_grid].detach().cpu()
+        from accelerate.utils import gather_object
+
+        take = max(0, min(per, n_grid - self.rank * per))
+        parts = gather_object([images[:take].detach().cpu()])
+        return torch.cat(parts)[:n_grid]
 
     # ------------------------------------------------------------------ checkpoints
 
+    @property
+    def _sharded(self) -> bool:
+        """Whether the trainable parameters are FSDP shards (DTensors)."""
+        return any(_is_dtensor(p) for p in self.params)
+
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in zip(self.param_names, self.params, strict=True)}
+        """Whole trainable weights by name (a collective when FSDP shards them: every process calls it)."""
+        return {n: _whole(p) for n, p in zip(self.param_names, self.params, strict=True)}
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer state to save (whole, on the main process; a collective when sharded)."""
+        if not self._sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        module = self.accelerator.unwrap_model(self.model)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(module, self.optimizer.optimizer, options=opts)
+
+    def _load_optimizer_state(self, saved: dict[str, Any]) -> None:
+        if not self._sharded:
+            self.optimizer.load_state_dict(saved)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        module = self.accelerator.unwrap_model(self.model)
+        opts = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(module, self.optimizer.optimizer, optim_state_dict=saved, options=opts)
 
     def save_checkpoint(self) -> Path | None:
-        """Write the checkpoint of the completed epochs (main process only) and prune old ones."""
-        if not self.is_main:
-            self.accelerator.wait_for_everyone()
-            return None
-        tensors = {"trainable": self._trainable_state(), "rng": {"torch": torch.get_rng_state()}}
+        """Write the checkpoint of the completed epochs and prune old ones; returns its path on the main process.
+
+        Every process must call it (sharded weights are gathered first); only the main process
+        writes. A write that fails (unwritable directory, full disk) raises the same one-sentence
+        error on every process and leaves no half-written checkpoint behind.
+        """
+        tensors = {"trainable": self._trainable_state()}
         if self.ema is not None:
-            tensors["ema"] = self.ema.state_tensors(self.param_names)
-        state = {
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "ema_steps": self.ema.num_steps if self.ema is not None else 0,
-            "elapsed_s": self.elapsed,
-            "train_elapsed_s": self.train_elapsed,
-            "first_eval": self.first_eval,
-            "config": config_to_dict(self.cfg),
-            "param_names": self.param_names,
-            "lora": self.cfg.train.lora.enabled,
-        }
+            tensors["ema"] = {n: _whole(s) for n, s in self.ema.state_tensors(self.param_names).items()}
+        optimizer_state = self._optimizer_state()
+        error, path = None, None
+        if self.is_main:
+            state = {
+                "epoch": self.epoch,
+                "global_step": self.global_step,
+                "ema_steps": self.ema.num_steps if self.ema is not None else 0,
+                "elapsed_s": self.elapsed,
+                "train_elapsed_s": self.train_elapsed,
+                "first_eval": self.first_eval,
+                "config": config_to_dict(self.cfg),
+                "param_names": self.param_names,
+                "lora": self.cfg.train.lora.enabled,
+            }
 
-        def write_adapter(directory: Path) -> None:
-            if self.cfg.train.lora.enabled:
-                with self._eval_context():
-                    save_adapter(self.accelerator.unwrap_model(self.model), directory / "adapter")
+            def write_adapter(directory: Path) -> None:
+                if self.cfg.train.lora.enabled and not self._sharded:
+                    with self._eval_context():
+                        save_adapter(self.accelerator.unwrap_model(self.model), directory / "adapter")
 
-        root = self.out / "checkpoints"
-        path = write_checkpoint(
-            root,
-            self.epoch,
-            tensors,
-            state,
-            objects={"optimizer": self.optimizer.state_dict()},
-            extra=write_adapter,
-        )
-        prune_checkpoints(root, self.cfg.checkpoint.keep)
-        self.accelerator.wait_for_everyone()
+            root = self.out / "checkpoints"
+            try:
+                path = write_checkpoint(
+                    root, self.epoch, tensors, state, objects={"optimizer": optimizer_state}, extra=write_adapter
+                )
+                prune_checkpoints(root, self.cfg.checkpoint.keep)
+            except UserError as exc:
+                error = str(exc)
+        self._agree(error)
         return path
 
     def _resume(self, resume: str | Path) -> None:
-        ckpt = latest_checkpoint(resume)
-        tensors, objects, state = read_checkpoint(ckpt)
-        saved_cfg = config_from_dict(state["config"])
+        """Load the checkpoint the main process names (newest under ``resume``) on every process."""
+        error, ckpt = None, None
+        if self.is_main:
+            try:
+                ckpt = str(latest_checkpoint(resume))
+            except UserError as exc:
+                error = str(exc)
+        self._agree(error)
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            ckpt = broadcast_object_list([ckpt])[0]
+        error, digest = None, None
+        try:
+            digest = self._load_checkpoint(Path(ckpt))
+        except UserError as exc:
+            error = str(exc)
+        self._agree(error)
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            if len(set(gather_object([digest]))) > 1:
+                raise UserError(
+                    f"the processes found different files in checkpoint {ckpt!r}: put the run directory on "
+                    "storage that every machine shares"
+                )
+
+    def _load_checkpoint(self, ckpt: Path) -> str:
+        """Verify and load ``ckpt`` into this process; returns the SHA-256 of its manifest."""
+        try:
+            tensors, objects, state = read_checkpoint(ckpt)
+        except CheckpointError as exc:
+            older = [c for c in list_checkpoints(ckpt.parent) if c.name < ckpt.name]
+            hint = f"; to go on from the one before, resume from {str(older[-1])!r}" if older else ""
+            raise CheckpointError(f"{exc}{hint}") from None
+        try:
+            saved_cfg = config_from_dict(state["config"])
+            names, epoch, step_count = state["param_names"], int(state["epoch"]), int(state["global_step"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} has a state.json without this version's fields") from None
         if saved_cfg.sampler != self.cfg.sampler or saved_cfg.model != self.cfg.model:
             raise UserError(f"checkpoint {str(ckpt)!r} was made with another model or sampler than this config")
-        if state["param_names"] != self.param_names:
+        weights = tensors.get("trainable", {})
+        if names != self.param_names or any(
+            n not in weights or tuple(weights[n].shape) != tuple(p.shape)
+            for n, p in zip(self.param_names, self.params, strict=True)
+        ):
             raise UserError(f"checkpoint {str(ckpt)!r} does not hold this model's trainable parameters")
         with torch.no_grad():
             for n, p in zip(self.param_names, self.params, strict=True):
-                p.copy_(tensors["trainable"][n])
+                p.copy_(_shard_like(weights[n], p))
         if self.ema is not None:
             if "ema" not in tensors:
                 raise UserError(f"checkpoint {str(ckpt)!r} has no EMA weights but train.ema.enabled is true")
-            self.ema.load_state_tensors(self.param_names, tensors["ema"], state["ema_steps"])
+            try:
+                self.ema.load_state_tensors(self.param_names, tensors["ema"], state.get("ema_steps", 0))
+            except KeyError:
+                raise UserError(f"checkpoint {str(ckpt)!r} has EMA weights of another model") from None
+            self.ema.shadow = [_shard_like(s, p) for s, p in zip(self.ema.shadow, self.params, strict=True)]
         try:
-            self.optimizer.load_state_dict(objects["optimizer"])
-        except (KeyError, ValueError) as exc:
-            raise UserError(f"checkpoint {str(ckpt)!r} has an optimizer state that does not fit: {exc}") from None
-        torch.set_rng_state(tensors["rng"]["torch"])
-        self.epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
-        self.elapsed = float(state["elapsed_s"])
-        self.train_elapsed = float(state["train_elapsed_s"])
+            self._load_optimizer_state(objects["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"checkpoint {str(ckpt)!r} has an optimizer state that does not fit: {reason}") from None
+        self.epoch = epoch
+        self.global_step = step_count
+        self.elapsed = float(state.get("elapsed_s", 0.0))
+        self.train_elapsed = float(state.get("train_elapsed_s", 0.0))
         self.first_eval = state.get("first_eval")
         self.resumed_from = ckpt
+        return hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()
 
     # ------------------------------------------------------------------ the loop
 
@@ -572,6 +839,8 @@ class GRPOTrainer:
         for _ in bar:
             t0 = time.perf_counter()
             epoch = self.epoch
+            # Global RNG (e.g. LoRA dropout) restarts each epoch: a resumed run repeats it exactly.
+            torch.manual_seed(_seed_for(cfg.seed, epoch, 4, self.rank))
             batch = self.collect(epoch)
             t1 = time.perf_counter()
             comps, adv, raw = self.score(batch)
@@ -580,11 +849,13 @@ class GRPOTrainer:
             t3 = time.perf_counter()
             self.epoch += 1
             self.train_elapsed += t3 - t0
+            scored = raw[torch.isfinite(raw)]
             record: dict[str, Any] = {
                 "epoch": self.epoch,
-                "reward_mean": float(raw.mean()),
-                "reward_std": float(raw.std(unbiased=False)),
-                **{f"reward/{k}": float(v.mean()) for k, v in comps.items()},
+                "reward_mean": float(scored.mean()) if len(scored) else math.nan,
+                "reward_std": float(scored.std(unbiased=False)) if len(scored) else math.nan,
+                **{f"reward/{k}": float(v.nanmean()) for k, v in comps.items()},
+                "unscored_samples": len(raw) - len(scored),
                 **stats,
                 "time_rollout_s": t1 - t0,
                 "time_reward_s": t2 - t1,
