@@ -5,7 +5,7 @@ and ``jpeg_compressibility`` / ``jpeg_incompressibility`` for any model. A rewar
 decorate it with ``@register_reward("name")``, or name it by import path ``"package.module:Name"``.
 """
 
-from . import digits, image
+from . import clip_models, digits, image, image_reward
 from .base import (
     FunctionReward,
     Reward,
@@ -38,4 +38,6 @@ __all__ = [
     "jpeg_sizes_kb",
     "digits",
     "image",
+    "clip_models",
+    "image_reward",
 ]

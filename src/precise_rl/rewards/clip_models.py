@@ -1,0 +1,567 @@
+"""The field's CLIP-based reward models: PickScore, CLIPScore, the LAION aesthetic predictor and HPSv2.1.
+
+Every scorer here runs on ``transformers``' ``CLIPModel`` (no torchvision, no open_clip): HPSv2.1's
+open_clip ViT-H-14 checkpoint is converted to it on load (the two architectures are the same
+pre-LayerNorm transformer; open_clip's fused attention projection is split into q, k, v).
+Models load lazily on the first call, on ``device``, in ``dtype`` (``"float16"`` / ``"bfloat16"``
+for half precision), and score ``batch_size`` images at a time. Images are ``(B, 1 or 3, H, W)``
+in [0, 1] and are preprocessed in torch exactly as each original model's pipeline does it
+(:mod:`precise_rl.rewards.preprocess`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .base import Reward, register_reward
+from .hub import LazyModel, check_batch_size, parse_dtype, resolve_dir, resolve_file
+from .preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    as_rgb_255,
+    normalize,
+    resize_longest_and_pad,
+    resize_shortest_and_crop,
+)
+
+__all__ = [
+    "ModelReward",
+    "ClipPreprocess",
+    "PickScore",
+    "CLIPScore",
+    "AestheticScore",
+    "AestheticMLP",
+    "HPSv2",
+    "open_clip_to_transformers",
+    "load_clip_preprocess",
+]
+
+_MODEL_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+_MODEL_FILES_BIN = ["config.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json"]
+_TOKENIZER_FILES = ["*.json", "*.txt", "*.model"]
+
+
+class ModelReward(Reward):
+    """A reward backed by a model that loads lazily: subclasses give ``_load()`` and ``_score(model, x, prompts)``."""
+
+    def __init__(self, device: str | torch.device = "cpu", dtype: str = "float32", batch_size: int = 32) -> None:
+        self.device = torch.device(device)
+        self.dtype = parse_dtype(dtype)
+        self.batch_size = check_batch_size(batch_size)
+        self._model = LazyModel(self._load)
+
+    def _load(self) -> Any:
+        raise NotImplementedError
+
+    def _score(self, model: Any, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def model(self) -> Any:
+        """The loaded model (loads it on first access)."""
+        return self._model.get()
+
+    @torch.no_grad()
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise UserError(f"reward {self.name!r} needs images shaped (B, 1 or 3, H, W), got {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise UserError(f"reward {self.name!r} got {images.shape[0]} images and {len(prompts)} prompts")
+        model = self.model
+        parts: dict[str, list[torch.Tensor]] = {}
+        for lo in range(0, images.shape[0], self.batch_size):
+            chunk = images[lo : lo + self.batch_size].to(self.device)
+            for key, value in self._score(model, chunk, list(prompts[lo : lo + self.batch_size])).items():
+                parts.setdefault(key, []).append(value.detach().float())
+        return {key: torch.cat(vals).to(images.device) for key, vals in parts.items()}
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+class ClipPreprocess:
+    """One model's image pipeline: ``shortest`` (resize the short side, centre crop) or ``longest`` (resize, pad)."""
+
+    def __init__(
+        self,
+        size: int = 224,
+        crop: int = 224,
+        mode: str = "shortest",
+        rounding: str = "floor",
+        mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        std: Sequence[float] = OPENAI_CLIP_STD,
+    ) -> None:
+        if mode not in ("shortest", "longest"):
+            raise ValueError(f"mode must be 'shortest' or 'longest', got {mode!r}")
+        self.size, self.crop, self.mode, self.rounding = int(size), int(crop), mode, rounding
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1 or 3, H, W)`` in [0, 1] to the model's normalised ``(B, 3, crop, crop)`` float32 input."""
+        x = as_rgb_255(images)
+        if self.mode == "shortest":
+            x = resize_shortest_and_crop(x, self.size, self.crop, self.rounding)
+        else:
+            x = resize_longest_and_pad(x, self.size)
+        return normalize(x, self.mean, self.std)
+
+
+def _side(value: Any, key: str, where: str) -> int:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Mapping):
+        if "shortest_edge" in value:
+            return int(value["shortest_edge"])
+        if "height" in value and "width" in value and value["height"] == value["width"]:
+            return int(value["height"])
+    raise UserError(f"{where}: unsupported {key} {value!r} (a square size or a shortest edge is needed)")
+
+
+def load_clip_preprocess(directory: Path) -> ClipPreprocess:
+    """The pipeline a ``transformers`` CLIP image processor describes (``preprocessor_config.json``)."""
+    path = directory / "preprocessor_config.json"
+    if not path.is_file():
+        raise UserError(f"{str(directory)!r} has no preprocessor_config.json (a CLIP processor is needed)")
+    cfg = json.loads(path.read_text())
+    where = str(path)
+    if not cfg.get("do_resize", True) or not cfg.get("do_center_crop", True) or not cfg.get("do_normalize", True):
+        raise UserError(f"{where}: only the resize + centre crop + normalise pipeline of CLIP is supported")
+    if int(cfg.get("resample", 3)) != 3:
+        raise UserError(f"{where}: only bicubic resampling (resample=3) is supported, got {cfg.get('resample')}")
+    return ClipPreprocess(
+        size=_side(cfg.get("size", 224), "size", where),
+        crop=_side(cfg.get("crop_size", 224), "crop_size", where),
+        mode="shortest",
+        rounding="floor",  # transformers' center_crop: (H - h) // 2
+        mean=cfg.get("image_mean", OPENAI_CLIP_MEAN),
+        std=cfg.get("image_std", OPENAI_CLIP_STD),
+    )
+
+
+# ----------------------------------------------------------------------------- CLIP helpers
+
+
+def _load_tokenizer(directory: Path, what: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(
+            f"{what}: cannot load a tokenizer from {str(directory)!r} ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _load_clip_model(source: str | Path, revision: str | None, what: str, device: torch.device, dtype: torch.dtype):
+    from transformers import CLIPModel
+
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        path = resolve_dir(source, revision, what, _MODEL_FILES)
+        if not list(path.glob("*.safetensors")):
+            path = resolve_dir(source, revision, what, _MODEL_FILES_BIN)
+    try:
+        model = CLIPModel.from_pretrained(str(path), dtype=dtype)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        model = CLIPModel.from_pretrained(str(path), torch_dtype=dtype)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{what}: cannot load a CLIP model from {str(path)!r} ({type(exc).__name__}: {exc})") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _image_embeds(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """CLIP's projected image embedding (``get_image_features``), float32."""
+    out = model.vision_model(pixel_values=pixels.to(_module_dtype(model)))
+    return model.visual_projection(out.pooler_output).float()
+
+
+def _text_embeds(model: nn.Module, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """CLIP's projected text embedding (``get_text_features``), float32."""
+    out = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask"))
+    return model.text_projection(out.pooler_output).float()
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def _tokenize(tokenizer: Any, prompts: list[str], device: torch.device, max_length: int) -> dict[str, torch.Tensor]:
+    tokens = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+
+
+class _ClipPair:
+    def __init__(self, model: nn.Module, tokenizer: Any, preprocess: ClipPreprocess) -> None:
+        self.model, self.tokenizer, self.preprocess = model, tokenizer, preprocess
+        self.max_length = int(model.config.text_config.max_position_embeddings)
+
+    def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        device = images.device
+        img = _unit(_image_embeds(self.model, self.preprocess(images)))
+        txt = _unit(_text_embeds(self.model, _tokenize(self.tokenizer, prompts, device, self.max_length)))
+        return (img * txt).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------- PickScore
+
+
+@register_reward("pickscore")
+class PickScore(ModelReward):
+    """PickScore (Kirstain et al. 2023): a CLIP-H fine-tuned on Pick-a-Pic human preferences.
+
+    ``logit_scale.exp() * cos(image, prompt)`` (about 18-24 for typical images), exactly the
+    original inference code's score. Weights: ``yuvalkirstain/PickScore_v1``; processor (tokenizer
+    and image pipeline): ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``.
+    """
+
+    def __init__(
+        self,
+        model: str = "yuvalkirstain/PickScore_v1",
+        processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        model_revision: str | None = None,
+        processor_revision: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 32,
+    ) -> None:
+        self.source, self.processor = model, processor
+        self.model_revision, self.processor_revision = model_revision, processor_revision
+        super().__init__(device, dtype, batch_size)
+
+    def _load(self) -> _ClipPair:
+        proc = resolve_dir(self.processor, self.processor_revision, "pickscore processor", _TOKENIZER_FILES)
+        model = _load_clip_model(self.source, self.model_revision, "pickscore model", self.device, self.dtype)
+        return _ClipPair(model, _load_tokenizer(proc, "pickscore processor"), load_clip_preprocess(proc))
+
+    def _score(self, model: _ClipPair, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        scale = model.model.logit_scale.float().exp()
+        return {self.name or "pickscore": scale * model.cosine(images, prompts)}
+
+
+# ----------------------------------------------------------------------------- CLIPScore
+
+
+@register_reward("clipscore")
+class CLIPScore(ModelReward):
+    """CLIPScore: ``max(100 cos(image, prompt), 0)`` under OpenAI's CLIP ViT-L/14 (torchmetrics' definition).
+
+    Weights, tokenizer and image pipeline: ``openai/clip-vit-large-patch14``. (Flow-GRPO's variant
+    divides by 30; a constant factor, which the per-reward z-score removes.)
+    """
+
+    def __init__(
+        self,
+        model: str = "openai/clip-vit-large-patch14",
+        revision: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 32,
+    ) -> None:
+        self.source, self.revision = model, revision
+        super().__init__(device, dtype, batch_size)
+
+    def _load(self) -> _ClipPair:
+        path = Path(self.source).expanduser()
+        if not path.is_dir():
+            path = resolve_dir(self.source, self.revision, "clipscore processor", _TOKENIZER_FILES)
+        clip = _load_clip_model(self.source, self.revision, "clipscore model", self.device, self.dtype)
+        return _ClipPair(clip, _load_tokenizer(path, "clipscore processor"), load_clip_preprocess(path))
+
+    def _score(self, model: _ClipPair, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {self.name or "clipscore": (100.0 * model.cosine(images, prompts)).clamp_min(0.0)}
+
+
+# ----------------------------------------------------------------------------- LAION aesthetic predictor
+
+
+class AestheticMLP(nn.Module):
+    """The head of the LAION improved aesthetic predictor, as the original (no activations between layers).
+
+    ``Linear(d, 1024) - Dropout(0.2) - Linear(1024, 128) - Dropout(0.2) - Linear(128, 64) -
+    Dropout(0.1) - Linear(64, 16) - Linear(16, 1)``; ImageReward's head is the same with ``d = 768``.
+    """
+
+    def __init__(self, input_size: int = 768) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.layers = nn.Sequential(
+            nn.Linear(input_size, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def _load_state(path: Path, what: str) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{what}: cannot read weights from {str(path)!r} ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{what}: {str(path)!r} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_into(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, path: Path) -> None:
+    try:
+        module.load_state_dict(dict(state), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{what}: the weights in {str(path)!r} do not fit the model ({first} ...)") from None
+
+
+@register_reward("aesthetic")
+class AestheticScore(ModelReward):
+    """The LAION improved aesthetic predictor ("sac+logos+ava1-l14-linearMSE"): a 1-10 rating of looks alone.
+
+    An MLP (:class:`AestheticMLP`) on the L2-normalised CLIP ViT-L/14 image embedding; the prompt is
+    not used. CLIP: ``openai/clip-vit-large-patch14``; head: ``aesthetic-model.pth`` of
+    ``trl-lib/ddpo-aesthetic-predictor`` (the original's weights, as DDPO ships them), or a local
+    ``.pth`` / ``.safetensors`` file. Preprocessing as ``clip.load``'s (torchvision resize and crop).
+    """
+
+    def __init__(
+        self,
+        clip_model: str = "openai/clip-vit-large-patch14",
+        clip_revision: str | None = None,
+        head: str = "trl-lib/ddpo-aesthetic-predictor",
+        head_file: str = "aesthetic-model.pth",
+        head_revision: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 32,
+    ) -> None:
+        self.clip_source, self.clip_revision = clip_model, clip_revision
+        self.head, self.head_file, self.head_revision = head, head_file, head_revision
+        super().__init__(device, dtype, batch_size)
+
+    def _load(self) -> tuple[nn.Module, AestheticMLP, ClipPreprocess]:
+        clip = _load_clip_model(self.clip_source, self.clip_revision, "aesthetic CLIP model", self.device, self.dtype)
+        path = resolve_file(self.head, self.head_file, self.head_revision, "aesthetic head")
+        mlp = AestheticMLP(int(clip.config.projection_dim))
+        _load_into(mlp, _load_state(path, "aesthetic head"), "aesthetic head", path)
+        size = int(clip.config.vision_config.image_size)
+        # clip.load's transform: torchvision Resize(n_px, BICUBIC) + CenterCrop(n_px), OpenAI constants
+        prep = ClipPreprocess(size, size, "shortest", "round")
+        return clip, mlp.to(self.device).eval().requires_grad_(False), prep
+
+    def _score(self, model: Any, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        clip, mlp, prep = model
+        emb = _unit(_image_embeds(clip, prep(images)))
+        return {self.name or "aesthetic": mlp(emb)[:, 0]}
+
+
+# ----------------------------------------------------------------------------- HPSv2.1
+
+_RESBLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
+_BLOCK_NAMES = {
+    "ln_1.weight": "layer_norm1.weight",
+    "ln_1.bias": "layer_norm1.bias",
+    "ln_2.weight": "layer_norm2.weight",
+    "ln_2.bias": "layer_norm2.bias",
+    "attn.out_proj.weight": "self_attn.out_proj.weight",
+    "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight",
+    "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight",
+    "mlp.c_proj.bias": "mlp.fc2.bias",
+}
+_TOP_NAMES = {
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "logit_scale": "logit_scale",
+}
+_IGNORED = {"attn_mask", "visual.attn_mask"}
+
+
+def open_clip_to_transformers(
+    state: Mapping[str, torch.Tensor],
+    vision_heads: int,
+    text_heads: int,
+    quick_gelu: bool = False,
+    token_ids: Mapping[str, int] | None = None,
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """An open_clip CLIP state dict (ViT image tower, default text tower) as a ``CLIPConfig`` and its state dict.
+
+    Sizes are read from the tensors; head counts are not in a state dict and are given
+    (ViT-H-14: 16 and 16). ``token_ids`` sets ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id``
+    of the text config (the text embedding is pooled at the end-of-text token).
+    """
+    from transformers import CLIPConfig
+
+    required = ["visual.conv1.weight", "visual.proj", "token_embedding.weight", "text_projection", "ln_final.weight"]
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise UserError(f"not an open_clip ViT checkpoint: keys {missing} are missing")
+    if any(k.startswith("text.") or k.startswith("visual.trunk.") for k in state):
+        raise UserError("only open_clip's default ViT image tower and built-in text tower can be converted")
+    out: dict[str, torch.Tensor] = {}
+    layers = {"visual": set(), "text": set()}
+    for key, value in state.items():
+        if key in _IGNORED:
+            continue
+        if key in _TOP_NAMES:
+            out[_TOP_NAMES[key]] = value
+            continue
+        if key == "visual.proj":
+            out["visual_projection.weight"] = value.t().contiguous()
+            continue
+        if key == "text_projection":
+            out["text_projection.weight"] = value.t().contiguous()
+            continue
+        m = _RESBLOCK.match(key)
+        if m is None:
+            raise UserError(f"open_clip checkpoint key {key!r} has no counterpart in CLIPModel")
+        tower = "visual" if m.group(1) else "text"
+        prefix = f"{'vision_model' if tower == 'visual' else 'text_model'}.encoder.layers.{m.group(2)}."
+        layers[tower].add(int(m.group(2)))
+        rest = m.group(3)
+        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            kind = rest.rsplit("_", 1)[1]
+            q, k, v = value.chunk(3, dim=0)
+            for name, part in zip(("q", "k", "v"), (q, k, v), strict=True):
+                out[f"{prefix}self_attn.{name}_proj.{kind}"] = part.contiguous()
+        elif rest in _BLOCK_NAMES:
+            out[prefix + _BLOCK_NAMES[rest]] = value
+        else:
+            raise UserError(f"open_clip checkpoint key {key!r} has no counterpart in CLIPModel")
+    conv = state["visual.conv1.weight"]
+    v_width, patch = int(conv.shape[0]), int(conv.shape[-1])
+    grid = math.isqrt(int(state["visual.positional_embedding"].shape[0]) - 1)
+    t_width = int(state["ln_final.weight"].shape[0])
+    act = "quick_gelu" if quick_gelu else "gelu"
+    ids = dict(token_ids or {})
+    text_config = {
+        "vocab_size": int(state["token_embedding.weight"].shape[0]),
+        "hidden_size": t_width,
+        "intermediate_size": int(state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+        "num_hidden_layers": len(layers["text"]),
+        "num_attention_heads": text_heads,
+        "max_position_embeddings": int(state["positional_embedding"].shape[0]),
+        "hidden_act": act,
+        "layer_norm_eps": 1e-5,
+        "projection_dim": int(state["text_projection"].shape[1]),
+        **{k: int(v) for k, v in ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+    }
+    vision_config = {
+        "hidden_size": v_width,
+        "intermediate_size": int(state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+        "num_hidden_layers": len(layers["visual"]),
+        "num_attention_heads": vision_heads,
+        "image_size": grid * patch,
+        "patch_size": patch,
+        "hidden_act": act,
+        "layer_norm_eps": 1e-5,
+        "projection_dim": int(state["visual.proj"].shape[1]),
+    }
+    for name, width, heads in (("vision", v_width, vision_heads), ("text", t_width, text_heads)):
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
+            raise UserError(f"{name}_heads must be a positive divisor of the {name} width {width}, got {heads!r}")
+    config = CLIPConfig(
+        text_config=text_config, vision_config=vision_config, projection_dim=int(state["visual.proj"].shape[1])
+    )
+    return config, out
+
+
+def _model_from_state(config: Any, state: Mapping[str, torch.Tensor], what: str, path: Path) -> nn.Module:
+    from transformers import CLIPModel
+
+    model = CLIPModel(config)
+    _load_into(model, state, what, path)
+    return model
+
+
+@register_reward("hpsv2")
+class HPSv2(ModelReward):
+    """HPS v2.1 / v2.0 (Wu et al. 2023): an open_clip ViT-H-14 fine-tuned on human preference data.
+
+    ``cos(image, prompt)`` (about 0.2-0.35), exactly the original ``hpsv2.score``. Weights:
+    ``HPS_v2.1_compressed.pt`` (``version="2.1"``) or ``HPS_v2_compressed.pt`` (``"2.0"``) of
+    ``xswu/HPSv2``, or a local file; tokenizer: ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (open_clip's
+    BPE). The checkpoint is converted to ``transformers.CLIPModel`` on load, so neither open_clip nor
+    torchvision is needed. Preprocessing as HPSv2's ``preprocess_val``: open_clip's ``ResizeMaxSize``
+    (longer side to 224, bicubic, black padding to a square).
+    """
+
+    _FILES = {"2.1": "HPS_v2.1_compressed.pt", "2.0": "HPS_v2_compressed.pt"}
+
+    def __init__(
+        self,
+        checkpoint: str = "xswu/HPSv2",
+        version: str = "2.1",
+        checkpoint_revision: str | None = None,
+        tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        tokenizer_revision: str | None = None,
+        vision_heads: int = 16,
+        text_heads: int = 16,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 32,
+    ) -> None:
+        if str(version) not in self._FILES:
+            raise UserError(f"hpsv2 version must be one of {sorted(self._FILES)}, got {version!r}")
+        self.checkpoint, self.version, self.checkpoint_revision = checkpoint, str(version), checkpoint_revision
+        self.tokenizer, self.tokenizer_revision = tokenizer, tokenizer_revision
+        self.vision_heads, self.text_heads = vision_heads, text_heads
+        super().__init__(device, dtype, batch_size)
+
+    def _load(self) -> _ClipPair:
+        tok_dir = resolve_dir(self.tokenizer, self.tokenizer_revision, "hpsv2 tokenizer", _TOKENIZER_FILES)
+        tokenizer = _load_tokenizer(tok_dir, "hpsv2 tokenizer")
+        path = resolve_file(self.checkpoint, self._FILES[self.version], self.checkpoint_revision, "hpsv2 checkpoint")
+        ids = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        config, state = open_clip_to_transformers(
+            _load_state(path, "hpsv2 checkpoint"),
+            self.vision_heads,
+            self.text_heads,
+            token_ids={k: v for k, v in ids.items() if v is not None},
+        )
+        model = _model_from_state(config, state, "hpsv2 checkpoint", path)
+        model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        size = int(config.vision_config.image_size)
+        return _ClipPair(model, tokenizer, ClipPreprocess(size, size, "longest"))
+
+    def _score(self, model: _ClipPair, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {self.name or "hpsv2": model.cosine(images, prompts)}
