@@ -45,8 +45,42 @@ def _digits(model_cfg: Any, device: torch.device) -> TaskSpec:
     )
 
 
+def _diffusers_builder(adapter: str | None) -> Callable[[Any, torch.device], TaskSpec]:
+    """A builder for a diffusers-pipeline adapter (``None``: chosen from the pipeline's model_index.json)."""
+
+    def build(model_cfg: Any, device: torch.device) -> TaskSpec:
+        from ..tasks import animals
+        from .diffusers_base import detect_adapter
+        from .flux import Flux1Policy
+        from .flux2 import Flux2KleinPolicy
+        from .sd3 import SD3Policy
+
+        classes = {"flux2_klein": Flux2KleinPolicy, "sd3": SD3Policy, "flux1": Flux1Policy}
+        name = adapter
+        if name is None:
+            if not model_cfg.path:
+                raise UserError("model 'diffusers' needs config key 'model.path' (a pipeline directory or hub id)")
+            name = detect_adapter(model_cfg.path, model_cfg.revision)
+        policy = classes[name].from_pretrained(
+            model_cfg.path, model_cfg.revision, model_cfg.dtype, device, **model_cfg.options
+        )
+        return TaskSpec(
+            policy=policy,
+            train_prompts=animals.train_prompts(),
+            eval_prompts=animals.eval_prompts(),
+        )
+
+    return build
+
+
 #: model name -> builder(model_cfg, device) -> TaskSpec
-TASKS: dict[str, Callable[[Any, torch.device], TaskSpec]] = {"digits": _digits}
+TASKS: dict[str, Callable[[Any, torch.device], TaskSpec]] = {
+    "digits": _digits,
+    "flux2_klein": _diffusers_builder("flux2_klein"),  # FLUX.2 Klein (Flux2KleinPipeline)
+    "sd3": _diffusers_builder("sd3"),  # SD3 / SD3.5 (StableDiffusion3Pipeline)
+    "flux1": _diffusers_builder("flux1"),  # FLUX.1 dev / schnell (FluxPipeline)
+    "diffusers": _diffusers_builder(None),  # any of the three, from the pipeline's model_index.json
+}
 
 
 def build_task(model_cfg: Any, device: torch.device | str) -> TaskSpec:

@@ -1,0 +1,376 @@
+"""What every diffusers-pipeline adapter shares: loading, frozen encoders, prompt caching, grids, decoding.
+
+A concrete adapter (``flux2.py``, ``sd3.py``, ``flux.py``) adds the model's latent layout, its
+timestep convention, its conditioning and its resolution-dependent shift. Latents are kept in
+the shape of the noise the diffusers pipeline draws, so the same seed gives the same image;
+packing into tokens happens inside :meth:`velocity`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .base import Policy
+
+__all__ = [
+    "DiffusersPolicy",
+    "DTYPES",
+    "PIPELINE_ADAPTERS",
+    "read_model_index",
+    "detect_adapter",
+    "load_pipeline",
+]
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: diffusers pipeline class -> adapter (model name in the registry)
+PIPELINE_ADAPTERS: dict[str, str] = {
+    "Flux2KleinPipeline": "flux2_klein",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux1",
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_local(path: str) -> bool:
+    p = Path(path).expanduser()
+    return p.exists() or path.startswith((".", "/", "~")) or not _HUB_ID.match(path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def read_model_index(path: str, revision: str | None = None) -> dict[str, Any]:
+    """The ``model_index.json`` of a local pipeline directory or a hub repository; UserError if unreadable."""
+    if _is_local(path):
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise UserError(f"model path {path!r} does not exist (give a diffusers pipeline directory or a hub id)")
+        index = p / "model_index.json"
+        if not index.is_file():
+            raise UserError(f"{path!r} is not a diffusers pipeline directory: it has no model_index.json")
+        text = index.read_text(encoding="utf-8", errors="replace")
+        where = str(index)
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            where = hf_hub_download(path, "model_index.json", revision=revision)
+            text = Path(where).read_text(encoding="utf-8")
+        except Exception as exc:  # offline, unknown repo, bad revision, gated model...
+            rev = f" at revision {revision!r}" if revision else ""
+            raise UserError(
+                f"could not read model_index.json of hub model {path!r}{rev}: {_first_line(exc)}; "
+                "check the id and revision, log in for gated models, or give a local pipeline directory"
+            ) from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise UserError(f"{where} is not valid JSON") from None
+    if not isinstance(data, dict) or "_class_name" not in data:
+        raise UserError(f"{where} does not name a pipeline class (no '_class_name')")
+    return data
+
+
+def detect_adapter(path: str, revision: str | None = None) -> str:
+    """The adapter name for the pipeline at ``path``, from its ``model_index.json``."""
+    cls = read_model_index(path, revision)["_class_name"]
+    if cls not in PIPELINE_ADAPTERS:
+        raise UserError(
+            f"pipeline class {cls!r} of model {path!r} is not supported; supported pipeline classes: "
+            + ", ".join(f"{c} ({a})" for c, a in PIPELINE_ADAPTERS.items())
+        )
+    return PIPELINE_ADAPTERS[cls]
+
+
+def load_pipeline(
+    path: str,
+    pipeline_class: str,
+    revision: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+) -> Any:
+    """Load a diffusers pipeline of class ``pipeline_class`` (hub id or local directory) on ``device``.
+
+    Every component is loaded in ``dtype``; the caller freezes what it does not train.
+    """
+    import diffusers
+
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    found = read_model_index(path, revision)["_class_name"]
+    if found != pipeline_class:
+        hint = f" (use model name {PIPELINE_ADAPTERS[found]!r})" if found in PIPELINE_ADAPTERS else ""
+        raise UserError(
+            f"model {path!r} is a {found} but this adapter needs a {pipeline_class}{hint}; supported pipeline "
+            f"classes: {', '.join(PIPELINE_ADAPTERS)}"
+        )
+    cls = getattr(diffusers, pipeline_class, None)
+    if cls is None:
+        raise UserError(f"the installed diffusers {diffusers.__version__} has no {pipeline_class}; upgrade diffusers")
+    # diffusers renamed ``torch_dtype`` to ``dtype`` (the old name still works there, with a warning).
+    from diffusers.utils import deprecation_utils
+
+    dtype_key = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+    try:
+        pipe = cls.from_pretrained(path, revision=revision, **{dtype_key: torch_dtype})
+    except Exception as exc:
+        raise UserError(f"could not load {pipeline_class} from {path!r}: {_first_line(exc)}") from None
+    return pipe.to(device)
+
+
+def _frozen(module: nn.Module | None) -> nn.Module | None:
+    if module is not None:
+        module.requires_grad_(False).eval()
+    return module
+
+
+class DiffusersPolicy(Policy):
+    """Base class of the diffusers adapters. Subclasses define the model-specific hooks below.
+
+    ``height``/``width`` are the image size in pixels; ``guidance_scale`` is the model's
+    classifier-free guidance weight (1 = none); ``max_sequence_length`` the text length fed to
+    the transformer; ``gradient_checkpointing`` trades compute for memory in training;
+    ``lora_targets`` overrides the module suffixes LoRA adapts; ``decode_batch`` bounds the
+    VAE's batch.
+    """
+
+    #: diffusers pipeline class this adapter drives
+    pipeline_class: ClassVar[str]
+    #: hub id used when ``model.path`` is not given
+    default_model: ClassVar[str]
+    #: suffixes of the transformer's ``nn.Linear`` modules that LoRA adapts
+    default_lora_suffixes: ClassVar[tuple[str, ...]]
+    #: human name in messages
+    display_name: ClassVar[str]
+    default_guidance_scale: ClassVar[float] = 1.0
+    default_max_sequence_length: ClassVar[int] = 512
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        height: int = 512,
+        width: int = 512,
+        guidance_scale: float | None = None,
+        max_sequence_length: int | None = None,
+        gradient_checkpointing: bool = False,
+        lora_targets: Sequence[str] | None = None,
+        decode_batch: int = 8,
+        negative_prompt: str = "",
+    ) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.pipe = pipe
+        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            _frozen(getattr(pipe, name, None))
+        transformer = pipe.transformer
+        transformer.requires_grad_(False)  # the trainer unfreezes what it trains (LoRA or every weight)
+        # Kept apart from the module: the trainer may wrap ``transformer`` (LoRA, DDP) after this.
+        self.model_config = transformer.config
+        self.model_dtype: torch.dtype = transformer.dtype
+        self.transformer: nn.Module = transformer
+        if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+            raise UserError(
+                f"{self.display_name} adapter needs a FlowMatchEulerDiscreteScheduler, the pipeline has a "
+                f"{type(pipe.scheduler).__name__}"
+            )
+        self._scheduler = copy.deepcopy(pipe.scheduler)  # set_timesteps mutates; keep the pipeline's own intact
+        self.height, self.width = self._check_resolution(height, width)
+        self.guidance_scale = float(self.default_guidance_scale if guidance_scale is None else guidance_scale)
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise UserError(f"model option 'guidance_scale' must be a finite number >= 0, got {guidance_scale!r}")
+        self.max_sequence_length = int(max_sequence_length or self.default_max_sequence_length)
+        if self.max_sequence_length < 1:
+            raise UserError(f"model option 'max_sequence_length' must be >= 1, got {max_sequence_length!r}")
+        if decode_batch < 1:
+            raise UserError(f"model option 'decode_batch' must be >= 1, got {decode_batch!r}")
+        self.decode_batch = int(decode_batch)
+        self.negative_prompt = str(negative_prompt)
+        self._negative_cache: dict[str, torch.Tensor] | None = None
+        self._lora_names = self._linear_names(transformer, tuple(lora_targets or self.default_lora_suffixes))
+        if not self._lora_names:
+            raise UserError(
+                f"no linear layer of the {self.display_name} transformer ends with any of "
+                f"{list(lora_targets or self.default_lora_suffixes)} (model option 'lora_targets')"
+            )
+        if gradient_checkpointing:
+            if not getattr(transformer, "_supports_gradient_checkpointing", False):
+                raise UserError(f"the {type(transformer).__name__} does not support gradient checkpointing")
+            transformer.enable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | None = None,
+        revision: str | None = None,
+        dtype: str = "float32",
+        device: str | torch.device = "cpu",
+        **options: Any,
+    ) -> DiffusersPolicy:
+        """Load the pipeline (hub id with a pinned ``revision``, or a local directory) and wrap it."""
+        pipe = load_pipeline(path or cls.default_model, cls.pipeline_class, revision, dtype, device)
+        return cls(pipe, **options)
+
+    # ------------------------------------------------------------------ model-specific hooks
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    def _pixel_multiple(self) -> int:
+        """Height and width must be multiples of this many pixels."""
+        raise NotImplementedError
+
+    def _max_pixels(self) -> int | None:
+        """Largest height/width the model takes (None = no limit)."""
+        return None
+
+    def _encode_unique(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Conditioning tensors ``(U, ...)`` for distinct prompts."""
+        raise NotImplementedError
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The transformer's velocity for latents ``x`` (latent layout) at sigmas ``t``."""
+        raise NotImplementedError
+
+    def _scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
+        """What the diffusers pipeline passes to ``scheduler.set_timesteps`` for ``num_steps`` steps."""
+        raise NotImplementedError
+
+    def _latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in our layout to the VAE decoder's input."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared behaviour
+
+    def _check_resolution(self, height: Any, width: Any) -> tuple[int, int]:
+        m = self._pixel_multiple()
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"model option '{name}' must be a positive integer number of pixels, got {value!r}")
+        if height % m or width % m:
+            raise UserError(
+                f"{self.display_name} cannot take a {height}x{width} image: height and width must be multiples of "
+                f"{m} pixels (model options 'height' and 'width'), e.g. {max(m, height // m * m)}x"
+                f"{max(m, width // m * m)}"
+            )
+        top = self._max_pixels()
+        if top is not None and max(height, width) > top:
+            raise UserError(
+                f"{self.display_name} cannot take a {height}x{width} image: this checkpoint's position "
+                f"embedding covers at most {top} pixels per side (model options 'height' and 'width')"
+            )
+        return height, width
+
+    @staticmethod
+    def _linear_names(module: nn.Module, suffixes: tuple[str, ...]) -> list[str]:
+        """Full names of the ``nn.Linear`` modules ending with one of ``suffixes`` (exact names for peft)."""
+        return [
+            name
+            for name, m in module.named_modules()
+            if isinstance(m, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes)
+        ]
+
+    def lora_target_modules(self) -> list[str]:
+        return list(self._lora_names)
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Prompts must be strings; checked without running the text encoders."""
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise UserError(f"prompt {i} must be a string, got {type(p).__name__}")
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Conditioning ``(B, ...)``: each distinct prompt goes through the text encoders once."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise UserError("no prompts to encode")
+        self.check_prompts(prompts)
+        unique = list(dict.fromkeys(prompts))
+        index = torch.tensor([unique.index(p) for p in prompts], device=self.device)
+        with torch.no_grad():
+            table = self._encode_unique(unique)
+            cond = {k: v.index_select(0, index) for k, v in table.items()}
+            if self.do_cfg:
+                neg = self._negative()
+                cond.update({f"negative_{k}": v.expand(len(prompts), *v.shape[1:]) for k, v in neg.items()})
+        return cond
+
+    def _negative(self) -> dict[str, torch.Tensor]:
+        """The unconditional branch's embeddings (of ``negative_prompt``), computed once."""
+        if self._negative_cache is None:
+            self._negative_cache = self._encode_unique([self.negative_prompt])
+        return self._negative_cache
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``v = eps - x0`` in float32, with classifier-free guidance when ``guidance_scale > 1``."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if not self.do_cfg:
+            return self._forward(x, t, cond).float()
+        pos = {k: v for k, v in cond.items() if not k.startswith("negative_")}
+        neg = {k.removeprefix("negative_"): v for k, v in cond.items() if k.startswith("negative_")}
+        if not neg:
+            raise ValueError("guidance_scale > 1 needs the negative_* conditioning from encode_prompts")
+        both = {k: torch.cat([neg[k], pos[k]]) for k in pos}
+        out = self._forward(torch.cat([x, x]), torch.cat([t, t]), both).float()
+        v_uncond, v_cond = out.chunk(2)
+        return v_uncond + self.guidance_scale * (v_cond - v_uncond)
+
+    def time_grid(self, num_steps: int) -> torch.Tensor:
+        """The sigmas the diffusers pipeline itself uses for ``num_steps`` steps (shift included), float64."""
+        from ..sde import validate_sigmas
+
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise UserError(f"the number of steps must be a positive integer, got {num_steps!r}")
+        sched = self._scheduler
+        kwargs = self._scheduler_kwargs(num_steps)
+        if kwargs.get("sigmas") is None:
+            kwargs.pop("sigmas", None)
+            kwargs["num_inference_steps"] = num_steps
+        sched.set_timesteps(device="cpu", **kwargs)
+        try:
+            return validate_sigmas(sched.sigmas.double())
+        except ValueError as exc:
+            raise UserError(f"the pipeline's scheduler gives an unusable time grid: {exc}") from None
+
+    @staticmethod
+    def _flux_sigmas_arg(sched: Any, num_steps: int) -> np.ndarray | None:
+        """FLUX pipelines pass ``linspace(1, 1/N, N)`` unless the scheduler uses its own flow sigmas."""
+        if getattr(sched.config, "use_flow_sigmas", False):
+            return None
+        return np.linspace(1.0, 1.0 / num_steps, num_steps)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [0, 1], float32, decoded ``decode_batch`` at a time."""
+        vae = self.pipe.vae
+        outs = []
+        with torch.no_grad():
+            for lo in range(0, latents.shape[0], self.decode_batch):
+                z = self._latents_to_vae(latents[lo : lo + self.decode_batch].float())
+                img = vae.decode(z.to(device=vae.device, dtype=vae.dtype), return_dict=False)[0]
+                outs.append((img.float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(outs)

@@ -1,0 +1,130 @@
+"""FLUX.1 (``FluxPipeline``: dev, schnell and fine-tunes) as a policy.
+
+Latents are the pipeline's noise layout ``(C, H/8, W/8)``; the velocity packs them into 2x2
+patch tokens and back. The timestep is the sigma itself (the transformer scales it by 1000).
+FLUX.1-dev is guidance-distilled: ``guidance_scale`` (3.5 by default) is fed to the guidance
+embedding, with no second (unconditional) pass; schnell has no guidance embedding. The time
+grid is the pipeline's: ``linspace(1, 1/N, N)`` shifted by ``exp(mu)``, ``mu`` linear in the
+number of image tokens (when the scheduler's dynamic shifting is on).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..sde import flux1_mu
+from .diffusers_base import DiffusersPolicy
+
+__all__ = ["Flux1Policy"]
+
+
+class Flux1Policy(DiffusersPolicy):
+    pipeline_class = "FluxPipeline"
+    default_model = "black-forest-labs/FLUX.1-dev"
+    display_name = "FLUX.1"
+    default_guidance_scale = 3.5
+    default_max_sequence_length = 512
+    #: attention and feed-forward projections of the double-stream blocks and the single-stream q/k/v
+    default_lora_suffixes = (
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+    )
+
+    def __init__(self, pipe: Any, **kw: Any) -> None:
+        super().__init__(pipe, **kw)
+        self._img_ids: torch.Tensor | None = None
+
+    @property
+    def do_cfg(self) -> bool:
+        # FLUX.1's guidance goes through the guidance embedding: one pass, no negative prompt.
+        return False
+
+    def _pixel_multiple(self) -> int:
+        return self.vae_scale_factor * 2
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        return (int(self.model_config.in_channels) // 4, self.height // f, self.width // f)
+
+    @property
+    def image_seq_len(self) -> int:
+        _, h, w = self.latent_shape
+        return (h // 2) * (w // 2)
+
+    def _pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)`` (the pipeline's ``_pack_latents``)."""
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    def _unpack(self, tokens: torch.Tensor) -> torch.Tensor:
+        c, h, w = self.latent_shape
+        b = tokens.shape[0]
+        x = tokens.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c, h, w)
+
+    def _ids(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if self._img_ids is None or self._img_ids.device != device or self._img_ids.dtype != dtype:
+            _, h, w = self.latent_shape
+            ids = torch.zeros(h // 2, w // 2, 3)
+            ids[..., 1] = torch.arange(h // 2)[:, None]
+            ids[..., 2] = torch.arange(w // 2)[None, :]
+            self._img_ids = ids.reshape(-1, 3).to(device=device, dtype=dtype)
+        return self._img_ids
+
+    def _encode_unique(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            device=self.pipe.text_encoder.device,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {
+            "prompt_embeds": embeds.to(device=self.device, dtype=self.model_dtype),
+            "pooled_prompt_embeds": pooled.to(device=self.device, dtype=self.model_dtype),
+        }
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        embeds = cond["prompt_embeds"]
+        guidance = None
+        if self.model_config.guidance_embeds:
+            guidance = torch.full_like(t, self.guidance_scale, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=self._pack(x).to(self.model_dtype),
+            timestep=t,
+            guidance=guidance,
+            pooled_projections=cond["pooled_prompt_embeds"],
+            encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=self.model_dtype),
+            img_ids=self._ids(x.device, self.model_dtype),
+            return_dict=False,
+        )[0]
+        return self._unpack(out)
+
+    def _scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
+        cfg = self._scheduler.config
+        mu = flux1_mu(
+            self.image_seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        return {"sigmas": self._flux_sigmas_arg(self._scheduler, num_steps), "mu": mu}
+
+    def _latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.pipe.vae.config
+        return latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)

@@ -1,0 +1,156 @@
+"""FLUX.2 Klein (``Flux2KleinPipeline``) as a policy.
+
+Latents are the pipeline's noise layout ``(4C, H/16, W/16)`` (VAE latents already folded into
+2x2 patches); the transformer sees them as a token sequence. The timestep is the sigma itself
+(the transformer scales it by 1000). The time grid is the pipeline's: ``linspace(1, 1/N, N)``
+shifted by ``exp(mu)`` with ``mu`` from FLUX.2's empirical fit to sequence length and steps.
+The base model is trained without classifier-free guidance in the reference recipe
+(``guidance_scale`` 1); a value above 1 applies the pipeline's guidance against ``""``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..sde import flux2_empirical_mu
+from .diffusers_base import DiffusersPolicy
+
+__all__ = ["Flux2KleinPolicy"]
+
+
+class Flux2KleinPolicy(DiffusersPolicy):
+    pipeline_class = "Flux2KleinPipeline"
+    default_model = "black-forest-labs/FLUX.2-klein-base-4B"
+    display_name = "FLUX.2 Klein"
+    default_guidance_scale = 1.0
+    default_max_sequence_length = 512
+    #: attention and MLP projections of the double- and single-stream blocks (not modulation or embedders)
+    default_lora_suffixes = (
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "ff.linear_in",
+        "ff.linear_out",
+        "ff_context.linear_in",
+        "ff_context.linear_out",
+        "attn.to_qkv_mlp_proj",
+        "single_transformer_blocks.*.attn.to_out",
+    )
+
+    def __init__(self, pipe: Any, *, text_encoder_out_layers: tuple[int, ...] | list[int] = (9, 18, 27), **kw: Any):
+        layers = tuple(int(i) for i in text_encoder_out_layers)
+        n_layers = pipe.text_encoder.config.num_hidden_layers
+        if not layers or any(not 0 <= i <= n_layers for i in layers):
+            raise UserError(
+                f"model option 'text_encoder_out_layers' must name hidden states 0..{n_layers} of the text "
+                f"encoder, got {list(text_encoder_out_layers)}"
+            )
+        self.text_encoder_out_layers = layers
+        super().__init__(pipe, **kw)
+        if self.do_cfg and pipe.config.get("is_distilled", False):
+            raise UserError(
+                "this FLUX.2 Klein checkpoint is step-distilled and takes no classifier-free guidance: "
+                "set model option 'guidance_scale' to 1"
+            )
+        self._img_ids: torch.Tensor | None = None
+
+    @staticmethod
+    def _linear_names(module: torch.nn.Module, suffixes: tuple[str, ...]) -> list[str]:
+        # The single-stream blocks' output projection is ``attn.to_out`` (a Linear), the double-stream
+        # blocks' is ``attn.to_out.0`` (``attn.to_out`` is a ModuleList there): match it by block kind.
+        plain = tuple(s for s in suffixes if "*" not in s)
+        names = DiffusersPolicy._linear_names(module, plain)
+        if "single_transformer_blocks.*.attn.to_out" in suffixes:
+            names += [
+                n
+                for n, m in module.named_modules()
+                if isinstance(m, torch.nn.Linear)
+                and n.startswith("single_transformer_blocks.")
+                and n.endswith(".attn.to_out")
+            ]
+        return sorted(set(names))
+
+    # ------------------------------------------------------------------ layout
+
+    def _pixel_multiple(self) -> int:
+        return self.vae_scale_factor * 2
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        m = self._pixel_multiple()
+        return (int(self.model_config.in_channels), self.height // m, self.width // m)
+
+    @property
+    def image_seq_len(self) -> int:
+        _, h, w = self.latent_shape
+        return h * w
+
+    def _pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> ``(B, h*w, C)`` (the pipeline's ``_pack_latents``)."""
+        return x.flatten(2).transpose(1, 2)
+
+    def _unpack(self, tokens: torch.Tensor) -> torch.Tensor:
+        _, h, w = self.latent_shape
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+    def _ids(self, device: torch.device) -> torch.Tensor:
+        """Position ids ``(T, H, W, L)`` of the image tokens, row-major (the pipeline's ``_prepare_latent_ids``)."""
+        if self._img_ids is None or self._img_ids.device != device:
+            _, h, w = self.latent_shape
+            self._img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1)).to(
+                device
+            )
+        return self._img_ids
+
+    # ------------------------------------------------------------------ conditioning and forward
+
+    def _encode_unique(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            device=self.pipe.text_encoder.device,
+            max_sequence_length=self.max_sequence_length,
+            text_encoder_out_layers=self.text_encoder_out_layers,
+        )
+        return {"prompt_embeds": embeds.to(device=self.device, dtype=self.model_dtype)}
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        embeds = cond["prompt_embeds"]
+        txt_ids = torch.zeros(embeds.shape[1], 4, dtype=torch.long, device=x.device)
+        txt_ids[:, 3] = torch.arange(embeds.shape[1], device=x.device)
+        guidance = None
+        if self.model_config.guidance_embeds:
+            guidance = torch.full_like(t, self.guidance_scale)
+        out = self.transformer(
+            hidden_states=self._pack(x).to(self.model_dtype),
+            timestep=t,
+            guidance=guidance,
+            encoder_hidden_states=embeds,
+            txt_ids=txt_ids,
+            img_ids=self._ids(x.device),
+            return_dict=False,
+        )[0]
+        return self._unpack(out[:, : self.image_seq_len])
+
+    def _scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
+        return {
+            "sigmas": self._flux_sigmas_arg(self._scheduler, num_steps),
+            "mu": flux2_empirical_mu(self.image_seq_len, num_steps),
+        }
+
+    def _latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        """Undo the VAE's batch-norm standardisation, then unfold the 2x2 patches."""
+        vae = self.pipe.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).float().to(latents.device)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1).float() + vae.config.batch_norm_eps).to(latents.device)
+        z = latents * std + mean
+        b, c, h, w = z.shape
+        z = z.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+        return z.reshape(b, c // 4, h * 2, w * 2)

@@ -1,0 +1,312 @@
+"""The diffusers adapters on tiny pipelines saved to disk and loaded back through ``from_pretrained``.
+
+Each test states the property it protects: parity with diffusers' own pipelines (ODE), the
+pipelines' time grids against closed forms, train-inference consistency of every sampler,
+CFG as the model defines it, prompt caching, and one clear error per bad input.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+from precise_rl.config import config_from_dict
+from precise_rl.errors import UserError
+from precise_rl.policies.diffusers_base import detect_adapter
+from precise_rl.policies.flux import Flux1Policy
+from precise_rl.policies.flux2 import Flux2KleinPolicy
+from precise_rl.policies.registry import build_task
+from precise_rl.policies.sd3 import SD3Policy
+from precise_rl.rl.trainer import GRPOTrainer, train_step_indices
+from precise_rl.sde import rollout, shift_sigmas
+
+from . import tiny_pipelines as tp
+
+diffusers_logging.disable_progress_bar()
+
+KINDS = ["flux2_klein", "sd3", "flux1"]
+CLASSES = {"flux2_klein": Flux2KleinPolicy, "sd3": SD3Policy, "flux1": Flux1Policy}
+STOCHASTIC = ["precise", "flow_grpo", "dance_grpo", "cps", "dance_precise"]
+HEIGHT, WIDTH = tp.HEIGHT, tp.WIDTH
+options = tp.adapter_options
+
+
+def pipeline_call_kwargs(kind: str, policy) -> dict:
+    kw = {"height": HEIGHT, "width": WIDTH, "guidance_scale": policy.guidance_scale}
+    kw["max_sequence_length"] = policy.max_sequence_length
+    if kind == "flux2_klein":
+        kw["text_encoder_out_layers"] = (1, 2, 3)
+    return kw
+
+
+@pytest.fixture(scope="module")
+def pipeline_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipelines")
+    return {kind: tp.save_pipeline(kind, root / kind) for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def policies(pipeline_dirs: dict[str, Path]) -> dict:
+    return {kind: CLASSES[kind].from_pretrained(str(pipeline_dirs[kind]), **options(kind)) for kind in KINDS}
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loading_freezes_everything_and_detects_the_adapter(kind: str, pipeline_dirs, policies) -> None:
+    policy = policies[kind]
+    assert detect_adapter(str(pipeline_dirs[kind])) == kind
+    assert type(policy.pipe).__name__ == policy.pipeline_class
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(policy.pipe, name, None)
+        if module is not None:
+            assert not any(p.requires_grad for p in module.parameters()), name
+    assert policy.latent_shape[1:] in {
+        (HEIGHT // 4, WIDTH // 4),  # FLUX.2 Klein: 2x2 patches folded into channels
+        (HEIGHT // 2, WIDTH // 2),  # SD3 and FLUX.1: the VAE's latent grid
+    }
+    names = policy.lora_target_modules()
+    linear = {n for n, m in policy.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert names and set(names) <= linear  # exact names of linear layers: peft cannot hit a ModuleList
+
+
+def test_registry_builds_each_adapter_and_the_auto_detecting_one(pipeline_dirs) -> None:
+    for name in [*KINDS, "diffusers"]:
+        for kind in KINDS if name == "diffusers" else [name]:
+            cfg = config_from_dict(
+                {"model": {"name": name, "path": str(pipeline_dirs[kind]), "options": options(kind)}}
+            )
+            task = build_task(cfg.model, "cpu")
+            assert isinstance(task.policy, CLASSES[kind])
+            assert task.train_prompts and task.eval_prompts
+            assert not set(task.train_prompts) & set(task.eval_prompts)
+
+
+# ---------------------------------------------------------------------------------------- time grids
+
+
+def test_flux2_klein_grid_is_the_empirical_mu_shift(policies) -> None:
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    policy = policies["flux2_klein"]
+    for n in (1, 4, 20):
+        mu = compute_empirical_mu(policy.image_seq_len, n)
+        t = np.append(np.linspace(1.0, 1.0 / n, n), 0.0)
+        expected = math.exp(mu) * t / (1 + (math.exp(mu) - 1) * t)
+        np.testing.assert_allclose(policy.time_grid(n).numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_flux1_grid_is_the_sequence_length_shift(policies) -> None:
+    policy = policies["flux1"]
+    cfg = policy.pipe.scheduler.config
+    seq = policy.image_seq_len
+    slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+    mu = cfg.base_shift + slope * (seq - cfg.base_image_seq_len)
+    for n in (2, 10):
+        t = np.append(np.linspace(1.0, 1.0 / n, n), 0.0)
+        expected = math.exp(mu) * t / (1 + (math.exp(mu) - 1) * t)
+        np.testing.assert_allclose(policy.time_grid(n).numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_sd3_grid_is_the_schedulers_default_static_shift(policies) -> None:
+    # diffusers' default for SD3: linspace from 1 to the shifted smallest training sigma, shifted again.
+    policy = policies["sd3"]
+    a = policy.pipe.scheduler.config.shift
+    sigma_min = a * 1e-3 / (1 + (a - 1) * 1e-3)
+    for n in (3, 10):
+        base = torch.tensor(np.linspace(1.0, sigma_min, n), dtype=torch.float64)
+        expected = torch.cat([shift_sigmas(base, a), torch.zeros(1, dtype=torch.float64)])
+        torch.testing.assert_close(policy.time_grid(n), expected, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ode_rollout_reproduces_the_diffusers_pipeline(kind: str, policies) -> None:
+    """Same seed, steps and sigmas: our batched Euler rollout gives diffusers' images."""
+    policy = policies[kind]
+    prompts = ["a red fox", "two cats"]
+    seed = int(torch.randint(0, 2**31, ()))
+    steps = 4
+    ours_x1 = policy.sample_noise(len(prompts), generator=torch.Generator().manual_seed(seed))
+    traj = rollout(policy.velocity, ours_x1, policy.time_grid(steps), "ode", cond=policy.encode_prompts(prompts))
+    ours = policy.decode(traj.sample)
+    theirs = policy.pipe(
+        prompt=prompts,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+        **pipeline_call_kwargs(kind, policy),
+    ).images
+    assert ours.shape == theirs.shape == (2, 3, HEIGHT, WIDTH)
+    assert ours.min() >= 0 and ours.max() <= 1
+    torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-5)
+    assert (ours[0] - ours[1]).abs().max() > 1e-3  # the two prompts (and noises) really differ
+
+
+# ---------------------------------------------------------------------------------------- consistency
+
+
+def _trainer(kind: str, path: Path, sampler: str, out: Path, **model_options) -> GRPOTrainer:
+    cfg = config_from_dict(
+        {
+            "seed": int(torch.randint(0, 1000, ())),
+            "model": {"name": kind, "path": str(path), "options": options(kind, **model_options)},
+            "sampler": {"name": sampler, "num_steps": 4},
+            "reward": {"weights": {"jpeg_compressibility": 1.0}},
+            "train": {"groups_per_epoch": 2, "group_size": 2, "lora": {"enabled": True, "rank": 2, "alpha": 2}},
+            "eval": {"every": 0},
+            "logging": {"tensorboard": False, "progress": False},
+        }
+    )
+    return GRPOTrainer(cfg, out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_importance_ratio_is_one_for_every_sampler(kind: str, pipeline_dirs, tmp_path: Path) -> None:
+    """The trainer's recompute (all (sample, step) pairs in one batch) reproduces the rollout's log-probs."""
+    for sampler in STOCHASTIC:
+        trainer = _trainer(kind, pipeline_dirs[kind], sampler, tmp_path / sampler)
+        with torch.no_grad():  # LoRA B starts at zero: give the adapter a non-trivial effect
+            for n, p in trainer.model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        batch = trainer.collect(epoch=0)
+        steps = train_step_indices(batch.kernel, 0.99)
+        assert steps
+        rows = torch.arange(len(batch.prompts)).repeat_interleave(len(steps))
+        idx = torch.tensor(steps).repeat(len(batch.prompts))
+        trainer.model.train()
+        with torch.no_grad():
+            out = trainer.recompute(batch, rows, idx)
+        ratio = torch.exp(out.log_prob - batch.log_probs[rows, idx])
+        assert torch.isfinite(ratio).all(), sampler
+        assert (ratio - 1).abs().max().item() < 1e-5, (sampler, (ratio - 1).abs().max().item())
+        torch.testing.assert_close(out.mean, batch.means[rows, idx], rtol=0, atol=1e-5)
+
+
+def test_sd3_velocity_is_the_cfg_combination(pipeline_dirs) -> None:
+    """With guidance w the velocity is v_u + w (v_c - v_u), each branch computed on its own here."""
+    path = str(pipeline_dirs["sd3"])
+    w = 1.0 + 6.0 * float(torch.rand(()))
+    guided = SD3Policy.from_pretrained(path, **options("sd3", guidance_scale=w, negative_prompt="blurry"))
+    plain = SD3Policy(copy.deepcopy(guided.pipe), **options("sd3", guidance_scale=1.0))
+    x = torch.randn(3, *guided.latent_shape)
+    t = torch.rand(3)
+    prompts = ["a cat", "a dog", "a cat"]
+    v = guided.velocity(x, t, guided.encode_prompts(prompts))
+    v_c = plain.velocity(x, t, plain.encode_prompts(prompts))
+    v_u = plain.velocity(x, t, plain.encode_prompts(["blurry"] * 3))
+    torch.testing.assert_close(v, v_u + w * (v_c - v_u), rtol=1e-5, atol=1e-5)
+    assert (v - v_c).abs().max() > 1e-4
+
+
+def test_repeated_prompts_are_encoded_once(policies) -> None:
+    policy = policies["flux1"]
+    seen: list[list[str]] = []
+    original = policy.pipe.encode_prompt
+
+    def spy(prompt, **kw):
+        seen.append(list(prompt))
+        return original(prompt=prompt, **kw)
+
+    policy.pipe.encode_prompt = spy
+    try:
+        cond = policy.encode_prompts(["b", "a", "b", "b", "a"])
+        single = policy.encode_prompts(["a"])
+    finally:
+        del policy.pipe.encode_prompt
+    assert seen == [["b", "a"], ["a"]]
+    for k, v in cond.items():
+        assert v.shape[0] == 5
+        torch.testing.assert_close(v[1], single[k][0])
+        torch.testing.assert_close(v[4], single[k][0])
+        torch.testing.assert_close(v[0], v[3])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(pipeline_dirs) -> None:
+    path = str(pipeline_dirs["flux2_klein"])
+    grads = []
+    x = torch.randn(2, *Flux2KleinPolicy.from_pretrained(path, **options("flux2_klein")).latent_shape)
+    t = torch.rand(2)
+    for ckpt in (False, True):
+        policy = Flux2KleinPolicy.from_pretrained(path, **options("flux2_klein", gradient_checkpointing=ckpt))
+        assert policy.transformer.is_gradient_checkpointing == ckpt
+        cond = policy.encode_prompts(["a", "b"])
+        policy.transformer.train()
+        w = policy.transformer.proj_out.weight.requires_grad_(True)
+        policy.velocity(x, t, cond).square().mean().backward()
+        grads.append(w.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert grads[0].abs().max() > 0
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+def test_bad_model_path_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        Flux2KleinPolicy.from_pretrained(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no model_index.json"):
+        SD3Policy.from_pretrained(str(tmp_path / "empty"))
+
+
+def test_unreachable_hub_model_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="could not read model_index.json of hub model 'nobody/no-such-model'"):
+        Flux1Policy.from_pretrained("nobody/no-such-model", revision="0123abc")
+
+
+def test_unsupported_pipeline_class_is_a_user_error(tmp_path: Path) -> None:
+    path = tp.save_pipeline("sd3", tmp_path / "p")
+    with pytest.raises(UserError, match=r"is a StableDiffusion3Pipeline but .*\(use model name 'sd3'\)"):
+        Flux2KleinPolicy.from_pretrained(str(path))
+    tp.set_pipeline_class(path, "StableDiffusionXLPipeline")
+    with pytest.raises(UserError, match="pipeline class 'StableDiffusionXLPipeline' .* not supported"):
+        detect_adapter(str(path))
+    cfg = config_from_dict({"model": {"name": "diffusers", "path": str(path)}})
+    with pytest.raises(UserError, match="Flux2KleinPipeline"):
+        build_task(cfg.model, "cpu")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resolution_the_model_cannot_take_is_a_user_error(kind: str, policies) -> None:
+    pipe = policies[kind].pipe
+    cls = CLASSES[kind]
+    multiple = {"flux2_klein": 4, "sd3": 4, "flux1": 4}[kind]  # VAE factor 2 x patch 2
+    with pytest.raises(UserError, match=f"cannot take a 30x16 image: .* multiples of {multiple} pixels"):
+        cls(pipe, **options(kind, height=30, width=16))
+    with pytest.raises(UserError, match="positive integer"):
+        cls(pipe, **options(kind, height=0))
+    if kind == "sd3":  # position embedding of 16 patches x 2 x VAE factor 2
+        with pytest.raises(UserError, match="at most 64 pixels"):
+            cls(pipe, **options(kind, height=128, width=64))
+
+
+def test_bad_model_options_are_user_errors(pipeline_dirs) -> None:
+    cfg = config_from_dict(
+        {"model": {"name": "sd3", "path": str(pipeline_dirs["sd3"]), "options": {"no_such_option": 1}}}
+    )
+    with pytest.raises(UserError, match="model.options"):
+        build_task(cfg.model, "cpu")
+    pipe = copy.deepcopy(
+        Flux2KleinPolicy.from_pretrained(str(pipeline_dirs["flux2_klein"]), **options("flux2_klein")).pipe
+    )
+    with pytest.raises(UserError, match="text_encoder_out_layers"):
+        Flux2KleinPolicy(pipe, **options("flux2_klein", text_encoder_out_layers=[9, 18, 27]))
+    with pytest.raises(UserError, match="lora_targets"):
+        Flux2KleinPolicy(pipe, **options("flux2_klein", lora_targets=["no_such_layer"]))
+    pipe.register_to_config(is_distilled=True)
+    with pytest.raises(UserError, match="step-distilled"):
+        Flux2KleinPolicy(pipe, **options("flux2_klein", guidance_scale=4.0))

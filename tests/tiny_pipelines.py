@@ -1,0 +1,298 @@
+"""Tiny diffusers pipelines built offline from config classes, for the adapter tests.
+
+Every component (transformer, VAE, text encoders, tokenizers) is constructed here from a
+config with random weights; tokenizers come from small in-memory vocabularies. ``save_*``
+writes a pipeline directory that loads back through ``from_pretrained`` like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# A chat template in Qwen's shape; FLUX.2 Klein applies it to every prompt.
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CHARS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
+
+
+def qwen_tokenizer():
+    """A byte-level BPE tokenizer with no merges: one token per byte, plus Qwen's special tokens."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=specials[1:])
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def clip_tokenizer(max_length: int = 16):
+    """A character-level CLIP BPE tokenizer (lower-case letters, digits, punctuation)."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _CHARS:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def t5_tokenizer():
+    """A character-level unigram tokenizer in T5's layout (pad 0, eos 1, unk 2)."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(ch, -3.0) for ch in _CHARS] + [("\u2581" + ch, -3.5) for ch in _CHARS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def _clip_text_encoder(vocab_size: int, max_length: int, seed: int, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=16,
+        intermediate_size=24,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_length,
+        projection_dim=16,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
+
+
+def _t5_encoder(vocab_size: int, d_model: int, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=24,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(cfg).eval()
+
+
+def _vae_blocks(scale: int) -> dict:
+    """``AutoencoderKL`` settings with ``scale`` = 2 ** (blocks - 1) downsampling."""
+    n = {1: 1, 2: 2, 4: 3}[scale]
+    return {
+        "down_block_types": ("DownEncoderBlock2D",) * n,
+        "up_block_types": ("UpDecoderBlock2D",) * n,
+        "block_out_channels": (4,) * n,
+        "layers_per_block": 1,
+        "norm_num_groups": 1,
+    }
+
+
+def flux2_klein_pipeline(vae_scale: int = 2, guidance_embeds: bool = False, seed: int = 0):
+    """FLUX.2 Klein in miniature: Qwen3 text encoder (3 layers), Flux2 transformer, Flux2 VAE with batch-norm stats."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=8,  # 2 latent channels x a 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,  # 3 text-encoder layers x hidden 16
+        timestep_guidance_channels=32,
+        axes_dims_rope=[4, 4, 4, 4],
+        guidance_embeds=guidance_embeds,
+    ).eval()
+    qcfg = Qwen3Config(
+        intermediate_size=24,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=len(tok),
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen3ForCausalLM(qcfg).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLFlux2(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=2,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        **_vae_blocks(vae_scale),
+    ).eval()
+    with torch.no_grad():  # non-trivial normalisation statistics, so that decoding exercises them
+        vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.1)
+        vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) + 0.5)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, time_shift_type="exponential"
+    )
+    return Flux2KleinPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer
+    )
+
+
+def sd3_pipeline(vae_scale: int = 2, with_t5: bool = True, pos_embed_max_size: int = 16, seed: int = 0):
+    """SD3 in miniature: two CLIP encoders with projection, a T5 encoder, SD3 transformer, AutoencoderKL."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    clip_len = 16
+    tok = clip_tokenizer(clip_len)
+    tok_2 = clip_tokenizer(clip_len)
+    tok_3 = t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,  # two CLIP projections of 16
+        out_channels=4,
+        pos_embed_max_size=pos_embed_max_size,
+    ).eval()
+    te = _clip_text_encoder(len(tok), clip_len, seed + 1, with_projection=True)
+    te_2 = _clip_text_encoder(len(tok_2), clip_len, seed + 2, with_projection=True)
+    te_3 = _t5_encoder(len(tok_3), 32, seed + 3) if with_t5 else None
+    torch.manual_seed(seed + 4)
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        **_vae_blocks(vae_scale),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        text_encoder_2=te_2,
+        tokenizer_2=tok_2,
+        text_encoder_3=te_3,
+        tokenizer_3=tok_3 if with_t5 else None,
+    )
+
+
+def flux1_pipeline(vae_scale: int = 2, guidance_embeds: bool = True, seed: int = 0):
+    """FLUX.1 in miniature: CLIP text encoder (pooled), T5 encoder, Flux transformer, AutoencoderKL."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    clip_len = 16
+    tok = clip_tokenizer(clip_len)
+    tok_2 = t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=8,  # 2 latent channels x a 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds,
+    ).eval()
+    te = _clip_text_encoder(len(tok), clip_len, seed + 1, with_projection=False)
+    te_2 = _t5_encoder(len(tok_2), 32, seed + 2)
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=2,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+        **_vae_blocks(vae_scale),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=4, max_image_seq_len=64
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        text_encoder_2=te_2,
+        tokenizer_2=tok_2,
+        transformer=transformer,
+    )
+
+
+#: image size of the tests: not square, so that a transposed layout would show
+HEIGHT, WIDTH = 32, 16
+
+
+def adapter_options(kind: str, **extra) -> dict:
+    """Model options that fit the tiny pipelines (short text, the tiny Qwen3's layers)."""
+    opts = {"height": HEIGHT, "width": WIDTH, "max_sequence_length": 16}
+    if kind == "flux2_klein":  # the chat template takes 8 of Klein's (one-byte) tokens
+        opts.update(text_encoder_out_layers=[1, 2, 3], max_sequence_length=40)
+    opts.update(extra)
+    return opts
+
+
+BUILDERS = {"flux2_klein": flux2_klein_pipeline, "sd3": sd3_pipeline, "flux1": flux1_pipeline}
+
+
+def save_pipeline(kind: str, directory: str | Path, **kwargs) -> Path:
+    """Build the tiny pipeline ``kind`` and save it (safetensors) to ``directory``."""
+    directory = Path(directory)
+    pipe = BUILDERS[kind](**kwargs)
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+def set_pipeline_class(directory: str | Path, class_name: str) -> None:
+    """Rewrite ``model_index.json``'s ``_class_name`` (to test an unsupported pipeline)."""
+    path = Path(directory) / "model_index.json"
+    index = json.loads(path.read_text())
+    index["_class_name"] = class_name
+    path.write_text(json.dumps(index))
