@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "precise_rl.rl.compare",
         "train one recipe with every sampler and several seeds; reward against wall-clock",
     ),
+    "sample": ("precise_rl.sample_cli", "generate images with any sampler (diffusers pipeline or built-in model)"),
     "pretrain": (
         "precise_rl.tasks.pretrain_cli",
         "regenerate the built-in task's shipped weights (model and reward classifier)",

@@ -1,0 +1,269 @@
+"""Generate images with any sampler: ``precise-rl sample --model ID_OR_PATH --prompt "..." [--sampler precise]``.
+
+``--model`` is a diffusers pipeline directory or hub id (FLUX.2 Klein, SD3/SD3.5, FLUX.1; the
+adapter is read from its model_index.json) or a built-in model name such as ``digits``.
+``--lora`` loads a LoRA adapter saved by training (an adapter directory, a checkpoint or a run
+directory). Image ``i`` of a prompt uses seed ``SEED + i`` for its initial noise and its
+sampler noise, whatever the batch size; with ``--grid`` every sampler starts from the same noise
+and a PNG grid (a row per sampler, a column per seed) is written beside the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .sde import DEFAULT_ETA, SAMPLERS
+
+__all__ = ["add_arguments", "run", "generate", "resolve_lora_dir", "build_policy"]
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model")
+    m.add_argument("--model", required=True, help="pipeline directory, hub id, or built-in model name (digits)")
+    m.add_argument("--adapter", default=None, help="force the adapter: flux2_klein, sd3, flux1 or digits")
+    m.add_argument("--revision", default=None, help="hub revision (commit hash) to load")
+    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU")
+    m.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    m.add_argument("--lora", type=Path, default=None, help="LoRA adapter, checkpoint or run directory")
+    m.add_argument("--height", type=int, default=None, help="image height in pixels (diffusers models)")
+    m.add_argument("--width", type=int, default=None, help="image width in pixels (diffusers models)")
+    m.add_argument("--guidance-scale", type=float, default=None, help="CFG / guidance weight (model default)")
+    m.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="other model option (repeatable)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    s.add_argument("--prompt-file", type=Path, default=None, help="text file, one prompt per line")
+    s.add_argument("--sampler", default="precise", choices=list(SAMPLERS))
+    s.add_argument("--eta", type=float, default=None, help="noise level (default: the sampler's reference value)")
+    s.add_argument("--schedule", default="logsnr", choices=["logsnr", "constant"], help="precise's schedule")
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument(
+        "--sigmas", default="model", choices=["model", "uniform", "shifted"], help="time grid (model = its own)"
+    )
+    s.add_argument("--shift", type=float, default=3.0, help="shift of --sigmas shifted")
+    s.add_argument("--num-images", type=int, default=4, help="images per prompt (seeds SEED .. SEED+n-1)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=8, help="images per batched rollout")
+    s.add_argument("--grid", action="store_true", help="also sample with --grid-samplers and write a PNG grid")
+    s.add_argument(
+        "--grid-samplers",
+        type=_csv,
+        default=list(SAMPLERS),
+        help="comma-separated samplers of the grid (each at its reference eta; --sampler keeps --eta)",
+    )
+    p.add_argument("--output", "-o", type=Path, default=Path("samples"), help="output directory")
+
+
+def _parse_option(item: str) -> tuple[str, Any]:
+    import yaml
+
+    if "=" not in item:
+        raise UserError(f"--option {item!r} must look like key=value (e.g. max_sequence_length=256)")
+    key, _, raw = item.partition("=")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def resolve_lora_dir(path: Path) -> Path:
+    """An adapter directory from an adapter, checkpoint or run directory."""
+    from .rl.checkpoint import latest_checkpoint
+    from .rl.lora import ADAPTER_CONFIG
+
+    if not path.exists():
+        raise UserError(f"--lora {str(path)!r} does not exist")
+    if (path / ADAPTER_CONFIG).is_file():
+        return path
+    if (path / "adapter" / ADAPTER_CONFIG).is_file():
+        return path / "adapter"
+    ckpt = latest_checkpoint(path)
+    if (ckpt / "adapter" / ADAPTER_CONFIG).is_file():
+        return ckpt / "adapter"
+    raise UserError(f"--lora {str(path)!r} holds no LoRA adapter (adapter_config.json); was it trained with LoRA?")
+
+
+def build_policy(args: argparse.Namespace, device: torch.device) -> tuple[Any, str]:
+    """The policy named by ``--model`` / ``--adapter`` with the model options; returns (policy, adapter name)."""
+    from .config import ModelConfig
+    from .policies.diffusers_base import detect_adapter
+    from .policies.registry import TASKS, build_task
+
+    model = args.model
+    if args.adapter is not None and args.adapter not in TASKS:
+        raise UserError(f"--adapter {args.adapter!r} is unknown; choose one of {sorted(TASKS)}")
+    if args.adapter is None and model in TASKS and not Path(model).exists():
+        name, path = model, None
+    else:
+        name = args.adapter or detect_adapter(model, args.revision)
+        path = None if model == name else model
+    options = dict(_parse_option(o) for o in args.option)
+    for flag, key in (("height", "height"), ("width", "width"), ("guidance_scale", "guidance_scale")):
+        value = getattr(args, flag)
+        if value is not None:
+            options[key] = value
+    if name == "digits" and options:
+        raise UserError(f"the digits model takes no model options (got {sorted(options)}); it draws 8x8 images")
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" and name != "digits" else "float32")
+    cfg = ModelConfig(name=name, path=path, revision=args.revision, dtype=dtype, options=options)
+    return build_task(cfg, device).policy, name
+
+
+def _slug(text: str, limit: int = 60) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    return (s[:limit] or "prompt").rstrip("_")
+
+
+@torch.no_grad()
+def generate(
+    policy: Any,
+    prompt: str,
+    sampler: str,
+    sigmas: torch.Tensor,
+    eta: float | None,
+    seeds: list[int],
+    batch_size: int = 8,
+    schedule: str | None = None,
+) -> torch.Tensor:
+    """Images ``(len(seeds), C, H, W)`` in [0, 1] for one prompt; row ``i`` depends only on ``seeds[i]``."""
+    from .sde import kernel, rollout
+
+    kern = kernel(sampler, sigmas, eta, schedule if sampler == "precise" else None)
+    device = policy.device
+    images = []
+    for lo in range(0, len(seeds), batch_size):
+        chunk = seeds[lo : lo + batch_size]
+        gens = [torch.Generator(device=device).manual_seed(s) for s in chunk]
+        x1 = torch.cat([policy.sample_noise(1, generator=g) for g in gens])
+        cond = policy.encode_prompts([prompt] * len(chunk))
+        traj = rollout(policy.velocity, x1, None, kern, cond=cond, generator=gens, store_means=False)
+        images.append(policy.decode(traj.sample).float().cpu())
+    return torch.cat(images)
+
+
+def _save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
+    """One ``(C, H, W)`` image in [0, 1] as PNG, enlarged ``scale`` times (nearest neighbour)."""
+    from PIL import Image
+
+    img = image.detach().float().clamp(0, 1).cpu()
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    arr = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    if scale > 1:
+        arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
+    Image.fromarray(arr).save(path)
+
+
+def _labelled_grid(rows: list[torch.Tensor], labels: list[str], path: Path, scale: int) -> None:
+    """Rows of images with the sampler name at the left of each row."""
+    from PIL import Image, ImageDraw
+
+    from .rl.logging import image_grid
+
+    images = torch.cat(rows)
+    grid = Image.fromarray(image_grid(images, len(rows), rows[0].shape[0], scale=scale))
+    margin = 8 + 7 * max(len(label) for label in labels)
+    canvas = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
+    canvas.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = grid.height / len(rows)
+    for k, label in enumerate(labels):
+        draw.text((4, int(row_h * k + row_h / 2) - 5), label, fill=(0, 0, 0))
+    canvas.save(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .policies.registry import read_prompt_file
+    from .rl.lora import load_adapter
+    from .sde import shifted_sigmas, uniform_sigmas
+
+    prompts = list(args.prompt)
+    if args.prompt_file is not None:
+        prompts += read_prompt_file(args.prompt_file, "--prompt-file")
+    if not prompts:
+        raise UserError("give at least one --prompt (or a --prompt-file)")
+    for flag in ("steps", "num_images", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if args.eta is not None and args.eta < 0:
+        raise UserError(f"--eta must be >= 0, got {args.eta}")
+    bad = [s for s in args.grid_samplers if s not in SAMPLERS]
+    if bad:
+        raise UserError(f"--grid-samplers has unknown sampler {bad[0]!r}; choose from {', '.join(SAMPLERS)}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    lora_dir = resolve_lora_dir(args.lora) if args.lora is not None else None
+
+    policy, adapter = build_policy(args, device)
+    policy.check_prompts(prompts)
+    if lora_dir is not None:
+        policy.transformer = load_adapter(policy.transformer, lora_dir)
+    policy.transformer.eval()
+    if args.sigmas == "model":
+        sigmas = policy.time_grid(args.steps)
+    elif args.sigmas == "uniform":
+        sigmas = uniform_sigmas(args.steps)
+    else:
+        if args.shift <= 0:
+            raise UserError(f"--shift must be > 0, got {args.shift}")
+        sigmas = shifted_sigmas(args.steps, args.shift)
+
+    samplers = [args.sampler]
+    if args.grid:
+        samplers += [s for s in args.grid_samplers if s != args.sampler]
+    seeds = [args.seed + i for i in range(args.num_images)]
+    out = args.output
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {
+        "model": args.model,
+        "adapter": adapter,
+        "revision": args.revision,
+        "lora": str(lora_dir) if lora_dir else None,
+        "steps": args.steps,
+        "sigmas": [float(x) for x in sigmas],
+        "seeds": seeds,
+        "samplers": {
+            s: {"eta": args.eta if (s == args.sampler and args.eta is not None) else DEFAULT_ETA[s]} for s in samplers
+        },
+        "prompts": [],
+    }
+    written = 0
+    for prompt in prompts:
+        folder = out / _slug(prompt)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows, files = [], []
+        for s in samplers:
+            eta = args.eta if s == args.sampler else None
+            try:
+                imgs = generate(policy, prompt, s, sigmas, eta, seeds, args.batch_size, args.schedule)
+            except ValueError as exc:
+                if isinstance(exc, UserError):
+                    raise
+                raise UserError(f"sampler {s!r}: {exc}") from None
+            scale = max(1, 64 // min(imgs.shape[-2:]))
+            for seed, img in zip(seeds, imgs, strict=True):
+                path = folder / f"{s}_seed{seed}.png"
+                _save_png(img, path, scale)
+                files.append(str(path))
+                written += 1
+            rows.append(imgs)
+        entry: dict[str, Any] = {"prompt": prompt, "files": files}
+        if args.grid:
+            grid_path = folder / "grid.png"
+            _labelled_grid(rows, samplers, grid_path, max(1, 64 // min(rows[0].shape[-2:])))
+            entry["grid"] = str(grid_path)
+        record["prompts"].append(entry)
+    (out / "samples.json").write_text(json.dumps(record, indent=1))
+    grids = " and a sampler grid per prompt" if args.grid else ""
+    print(f"wrote {written} images{grids} to {out}/ ({adapter}, {args.sampler}, {args.steps} steps)")
+    return 0
