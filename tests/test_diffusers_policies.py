@@ -75,6 +75,18 @@ def test_loading_freezes_everything_and_detects_the_adapter(kind: str, pipeline_
     names = policy.lora_target_modules()
     linear = {n for n, m in policy.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     assert names and set(names) <= linear  # exact names of linear layers: peft cannot hit a ModuleList
+    assert "transformer_blocks.0.attn.to_q" in names and not any("embed" in n for n in names)
+    if kind == "flux2_klein":  # ``attn.to_out`` is a Linear in single-stream blocks, a ModuleList in double-stream ones
+        assert {"single_transformer_blocks.0.attn.to_out", "transformer_blocks.0.attn.to_out.0"} <= set(names)
+
+
+def test_lora_targets_option_takes_suffixes_and_globs(policies) -> None:
+    pipe = policies["flux2_klein"].pipe
+    chosen = Flux2KleinPolicy(pipe, **options("flux2_klein", lora_targets=["ff.linear_in", "single_*.to_qkv_mlp_proj"]))
+    assert chosen.lora_target_modules() == [
+        "transformer_blocks.0.ff.linear_in",
+        "single_transformer_blocks.0.attn.to_qkv_mlp_proj",
+    ]
 
 
 def test_registry_builds_each_adapter_and_the_auto_detecting_one(pipeline_dirs) -> None:

@@ -9,6 +9,7 @@ packing into tokens happens inside :meth:`velocity`.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import math
 import re
@@ -144,7 +145,7 @@ class DiffusersPolicy(Policy):
     ``height``/``width`` are the image size in pixels; ``guidance_scale`` is the model's
     classifier-free guidance weight (1 = none); ``max_sequence_length`` the text length fed to
     the transformer; ``gradient_checkpointing`` trades compute for memory in training;
-    ``lora_targets`` overrides the module suffixes LoRA adapts; ``decode_batch`` bounds the
+    ``lora_targets`` overrides the layers LoRA adapts (name suffixes or ``*`` globs); ``decode_batch`` bounds the
     VAE's batch.
     """
 
@@ -279,12 +280,22 @@ class DiffusersPolicy(Policy):
         return height, width
 
     @staticmethod
-    def _linear_names(module: nn.Module, suffixes: tuple[str, ...]) -> list[str]:
-        """Full names of the ``nn.Linear`` modules ending with one of ``suffixes`` (exact names for peft)."""
+    def _linear_names(module: nn.Module, targets: tuple[str, ...]) -> list[str]:
+        """Full names of the ``nn.Linear`` modules that ``targets`` name (exact names for peft).
+
+        A target is a name suffix (``attn.to_q``) or, with ``*``, a glob over the full name
+        (``single_transformer_blocks.*.attn.to_out``).
+        """
+
+        def hit(name: str, target: str) -> bool:
+            if "*" in target:
+                return fnmatch.fnmatchcase(name, target)
+            return name == target or name.endswith("." + target)
+
         return [
             name
             for name, m in module.named_modules()
-            if isinstance(m, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes)
+            if isinstance(m, nn.Linear) and any(hit(name, t) for t in targets)
         ]
 
     def lora_target_modules(self) -> list[str]:

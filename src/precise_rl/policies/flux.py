@@ -3,7 +3,8 @@
 Latents are the pipeline's noise layout ``(C, H/8, W/8)``; the velocity packs them into 2x2
 patch tokens and back. The timestep is the sigma itself (the transformer scales it by 1000).
 FLUX.1-dev is guidance-distilled: ``guidance_scale`` (3.5 by default) is fed to the guidance
-embedding, with no second (unconditional) pass; schnell has no guidance embedding. The time
+embedding, with no second (unconditional) pass; schnell has no guidance embedding. The
+pipeline's "true" CFG against a negative prompt (``true_cfg_scale``) is not offered. The time
 grid is the pipeline's: ``linspace(1, 1/N, N)`` shifted by ``exp(mu)``, ``mu`` linear in the
 number of image tokens (when the scheduler's dynamic shifting is on).
 """

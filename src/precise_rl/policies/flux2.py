@@ -42,6 +42,7 @@ class Flux2KleinPolicy(DiffusersPolicy):
         "ff_context.linear_in",
         "ff_context.linear_out",
         "attn.to_qkv_mlp_proj",
+        # a Linear in the single-stream blocks; a ModuleList (whose [0] is above) in the double-stream ones
         "single_transformer_blocks.*.attn.to_out",
     )
 
@@ -61,22 +62,6 @@ class Flux2KleinPolicy(DiffusersPolicy):
                 "set model option 'guidance_scale' to 1"
             )
         self._img_ids: torch.Tensor | None = None
-
-    @staticmethod
-    def _linear_names(module: torch.nn.Module, suffixes: tuple[str, ...]) -> list[str]:
-        # The single-stream blocks' output projection is ``attn.to_out`` (a Linear), the double-stream
-        # blocks' is ``attn.to_out.0`` (``attn.to_out`` is a ModuleList there): match it by block kind.
-        plain = tuple(s for s in suffixes if "*" not in s)
-        names = DiffusersPolicy._linear_names(module, plain)
-        if "single_transformer_blocks.*.attn.to_out" in suffixes:
-            names += [
-                n
-                for n, m in module.named_modules()
-                if isinstance(m, torch.nn.Linear)
-                and n.startswith("single_transformer_blocks.")
-                and n.endswith(".attn.to_out")
-            ]
-        return sorted(set(names))
 
     # ------------------------------------------------------------------ layout
 
