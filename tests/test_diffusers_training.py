@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,41 @@ def test_recipe_config_has_section_7_defaults_and_runs_on_a_tiny_pipeline(path: 
     assert summary["epochs"] == 1
     assert np.isfinite(summary["reward_before"]) and np.isfinite(summary["reward_after"])
     assert (tmp_path / "run" / "checkpoints" / "epoch_000001" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_weights_with_checkpointing_and_kl_train(kind: str, tmp_path: Path) -> None:
+    """bf16 weights under bf16 autocast, gradient checkpointing and a KL term (adapters off) run an epoch."""
+    path = tp.save_pipeline(kind, tmp_path / "pipe")
+    cfg = config_from_dict(
+        {
+            "model": {
+                "name": kind,
+                "path": str(path),
+                "dtype": "bfloat16",
+                "options": tp.adapter_options(kind, gradient_checkpointing=True),
+            },
+            "sampler": {"num_steps": 3},
+            "reward": {"weights": {"jpeg_compressibility": 1.0}},
+            "train": {
+                "epochs": 1,
+                "groups_per_epoch": 2,
+                "group_size": 2,
+                "mixed_precision": "bf16",
+                "kl_beta": 0.01,
+                "lora": {"enabled": True, "rank": 2, "alpha": 2},
+            },
+            "eval": {"every": 0},
+            "logging": {"tensorboard": False, "progress": False},
+        }
+    )
+    trainer = GRPOTrainer(cfg, tmp_path / "run")
+    assert trainer.policy.pipe.transformer.dtype == torch.bfloat16
+    assert trainer.policy.transformer.is_gradient_checkpointing
+    batch = trainer.collect(epoch=0)
+    assert batch.latents.dtype == torch.float32 and batch.images.dtype == torch.float32
+    assert torch.isfinite(batch.log_probs[:, :2]).all() and batch.images.min() >= 0 and batch.images.max() <= 1
+    trainer.run()
+    assert trainer.global_step == 1
+    record = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert np.isfinite(record["loss"]) and record["kl_ref"] >= 0 and record["ratio_max_dev"] < 1e-3
