@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ from ..errors import UserError
 from ..policies import Policy, index_cond
 from ..policies.registry import TaskSpec, build_task, read_prompt_file
 from ..rewards.base import RewardSet, combine_rewards, weighted_raw
+from ..rewards.failures import RewardUnavailable
 from ..sde import Kernel, StepOutput, kernel, rollout, sde_window, shifted_sigmas, sliding_window, step, uniform_sigmas
 from .checkpoint import (
     MANIFEST,
@@ -824,7 +825,10 @@ class GRPOTrainer:
         e_every = cfg.eval.every
         if self.epoch == 0 and e_every:
             t0 = time.perf_counter()
-            ev = self.evaluate(0)
+            try:
+                ev = self.evaluate(0)
+            except RewardUnavailable as exc:
+                self._stop_for_reward(exc)
             self.first_eval = ev
             self.logger.log({"epoch": 0, "elapsed_s": 0.0, "train_elapsed_s": 0.0, **ev})
             self.elapsed += time.perf_counter() - t0
@@ -843,7 +847,10 @@ class GRPOTrainer:
             torch.manual_seed(_seed_for(cfg.seed, epoch, 4, self.rank))
             batch = self.collect(epoch)
             t1 = time.perf_counter()
-            comps, adv, raw = self.score(batch)
+            try:
+                comps, adv, raw = self.score(batch)
+            except RewardUnavailable as exc:
+                self._stop_for_reward(exc)
             t2 = time.perf_counter()
             stats = self.train_on(batch, adv, epoch)
             t3 = time.perf_counter()
@@ -863,7 +870,11 @@ class GRPOTrainer:
             }
             last = self.epoch == total
             if e_every and (self.epoch % e_every == 0 or last):
-                record.update(self.evaluate(self.epoch))
+                try:
+                    record.update(self.evaluate(self.epoch))
+                except RewardUnavailable as exc:
+                    self.logger.log({**record, "elapsed_s": self.elapsed, "train_elapsed_s": self.train_elapsed})
+                    self._stop_for_reward(exc)
             self.elapsed += time.perf_counter() - t0
             record["elapsed_s"] = self.elapsed
             record["train_elapsed_s"] = self.train_elapsed
@@ -878,6 +889,14 @@ class GRPOTrainer:
     def finish(self) -> dict[str, Any]:
         summary = self.logger.finish(self.first_eval)
         return summary
+
+    def _stop_for_reward(self, exc: RewardUnavailable) -> NoReturn:
+        """A reward that cannot go on (a reward server down or refusing us): checkpoint, then stop in one sentence."""
+        path = self.save_checkpoint()
+        where = f"the checkpoint of epoch {self.epoch} is {path}" if path is not None else "a checkpoint was written"
+        raise UserError(
+            f"training stopped: {exc}; {where}; continue with --resume {self.out} once the reward is back"
+        ) from None
 
 
 def metrics_lines(path: str | Path) -> list[dict[str, Any]]:
