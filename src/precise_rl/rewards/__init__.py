@@ -5,7 +5,7 @@ and ``jpeg_compressibility`` / ``jpeg_incompressibility`` for any model. A rewar
 decorate it with ``@register_reward("name")``, or name it by import path ``"package.module:Name"``.
 """
 
-from . import clip_models, digits, image, image_reward
+from . import clip_models, digits, geneval, image, image_reward, remote
 from .base import (
     FunctionReward,
     Reward,
@@ -40,4 +40,6 @@ __all__ = [
     "image",
     "clip_models",
     "image_reward",
+    "geneval",
+    "remote",
 ]

@@ -1,0 +1,307 @@
+"""Rewards scored by a reward server (``precise-rl serve-reward``): the ``remote`` and ``geneval`` clients.
+
+A batch is split into requests of ``max_batch`` images sent concurrently by a pool of ``workers``
+threads (the server queues them; the client's encoding, the network and the scoring overlap).
+Each request has a ``timeout`` and is retried ``retries`` times with exponential backoff
+(``backoff * 2**k`` seconds, at most ``backoff_max``) when the server cannot be reached, times out,
+answers 5xx/429 or answers something that is not the protocol. A request still failing after its
+retries leaves its images unscored: their score is NaN and the field ``unscored`` is 1, so the
+trainer leaves them out of the advantages and counts them. A request the server calls malformed
+(400) is not retried; a body over the server's limit (413) is split in halves. Two things stop
+training instead (the trainer saves a checkpoint first): a server that refuses the token (401/403,
+:class:`RewardServerRejected`) and a server from which ``stop_after`` calls in a row got no score
+at all (:class:`RewardServerDown`).
+
+The token comes from the environment variable ``token_env`` (default ``PRECISE_RL_REWARD_TOKEN``)
+or ``token_file``; it is never part of the config, which runs save with their checkpoints.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import threading
+import time
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from .base import Reward, register_reward
+from .failures import RewardServerDown, RewardServerRejected
+from .protocol import ProtocolError, build_request, parse_response
+from .server import DEFAULT_PORT, TOKEN_ENV, read_token
+
+__all__ = ["RemoteReward", "GenEvalRemote", "PendingScores", "UNSCORED"]
+
+#: the extra field, 1.0 for each image a remote reward could not score
+UNSCORED = "unscored"
+
+
+@dataclass
+class _Outcome:
+    """One request's result: scores by field, or why it failed (``kind``: unreachable, rejected, invalid)."""
+
+    scores: dict[str, list[float]] | None = None
+    reward: str | None = None
+    kind: str = ""
+    reason: str = ""
+
+
+class _Retryable(Exception):
+    pass
+
+
+def _positive(value: Any, name: str, integer: bool = False, zero: bool = False) -> Any:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        kind = "integer" if integer else "number"
+        raise UserError(f"remote reward option {name} must be a {'non-negative' if zero else 'positive'} {kind}")
+    return value
+
+
+class PendingScores:
+    """Scores being fetched: ``result()`` waits for them (see :meth:`RemoteReward.submit`)."""
+
+    def __init__(self, owner: RemoteReward, futures: list[tuple[slice, Future]], batch: int, device: torch.device):
+        self._owner, self._futures, self._batch, self._device = owner, futures, batch, device
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return self._owner._assemble(self._futures, self._batch, self._device)
+
+
+@register_reward("remote")
+class RemoteReward(Reward):
+    """A reward computed by a reward server at ``url``, e.g. ``http://127.0.0.1:18085``.
+
+    Returns the server reward's own score under this reward's name (e.g. ``remote@hps``), its extra
+    fields, and ``unscored`` (1 where no score could be had, the score being NaN there).
+    """
+
+    may_fail = True
+
+    def __init__(
+        self,
+        url: str = f"http://127.0.0.1:{DEFAULT_PORT}",
+        timeout: float = 120.0,
+        retries: int = 4,
+        backoff: float = 2.0,
+        backoff_max: float = 30.0,
+        max_batch: int = 16,
+        workers: int = 4,
+        stop_after: int = 2,
+        token_env: str | None = TOKEN_ENV,
+        token_file: str | None = None,
+    ) -> None:
+        parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise UserError(f"remote reward url must look like http://HOST:PORT, got {url!r}")
+        self.url = url.rstrip("/")
+        self._scheme, self._host = parsed.scheme, parsed.hostname
+        self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        self._path = parsed.path.rstrip("/") + "/score"
+        self.timeout = float(_positive(timeout, "timeout"))
+        self.retries = _positive(retries, "retries", integer=True, zero=True)
+        self.backoff = float(_positive(backoff, "backoff", zero=True))
+        self.backoff_max = float(_positive(backoff_max, "backoff_max", zero=True))
+        self.max_batch = _positive(max_batch, "max_batch", integer=True)
+        self.workers = _positive(workers, "workers", integer=True)
+        self.stop_after = _positive(stop_after, "stop_after", integer=True)
+        self._token = read_token(token_file, token_env)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self.down_streak = 0  #: calls in a row that got no score at all
+        self.stats = {"requests": 0, "retries": 0, "unscored": 0}
+
+    # ------------------------------------------------------------------ transport
+
+    def _connection(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=self.timeout)
+
+    def _post(self, body: bytes) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        conn = self._connection()
+        try:
+            conn.request("POST", self._path, body=body, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def _detail(self, data: bytes) -> str:
+        try:
+            detail = json.loads(data).get("detail")
+            return str(detail) if detail else data[:200].decode("utf-8", "replace")
+        except (ValueError, AttributeError):
+            return data[:200].decode("utf-8", "replace")
+
+    def _attempt(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> _Outcome:
+        """One request with its retries; splits itself in halves on 413."""
+        body = json.dumps(build_request(images, prompts, metadata), allow_nan=False).encode()
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats["retries"] += 1
+                time.sleep(min(self.backoff_max, self.backoff * 2 ** (attempt - 1)))
+            self.stats["requests"] += 1
+            try:
+                status, data = self._post(body)
+                if status in (401, 403):
+                    return _Outcome(kind="rejected", reason=f"HTTP {status}: {self._detail(data)}")
+                if status == 413:
+                    if images.shape[0] == 1:
+                        return _Outcome(kind="invalid", reason="one image is over the server's request limit")
+                    half = images.shape[0] // 2
+                    first = self._attempt(images[:half], prompts[:half], metadata[:half])
+                    second = self._attempt(images[half:], prompts[half:], metadata[half:])
+                    return _merge(first, second, half, images.shape[0] - half)
+                if status in (400, 422):
+                    return _Outcome(kind="invalid", reason=f"HTTP {status}: {self._detail(data)}")
+                if status != 200:
+                    raise _Retryable(f"HTTP {status}: {self._detail(data)}")
+                try:
+                    reward, scores = parse_response(json.loads(data), images.shape[0])
+                except (ValueError, ProtocolError) as exc:
+                    raise _Retryable(f"an answer that is not the protocol ({exc})") from None
+                return _Outcome(scores=scores, reward=reward)
+            except _Retryable as exc:
+                last = str(exc)
+            except TimeoutError:  # socket.timeout is TimeoutError
+                last = f"no answer within {self.timeout:g} s"
+            except (ConnectionError, http.client.HTTPException, OSError) as exc:
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return _Outcome(kind="unreachable", reason=f"{last} (after {self.retries + 1} attempts)")
+
+    # ------------------------------------------------------------------ scoring
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"reward-{self.name or 'remote'}")
+            return self._pool
+
+    def submit(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> PendingScores:
+        """Start scoring in the background; ``.result()`` gives what ``__call__`` returns."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise UserError(f"reward {self.name!r} needs images shaped (B, 1 or 3, H, W), got {tuple(images.shape)}")
+        batch = images.shape[0]
+        if len(prompts) != batch or len(metadata) != batch:
+            raise UserError(
+                f"reward {self.name!r} got {batch} images, {len(prompts)} prompts, {len(metadata)} metadata"
+            )
+        self._check_metadata(metadata)
+        cpu = images.detach().cpu()
+        pool = self._executor()
+        futures = []
+        for lo in range(0, batch, self.max_batch):
+            sl = slice(lo, min(batch, lo + self.max_batch))
+            meta = [dict(m) for m in metadata[sl]]
+            futures.append((sl, pool.submit(self._attempt, cpu[sl], list(prompts[sl]), meta)))
+        return PendingScores(self, futures, batch, images.device)
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        return self.submit(images, prompts, metadata).result()
+
+    def _check_metadata(self, metadata: Sequence[Mapping[str, Any]]) -> None:
+        for k, meta in enumerate(metadata):
+            try:
+                json.dumps(dict(meta), allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise UserError(f"reward {self.name!r}: the metadata of image {k} is not JSON ({exc})") from None
+
+    def _assemble(self, futures: list[tuple[slice, Future]], batch: int, device: torch.device) -> dict:
+        name = self.name or "remote"
+        fields: dict[str, torch.Tensor] = {name: torch.full((batch,), math.nan, dtype=torch.float64)}
+        unscored = torch.ones(batch, dtype=torch.float64)
+        failures: list[str] = []
+        rejected = None
+        for sl, future in futures:
+            out = future.result()
+            if out.kind == "rejected":
+                rejected = out.reason
+            if out.scores is None:
+                failures.append(out.reason)
+                continue
+            for field, values in out.scores.items():
+                key = name if field == out.reward else field
+                if key == UNSCORED:
+                    continue
+                if key not in fields:
+                    fields[key] = torch.full((batch,), math.nan, dtype=torch.float64)
+                fields[key][sl] = torch.tensor(values, dtype=torch.float64)
+            unscored[sl] = torch.isnan(fields[name][sl]).double()
+        if rejected is not None:
+            raise RewardServerRejected(f"reward server {self.url} refused the token ({rejected}); set {TOKEN_ENV}")
+        if failures and len(failures) == len(futures):
+            self.down_streak += 1
+            if self.down_streak >= self.stop_after:
+                raise RewardServerDown(
+                    f"reward server {self.url} gave no score in {self.down_streak} calls in a row ({failures[-1]})"
+                )
+        else:
+            self.down_streak = 0
+        self.stats["unscored"] += int(unscored.sum())
+        out = {k: v.float().to(device) for k, v in fields.items()}
+        out[UNSCORED] = unscored.float().to(device)
+        return out
+
+    def close(self) -> None:
+        """Stop the worker threads (they also stop when the process ends)."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
+
+def _merge(first: _Outcome, second: _Outcome, n1: int, n2: int) -> _Outcome:
+    """Two halves of a split request as one outcome (a failed half becomes NaN scores)."""
+    if first.scores is None and second.scores is None:
+        return first if first.kind == "rejected" else second
+    if "rejected" in (first.kind, second.kind):
+        return first if first.kind == "rejected" else second
+    reward = first.reward or second.reward
+    keys = set(first.scores or {}) | set(second.scores or {})
+    scores = {}
+    for key in keys:
+        a = (first.scores or {}).get(key, [math.nan] * n1)
+        b = (second.scores or {}).get(key, [math.nan] * n2)
+        scores[key] = list(a) + list(b)
+    return _Outcome(scores=scores, reward=reward)
+
+
+# ----------------------------------------------------------------------------- GenEval
+
+_GENEVAL_TAGS = {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+
+
+@register_reward("geneval")
+class GenEvalRemote(RemoteReward):
+    """GenEval-style prompt alignment from a reward server running an object detector (``geneval_detector``).
+
+    Every image's metadata must be its prompt's GenEval entry: ``{"tag": ..., "include": [{"class":
+    "dog", "count": 2, "color": "red", "position": ["left of", 0]}, ...], "exclude": [...]}``. The
+    server answers the fraction of the entry's requirements met (this reward's score) and ``strict``
+    (1 when all are, GenEval's own metric).
+    """
+
+    def _check_metadata(self, metadata: Sequence[Mapping[str, Any]]) -> None:
+        super()._check_metadata(metadata)
+        for k, meta in enumerate(metadata):
+            tag, include = meta.get("tag"), meta.get("include")
+            if tag not in _GENEVAL_TAGS or not isinstance(include, list) or not include:
+                raise UserError(
+                    f"reward {self.name!r}: image {k} needs GenEval metadata with a 'tag' in {sorted(_GENEVAL_TAGS)} "
+                    f"and a non-empty 'include' list, got {dict(meta)!r}"
+                )

@@ -1,0 +1,227 @@
+"""Serve a registered reward over HTTP: ``precise-rl serve-reward NAME [--set key=value ...]``.
+
+Any reward the registry builds (``pickscore``, ``hpsv2``, ``imagereward``, ``geneval_detector``, an
+import path ``package.module:Name``...) answers ``POST /score`` (protocol in
+:mod:`precise_rl.rewards.protocol`) for the ``remote`` reward client of a training run. The server
+binds to 127.0.0.1 unless told otherwise; with a token (``--token-file`` or the
+``PRECISE_RL_REWARD_TOKEN`` environment variable) every scoring request must carry
+``Authorization: Bearer TOKEN``; bodies over ``--max-request-mb`` are refused with 413 before they are
+read whole. Requests are scored one at a time (the model is loaded once, on the first request or
+at start with ``--preload``). Needs the ``serve`` extra: ``pip install 'precise-rl[serve]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import json
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..errors import UserError
+from .base import Reward, build_reward
+from .protocol import PROTOCOL, ProtocolError, build_response, parse_request
+
+__all__ = ["create_app", "serve", "read_token", "add_arguments", "run", "TOKEN_ENV", "DEFAULT_PORT"]
+
+TOKEN_ENV = "PRECISE_RL_REWARD_TOKEN"
+DEFAULT_PORT = 18085
+DEFAULT_MAX_MB = 64.0
+
+
+def read_token(token_file: str | Path | None = None, token_env: str | None = TOKEN_ENV) -> str | None:
+    """The bearer token from a file (first line) or else an environment variable; None when neither is set."""
+    if token_file is not None:
+        try:
+            token = Path(token_file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise UserError(f"cannot read the token file {str(token_file)!r} ({exc.strerror})") from None
+        if not token:
+            raise UserError(f"the token file {str(token_file)!r} is empty")
+        return token
+    if token_env:
+        token = os.environ.get(token_env, "").strip()
+        return token or None
+    return None
+
+
+def _require_fastapi() -> Any:
+    try:
+        import fastapi
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError("the reward server needs FastAPI and uvicorn: pip install 'precise-rl[serve]'") from None
+    return fastapi
+
+
+def create_app(reward: Reward, token: str | None = None, max_request_bytes: int = int(DEFAULT_MAX_MB * 2**20)) -> Any:
+    """The FastAPI application serving ``reward`` (scoring one request at a time)."""
+    fastapi = _require_fastapi()
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    if max_request_bytes < 1:
+        raise UserError(f"the request size limit must be positive, got {max_request_bytes}")
+    app = fastapi.FastAPI(title=f"precise-rl reward server: {reward.name}", docs_url=None, redoc_url=None)
+    lock = threading.Lock()
+    expected = f"Bearer {token}".encode() if token else None
+
+    def error(status: int, detail: str) -> Any:
+        return JSONResponse({"detail": detail}, status_code=status)
+
+    def score(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict:
+        with lock, torch.no_grad():
+            out = reward(images, prompts, metadata)
+        if not isinstance(out, Mapping):
+            out = {reward.name: out}
+        if reward.name not in out:
+            if len(out) != 1:
+                raise UserError(f"reward {reward.name!r} returned fields {sorted(out)} and none named after it")
+            out = {reward.name: next(iter(out.values()))}
+        scores = {}
+        for key, value in out.items():
+            t = torch.as_tensor(value).detach().double().reshape(-1)
+            if t.numel() != images.shape[0]:
+                raise UserError(f"reward field {key!r} has {t.numel()} scores for {images.shape[0]} images")
+            scores[key] = t
+        return build_response(reward.name, scores)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "protocol": PROTOCOL}
+
+    async def score_endpoint(request: Any) -> Any:
+        if expected is not None:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return error(401, "missing or wrong bearer token")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_request_bytes:
+            return error(413, f"request body of {int(length)} bytes is over the limit of {max_request_bytes}")
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_request_bytes:
+                return error(413, f"request body is over the limit of {max_request_bytes} bytes")
+            chunks.append(chunk)
+        try:
+            images, prompts, metadata = parse_request(json.loads(b"".join(chunks)))
+        except (ValueError, ProtocolError) as exc:  # JSONDecodeError is a ValueError
+            return error(400, f"malformed request: {exc}")
+        try:
+            return await run_in_threadpool(score, images, prompts, metadata)
+        except Exception as exc:  # noqa: BLE001 - the client marks these images; the server stays up
+            return error(500, f"reward {reward.name!r} failed: {type(exc).__name__}: {exc}")
+
+    # the annotation FastAPI reads to pass the raw request (a string under postponed annotations)
+    score_endpoint.__annotations__["request"] = fastapi.Request
+    app.post("/score")(score_endpoint)
+    return app
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    reward: Reward,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    token: str | None = None,
+    max_request_bytes: int = int(DEFAULT_MAX_MB * 2**20),
+    allow_open: bool = False,
+    log_level: str = "info",
+) -> None:
+    """Run the server until interrupted."""
+    _require_fastapi()
+    import uvicorn
+
+    if not _is_loopback(host) and token is None and not allow_open:
+        raise UserError(
+            f"binding to {host} without a token lets anyone on the network use this reward; set a token "
+            f"(--token-file or {TOKEN_ENV}) or pass --allow-open"
+        )
+    app = create_app(reward, token, max_request_bytes)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set takes key=value, got {item!r}")
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}: cannot read the value {value!r}") from None
+    return options
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reward", help="registered reward name (e.g. hpsv2, pickscore) or import path package.module:Name")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the reward (repeatable), e.g. --set dtype=float16 --set checkpoint=/models/hps",
+    )
+    p.add_argument("--device", default=None, help="device for rewards that take one (default: cuda if available)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--token-file", default=None, help=f"file holding the bearer token (else ${TOKEN_ENV}, if set)")
+    p.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_MB, help="largest request body accepted")
+    p.add_argument("--preload", action="store_true", help="load the model before accepting requests")
+    p.add_argument("--allow-open", action="store_true", help="allow a non-loopback address without a token")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args: argparse.Namespace) -> int:
+    _require_fastapi()
+    options = _parse_sets(args.sets)
+    from .base import _accepts, _resolve
+
+    if "device" not in options and _accepts(_resolve(args.reward), "device"):
+        options["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    elif args.device is not None and "device" not in options:
+        raise UserError(f"reward {args.reward!r} takes no device")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    if not args.max_request_mb > 0:
+        raise UserError(f"--max-request-mb must be positive, got {args.max_request_mb}")
+    reward = build_reward(args.reward, **options)
+    if args.preload and hasattr(reward, "model"):
+        reward.model  # noqa: B018 - loads it now
+    token = read_token(args.token_file)
+    print(
+        f"serving reward {reward.name!r} on http://{args.host}:{args.port} "
+        f"({'bearer token required' if token else 'no token'}; limit {args.max_request_mb:g} MB per request)",
+        flush=True,
+    )
+    serve(
+        reward,
+        args.host,
+        args.port,
+        token,
+        int(args.max_request_mb * 2**20),
+        allow_open=args.allow_open,
+        log_level=args.log_level,
+    )
+    return 0
