@@ -128,8 +128,11 @@ class RunLogger:
         if not self.enabled:
             return
         self.records.append(record)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise UserError(f"cannot write metrics to {str(self.metrics_path)!r}: {exc.strerror or exc}") from None
         step = int(record.get("epoch", 0))
         if self.tb is not None:
             for k, v in record.items():

@@ -714,6 +714,16 @@ class GRPOTrainer:
             tensors["ema"] = {n: _whole(s) for n, s in self.ema.state_tensors(self.param_names).items()}
         optimizer_state = self._optimizer_state()
         error, path = None, None
+        if self.world > 1:
+            # Data-parallel copies must stay identical; a checkpoint of one copy would hide a divergence.
+            prints = torch.stack(
+                [v.double().sum() for v in tensors["trainable"].values()]
+                + [v.double().square().sum() for v in tensors["trainable"].values()]
+            )
+            seen = self.accelerator.gather(prints.to(self.accelerator.device)[None])
+            if not bool((seen == seen[:1]).all()):
+                error = f"the processes hold different weights after epoch {self.epoch}; no checkpoint was written"
+                self._agree(error)
         if self.is_main:
             state = {
                 "epoch": self.epoch,
