@@ -177,15 +177,16 @@ def check_weights(weights: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _zscore(r: torch.Tensor) -> torch.Tensor:
+def _zscore(r: torch.Tensor, scored: torch.Tensor | None = None) -> torch.Tensor:
     r = r.detach().to(torch.float64)
-    # NaN marks an image a reward could not score: the statistics use the scored ones only
-    scored = ~torch.isnan(r)
+    # NaN marks an image a reward could not score: the statistics use the scored images only
+    scored = ~torch.isnan(r) if scored is None else scored
     if not bool(scored.any()):
-        return r
+        return torch.full_like(r, math.nan)
     ok = r[scored]
     # population std: a batch of one, or a constant component, then contributes exactly 0
-    return (r - ok.mean()) / (ok.std(correction=0) + ZSCORE_EPS)
+    z = (r - ok.mean()) / (ok.std(correction=0) + ZSCORE_EPS)
+    return torch.where(scored, z, torch.full_like(z, math.nan))
 
 
 def _pick(components: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> list[tuple[torch.Tensor, float]]:
@@ -199,13 +200,15 @@ def combine_rewards(components: Mapping[str, torch.Tensor], weights: Mapping[str
     """``sum_k w_k * (r_k - mean(r_k)) / (std(r_k) + 1e-8)`` over the batch, ``(B,)`` float32.
 
     ``std`` is the population std (no Bessel correction); a constant component contributes 0.
-    A NaN score (an image a reward could not score) is left out of that reward's mean and std and
-    makes the image's combined reward NaN; components of weight 0 are only logged and never count.
+    An image that a reward of non-zero weight could not score (NaN) gets a NaN combined reward and
+    is left out of every component's mean and std, so the statistics are those of the images that
+    are trained on; components of weight 0 are only logged and never count.
     """
     pairs = [(r, w) for r, w in _pick(components, weights) if w != 0]
     if not pairs:
         return torch.zeros_like(next(iter(components.values())), dtype=torch.float32)
-    total = sum(w * _zscore(r) for r, w in pairs)
+    scored = torch.stack([~torch.isnan(r) for r, _ in pairs]).all(dim=0)
+    total = sum(w * _zscore(r, scored) for r, w in pairs)
     return total.to(torch.float32)
 
 
