@@ -225,15 +225,18 @@ class RemoteReward(Reward):
         name = self.name or "remote"
         fields: dict[str, torch.Tensor] = {name: torch.full((batch,), math.nan, dtype=torch.float64)}
         unscored = torch.ones(batch, dtype=torch.float64)
-        failures: list[str] = []
+        unreachable: list[str] = []
+        scored_any = False
         rejected = None
         for sl, future in futures:
             out = future.result()
             if out.kind == "rejected":
                 rejected = out.reason
+            if out.kind == "unreachable":
+                unreachable.append(out.reason)
             if out.scores is None:
-                failures.append(out.reason)
                 continue
+            scored_any = True
             for field, values in out.scores.items():
                 key = name if field == out.reward else field
                 if key == UNSCORED:
@@ -244,14 +247,14 @@ class RemoteReward(Reward):
             unscored[sl] = torch.isnan(fields[name][sl]).double()
         if rejected is not None:
             raise RewardServerRejected(f"reward server {self.url} refused the token ({rejected}); set {TOKEN_ENV}")
-        if failures and len(failures) == len(futures):
+        if scored_any:
+            self.down_streak = 0
+        elif unreachable:  # nothing came back, and not because the server judged the requests malformed
             self.down_streak += 1
             if self.down_streak >= self.stop_after:
                 raise RewardServerDown(
-                    f"reward server {self.url} gave no score in {self.down_streak} calls in a row ({failures[-1]})"
+                    f"reward server {self.url} gave no score in {self.down_streak} calls in a row ({unreachable[-1]})"
                 )
-        else:
-            self.down_streak = 0
         self.stats["unscored"] += int(unscored.sum())
         out = {k: v.float().to(device) for k, v in fields.items()}
         out[UNSCORED] = unscored.float().to(device)

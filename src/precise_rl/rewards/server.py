@@ -13,6 +13,7 @@ at start with ``--preload``). Needs the ``serve`` extra: ``pip install 'precise-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -61,8 +62,13 @@ def _require_fastapi() -> Any:
     return fastapi
 
 
-def create_app(reward: Reward, token: str | None = None, max_request_bytes: int = int(DEFAULT_MAX_MB * 2**20)) -> Any:
-    """The FastAPI application serving ``reward`` (scoring one request at a time)."""
+def create_app(
+    reward: Reward,
+    token: str | None = None,
+    max_request_bytes: int = int(DEFAULT_MAX_MB * 2**20),
+    concurrent: bool = False,
+) -> Any:
+    """The FastAPI app serving ``reward``: one request at a time, or ``concurrent`` ones (thread-safe rewards)."""
     fastapi = _require_fastapi()
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
@@ -70,7 +76,7 @@ def create_app(reward: Reward, token: str | None = None, max_request_bytes: int 
     if max_request_bytes < 1:
         raise UserError(f"the request size limit must be positive, got {max_request_bytes}")
     app = fastapi.FastAPI(title=f"precise-rl reward server: {reward.name}", docs_url=None, redoc_url=None)
-    lock = threading.Lock()
+    lock = contextlib.nullcontext() if concurrent else threading.Lock()
     expected = f"Bearer {token}".encode() if token else None
 
     def error(status: int, detail: str) -> Any:
@@ -143,6 +149,7 @@ def serve(
     max_request_bytes: int = int(DEFAULT_MAX_MB * 2**20),
     allow_open: bool = False,
     log_level: str = "info",
+    concurrent: bool = False,
 ) -> None:
     """Run the server until interrupted."""
     _require_fastapi()
@@ -153,7 +160,7 @@ def serve(
             f"binding to {host} without a token lets anyone on the network use this reward; set a token "
             f"(--token-file or {TOKEN_ENV}) or pass --allow-open"
         )
-    app = create_app(reward, token, max_request_bytes)
+    app = create_app(reward, token, max_request_bytes, concurrent)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
 
 
@@ -190,6 +197,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_MB, help="largest request body accepted")
     p.add_argument("--preload", action="store_true", help="load the model before accepting requests")
     p.add_argument("--allow-open", action="store_true", help="allow a non-loopback address without a token")
+    p.add_argument("--concurrent", action="store_true", help="score requests in parallel (thread-safe rewards only)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -223,5 +231,26 @@ def run(args: argparse.Namespace) -> int:
         int(args.max_request_mb * 2**20),
         allow_open=args.allow_open,
         log_level=args.log_level,
+        concurrent=args.concurrent,
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m precise_rl.rewards.server NAME ...``: the same as ``precise-rl serve-reward``."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="precise-rl serve-reward", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"precise-rl serve-reward: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

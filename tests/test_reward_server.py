@@ -1,0 +1,484 @@
+"""The reward server and its clients over real sockets on 127.0.0.1.
+
+Servers: healthy, killed mid-run (a separate process, SIGKILL), slow past the client's timeout,
+answering HTTP 500 or garbage, and asking for a token. In each case nothing crashes, exactly the
+images whose requests failed are marked (NaN score, ``unscored`` = 1), the trainer counts them, and
+training either goes on or stops after writing a checkpoint. Plus GenEval's verdict rules.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import http.client
+import http.server
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from precise_rl.config import config_from_dict
+from precise_rl.errors import UserError
+from precise_rl.rewards import Reward, RewardSet, build_reward
+from precise_rl.rewards.failures import RewardServerDown, RewardServerRejected
+from precise_rl.rewards.geneval import evaluate_clauses, relative_position, select_detections
+from precise_rl.rewards.protocol import ProtocolError, decode_images, encode_images, parse_request
+from precise_rl.rewards.server import create_app, read_token, serve
+from precise_rl.rl.trainer import GRPOTrainer, metrics_lines
+
+from . import toy_task
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+toy_task.register()
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------- rewards served in tests
+
+
+def _levels(images: torch.Tensor) -> torch.Tensor:
+    """What the server sees: each pixel at 8 bits."""
+    return (images.clamp(0, 1) * 255).round() / 255
+
+
+class PairedMean(Reward):
+    """Mean pixel plus the prompt's length: a wrong image-prompt pairing shows in the score."""
+
+    def __init__(self, slow_delay: float = 0.0) -> None:
+        self.slow_delay = slow_delay
+        self.calls = 0
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> dict:
+        self.calls += 1
+        if any("boom" in p for p in prompts):
+            raise RuntimeError("the model fell over")
+        if self.slow_delay and any("slow" in p for p in prompts):
+            time.sleep(self.slow_delay)
+        mean = images.flatten(1).mean(1).double()
+        length = torch.tensor([float(len(p)) for p in prompts], dtype=torch.float64)
+        score = mean + length
+        score[torch.tensor(["nan" in p for p in prompts])] = float("nan")
+        return {"paired": score, "mean": mean}
+
+
+def flaky_brightness(images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping]) -> torch.Tensor:
+    """The toy task's reward, except that the server fails on prompt 1 (every time)."""
+    if "prompt 1" in prompts:
+        raise RuntimeError("cannot score prompt 1")
+    return images.flatten(1).mean(dim=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def thread_server(reward: Reward, **kwargs: Any) -> Iterator[str]:
+    """A uvicorn server in a thread of this process; stopped (gracefully) on exit."""
+    port = _free_port()
+    reward.name = reward.name or "paired"
+    app = create_app(reward, **kwargs)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def garbage_server() -> Iterator[str]:
+    """A plain HTTP server that answers the protocol wrongly, depending on the prompts it gets."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            n = len(body["prompts"])
+            if any("garbage" in p for p in body["prompts"]):
+                payload, status = b"<html>this is not json</html>", 200
+            elif any("short" in p for p in body["prompts"]):
+                payload, status = json.dumps({"reward": "r", "scores": {"r": [1.0] * (n - 1)}}).encode(), 200
+            elif any("teapot" in p for p in body["prompts"]):
+                payload, status = b"I am a teapot", 503
+            else:
+                lengths = [float(len(p)) for p in body["prompts"]]
+                payload, status = json.dumps({"reward": "r", "scores": {"r": lengths}}).encode(), 200
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _images(n: int, seed: int, shape: tuple[int, int, int] = (3, 8, 8)) -> torch.Tensor:
+    return torch.rand(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _expected(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    q = _levels(images).flatten(1).mean(1).double()
+    return q + torch.tensor([float(len(p)) for p in prompts], dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+def test_images_survive_the_wire_at_eight_bits() -> None:
+    for shape in ((3, 5, 7), (1, 4, 4)):
+        images = _images(3, 1, shape)
+        back = decode_images(encode_images(images))
+        torch.testing.assert_close(back, _levels(images), rtol=0, atol=1e-7)
+    good = encode_images(_images(1, 2))[0]
+    with pytest.raises(ProtocolError, match="one size"):
+        decode_images([good, encode_images(_images(1, 2, (3, 9, 9)))[0]])
+    jpeg = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(jpeg, format="JPEG")
+    with pytest.raises(ProtocolError, match="not a PNG"):
+        decode_images([base64.b64encode(jpeg.getvalue()).decode()])
+    with pytest.raises(ProtocolError, match="readable"):
+        decode_images(["!!!not base64!!!"])
+    with pytest.raises(ProtocolError, match="2 prompts"):
+        parse_request({"images": [good], "prompts": ["a", "b"], "metadata": [{}, {}]})
+
+
+# ----------------------------------------------------------------------------- healthy, slow, failing
+
+
+def test_healthy_server_scores_every_image_with_its_own_prompt() -> None:
+    images = _images(11, 3)
+    prompts = [f"prompt number {'x' * k}" for k in range(11)]
+    with thread_server(PairedMean()) as url:
+        reward = build_reward("remote@paired", url=url, max_batch=3, workers=4, retries=0)
+        out = reward(images, prompts, [{"k": k} for k in range(11)])
+        conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=5)
+        conn.request("GET", "/health")
+        health = json.loads(conn.getresponse().read())
+    assert health == {"status": "ok", "protocol": 1}
+    torch.testing.assert_close(out["remote@paired"].double(), _expected(images, prompts), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["mean"].double(), _levels(images).flatten(1).mean(1).double(), rtol=0, atol=1e-6)
+    assert out["unscored"].tolist() == [0.0] * 11
+    assert reward.stats["requests"] == 4 and reward.down_streak == 0
+
+
+def test_http_500_and_null_scores_mark_only_their_images() -> None:
+    images = _images(8, 4)
+    prompts = ["a", "b", "boom", "c", "d", "nan", "e", "f"]
+    with thread_server(PairedMean()) as url:
+        reward = build_reward("remote", url=url, max_batch=2, retries=2, backoff=0.0)
+        out = reward(images, prompts, [{}] * 8)
+    # chunk [boom, c] failed with 500 after its retries; "nan" came back as null
+    bad = torch.tensor([False, False, True, True, False, True, False, False])
+    assert out["unscored"].bool().tolist() == bad.tolist()
+    assert torch.isnan(out["remote"][bad]).all()
+    torch.testing.assert_close(out["remote"][~bad].double(), _expected(images, prompts)[~bad], rtol=0, atol=1e-5)
+    assert reward.stats["retries"] == 2 and reward.down_streak == 0
+
+
+def test_garbage_answers_are_retried_then_marked() -> None:
+    images = _images(8, 5)
+    prompts = ["ok1", "ok2", "garbage", "x", "short", "y", "teapot", "ok3"]
+    with garbage_server() as url:
+        reward = build_reward("remote", url=url, max_batch=2, retries=1, backoff=0.0)
+        out = reward(images, prompts, [{}] * 8)
+    bad = [False, False, True, True, True, True, True, True]
+    assert out["unscored"].bool().tolist() == bad
+    assert out["remote"][:2].tolist() == [3.0, 3.0]
+    assert reward.stats["retries"] == 3  # one retry for each of the three failing requests
+
+
+def test_slow_server_times_out_for_its_images_only() -> None:
+    images = _images(6, 6)
+    prompts = ["fast a", "fast b", "slow c", "slow d", "fast e", "fast f"]
+    with thread_server(PairedMean(slow_delay=1.5), concurrent=True) as url:
+        reward = build_reward("remote", url=url, max_batch=2, workers=3, timeout=0.3, retries=1, backoff=0.0)
+        out = reward(images, prompts, [{}] * 6)
+    assert out["unscored"].tolist() == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    keep = out["unscored"] == 0
+    torch.testing.assert_close(out["remote"][keep].double(), _expected(images, prompts)[keep], rtol=0, atol=1e-5)
+
+
+def test_token_is_required_and_a_wrong_one_stops_cleanly(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("s3cret-token\n")
+    (tmp_path / "wrong").write_text("guess\n")
+    images, prompts = _images(3, 7), ["a", "b", "c"]
+    with thread_server(PairedMean(), token="s3cret-token") as url:
+        good = build_reward("remote", url=url, token_file=str(tmp_path / "token"), retries=0)
+        got = good(images, prompts, [{}] * 3)["remote"].double()
+        torch.testing.assert_close(got, _expected(images, prompts), rtol=0, atol=1e-5)
+        for kwargs in ({"token_file": str(tmp_path / "wrong")}, {"token_env": "PRECISE_RL_TEST_UNSET_TOKEN"}):
+            bad = build_reward("remote", url=url, retries=3, backoff=0.0, **kwargs)
+            with pytest.raises(RewardServerRejected, match="refused the token"):
+                bad(images, prompts, [{}] * 3)
+            assert bad.stats["retries"] == 0  # a refused token is not retried
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(UserError, match="empty"):
+        read_token(tmp_path / "empty")
+
+
+def test_request_size_limit_is_enforced_and_the_client_splits() -> None:
+    images = _images(6, 8, (3, 24, 24))  # about 2.3 kB per image once encoded
+    prompts = [f"p{k}" for k in range(6)]
+    with thread_server(PairedMean(), max_request_bytes=6000) as url:
+        port = int(url.rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("POST", "/score", body=b"x" * 7000, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 413 and "limit" in json.loads(response.read())["detail"]
+        reward = build_reward("remote", url=url, max_batch=6, retries=0)
+        out = reward(images, prompts, [{}] * 6)
+    torch.testing.assert_close(out["remote"].double(), _expected(images, prompts), rtol=0, atol=1e-5)
+    assert reward.stats["requests"] > 1  # 413 on the whole batch, then halves until they fit
+
+
+def test_a_server_that_stays_down_raises_after_stop_after_calls() -> None:
+    url = f"http://127.0.0.1:{_free_port()}"  # nobody listens there
+    reward = build_reward("remote", url=url, retries=1, backoff=0.0, stop_after=2)
+    out = reward(_images(2, 9), ["a", "b"], [{}] * 2)
+    assert torch.isnan(out["remote"]).all() and out["unscored"].tolist() == [1.0, 1.0]
+    with pytest.raises(RewardServerDown, match="no score in 2 calls"):
+        reward(_images(2, 9), ["a", "b"], [{}] * 2)
+
+
+def test_remote_reward_options_and_bind_address_are_checked() -> None:
+    with pytest.raises(UserError, match="url"):
+        build_reward("remote", url="127.0.0.1:80")
+    with pytest.raises(UserError, match="timeout"):
+        build_reward("remote", timeout=0)
+    with pytest.raises(UserError, match="max_batch"):
+        build_reward("remote", max_batch=1.5)
+    with pytest.raises(UserError, match="without a token"):
+        serve(PairedMean(), host="0.0.0.0", port=_free_port(), token=None)
+
+
+# ----------------------------------------------------------------------------- training against a server
+
+
+def _toy_cfg(tmp_url: str, **remote: Any) -> Any:
+    data = copy.deepcopy(toy_task.TOY_CONFIG)
+    data["reward"] = {"weights": {"remote": 1.0}, "options": {"remote": {"url": tmp_url, "max_batch": 4, **remote}}}
+    return config_from_dict(data)
+
+
+def test_training_goes_on_when_some_images_cannot_be_scored(tmp_path: Path) -> None:
+    reward = build_reward("tests.test_reward_server:flaky_brightness")
+    with thread_server(reward) as url:
+        cfg = _toy_cfg(url, retries=1, backoff=0.0)
+        trainer = GRPOTrainer(cfg, tmp_path / "run")
+        before = {n: p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)}
+        trainer.run()
+    records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    # the prompts each epoch drew, replayed without any reward server
+    replay = GRPOTrainer(_toy_cfg("http://127.0.0.1:9"), tmp_path / "replay", read_only=True)
+    expected = [sum(p == "prompt 1" for p in replay.collect(e).prompts) for e in range(4)]
+    assert [r["unscored_samples"] for r in records] == expected
+    assert sum(expected) > 0 and any(e < 12 for e in expected)
+    after = dict(zip(trainer.param_names, trainer.params, strict=True))
+    assert any(not torch.equal(before[n], after[n].detach()) for n in before)
+
+
+def _start_server_process(port: int, reward: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"}
+    cmd = [sys.executable, "-m", "precise_rl.rewards.server", reward, "--port", str(port), "--log-level", "error"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "server exited"
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the reward server process did not come up")
+
+
+def test_server_killed_mid_run_stops_training_after_a_checkpoint(tmp_path: Path) -> None:
+    port = _free_port()
+    proc = _start_server_process(port, "tests.toy_task:toy_brightness")
+    try:
+        cfg = _toy_cfg(f"http://127.0.0.1:{port}", retries=1, backoff=0.0, stop_after=2)
+        trainer = GRPOTrainer(cfg, tmp_path / "run")
+        collect = trainer.collect
+
+        def collect_then_kill(epoch: int) -> Any:
+            if epoch == 2:  # after the checkpoint of epoch 2
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=30)
+            return collect(epoch)
+
+        trainer.collect = collect_then_kill
+        with pytest.raises(UserError, match=r"training stopped: reward server .* gave no score in 2 calls") as info:
+            trainer.run()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert "--resume" in str(info.value)
+    records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
+    # epoch 3 ran with every image unscored (no update), epoch 4's scoring found the server still down
+    assert [(r["epoch"], r["unscored_samples"]) for r in records] == [(1, 0), (2, 0), (3, 12)]
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("epoch_"))
+    assert names[-1] == "epoch_000003"
+    resumed = GRPOTrainer(_toy_cfg(f"http://127.0.0.1:{port}"), tmp_path / "run", resume=tmp_path / "run")
+    assert resumed.epoch == 3
+
+
+def test_reward_set_keeps_remote_failures_out_of_the_combination() -> None:
+    images = _images(6, 10)
+    prompts = ["a", "b", "boom", "c", "d", "e"]
+    with thread_server(PairedMean()) as url:
+        rs = RewardSet(
+            {"remote": 1.0, "jpeg_compressibility": 0.5}, "cpu", remote={"url": url, "max_batch": 2, "retries": 0}
+        )
+        comps = rs.score(images, prompts)
+    combined = rs.combine(comps)
+    bad = torch.tensor([False, False, True, True, False, False])
+    assert torch.isnan(combined[bad]).all() and torch.isfinite(combined[~bad]).all()
+    r, j = comps["remote"][~bad].double(), comps["jpeg_compressibility"][~bad].double()
+    z = lambda x: (x - x.mean()) / (x.std(correction=0) + 1e-8)  # noqa: E731
+    torch.testing.assert_close(combined[~bad].double(), z(r) + 0.5 * z(j), rtol=0, atol=1e-5)
+    assert comps["remote/unscored"].tolist() == bad.float().tolist()
+
+
+# ----------------------------------------------------------------------------- GenEval
+
+
+def test_relative_position_follows_geneval() -> None:
+    a, b = [0, 0, 10, 10], [30, 0, 40, 10]
+    assert relative_position(a, b) == {"left of"}
+    assert relative_position(b, a) == {"right of"}
+    assert relative_position([0, 30, 10, 40], a) == {"below"}
+    assert relative_position([30, 30, 40, 40], a) == {"right of", "below"}
+    # overlapping beyond 0.1 of the sizes: no relation at all
+    assert relative_position([0, 0, 10, 10], [1, 1, 11, 11]) == set()
+    # centres 12 apart horizontally, sizes 10 and 10: offset shrinks to 10, and dx = 10/12 > 0.5
+    assert relative_position([12, 0, 22, 10], [0, 0, 10, 10]) == {"right of"}
+
+
+def test_clauses_count_colour_position_and_exclusion() -> None:
+    dets = [
+        {"class": "dog", "score": 0.95, "box": [0, 0, 10, 10]},
+        {"class": "dog", "score": 0.5, "box": [50, 0, 60, 10]},
+        {"class": "cat", "score": 0.92, "box": [40, 0, 50, 10]},
+        {"class": "cat", "score": 0.2, "box": [40, 40, 50, 50]},
+    ]
+    assert select_detections(dets, "two_object") == {"dog": [[0, 0, 10, 10], [50, 0, 60, 10]], "cat": [[40, 0, 50, 10]]}
+    assert select_detections(dets, "counting") == {"dog": [[0, 0, 10, 10]], "cat": [[40, 0, 50, 10]]}
+    objects = select_detections(dets, "position")
+    dog_left = {"class": "dog", "count": 1, "position": ["left of", 0]}
+    left_of = {"tag": "position", "include": [{"class": "cat", "count": 1}, dog_left]}
+    assert evaluate_clauses(objects, left_of)[:2] == (2, 2)
+    right_of = copy.deepcopy(left_of)
+    right_of["include"][1]["position"] = ["right of", 0]
+    assert evaluate_clauses(objects, right_of)[:2] == (1, 2)
+    three = {"tag": "counting", "include": [{"class": "dog", "count": 3}], "exclude": [{"class": "dog", "count": 4}]}
+    assert evaluate_clauses(objects, three)[:2] == (1, 2)
+    no_cat = {"tag": "single_object", "include": [{"class": "dog", "count": 1}]}
+    no_cat["exclude"] = [{"class": "cat", "count": 1}]
+    assert evaluate_clauses(objects, no_cat)[:2] == (1, 2)
+    red = {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "red"}]}
+    assert evaluate_clauses(objects, red, lambda box, name: "red" if box[0] == 0 else "blue")[:2] == (1, 1)
+    assert evaluate_clauses(objects, red, lambda box, name: "blue")[:2] == (0, 1)
+    with pytest.raises(UserError, match="colour classifier"):
+        evaluate_clauses(objects, red)
+
+
+PALETTE = {"red": (1.0, 0.0, 0.0), "blue": (0.0, 0.0, 1.0), "green": (0.0, 1.0, 0.0)}
+
+
+def blob_detector(images: torch.Tensor) -> list[list[dict]]:
+    """Coloured rectangles on black: a square is a "cup", a tall rectangle a "bottle"."""
+    out = []
+    for image in images:
+        labels, _ = ndimage.label(image.sum(0).numpy() > 0.3)
+        dets = []
+        for sy, sx in ndimage.find_objects(labels):
+            h, w = sy.stop - sy.start, sx.stop - sx.start
+            name = "bottle" if h > 1.5 * w else "cup"
+            dets.append({"class": name, "score": 0.95, "box": [sx.start, sy.start, sx.stop, sy.stop]})
+        out.append(dets)
+    return out
+
+
+def blob_color(image: torch.Tensor, box: list[float], name: str) -> str:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    mean = image[:, y0:y1, x0:x1].mean(dim=(1, 2)).numpy()
+    return min(PALETTE, key=lambda c: float(np.square(mean - np.array(PALETTE[c])).sum()))
+
+
+def _draw(shapes: list[tuple[str, int, int, int, int]]) -> torch.Tensor:
+    img = torch.zeros(3, 32, 32)
+    for color, x, y, w, h in shapes:
+        img[:, y : y + h, x : x + w] = torch.tensor(PALETTE[color])[:, None, None]
+    return img
+
+
+def test_geneval_client_and_detector_server_end_to_end() -> None:
+    images = torch.stack(
+        [
+            _draw([("red", 2, 10, 6, 6), ("blue", 20, 10, 6, 6)]),  # two cups
+            _draw([("green", 2, 4, 4, 14)]),  # one green bottle
+            _draw([("blue", 2, 10, 6, 6), ("green", 20, 4, 4, 14)]),  # a cup left of a bottle
+            _draw([("blue", 20, 10, 6, 6), ("green", 2, 4, 4, 14)]),  # a cup right of a bottle
+        ]
+    )
+    cup_left_of_bottle = {
+        "tag": "position",
+        "include": [{"class": "bottle", "count": 1}, {"class": "cup", "count": 1, "position": ["left of", 0]}],
+    }
+    meta = [
+        {"tag": "counting", "include": [{"class": "cup", "count": 2}], "exclude": [{"class": "cup", "count": 3}]},
+        {"tag": "colors", "include": [{"class": "bottle", "count": 1, "color": "red"}]},
+        cup_left_of_bottle,
+        cup_left_of_bottle,
+    ]
+    server_reward = build_reward(
+        "geneval_detector",
+        detector="tests.test_reward_server:blob_detector",
+        colors="tests.test_reward_server:blob_color",
+    )
+    with thread_server(server_reward) as url:
+        client = build_reward("geneval", url=url, max_batch=2, retries=0)
+        out = client(images, ["p1", "p2", "p3", "p4"], meta)
+        with pytest.raises(UserError, match="GenEval metadata"):
+            client(images[:1], ["p"], [{"tag": "counting"}])
+    assert out["geneval"].tolist() == [1.0, 0.0, 1.0, 0.5]
+    assert out["strict"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert out["unscored"].tolist() == [0.0, 0.0, 0.0, 0.0]
