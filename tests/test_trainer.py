@@ -191,3 +191,23 @@ def test_cli_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["train", "--resume", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def test_trainers_with_other_mixed_precision_follow_each_other(tmp_path: Path) -> None:
+    """accelerate's process-wide state does not pin the first trainer's precision on the next one."""
+    for i, precision in enumerate(["no", "bf16", "no"]):
+        cfg = _cfg(train={**toy_task.TOY_CONFIG["train"], "epochs": 1, "mixed_precision": precision})
+        trainer = GRPOTrainer(cfg, tmp_path / str(i))
+        assert trainer.accelerator.mixed_precision == precision
+
+
+def test_resume_from_checkpoint_with_unreadable_state_is_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _cfg(train={**toy_task.TOY_CONFIG["train"], "epochs": 1}, eval={"every": 0})
+    GRPOTrainer(cfg, tmp_path).run()
+    state = tmp_path / "checkpoints" / "epoch_000001" / "state.json"
+    state.write_text(state.read_text()[:20])
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "state.json" in err and len(err.splitlines()) == 1

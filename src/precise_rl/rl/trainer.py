@@ -151,6 +151,25 @@ class _StatSums:
         return out
 
 
+def _accelerator(mixed_precision: str) -> Accelerator:
+    """An ``Accelerator`` with this precision; a single-process state left by an earlier trainer is replaced.
+
+    accelerate keeps one state per process and refuses a second ``Accelerator`` with another mixed precision;
+    in a plain (not launched) process that state holds nothing but the precision, so it is reset. Under a
+    distributed launch the launcher's state is kept and accelerate's own error stands.
+    """
+    from accelerate.state import AcceleratorState, DistributedType
+
+    state = AcceleratorState._shared_state
+    if (
+        state
+        and state.get("distributed_type") == DistributedType.NO
+        and state.get("_mixed_precision") != mixed_precision
+    ):
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
+
+
 class GRPOTrainer:
     """GRPO on a policy adapter, driven by accelerate. ``run()`` trains and returns the summary."""
 
@@ -164,7 +183,7 @@ class GRPOTrainer:
     ) -> None:
         self.cfg = cfg
         self.out = Path(output_dir)
-        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision)
+        self.accelerator = accelerator or _accelerator(cfg.train.mixed_precision)
         acc = self.accelerator
         self.is_main = acc.is_main_process
         self.rank = acc.process_index
