@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,8 +180,8 @@ def latest_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no checkpoint found in {str(p)!r} (expected checkpoints/epoch_XXXXXX/manifest.json)")
 
 
-def verify_checkpoint(ckpt: str | Path) -> dict[str, Any]:
-    """Check every file of a checkpoint against its manifest; return the manifest."""
+def verify_checkpoint(ckpt: str | Path, only: Sequence[str] | None = None) -> dict[str, Any]:
+    """Check every file of a checkpoint (or those named in ``only``) against its manifest; return the manifest."""
     ckpt = Path(ckpt)
     mpath = ckpt / MANIFEST
     try:
@@ -192,6 +192,8 @@ def verify_checkpoint(ckpt: str | Path) -> dict[str, Any]:
     if not isinstance(files, dict) or "state.json" not in files:
         raise CheckpointError(f"checkpoint {str(ckpt)!r} has a {MANIFEST} that lists no state.json")
     for rel, info in files.items():
+        if only is not None and rel not in only:
+            continue
         parts = Path(rel).parts
         if Path(rel).is_absolute() or ".." in parts or not isinstance(info, dict):
             raise CheckpointError(f"checkpoint {str(ckpt)!r} has a {MANIFEST} with a bad entry {rel!r}")
