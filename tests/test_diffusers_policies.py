@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from precise_rl.policies.flux2 import Flux2KleinPolicy
 from precise_rl.policies.registry import build_task
 from precise_rl.policies.sd3 import SD3Policy
 from precise_rl.rl.trainer import GRPOTrainer, train_step_indices
-from precise_rl.sde import rollout, shift_sigmas
+from precise_rl.sde import SAMPLERS, rollout, shift_sigmas
 
 from . import tiny_pipelines as tp
 
@@ -32,7 +33,7 @@ diffusers_logging.disable_progress_bar()
 
 KINDS = ["flux2_klein", "sd3", "flux1"]
 CLASSES = {"flux2_klein": Flux2KleinPolicy, "sd3": SD3Policy, "flux1": Flux1Policy}
-STOCHASTIC = ["precise", "flow_grpo", "dance_grpo", "cps", "dance_precise"]
+STOCHASTIC = [s for s in SAMPLERS if s != "ode"]  # every sampler with a log-prob
 HEIGHT, WIDTH = tp.HEIGHT, tp.WIDTH
 options = tp.adapter_options
 
@@ -141,10 +142,17 @@ def test_sd3_grid_is_the_schedulers_default_static_shift(policies) -> None:
 # ---------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_ode_rollout_reproduces_the_diffusers_pipeline(kind: str, policies) -> None:
-    """Same seed, steps and sigmas: our batched Euler rollout gives diffusers' images."""
+@pytest.mark.parametrize(
+    ("kind", "guidance"),
+    [("flux2_klein", None), ("flux2_klein", 4.0), ("sd3", None), ("sd3", 1.0), ("flux1", None)],
+    ids=["flux2_klein", "flux2_klein-cfg4", "sd3-cfg4.5", "sd3-nocfg", "flux1"],
+)
+def test_ode_rollout_reproduces_the_diffusers_pipeline(kind: str, guidance: float | None, policies) -> None:
+    """Same seed, steps and sigmas: our batched Euler rollout gives diffusers' images (with and without CFG)."""
     policy = policies[kind]
+    if guidance is not None:
+        policy = CLASSES[kind](policy.pipe, **options(kind, guidance_scale=guidance))
+    assert policy.do_cfg == (kind == "sd3" and guidance is None or kind == "flux2_klein" and guidance == 4.0)
     prompts = ["a red fox", "two cats"]
     seed = int(torch.randint(0, 2**31, ()))
     steps = 4
@@ -221,8 +229,10 @@ def test_sd3_velocity_is_the_cfg_combination(pipeline_dirs) -> None:
     assert (v - v_c).abs().max() > 1e-4
 
 
-def test_repeated_prompts_are_encoded_once(policies) -> None:
-    policy = policies["flux1"]
+@pytest.mark.parametrize("kind", KINDS)
+def test_repeated_prompts_are_encoded_once(kind: str, policies) -> None:
+    """Each distinct prompt of a batch goes through the text encoders once; CFG's negative prompt once per policy."""
+    policy = CLASSES[kind](policies[kind].pipe, **options(kind))  # a fresh policy: nothing cached yet
     seen: list[list[str]] = []
     original = policy.pipe.encode_prompt
 
@@ -236,26 +246,70 @@ def test_repeated_prompts_are_encoded_once(policies) -> None:
         single = policy.encode_prompts(["a"])
     finally:
         del policy.pipe.encode_prompt
-    assert seen == [["b", "a"], ["a"]]
+    assert seen == ([["b", "a"], [""], ["a"]] if policy.do_cfg else [["b", "a"], ["a"]])
     for k, v in cond.items():
         assert v.shape[0] == 5
         torch.testing.assert_close(v[1], single[k][0])
         torch.testing.assert_close(v[4], single[k][0])
         torch.testing.assert_close(v[0], v[3])
+    assert (cond["prompt_embeds"][0] - cond["prompt_embeds"][1]).abs().max() > 0
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(pipeline_dirs) -> None:
-    path = str(pipeline_dirs["flux2_klein"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_guidance_is_one_pass_or_two_as_the_model_defines_it(kind: str, policies) -> None:
+    """FLUX.2 Klein base: no CFG (one pass); SD3.5: CFG (negative and positive rows in one pass of 2B);
+    FLUX.1: its guidance embedding (one pass, the scale fed to the transformer)."""
+    policy = policies[kind]
+    calls: list[tuple[int, torch.Tensor | None]] = []
+
+    def hook(module, args, kwargs):
+        calls.append((kwargs["hidden_states"].shape[0], kwargs.get("guidance")))
+
+    cond = policy.encode_prompts(["a cat", "a dog", "a cat"])
+    assert any(k.startswith("negative_") for k in cond) == (kind == "sd3")
+    handle = policy.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        policy.velocity(torch.randn(3, *policy.latent_shape), torch.rand(3), cond)
+    finally:
+        handle.remove()
+    assert [n for n, _ in calls] == [6 if kind == "sd3" else 3]
+    guidance = calls[0][1]
+    if kind == "flux1":
+        torch.testing.assert_close(guidance, torch.full((3,), 3.5))
+    else:
+        assert guidance is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_velocity_equals_row_by_row(kind: str, policies) -> None:
+    """A whole group in one forward gives each row's own velocity (padding, packing and CFG are per row)."""
+    policy = policies[kind]
+    prompts = ["a red fox", "two cats", "a red fox", "x"]
+    x = torch.randn(4, *policy.latent_shape)
+    t = torch.rand(4)
+    batched = policy.velocity(x, t, policy.encode_prompts(prompts))
+    for i, p in enumerate(prompts):
+        row = policy.velocity(x[i : i + 1], t[i : i + 1], policy.encode_prompts([p]))
+        torch.testing.assert_close(batched[i : i + 1], row, rtol=0, atol=1e-5)
+    assert (batched[0] - batched[2]).abs().max() > 1e-4  # same prompt, other x and t
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_checkpointing_gives_the_same_gradients(kind: str, pipeline_dirs) -> None:
+    """Checkpointed blocks recompute in backward: a weight inside a block gets the gradient it gets without."""
+    path = str(pipeline_dirs[kind])
     grads = []
-    x = torch.randn(2, *Flux2KleinPolicy.from_pretrained(path, **options("flux2_klein")).latent_shape)
+    shape = CLASSES[kind].from_pretrained(path, **options(kind)).latent_shape
+    x = torch.randn(2, *shape)
     t = torch.rand(2)
     for ckpt in (False, True):
-        policy = Flux2KleinPolicy.from_pretrained(path, **options("flux2_klein", gradient_checkpointing=ckpt))
+        policy = CLASSES[kind].from_pretrained(path, **options(kind, gradient_checkpointing=ckpt))
         assert policy.transformer.is_gradient_checkpointing == ckpt
         cond = policy.encode_prompts(["a", "b"])
         policy.transformer.train()
-        w = policy.transformer.proj_out.weight.requires_grad_(True)
+        w = policy.transformer.get_submodule("transformer_blocks.0.attn.to_q").weight.requires_grad_(True)
         policy.velocity(x, t, cond).square().mean().backward()
+        assert w.grad is not None
         grads.append(w.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
     assert grads[0].abs().max() > 0
@@ -278,6 +332,50 @@ def test_unreachable_hub_model_is_a_user_error(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="could not read model_index.json of hub model 'nobody/no-such-model'"):
         Flux1Policy.from_pretrained("nobody/no-such-model", revision="0123abc")
+
+
+def test_hub_revision_reaches_every_download_and_an_unpinned_one_is_noted(
+    pipeline_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub id loads at ``revision`` (model_index.json and the pipeline alike); without a commit hash a
+    warning names the commit the hub resolved to, once per model."""
+    import diffusers
+    import huggingface_hub
+
+    from precise_rl.policies import diffusers_base
+
+    commit = "".join(np.random.default_rng().choice(list("0123456789abcdef"), 40))
+    snapshot = tmp_path / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text((pipeline_dirs["flux1"] / "model_index.json").read_text())
+    asked: list[tuple[str, str, str | None]] = []
+
+    def download(repo_id, filename, revision=None, **kw):
+        asked.append(("index", repo_id, revision))
+        return str(snapshot / filename)
+
+    original = diffusers.FluxPipeline.from_pretrained
+
+    def load(path, revision=None, **kw):
+        asked.append(("pipeline", path, revision))
+        return original(str(pipeline_dirs["flux1"]), **kw)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", load)
+    monkeypatch.setattr(diffusers_base, "_unpinned_noted", set())
+    with pytest.warns(UserWarning, match=f"'someone/flux' is not pinned .* resolved to commit {commit}"):
+        Flux1Policy.from_pretrained("someone/flux", **options("flux1"))
+    assert asked == [("index", "someone/flux", None), ("pipeline", "someone/flux", None)]
+    asked.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        policy = Flux1Policy.from_pretrained("someone/flux", revision=commit, **options("flux1"))
+        Flux1Policy.from_pretrained("someone/flux", **options("flux1"))  # noted once already
+    assert asked == [("index", "someone/flux", commit), ("pipeline", "someone/flux", commit)] + [
+        ("index", "someone/flux", None),
+        ("pipeline", "someone/flux", None),
+    ]
+    assert isinstance(policy, Flux1Policy)
 
 
 def test_unsupported_pipeline_class_is_a_user_error(tmp_path: Path) -> None:

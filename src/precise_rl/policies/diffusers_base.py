@@ -13,6 +13,7 @@ import fnmatch
 import json
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,6 +44,8 @@ PIPELINE_ADAPTERS: dict[str, str] = {
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_unpinned_noted: set[str] = set()
 
 
 def _is_local(path: str) -> bool:
@@ -53,6 +56,22 @@ def _is_local(path: str) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _note_unpinned(path: str, revision: str | None, snapshot: str) -> None:
+    """Warn once per model that a hub model loaded without a commit hash can change under a run."""
+    if revision is not None and _COMMIT.match(revision):
+        return
+    key = f"{path}@{revision}"
+    if key in _unpinned_noted:
+        return
+    _unpinned_noted.add(key)
+    commit = snapshot if _COMMIT.match(snapshot) else "unknown"
+    warnings.warn(
+        f"model {path!r} is not pinned (revision {revision or 'main'!r} resolved to commit {commit}); "
+        "set model.revision (or --revision) to a commit hash for a reproducible run",
+        stacklevel=3,
+    )
 
 
 def read_model_index(path: str, revision: str | None = None) -> dict[str, Any]:
@@ -78,6 +97,7 @@ def read_model_index(path: str, revision: str | None = None) -> dict[str, Any]:
                 f"could not read model_index.json of hub model {path!r}{rev}: {_first_line(exc)}; "
                 "check the id and revision, log in for gated models, or give a local pipeline directory"
             ) from None
+        _note_unpinned(path, revision, Path(where).parent.name)
     try:
         data = json.loads(text)
     except ValueError:
