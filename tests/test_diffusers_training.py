@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
@@ -89,21 +90,47 @@ def test_grpo_step_trains_only_lora_and_the_adapter_reloads_into_sample(kind: st
         assert np.abs(png - ref).max() <= 1.0 / 255 + 1e-6
 
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(ROOT.glob("configs/*.yaml"))
 RECIPES = [p for p in CONFIGS if p.name.startswith(("flux2_klein_", "sd35_"))]
 
-#: section 7 of the math page, per model name: (steps, group size, lr, LoRA rank/alpha, clip, guard, KL, EMA, CFG)
+#: the columns of section 7 of the math page: (steps, group size, lr, LoRA rank/alpha, clip, guard, KL, EMA, CFG).
+#: Precise on SD3.5 runs with the Flow-GRPO column's knobs, so that only the sampler differs.
 SECTION_7 = {
     "flux2_klein": (20, 8, 8e-5, (16, 16.0), 4e-6, True, 0.0, (True, 0.9, 8), 1.0),
     "sd3": (10, 16, 3e-4, (32, 64.0), 1e-4, False, 0.04, (False, None, None), 4.5),
 }
+#: evaluation steps of each column (Flow-GRPO evaluates SD3.5 with 40)
+EVAL_STEPS = {"flux2_klein": 20, "sd3": 40}
+#: each sampler at the noise level of its reference recipe (Precise 1.5 with the logSNR schedule, Flow-GRPO 0.7)
+SAMPLER_ETA = {"precise": 1.5, "flow_grpo": 0.7}
 
 
-def test_every_model_and_jpeg_reward_has_a_recipe() -> None:
-    pairs = {(load_config(p).model.name, tuple(load_config(p).reward.weights)) for p in RECIPES}
-    for model in ("flux2_klein", "sd3"):
-        for reward in ("jpeg_compressibility", "jpeg_incompressibility"):
-            assert (model, (reward,)) in pairs
+def _recipe(path: Path) -> tuple[str, str, str]:
+    cfg = load_config(path)
+    (reward,) = cfg.reward.weights
+    return cfg.model.name, cfg.sampler.name, reward
+
+
+def test_every_documented_recipe_exists() -> None:
+    """The paper's setups (PickScore and HPSv2.1 on FLUX.2 Klein, PickScore on SD3.5 with Precise and with
+    Flow-GRPO side by side) and the JPEG tasks, one file per (model, sampler, reward)."""
+    found = [_recipe(p) for p in RECIPES]
+    assert len(found) == len(set(found))
+    required = {("flux2_klein", "precise", r) for r in ("pickscore", "hpsv2")}
+    required |= {("sd3", "precise", "pickscore"), ("sd3", "flow_grpo", "pickscore")}
+    required |= {(m, "precise", r) for m in SECTION_7 for r in ("jpeg_compressibility", "jpeg_incompressibility")}
+    assert required <= set(found)
+    for path in RECIPES:  # the file name says what it runs
+        model, sampler, reward = _recipe(path)
+        assert path.stem == f"{'sd35' if model == 'sd3' else model}_{sampler}_{reward}"
+
+
+def test_sd35_precise_and_flow_grpo_recipes_differ_only_in_the_sampler() -> None:
+    precise = yaml.safe_load((ROOT / "configs" / "sd35_precise_pickscore.yaml").read_text())
+    flow = yaml.safe_load((ROOT / "configs" / "sd35_flow_grpo_pickscore.yaml").read_text())
+    assert precise.pop("sampler") != flow.pop("sampler")
+    assert precise == flow
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -112,19 +139,28 @@ def test_recipe_config_has_section_7_defaults_and_runs_on_a_tiny_pipeline(path: 
     kind = cfg.model.name
     steps, group, lr, (rank, alpha), clip, guard, kl, (ema_on, decay, every), cfg_scale = SECTION_7[kind]
     t = cfg.train
-    assert (cfg.sampler.name, cfg.sampler.eta, cfg.sampler.num_steps, cfg.sampler.grid) == (
-        "precise",
-        1.5,
+    sampler = cfg.sampler.name
+    assert (sampler, cfg.sampler.eta, cfg.sampler.num_steps, cfg.sampler.grid) == (
+        sampler,
+        SAMPLER_ETA[sampler],
         steps,
         "model",
     )
+    assert sampler == "precise" or kind == "sd3"  # Flow-GRPO's own recipe is on SD3.5
+    assert sampler != "precise" or cfg.sampler.schedule == "logsnr"
     assert (t.group_size, t.lr, t.lora.enabled, t.lora.rank, t.lora.alpha, t.lora.init) == (
         group, lr, True, rank, alpha, "gaussian"
     )  # fmt: skip
     assert (t.clip_range, t.guard, t.kl_beta, t.timestep_fraction) == (clip, guard, kl, 0.99)
     assert t.ema.enabled == ema_on and (not ema_on or (t.ema.decay, t.ema.every) == (decay, every))
     assert cfg.model.options["guidance_scale"] == cfg_scale
-    assert f"-m precise_rl.cli train configs/{path.name}" in path.read_text()  # the launch command
+    assert cfg.eval.num_steps == EVAL_STEPS[kind] and "ode" in cfg.eval.samplers
+    assert (cfg.model.options["height"], cfg.model.options["width"]) == (512, 512)
+    text = path.read_text()  # the launch commands, on N GPUs through the DDP accelerate config, and on one
+    assert "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes" in text
+    assert (ROOT / "configs" / "accelerate" / "ddp.yaml").is_file()
+    assert f"-m precise_rl.cli train configs/{path.name} --output runs/{path.stem}" in text
+    assert f"precise-rl train configs/{path.name}" in text and f"--lora runs/{path.stem}" in text
 
     pipe = tp.save_pipeline(kind, tmp_path / "pipe")
     small = tp.adapter_options(kind)
@@ -133,9 +169,15 @@ def test_recipe_config_has_section_7_defaults_and_runs_on_a_tiny_pipeline(path: 
     overrides += ["eval.max_prompts=1", "eval.samples_per_prompt=2", "logging.tensorboard=false"]
     overrides += ["logging.progress=false", "train.forward_batch=4"]
     overrides += [f"model.options.{k}={v}" for k, v in small.items()]
+    (reward,) = cfg.reward.weights
+    if reward in tp.TINY_REWARDS:  # the recipe's own reward, on a tiny model instead of the hub weights
+        tiny = tp.TINY_REWARDS[reward](tmp_path / reward)
+        overrides += [f"reward.options.{reward}.{k}={v}" for k, v in tiny.items()]
     summary = GRPOTrainer(load_config(path, overrides), tmp_path / "run").run()
     assert summary["epochs"] == 1
     assert np.isfinite(summary["reward_before"]) and np.isfinite(summary["reward_after"])
+    record = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert np.isfinite(record[f"reward/{reward}"]) and np.isfinite(record[f"eval_ode/{reward}"])  # trained on it
     assert (tmp_path / "run" / "checkpoints" / "epoch_000001" / "adapter" / "adapter_config.json").is_file()
 
 
@@ -175,3 +217,25 @@ def test_bf16_weights_with_checkpointing_and_kl_train(kind: str, tmp_path: Path)
     assert trainer.global_step == 1
     record = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert np.isfinite(record["loss"]) and record["kl_ref"] >= 0 and record["ratio_max_dev"] < 1e-3
+
+
+def test_train_command_ends_bad_models_in_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Through ``precise-rl train``: a missing model, an unsupported pipeline class and a resolution the
+    model cannot take each exit with code 2 and one error line."""
+    recipe = str(ROOT / "configs" / "sd35_precise_jpeg_compressibility.yaml")
+    pipe = tp.save_pipeline("sd3", tmp_path / "pipe")
+    small = [f"model.options.{k}={v}" for k, v in tp.adapter_options("sd3").items()]
+    other = tp.save_pipeline("sd3", tmp_path / "other")
+    tp.set_pipeline_class(other, "StableDiffusionXLPipeline")
+    cases = [
+        ([f"model.path={tmp_path / 'missing'}"], "does not exist"),
+        ([f"model.path={other}"], "is a StableDiffusionXLPipeline but this adapter needs a StableDiffusion3Pipeline"),
+        ([f"model.path={pipe}", *small, "model.options.height=30"], "SD3 cannot take a 30x16 image"),
+        ([f"model.path={pipe}", *small, "model.options.width=128"], "at most 64 pixels per side"),
+    ]
+    for k, (overrides, message) in enumerate(cases):
+        capsys.readouterr()
+        assert main(["train", recipe, "--output", str(tmp_path / f"run{k}"), *overrides]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("precise-rl train: error: ") and message in err[-1], err[-1]
+        assert sum("error" in line for line in err) == 1

@@ -110,6 +110,25 @@ def test_bad_model_and_lora_directories(tmp_path: Path, capsys: pytest.CaptureFi
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["flux2_klein", "sd3", "flux1"])
+def test_a_resolution_the_model_cannot_take_is_one_sentence(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = tp.save_pipeline(kind, tmp_path / "pipe")
+    opts = {k: v for k, v in tp.adapter_options(kind).items() if k not in ("height", "width")}
+    base = ["sample", "--model", str(path), "--prompt", "x", "--device", "cpu", "-o", str(tmp_path / "out")]
+    base += [f"--option={k}={v}" for k, v in opts.items()]
+    capsys.readouterr()
+    assert main([*base, "--height", "30", "--width", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("precise-rl sample: error: ") and "cannot take a 30x16 image" in err[-1]
+    assert sum("error" in line for line in err) == 1  # one line, no traceback
+    assert not (tmp_path / "out").exists()  # nothing written
+    if kind == "sd3":  # beyond the position embedding (16 patches of 2 latents of 2 pixels)
+        assert main([*base, "--height", "128", "--width", "64"]) == 2
+        assert "at most 64 pixels per side" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_every_sampler_is_offered() -> None:
     parser = __import__("argparse").ArgumentParser()
     sample_cli.add_arguments(parser)

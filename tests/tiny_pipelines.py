@@ -296,3 +296,91 @@ def set_pipeline_class(directory: str | Path, class_name: str) -> None:
     index = json.loads(path.read_text())
     index["_class_name"] = class_name
     path.write_text(json.dumps(index))
+
+
+# ------------------------------------------------------------------------------------ tiny reward models
+# The recipes' hub rewards (PickScore, HPSv2.1) on tiny random CLIP models saved in the layouts the
+# rewards read, so that a recipe runs its own reward offline (``reward.options`` point at these).
+
+# input side 24, unlike the tiny pipelines' 32x16 images, so that preprocessing resizes (and HPSv2 pads)
+_CLIP_SIDE, _CLIP_PATCH, _CLIP_CTX, _CLIP_WIDTH, _CLIP_EMBED, _CLIP_HEADS = 24, 8, 32, 16, 12, 2
+
+
+def _save_clip_tokenizer(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    clip_tokenizer(_CLIP_CTX).save_pretrained(str(directory))
+    return directory
+
+
+def tiny_pickscore(directory: str | Path, seed: int = 0) -> dict:
+    """A tiny PickScore: a random ``CLIPModel`` and a CLIP processor directory; returns the reward's options."""
+    from transformers import CLIPConfig, CLIPModel
+
+    directory = Path(directory)
+    proc = _save_clip_tokenizer(directory / "processor")
+    (proc / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "crop_size": {"height": _CLIP_SIDE, "width": _CLIP_SIDE},
+                "do_center_crop": True,
+                "do_normalize": True,
+                "do_resize": True,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "resample": 3,
+                "size": {"shortest_edge": _CLIP_SIDE},
+            }
+        )
+    )
+    common = {"hidden_size": _CLIP_WIDTH, "intermediate_size": 24, "num_hidden_layers": 1}
+    common["num_attention_heads"] = _CLIP_HEADS
+    tok = clip_tokenizer(_CLIP_CTX)
+    text = {"vocab_size": len(tok), "max_position_embeddings": _CLIP_CTX, "bos_token_id": 0, "eos_token_id": 1}
+    vision = {"image_size": _CLIP_SIDE, "patch_size": _CLIP_PATCH}
+    torch.manual_seed(seed)
+    model = CLIPModel(
+        CLIPConfig(text_config={**common, **text}, vision_config={**common, **vision}, projection_dim=_CLIP_EMBED)
+    )
+    model.save_pretrained(str(directory / "model"))
+    return {"model": str(directory / "model"), "processor": str(proc)}
+
+
+def tiny_hpsv2(directory: str | Path, seed: int = 0) -> dict:
+    """A tiny HPSv2.1: a random open_clip ViT state dict as ``HPS_v2.1_compressed.pt``; returns the reward's options."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    w, vocab = _CLIP_WIDTH, len(clip_tokenizer(_CLIP_CTX))
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.2
+
+    sd: dict[str, torch.Tensor] = {}
+    for prefix in ("visual.", ""):
+        p = f"{prefix}transformer.resblocks.0."
+        sd[p + "ln_1.weight"], sd[p + "ln_1.bias"] = 1 + r(w), r(w)
+        sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"] = r(3 * w, w), r(3 * w)
+        sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"] = r(w, w), r(w)
+        sd[p + "ln_2.weight"], sd[p + "ln_2.bias"] = 1 + r(w), r(w)
+        sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = r(4 * w, w), r(4 * w)
+        sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = r(w, 4 * w), r(w)
+    grid = _CLIP_SIDE // _CLIP_PATCH
+    sd["visual.class_embedding"], sd["visual.positional_embedding"] = r(w), r(grid * grid + 1, w)
+    sd["visual.proj"], sd["visual.conv1.weight"] = r(w, _CLIP_EMBED), r(w, 3, _CLIP_PATCH, _CLIP_PATCH)
+    sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"] = 1 + r(w), r(w)
+    sd["visual.ln_post.weight"], sd["visual.ln_post.bias"] = 1 + r(w), r(w)
+    sd["positional_embedding"], sd["text_projection"] = r(_CLIP_CTX, w), r(w, _CLIP_EMBED)
+    sd["token_embedding.weight"], sd["logit_scale"] = r(vocab, w), torch.tensor(4.6052)
+    sd["ln_final.weight"], sd["ln_final.bias"] = 1 + r(w), r(w)
+    torch.save({"state_dict": sd}, directory / "HPS_v2.1_compressed.pt")
+    tok = _save_clip_tokenizer(directory / "tokenizer")
+    return {
+        "checkpoint": str(directory),
+        "tokenizer": str(tok),
+        "vision_heads": _CLIP_HEADS,
+        "text_heads": _CLIP_HEADS,
+    }
+
+
+#: the reward options of a tiny stand-in for each hub reward a recipe trains on
+TINY_REWARDS = {"pickscore": tiny_pickscore, "hpsv2": tiny_hpsv2}
