@@ -34,11 +34,11 @@ from scipy import ndimage
 
 from precise_rl.config import config_from_dict
 from precise_rl.errors import UserError
-from precise_rl.rewards import Reward, RewardSet, build_reward
+from precise_rl.rewards import Reward, RewardSet, build_reward, concat_components, jpeg_sizes_kb
 from precise_rl.rewards.failures import RewardServerDown, RewardServerRejected
 from precise_rl.rewards.geneval import evaluate_clauses, relative_position, select_detections
 from precise_rl.rewards.protocol import ProtocolError, decode_images, encode_images, parse_request
-from precise_rl.rewards.server import create_app, read_token, serve
+from precise_rl.rewards.server import TOKEN_ENV, create_app, read_token, serve
 from precise_rl.rl.trainer import GRPOTrainer, metrics_lines
 
 from . import toy_task
@@ -60,16 +60,13 @@ def _levels(images: torch.Tensor) -> torch.Tensor:
 class PairedMean(Reward):
     """Mean pixel plus the prompt's length: a wrong image-prompt pairing shows in the score."""
 
-    def __init__(self, slow_delay: float = 0.0) -> None:
-        self.slow_delay = slow_delay
+    def __init__(self) -> None:
         self.calls = 0
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> dict:
         self.calls += 1
         if any("boom" in p for p in prompts):
             raise RuntimeError("the model fell over")
-        if self.slow_delay and any("slow" in p for p in prompts):
-            time.sleep(self.slow_delay)
         mean = images.flatten(1).mean(1).double()
         length = torch.tensor([float(len(p)) for p in prompts], dtype=torch.float64)
         score = mean + length
@@ -91,9 +88,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def thread_server(reward: Reward, **kwargs: Any) -> Iterator[str]:
+def thread_server(reward: Reward, port: int | None = None, **kwargs: Any) -> Iterator[str]:
     """A uvicorn server in a thread of this process; stopped (gracefully) on exit."""
-    port = _free_port()
+    port = port or _free_port()
     reward.name = reward.name or "paired"
     app = create_app(reward, **kwargs)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
@@ -128,6 +125,60 @@ def garbage_server() -> Iterator[str]:
                 lengths = [float(len(p)) for p in body["prompts"]]
                 payload, status = json.dumps({"reward": "r", "scores": {"r": lengths}}).encode(), 200
             self.send_response(status)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class Gated(Reward):
+    """Mean pixel plus prompt length, but a request holding a prompt with ``hold`` waits for ``gate``.
+
+    A server busy with such a request for as long as the test wants, with no clock involved.
+    """
+
+    def __init__(self, hold: str = "", wait_s: float = 60.0) -> None:
+        self.hold, self.wait_s = hold, wait_s
+        self.gate, self.seen = threading.Event(), threading.Event()
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> Any:
+        if any(self.hold in p for p in prompts):
+            self.seen.set()
+            if not self.gate.wait(self.wait_s):
+                raise RuntimeError("the test never opened the gate")
+        return images.flatten(1).mean(1).double() + torch.tensor([float(len(p)) for p in prompts])
+
+
+def _pil_brightness(encoded: str) -> float:
+    """Mean pixel of a base64 PNG, read with Pillow alone."""
+    with Image.open(io.BytesIO(base64.b64decode(encoded))) as pil:
+        return float(np.asarray(pil, dtype=np.float64).mean() / 255.0)
+
+
+@contextlib.contextmanager
+def scripted_server(bad: str) -> Iterator[str]:
+    """Brightness for every request, except one with a prompt holding ``bad``: a 200 that is not JSON."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if any(bad in p for p in body["prompts"]):
+                payload = b"<html>502 Bad Gateway, says a proxy</html>"
+            else:
+                scores = [_pil_brightness(e) for e in body["images"]]
+                payload = json.dumps({"protocol": 1, "reward": "b", "scores": {"b": scores}}).encode()
+            self.send_response(200)
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
@@ -223,12 +274,17 @@ def test_garbage_answers_are_retried_then_marked() -> None:
 def test_slow_server_times_out_for_its_images_only() -> None:
     images = _images(6, 6)
     prompts = ["fast a", "fast b", "slow c", "slow d", "fast e", "fast f"]
-    with thread_server(PairedMean(slow_delay=1.5), concurrent=True) as url:
-        reward = build_reward("remote", url=url, max_batch=2, workers=3, timeout=0.3, retries=1, backoff=0.0)
-        out = reward(images, prompts, [{}] * 6)
+    gated = Gated(hold="slow")  # the slow requests are held until the client has given up on them
+    with thread_server(gated, concurrent=True) as url:
+        try:
+            reward = build_reward("remote", url=url, max_batch=2, workers=3, timeout=1.0, retries=1, backoff=0.0)
+            out = reward(images, prompts, [{}] * 6)
+        finally:
+            gated.gate.set()
     assert out["unscored"].tolist() == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
     keep = out["unscored"] == 0
     torch.testing.assert_close(out["remote"][keep].double(), _expected(images, prompts)[keep], rtol=0, atol=1e-5)
+    assert reward.down_streak == 0 and reward.stats["unscored"] == 2
 
 
 def test_token_is_required_and_a_wrong_one_stops_cleanly(tmp_path: Path) -> None:
@@ -293,22 +349,106 @@ def _toy_cfg(tmp_url: str, **remote: Any) -> Any:
     return config_from_dict(data)
 
 
-def test_training_goes_on_when_some_images_cannot_be_scored(tmp_path: Path) -> None:
-    reward = build_reward("tests.test_reward_server:flaky_brightness")
-    with thread_server(reward) as url:
-        cfg = _toy_cfg(url, retries=1, backoff=0.0)
+@contextlib.contextmanager
+def _failing_server(mode: str) -> Iterator[tuple[str, dict]]:
+    """A server that fails every request holding prompt 1, and the client options that go with it."""
+    if mode == "http 500":
+        with thread_server(build_reward("tests.test_reward_server:flaky_brightness")) as url:
+            yield url, {}
+    elif mode == "garbage":
+        with scripted_server("prompt 1") as url:
+            yield url, {}
+    else:  # slow: a request of prompt 1 is held until the test ends, past every timeout of the client
+        gated = Gated(hold="prompt 1")
+        with thread_server(gated, concurrent=True) as url:
+            try:
+                yield url, {"timeout": 1.0, "retries": 0}
+            finally:
+                gated.gate.set()
+
+
+@pytest.mark.parametrize("mode", ["http 500", "garbage", "slow"])
+def test_training_goes_on_when_some_images_cannot_be_scored(tmp_path: Path, mode: str) -> None:
+    with _failing_server(mode) as (url, options):
+        options = {"retries": 1, "backoff": 0.0, **options}
+        cfg = _toy_cfg(url, **options)
         trainer = GRPOTrainer(cfg, tmp_path / "run")
         before = {n: p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)}
         trainer.run()
+        stats = dict(trainer.rewards.rewards["remote"].stats)
     records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
-    # the prompts each epoch drew, replayed without any reward server
+    # the prompts each epoch drew, replayed without any reward server: every image of prompt 1 is unscored
     replay = GRPOTrainer(_toy_cfg("http://127.0.0.1:9"), tmp_path / "replay", read_only=True)
     expected = [sum(p == "prompt 1" for p in replay.collect(e).prompts) for e in range(4)]
     assert [r["unscored_samples"] for r in records] == expected
+    assert [r["reward/remote/unscored"] for r in records] == pytest.approx([e / 12 for e in expected])
+    assert stats["unscored"] == sum(expected)
+    assert stats["retries"] >= options["retries"] * sum(expected) // 4  # each failing request was retried
     assert sum(expected) > 0 and any(e < 12 for e in expected)
+    # the scored images still train the model, and the run ends with its last checkpoint
     after = dict(zip(trainer.param_names, trainer.params, strict=True))
     assert any(not torch.equal(before[n], after[n].detach()) for n in before)
+    assert (tmp_path / "run" / "checkpoints" / "epoch_000004").is_dir()
+
+
+def test_a_token_refused_mid_run_stops_training_after_a_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, "first-token")
+    port = _free_port()
+    served = build_reward("tests.toy_task:toy_brightness")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(thread_server(served, port=port, token="first-token"))
+        cfg = _toy_cfg(f"http://127.0.0.1:{port}", retries=2, backoff=0.0)
+        trainer = GRPOTrainer(cfg, tmp_path / "run")
+        collect = trainer.collect
+
+        def collect_then_rotate(epoch: int) -> Any:
+            if epoch == 2:  # after the checkpoint of epoch 2, the server comes back with another token
+                stack.close()
+                stack.enter_context(thread_server(served, port=port, token="second-token"))
+            return collect(epoch)
+
+        trainer.collect = collect_then_rotate
+        with pytest.raises(UserError, match=r"training stopped: reward server .* refused the token") as info:
+            trainer.run()
+        assert "--resume" in str(info.value) and "first-token" not in str(info.value)
+        assert trainer.rewards.rewards["remote"].stats["retries"] == 0  # a refused token is never retried
+        records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
+        assert [(r["epoch"], r["unscored_samples"]) for r in records] == [(1, 0), (2, 0)]
+        names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("epoch_"))
+        assert names[-1] == "epoch_000002"
+        # with the new token the run resumes where it stopped and finishes
+        monkeypatch.setenv(TOKEN_ENV, "second-token")
+        resumed = GRPOTrainer(cfg, tmp_path / "run", resume=tmp_path / "run")
+        assert resumed.epoch == 2
+        resumed.run()
+    records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
+    assert [(r["epoch"], r["unscored_samples"]) for r in records][-2:] == [(3, 0), (4, 0)]
+
+
+def test_submitted_chunks_are_scored_while_the_caller_goes_on() -> None:
+    images, prompts = _images(8, 11), [f"chunk{k // 4} image {k}" for k in range(8)]
+    gated = Gated(hold="chunk0", wait_s=20.0)
+    with thread_server(gated) as url:
+        rs = RewardSet(
+            {"remote": 1.0, "jpeg_compressibility": 0.5},
+            "cpu",
+            remote={"url": url, "max_batch": 2, "retries": 0, "timeout": 60.0},
+        )
+        first = rs.submit(images[:4], prompts[:4])
+        # submit came back while the server still holds the first chunk: nothing waited for its scores
+        assert gated.seen.wait(30.0) and not first.done()
+        second = rs.submit(images[4:], prompts[4:])  # the next chunk, say, just rolled out
+        gated.gate.set()
+        parts = [first.result(), second.result()]
+        assert first.done() and first.result() is parts[0]
+    comps = concat_components(parts)
+    assert list(comps) == ["remote", "remote/unscored", "jpeg_compressibility"]
+    torch.testing.assert_close(comps["remote"].double(), _expected(images, prompts), rtol=0, atol=1e-5)
+    assert comps["remote/unscored"].tolist() == [0.0] * 8
+    torch.testing.assert_close(comps["jpeg_compressibility"], -jpeg_sizes_kb(images), rtol=0, atol=0)
 
 
 def _start_server_process(port: int, reward: str) -> subprocess.Popen:

@@ -28,6 +28,7 @@ from precise_rl.rewards import (
     build_reward,
     check_weights,
     combine_rewards,
+    concat_components,
     jpeg_sizes_kb,
     register_reward,
     weighted_raw,
@@ -227,6 +228,39 @@ def test_reward_set_scores_and_names_extra_fields(rng) -> None:
     assert rs(images, prompts).keys() == comps.keys()
     ref = np32["test_rewards.mean_pixel"].astype(np.float64) - 0.5 * np32["test_rewards.stats"]
     np.testing.assert_allclose(rs.weighted_raw(comps).numpy(), ref, rtol=1e-6)
+
+
+def test_chunks_submitted_one_by_one_score_like_the_whole_batch(rng) -> None:
+    images = torch.from_numpy(rng.random((7, 1, 8, 8))).float()
+    prompts = [f"a {d}" for d in range(7)]
+    rs = RewardSet(
+        {"test_rewards.stats": 1.0, "jpeg_compressibility": 0.5},
+        **{"test_rewards.stats": {"scale": 2.0}},
+    )
+    pending = [rs.submit(images[lo : lo + 3], prompts[lo : lo + 3]) for lo in range(0, 7, 3)]
+    assert all(p.done() for p in pending)  # local rewards are computed on submit
+    parts = [p.result() for p in pending]
+    comps = concat_components(parts)
+    assert list(comps) == [
+        "test_rewards.stats",
+        "test_rewards.stats/min",
+        "test_rewards.stats/n",
+        "jpeg_compressibility",
+    ]
+    flat = images.flatten(1).double().numpy()
+    np.testing.assert_allclose(comps["test_rewards.stats"].numpy(), 2.0 * flat.max(1), rtol=1e-6)
+    np.testing.assert_allclose(comps["test_rewards.stats/min"].numpy(), flat.min(1), rtol=1e-6)
+    assert comps["test_rewards.stats/n"].tolist() == [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 1.0]  # prompts per chunk
+    # 8x8 images are upscaled 8 times to the default min_side of 64
+    np.testing.assert_allclose(
+        comps["jpeg_compressibility"].numpy(), -_pillow_sizes_kb(flat.reshape(7, 1, 8, 8), 95, 8), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="chunk 1 has reward fields"):
+        concat_components([parts[0], {"test_rewards.stats": parts[1]["test_rewards.stats"]}])
+    with pytest.raises(ValueError, match="no reward components"):
+        concat_components([])
+    with pytest.raises(UserError, match="got 3 images, 2 prompts"):
+        rs.submit(images[:3], prompts[:2])
 
 
 @pytest.mark.parametrize(

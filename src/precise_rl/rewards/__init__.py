@@ -8,12 +8,14 @@ decorate it with ``@register_reward("name")``, or name it by import path ``"pack
 from . import clip_models, digits, geneval, image, image_reward, remote
 from .base import (
     FunctionReward,
+    PendingRewards,
     Reward,
     RewardSet,
     available_rewards,
     build_reward,
     check_weights,
     combine_rewards,
+    concat_components,
     register_reward,
     weighted_raw,
 )
@@ -24,6 +26,8 @@ __all__ = [
     "Reward",
     "FunctionReward",
     "RewardSet",
+    "PendingRewards",
+    "concat_components",
     "register_reward",
     "build_reward",
     "available_rewards",

@@ -25,6 +25,8 @@ __all__ = [
     "Reward",
     "FunctionReward",
     "RewardSet",
+    "PendingRewards",
+    "concat_components",
     "register_reward",
     "build_reward",
     "available_rewards",
@@ -271,7 +273,41 @@ class RewardSet:
                 options["device"] = self.device
             self.rewards[name] = build_reward(name, **options)
 
+    def _check_batch(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None
+    ) -> list[Mapping[str, Any]]:
+        if images.ndim != 4:
+            raise UserError(f"rewards need images shaped (B, C, H, W), got {tuple(images.shape)}")
+        batch = images.shape[0]
+        metadata = [{} for _ in range(batch)] if metadata is None else list(metadata)
+        if len(prompts) != batch or len(metadata) != batch:
+            raise UserError(f"got {batch} images, {len(prompts)} prompts and {len(metadata)} metadata entries")
+        return metadata
+
     @torch.no_grad()
+    def submit(
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[str],
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+    ) -> PendingRewards:
+        """Start scoring a batch; ``.result()`` gives what :meth:`score` returns.
+
+        Rewards with a ``submit`` method (``remote``, ``geneval``) send their requests and return at
+        once, their scores arriving in the background; the others are computed here, meanwhile.
+        A caller that submits each chunk of a rollout as soon as it is decoded overlaps the
+        servers' scoring with the rollout of the next chunk.
+        """
+        metadata = self._check_batch(images, prompts, metadata)
+        images = images.to(self.device)
+        prompts = list(prompts)
+        started: dict[str, Any] = {}
+        for name, reward in self.rewards.items():
+            if callable(getattr(reward, "submit", None)):
+                started[name] = reward.submit(images, prompts, metadata)
+        done = {name: reward(images, prompts, metadata) for name, reward in self.rewards.items() if name not in started}
+        return PendingRewards(self, started, done, images.shape[0])
+
     def score(
         self,
         images: torch.Tensor,
@@ -279,18 +315,7 @@ class RewardSet:
         metadata: Sequence[Mapping[str, Any]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every reward's fields, ``(B,)`` float32 each on ``device`` (extra fields as ``"name/field"``)."""
-        if images.ndim != 4:
-            raise UserError(f"rewards need images shaped (B, C, H, W), got {tuple(images.shape)}")
-        batch = images.shape[0]
-        metadata = [{} for _ in range(batch)] if metadata is None else list(metadata)
-        if len(prompts) != batch or len(metadata) != batch:
-            raise UserError(f"got {batch} images, {len(prompts)} prompts and {len(metadata)} metadata entries")
-        images = images.to(self.device)
-        components: dict[str, torch.Tensor] = {}
-        for name, reward in self.rewards.items():
-            out = reward(images, list(prompts), metadata)
-            components.update(_as_components(name, out, batch, self.device, getattr(reward, "may_fail", False)))
-        return components
+        return self.submit(images, prompts, metadata).result()
 
     __call__ = score
 
@@ -301,3 +326,38 @@ class RewardSet:
     def weighted_raw(self, components: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The weighted sum of raw scores (see :func:`weighted_raw`)."""
         return weighted_raw(components, self.weights)
+
+
+class PendingRewards:
+    """A batch being scored by a :class:`RewardSet` (see :meth:`RewardSet.submit`)."""
+
+    def __init__(self, owner: RewardSet, started: dict[str, Any], done: dict[str, Any], batch: int) -> None:
+        self._owner, self._started, self._done, self._batch = owner, started, done, batch
+        self._result: dict[str, torch.Tensor] | None = None
+
+    def done(self) -> bool:
+        """True once every reward has its scores (``result()`` then returns without waiting)."""
+        return all(pending.done() for pending in self._started.values() if callable(getattr(pending, "done", None)))
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """Wait for every reward; the components as :meth:`RewardSet.score` gives them (computed once)."""
+        if self._result is None:
+            owner = self._owner
+            components: dict[str, torch.Tensor] = {}
+            for name, reward in owner.rewards.items():
+                out = self._started[name].result() if name in self._started else self._done[name]
+                may_fail = getattr(reward, "may_fail", False)
+                components.update(_as_components(name, out, self._batch, owner.device, may_fail))
+            self._result = components
+        return self._result
+
+
+def concat_components(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The components of consecutive chunks of a batch (each from :meth:`RewardSet.score`) as one batch's."""
+    if not parts:
+        raise ValueError("no reward components to concatenate")
+    keys = list(parts[0])
+    for k, part in enumerate(parts[1:], start=1):
+        if sorted(part) != sorted(keys):
+            raise ValueError(f"chunk {k} has reward fields {sorted(part)}, chunk 0 has {sorted(keys)}")
+    return {key: torch.cat([part[key] for part in parts]) for key in keys}

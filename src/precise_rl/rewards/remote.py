@@ -70,9 +70,17 @@ class PendingScores:
 
     def __init__(self, owner: RemoteReward, futures: list[tuple[slice, Future]], batch: int, device: torch.device):
         self._owner, self._futures, self._batch, self._device = owner, futures, batch, device
+        self._result: dict[str, torch.Tensor] | None = None
+
+    def done(self) -> bool:
+        """True once every request of the batch has its answer (or has given up)."""
+        return all(future.done() for _, future in self._futures)
 
     def result(self) -> dict[str, torch.Tensor]:
-        return self._owner._assemble(self._futures, self._batch, self._device)
+        """Wait for the scores (computed once; a second call returns the same dict)."""
+        if self._result is None:
+            self._result = self._owner._assemble(self._futures, self._batch, self._device)
+        return self._result
 
 
 @register_reward("remote")
@@ -117,6 +125,11 @@ class RemoteReward(Reward):
         self._pool_lock = threading.Lock()
         self.down_streak = 0  #: calls in a row that got no score at all
         self.stats = {"requests": 0, "retries": 0, "unscored": 0}
+        self._stats_lock = threading.Lock()  # the worker threads count requests and retries
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[key] += n
 
     # ------------------------------------------------------------------ transport
 
@@ -149,9 +162,9 @@ class RemoteReward(Reward):
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
-                self.stats["retries"] += 1
+                self._count("retries")
                 time.sleep(min(self.backoff_max, self.backoff * 2 ** (attempt - 1)))
-            self.stats["requests"] += 1
+            self._count("requests")
             try:
                 status, data = self._post(body)
                 if status in (401, 403):
@@ -255,7 +268,7 @@ class RemoteReward(Reward):
                 raise RewardServerDown(
                     f"reward server {self.url} gave no score in {self.down_streak} calls in a row ({unreachable[-1]})"
                 )
-        self.stats["unscored"] += int(unscored.sum())
+        self._count("unscored", int(unscored.sum()))
         out = {k: v.float().to(device) for k, v in fields.items()}
         out[UNSCORED] = unscored.float().to(device)
         return out
