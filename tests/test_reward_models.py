@@ -7,9 +7,14 @@ constants; open_clip's and BLIP's forward passes written out from their original
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
 import math
+import shutil
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -652,3 +657,184 @@ def test_a_config_mixes_hub_scorers_with_weights(clip_dirs: dict[str, Path], tmp
     z = lambda r: (r.double() - r.double().mean()) / (r.double().std(correction=0) + 1e-8)  # noqa: E731
     expected = z(comps["pickscore"]) + 0.5 * z(comps["clipscore"]) + 0.25 * z(comps["aesthetic"])
     torch.testing.assert_close(combined.double(), expected, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- every hub scorer alike
+
+HUB_SCORERS = ["pickscore", "clipscore", "aesthetic", "hpsv2", "imagereward"]
+PAIR_PROMPTS = ["a red cat", "two dogs on the sea", "a photo of the sea", "red red red", "the cat of the dogs"]
+
+
+@pytest.fixture(scope="module")
+def hub_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Tiny weights of every hub scorer, laid out as the hub repos they stand for.
+
+    ``repos`` maps each default hub id to its directory; ``kwargs`` builds each scorer from the
+    directories (the heads of the tiny models are given, as a state dict cannot tell them).
+    """
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("hub")
+    processor = _processor_dir(root / "laion-clip-h")
+    pick = _tiny_clip(root / "pickscore", seed=2)
+    openai = _tiny_clip(_processor_dir(root / "openai-clip-l"), seed=3)
+    (root / "aesthetic").mkdir()
+    _aesthetic_head(root / "aesthetic" / "aesthetic-model.pth", 24, seed=4)
+    (root / "hps").mkdir()
+    torch.save({"state_dict": _open_clip_state(seed=5)}, root / "hps" / "HPS_v2.1_compressed.pt")
+    bert = _bert_tokenizer(root / "bert")
+    (root / "imagereward").mkdir()
+    _blip_checkpoint(root / "imagereward", len(AutoTokenizer.from_pretrained(str(bert))) + 2, seed=6)
+    repos = {
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": processor,
+        "yuvalkirstain/PickScore_v1": pick,
+        "openai/clip-vit-large-patch14": openai,
+        "trl-lib/ddpo-aesthetic-predictor": root / "aesthetic",
+        "xswu/HPSv2": root / "hps",
+        "THUDM/ImageReward": root / "imagereward",
+        "google-bert/bert-base-uncased": bert,
+    }
+    heads = {"hpsv2": {"vision_heads": HPS_HEADS, "text_heads": HPS_HEADS}, "imagereward": {"vision_heads": 4}}
+    kwargs = {
+        "pickscore": {"model": str(pick), "processor": str(processor)},
+        "clipscore": {"model": str(openai)},
+        "aesthetic": {"clip_model": str(openai), "head": str(root / "aesthetic")},
+        "hpsv2": {"checkpoint": str(root / "hps"), "tokenizer": str(processor), **heads["hpsv2"]},
+        "imagereward": {"model": str(root / "imagereward"), "tokenizer": str(bert), **heads["imagereward"]},
+    }
+    return {"repos": repos, "kwargs": kwargs, "heads": heads}
+
+
+@pytest.mark.parametrize("name", HUB_SCORERS)
+def test_every_hub_scorer_keeps_images_with_their_prompts_whatever_the_batching(
+    name: str, hub_models: dict[str, Any]
+) -> None:
+    gen = torch.Generator().manual_seed(50 + HUB_SCORERS.index(name))
+    images = _smooth_images(gen, 5, IMAGE + 9, IMAGE)  # resized and cropped (or padded) on the way
+    scorer = build_reward(name, batch_size=1, **hub_models["kwargs"][name])
+    # every (image, prompt) pair scored on its own: no batch in which a prompt could drift
+    alone = torch.tensor(
+        [[scorer(images[i : i + 1], [PAIR_PROMPTS[j]], [{}])[name].item() for j in range(5)] for i in range(5)]
+    )
+    rows = torch.arange(5)
+    shift = (rows + 1) % 5
+    perm = torch.randperm(5, generator=gen)
+    for batch_size in (2, 3, 8):
+        scorer.batch_size = batch_size
+        got = scorer(images, PAIR_PROMPTS, [{}] * 5)[name]
+        assert got.dtype == torch.float32 and got.shape == (5,)
+        torch.testing.assert_close(got, alone.diagonal(), rtol=1e-5, atol=1e-4)
+        # images and prompts shuffled together: the scores follow the pairs
+        shuffled = scorer(images[perm], [PAIR_PROMPTS[i] for i in perm], [{}] * 5)[name]
+        torch.testing.assert_close(shuffled, alone.diagonal()[perm], rtol=1e-5, atol=1e-4)
+        # prompts shifted by one: image i is scored with prompt i + 1, as alone
+        shifted = scorer(images, PAIR_PROMPTS[1:] + PAIR_PROMPTS[:1], [{}] * 5)[name]
+        torch.testing.assert_close(shifted, alone[rows, shift], rtol=1e-5, atol=1e-4)
+    if name == "aesthetic":  # looks alone: the prompt plays no part
+        torch.testing.assert_close(alone, alone[:, :1].expand(5, 5), rtol=0, atol=1e-6)
+    else:  # the prompts matter, so the checks above could tell a drifted pairing
+        assert (alone.diagonal() - alone[rows, shift]).abs().min() > 1e-4
+    assert (alone.diagonal() - alone.diagonal()[0]).abs().max() > 1e-4  # and so do the images
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", HUB_SCORERS)
+def test_every_hub_scorer_runs_in_half_precision(name: str, dtype: str, hub_models: dict[str, Any]) -> None:
+    images = _smooth_images(torch.Generator().manual_seed(60), 6, IMAGE, IMAGE + 5)
+    kw = hub_models["kwargs"][name]
+    full = build_reward(name, **kw)(images, PAIR_PROMPTS + ["a cat"], [{}] * 6)[name].double()
+    half = build_reward(name, dtype=dtype, **kw)
+    got = half(images, PAIR_PROMPTS + ["a cat"], [{}] * 6)[name]
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    model = half.model
+    # the encoders run in half precision; the small MLP heads stay in float32, on float32 features
+    nets = {"aesthetic": lambda: [model[0]], "imagereward": lambda: [model[0].vision, model[0].text]}
+    nets = nets.get(name, lambda: [model.model])()
+    assert all(p.dtype == getattr(torch, dtype) for net in nets for p in net.parameters())
+    # within a small part of how much the scores vary over the images (bfloat16 keeps 8 bits of mantissa)
+    tol = {"float16": 0.03, "bfloat16": 0.25}[dtype]
+    assert (got.double() - full).abs().max() <= tol * full.std()
+
+
+class FakeHub:
+    """``snapshot_download`` / ``hf_hub_download`` over local directories, as the hub lays out a snapshot.
+
+    A fetch copies the repo's files that ``allow_patterns`` admit into ``snapshots/<commit>``, so a
+    scorer whose patterns miss a file it needs fails here as it would against the hub.
+    """
+
+    def __init__(self, repos: dict[str, Path], cache: Path) -> None:
+        self.repos, self.cache, self.calls = repos, cache, []
+
+    @staticmethod
+    def commit(repo: str, revision: str | None) -> str:
+        if revision is not None and len(revision) == 40:
+            return revision
+        return hashlib.sha1(f"{repo}@{revision or 'main'}".encode()).hexdigest()
+
+    def _snapshot(self, repo: str, revision: str | None, patterns: list[str] | None) -> Path:
+        if repo not in self.repos:
+            raise OSError(f"404 Client Error: repository {repo} not found")
+        out = self.cache / repo.replace("/", "--") / "snapshots" / self.commit(repo, revision)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in self.repos[repo].iterdir():
+            if f.is_file() and (patterns is None or any(fnmatch.fnmatch(f.name, p) for p in patterns)):
+                shutil.copy(f, out / f.name)
+        return out
+
+    def snapshot_download(self, repo_id: str, revision: str | None = None, allow_patterns: Any = None) -> str:
+        self.calls.append(("snapshot", repo_id, revision))
+        return str(self._snapshot(repo_id, revision, allow_patterns))
+
+    def hf_hub_download(self, repo_id: str, filename: str, revision: str | None = None) -> str:
+        self.calls.append(("file", repo_id, revision))
+        path = self._snapshot(repo_id, revision, [filename]) / filename
+        if not path.is_file():
+            raise OSError(f"404 Client Error: {filename} not found in {repo_id}")
+        return str(path)
+
+
+@pytest.mark.parametrize("name", HUB_SCORERS)
+def test_hub_scorers_load_their_default_hub_ids_at_a_pinned_revision(
+    name: str, hub_models: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    from precise_rl.rewards import hub
+
+    fake = FakeHub(hub_models["repos"], tmp_path / "cache")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.hf_hub_download)
+    monkeypatch.setattr(hub, "_warned", set())
+    revision_keys = {
+        "pickscore": ["model_revision", "processor_revision"],
+        "clipscore": ["revision"],
+        "aesthetic": ["clip_revision", "head_revision"],
+        "hpsv2": ["checkpoint_revision", "tokenizer_revision"],
+        "imagereward": ["revision", "tokenizer_revision"],
+    }[name]
+    pins = {key: hashlib.sha1(key.encode()).hexdigest() for key in revision_keys}
+    images = _smooth_images(torch.Generator().manual_seed(70), 3, IMAGE, IMAGE)
+    local = build_reward(name, **hub_models["kwargs"][name])(images, PAIR_PROMPTS[:3], [{}] * 3)[name]
+    # only the default hub ids (no local paths): every fetch asks for its pinned commit, nothing warns
+    heads = hub_models["heads"].get(name, {})
+    pinned = build_reward(name, **heads, **pins)
+    assert not fake.calls  # lazily: nothing is fetched before the first batch
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = pinned(images, PAIR_PROMPTS[:3], [{}] * 3)[name]
+    assert not [w for w in caught if "pinned" in str(w.message)]
+    torch.testing.assert_close(got, local, rtol=0, atol=1e-5)
+    assert {call[1] for call in fake.calls} <= set(fake.repos)
+    assert {call[2] for call in fake.calls} == set(pins.values())
+    # unpinned: the hub's main is used and the commit it resolved to is named once, to pin it afterwards
+    fake.calls.clear()
+    with pytest.warns(UserWarning, match=r"is not pinned \(revision 'main' resolved to commit [0-9a-f]{40}\)"):
+        build_reward(name, **heads)(images, PAIR_PROMPTS[:3], [{}] * 3)
+    assert {call[2] for call in fake.calls} == {None}
+    # a revision the hub does not have (or no network) is one sentence naming the id and the revision
+    first = revision_keys[0]
+    source_key = {"pickscore": "model", "clipscore": "model", "aesthetic": "clip_model", "hpsv2": "checkpoint"}
+    broken = build_reward(name, **heads, **{source_key.get(name, "model"): "nobody/elsewhere", first: "v0"})
+    with pytest.raises(UserError, match=r"cannot fetch .*'nobody/elsewhere'.* at revision 'v0' from the hub"):
+        broken(images, PAIR_PROMPTS[:3], [{}] * 3)
