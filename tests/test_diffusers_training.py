@@ -239,3 +239,61 @@ def test_train_command_ends_bad_models_in_one_sentence(tmp_path: Path, capsys: p
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("precise-rl train: error: ") and message in err[-1], err[-1]
         assert sum("error" in line for line in err) == 1
+
+
+@pytest.mark.slow
+def test_recipe_on_two_processes_as_its_launch_command_says_matches_one_process(tmp_path: Path) -> None:
+    """The FLUX.2 Klein PickScore recipe's own command (accelerate launch through configs/accelerate/ddp.yaml,
+    ``-m precise_rl.cli train``) on two CPU processes, on a tiny pipeline with gradient checkpointing, LoRA
+    and EMA as the recipe sets them, trains the LoRA weights a one-process run trains."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    name = "flux2_klein_precise_pickscore"
+    recipe = ROOT / "configs" / f"{name}.yaml"
+    text = recipe.read_text()
+    assert "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 8 \\" in text
+    assert f"#       -m precise_rl.cli train configs/{name}.yaml --output runs/{name}" in text
+    pipe = tp.save_pipeline("flux2_klein", tmp_path / "pipe")
+    overrides = [f"model.path={pipe}", "model.dtype=float32", "train.mixed_precision='no'", "train.epochs=2"]
+    overrides += ["train.groups_per_epoch=2", "train.group_size=2", "train.batch_size=2", "train.grad_accum=2"]
+    overrides += ["train.rollout_batch_size=1", "train.forward_batch=3", "train.lr=1e-2", "train.ema.every=1"]
+    overrides += ["sampler.num_steps=3", "eval.every=0", "logging.tensorboard=false", "logging.progress=false"]
+    overrides += [f"model.options.{k}={v}" for k, v in tp.adapter_options("flux2_klein").items()]
+    overrides += [f"reward.options.pickscore.{k}={v}" for k, v in tp.tiny_pickscore(tmp_path / "ps").items()]
+    cfg = load_config(recipe, overrides)
+    assert cfg.model.options["gradient_checkpointing"] and cfg.train.ema.enabled and cfg.train.lora.enabled
+
+    one = GRPOTrainer(cfg, tmp_path / "one")
+    initial = {n: t.clone() for n, t in one._trainable_state().items()}
+    one.run()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml"]
+    cmd += ["--num_processes", "2", "--main_process_port", port, "-m", "precise_rl.cli", "train", str(recipe)]
+    cmd += ["--output", str(tmp_path / "two"), *overrides]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    def final(run: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(sorted((run / "checkpoints").glob("epoch_*"))[-1] / "trainable.safetensors"))
+
+    want, got = final(tmp_path / "one"), final(tmp_path / "two")
+    assert want.keys() == got.keys() == initial.keys() and all(".lora_" in n for n in want)
+    moved = torch.cat([(want[n] - initial[n]).flatten() for n in want])
+    diff = torch.cat([(got[n] - want[n]).flatten() for n in want])
+    assert moved.norm() > 0
+    assert diff.norm() <= 1e-3 * moved.norm(), (float(diff.norm()), float(moved.norm()))
+    rewards = [
+        [json.loads(x)["reward/pickscore"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+        for run in (tmp_path / "one", tmp_path / "two")
+    ]
+    assert rewards[0] == pytest.approx(rewards[1], rel=1e-4, abs=1e-5)
+    assert (tmp_path / "two" / "checkpoints" / "epoch_000002" / "adapter" / "adapter_config.json").is_file()
