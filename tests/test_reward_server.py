@@ -622,3 +622,79 @@ def test_geneval_client_and_detector_server_end_to_end() -> None:
     assert out["geneval"].tolist() == [1.0, 0.0, 1.0, 0.5]
     assert out["strict"].tolist() == [1.0, 0.0, 1.0, 0.0]
     assert out["unscored"].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def _jsonl(path: Path, entries: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+    return path
+
+
+def test_geneval_metadata_comes_from_a_file_by_prompt(tmp_path: Path) -> None:
+    images = torch.stack([_draw([("red", 2, 10, 6, 6), ("blue", 20, 10, 6, 6)]), _draw([("green", 2, 4, 4, 14)])])
+    two_cups = {"tag": "counting", "include": [{"class": "cup", "count": 2}], "exclude": [{"class": "cup", "count": 3}]}
+    red_bottle = {"tag": "colors", "include": [{"class": "bottle", "count": 1, "color": "red"}]}
+    green_bottle = {"tag": "colors", "include": [{"class": "bottle", "count": 1, "color": "green"}]}
+    # GenEval's evaluation_metadata.jsonl: one object per line, the prompt beside its entry
+    path = _jsonl(
+        tmp_path / "evaluation_metadata.jsonl",
+        [{"prompt": "two cups", **two_cups}, {"prompt": "a red bottle", **red_bottle}],
+    )
+    server_reward = build_reward(
+        "geneval_detector",
+        detector="tests.test_reward_server:blob_detector",
+        colors="tests.test_reward_server:blob_color",
+    )
+    with thread_server(server_reward) as url:
+        client = build_reward("geneval", url=url, retries=0, metadata_file=str(path))
+        out = client(images, ["two cups", "a red bottle"], [{}, {}])
+        # metadata given with the batch wins over the file's entry
+        own = client(images, ["two cups", "a red bottle"], [{}, green_bottle])
+        with pytest.raises(UserError, match=r"image 0 needs GenEval metadata"):
+            client(images[:1], ["a prompt the file lacks"], [{}])
+        bare = build_reward("geneval", url=url, retries=0)
+        with pytest.raises(UserError, match="or give the reward a metadata_file"):
+            bare(images[:1], ["two cups"], [{}])
+    assert out["geneval"].tolist() == [1.0, 0.0] and out["strict"].tolist() == [1.0, 0.0]
+    assert own["geneval"].tolist() == [1.0, 1.0]
+    for lines, message in (
+        (["{not json"], "line 1 .* is not JSON"),
+        ([json.dumps({"tag": "counting"})], "line 1 .* not an object with a 'prompt'"),
+        ([json.dumps({"prompt": "a", **two_cups}), json.dumps({"prompt": "a", **red_bottle})], "two different"),
+        ([""], "holds no entries"),
+    ):
+        (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+        with pytest.raises(UserError, match=message):
+            build_reward("geneval", metadata_file=str(tmp_path / "bad.jsonl"))
+    with pytest.raises(UserError, match="cannot read the metadata file"):
+        build_reward("geneval", metadata_file=str(tmp_path / "missing.jsonl"))
+
+
+def brightness_detector(images: torch.Tensor) -> list[list[dict]]:
+    """One object covering the whole image: a "light" one when its mean pixel is over 1/2, else a "dark" one."""
+    height, width = images.shape[-2:]
+    return [
+        [{"class": "light" if float(img.mean()) > 0.5 else "dark", "score": 0.99, "box": [0, 0, width, height]}]
+        for img in images
+    ]
+
+
+def test_training_on_geneval_verdicts_from_a_detector_server(tmp_path: Path) -> None:
+    wants = {f"prompt {k}": "light" if k % 2 == 0 else "dark" for k in range(4)}
+    entries = [{"prompt": p, "tag": "single_object", "include": [{"class": c, "count": 1}]} for p, c in wants.items()]
+    path = _jsonl(tmp_path / "meta.jsonl", entries)
+    served = build_reward("geneval_detector", detector="tests.test_reward_server:brightness_detector")
+    with thread_server(served) as url:
+        data = copy.deepcopy(toy_task.TOY_CONFIG)
+        options = {"url": url, "max_batch": 4, "retries": 0, "metadata_file": str(path)}
+        data["reward"] = {"weights": {"geneval": 1.0}, "options": {"geneval": options}}
+        trainer = GRPOTrainer(config_from_dict(data), tmp_path / "run")
+        trainer.run()
+    records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
+    assert [(r["epoch"], r["unscored_samples"]) for r in records] == [(1, 0), (2, 0), (3, 0), (4, 0)]
+    # the first epoch's verdicts, recomputed from its images (replayed) and the prompts' wishes
+    first = GRPOTrainer(config_from_dict(data), tmp_path / "replay", read_only=True).collect(0)
+    light = first.images.flatten(1).mean(1) > 0.5
+    met = torch.tensor([float(bool(b) == (wants[p] == "light")) for b, p in zip(light, first.prompts, strict=True)])
+    assert records[0]["reward/geneval"] == pytest.approx(float(met.mean()))
+    assert records[0]["reward/geneval/strict"] == pytest.approx(float(met.mean()))
+    assert 0.0 < float(met.mean()) < 1.0  # the verdicts differ between images: the check above can fail

@@ -27,6 +27,7 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from .failures import RewardServerDown, RewardServerRejected
 from .protocol import ProtocolError, build_request, parse_response
 from .server import DEFAULT_PORT, TOKEN_ENV, read_token
 
-__all__ = ["RemoteReward", "GenEvalRemote", "PendingScores", "UNSCORED"]
+__all__ = ["RemoteReward", "GenEvalRemote", "PendingScores", "UNSCORED", "read_prompt_metadata"]
 
 #: the extra field, 1.0 for each image a remote reward could not score
 UNSCORED = "unscored"
@@ -89,6 +90,8 @@ class RemoteReward(Reward):
 
     Returns the server reward's own score under this reward's name (e.g. ``remote@hps``), its extra
     fields, and ``unscored`` (1 where no score could be had, the score being NaN there).
+    ``metadata_file`` (JSON lines, each an object with a ``"prompt"``) adds each prompt's entry to
+    the metadata sent with its images, e.g. GenEval's ``evaluation_metadata.jsonl``.
     """
 
     may_fail = True
@@ -105,6 +108,7 @@ class RemoteReward(Reward):
         stop_after: int = 2,
         token_env: str | None = TOKEN_ENV,
         token_file: str | None = None,
+        metadata_file: str | None = None,
     ) -> None:
         parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
         if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -121,6 +125,8 @@ class RemoteReward(Reward):
         self.workers = _positive(workers, "workers", integer=True)
         self.stop_after = _positive(stop_after, "stop_after", integer=True)
         self._token = read_token(token_file, token_env)
+        self.metadata_file = metadata_file
+        self._by_prompt = read_prompt_metadata(metadata_file) if metadata_file is not None else {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self.down_streak = 0  #: calls in a row that got no score at all
@@ -212,6 +218,8 @@ class RemoteReward(Reward):
             raise UserError(
                 f"reward {self.name!r} got {batch} images, {len(prompts)} prompts, {len(metadata)} metadata"
             )
+        if self._by_prompt:  # the file's entry of each prompt, under what the batch's own metadata says
+            metadata = [{**self._by_prompt.get(p, {}), **dict(m)} for p, m in zip(prompts, metadata, strict=True)]
         self._check_metadata(metadata)
         cpu = images.detach().cpu()
         pool = self._executor()
@@ -297,6 +305,34 @@ def _merge(first: _Outcome, second: _Outcome, n1: int, n2: int) -> _Outcome:
     return _Outcome(scores=scores, reward=reward)
 
 
+def read_prompt_metadata(path: str | Path) -> dict[str, dict]:
+    """A JSON-lines file of per-prompt metadata (``{"prompt": ..., key: value, ...}`` a line): prompt -> keys."""
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise UserError(f"metadata_file must be the path of a JSON-lines file, got {path!r}")
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise UserError(f"cannot read the metadata file {str(path)!r} ({reason})") from None
+    entries: dict[str, dict] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            raise UserError(f"line {number} of the metadata file {str(path)!r} is not JSON") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+            raise UserError(f"line {number} of the metadata file {str(path)!r} is not an object with a 'prompt'")
+        prompt = entry.pop("prompt")
+        if prompt in entries and entries[prompt] != entry:
+            raise UserError(f"the metadata file {str(path)!r} gives prompt {prompt!r} two different entries")
+        entries[prompt] = entry
+    if not entries:
+        raise UserError(f"the metadata file {str(path)!r} holds no entries")
+    return entries
+
+
 # ----------------------------------------------------------------------------- GenEval
 
 _GENEVAL_TAGS = {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
@@ -307,7 +343,8 @@ class GenEvalRemote(RemoteReward):
     """GenEval-style prompt alignment from a reward server running an object detector (``geneval_detector``).
 
     Every image's metadata must be its prompt's GenEval entry: ``{"tag": ..., "include": [{"class":
-    "dog", "count": 2, "color": "red", "position": ["left of", 0]}, ...], "exclude": [...]}``. The
+    "dog", "count": 2, "color": "red", "position": ["left of", 0]}, ...], "exclude": [...]}``, given
+    with the batch or looked up by prompt in ``metadata_file`` (GenEval's ``evaluation_metadata.jsonl``). The
     server answers the fraction of the entry's requirements met (this reward's score) and ``strict``
     (1 when all are, GenEval's own metric).
     """
@@ -317,7 +354,8 @@ class GenEvalRemote(RemoteReward):
         for k, meta in enumerate(metadata):
             tag, include = meta.get("tag"), meta.get("include")
             if tag not in _GENEVAL_TAGS or not isinstance(include, list) or not include:
+                hint = "" if self.metadata_file else " (or give the reward a metadata_file)"
                 raise UserError(
                     f"reward {self.name!r}: image {k} needs GenEval metadata with a 'tag' in {sorted(_GENEVAL_TAGS)} "
-                    f"and a non-empty 'include' list, got {dict(meta)!r}"
+                    f"and a non-empty 'include' list{hint}, got {dict(meta)!r}"
                 )
