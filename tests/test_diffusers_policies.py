@@ -142,16 +142,28 @@ def test_sd3_grid_is_the_schedulers_default_static_shift(policies) -> None:
 # ---------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize(
-    ("kind", "guidance"),
-    [("flux2_klein", None), ("flux2_klein", 4.0), ("sd3", None), ("sd3", 1.0), ("flux1", None)],
-    ids=["flux2_klein", "flux2_klein-cfg4", "sd3-cfg4.5", "sd3-nocfg", "flux1"],
-)
-def test_ode_rollout_reproduces_the_diffusers_pipeline(kind: str, guidance: float | None, policies) -> None:
-    """Same seed, steps and sigmas: our batched Euler rollout gives diffusers' images (with and without CFG)."""
+#: (adapter, guidance_scale option, tiny-pipeline variant built in memory): with and without CFG, and
+#: the guidance embedding present or not (FLUX.1 schnell has none; Klein's pipeline never feeds one)
+PARITY = {
+    "flux2_klein": ("flux2_klein", None, None),
+    "flux2_klein-cfg4": ("flux2_klein", 4.0, None),
+    "flux2_klein-guidance-embeds": ("flux2_klein", None, {"guidance_embeds": True}),
+    "sd3-cfg4.5": ("sd3", None, None),
+    "sd3-nocfg": ("sd3", 1.0, None),
+    "sd3-no-t5": ("sd3", None, {"with_t5": False}),
+    "flux1-dev": ("flux1", None, None),
+    "flux1-schnell": ("flux1", None, {"guidance_embeds": False}),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY))
+def test_ode_rollout_reproduces_the_diffusers_pipeline(case: str, policies) -> None:
+    """Same seed, steps and sigmas: our batched Euler rollout gives diffusers' images."""
+    kind, guidance, variant = PARITY[case]
     policy = policies[kind]
-    if guidance is not None:
-        policy = CLASSES[kind](policy.pipe, **options(kind, guidance_scale=guidance))
+    if guidance is not None or variant is not None:
+        pipe = policy.pipe if variant is None else tp.BUILDERS[kind](**variant)
+        policy = CLASSES[kind](pipe, **options(kind, **({} if guidance is None else {"guidance_scale": guidance})))
     assert policy.do_cfg == (kind == "sd3" and guidance is None or kind == "flux2_klein" and guidance == 4.0)
     prompts = ["a red fox", "two cats"]
     seed = int(torch.randint(0, 2**31, ()))

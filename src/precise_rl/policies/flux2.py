@@ -110,13 +110,10 @@ class Flux2KleinPolicy(DiffusersPolicy):
         embeds = cond["prompt_embeds"]
         txt_ids = torch.zeros(embeds.shape[1], 4, dtype=torch.long, device=x.device)
         txt_ids[:, 3] = torch.arange(embeds.shape[1], device=x.device)
-        guidance = None
-        if self.model_config.guidance_embeds:
-            guidance = torch.full_like(t, self.guidance_scale)
         out = self.transformer(
             hidden_states=self._pack(x).to(self.model_dtype),
             timestep=t,
-            guidance=guidance,
+            guidance=None,  # as Flux2KleinPipeline: a guidance embedding, where a checkpoint has one, gets none
             encoder_hidden_states=embeds,
             txt_ids=txt_ids,
             img_ids=self._ids(x.device),
