@@ -151,6 +151,7 @@ PARITY = {
     "sd3-cfg4.5": ("sd3", None, None),
     "sd3-nocfg": ("sd3", 1.0, None),
     "sd3-no-t5": ("sd3", None, {"with_t5": False}),
+    "sd3-dynamic-shift": ("sd3", None, {"dynamic_shift": True}),
     "flux1-dev": ("flux1", None, None),
     "flux1-schnell": ("flux1", None, {"guidance_embeds": False}),
 }
@@ -162,9 +163,21 @@ def test_ode_rollout_reproduces_the_diffusers_pipeline(case: str, policies) -> N
     kind, guidance, variant = PARITY[case]
     policy = policies[kind]
     if guidance is not None or variant is not None:
-        pipe = policy.pipe if variant is None else tp.BUILDERS[kind](**variant)
+        variant = dict(variant or {})
+        dynamic = variant.pop("dynamic_shift", False)
+        pipe = policy.pipe if not variant and not dynamic else tp.BUILDERS[kind](**variant)
+        if dynamic:  # a resolution-dependent shift in SD3's pipeline (mu from the image token count)
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            pipe.register_modules(
+                scheduler=FlowMatchEulerDiscreteScheduler(
+                    use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64, base_shift=0.3, max_shift=1.4
+                )
+            )
         policy = CLASSES[kind](pipe, **options(kind, **({} if guidance is None else {"guidance_scale": guidance})))
     assert policy.do_cfg == (kind == "sd3" and guidance is None or kind == "flux2_klein" and guidance == 4.0)
+    if case == "sd3-dynamic-shift":  # really another grid than the static shift's
+        assert (policy.time_grid(4) - policies["sd3"].time_grid(4)).abs().max() > 1e-2
     prompts = ["a red fox", "two cats"]
     seed = int(torch.randint(0, 2**31, ()))
     steps = 4
