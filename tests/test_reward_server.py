@@ -39,6 +39,7 @@ from precise_rl.rewards.failures import RewardServerDown, RewardServerRejected
 from precise_rl.rewards.geneval import evaluate_clauses, relative_position, select_detections
 from precise_rl.rewards.protocol import ProtocolError, decode_images, encode_images, parse_request
 from precise_rl.rewards.server import TOKEN_ENV, create_app, read_token, serve
+from precise_rl.rewards.server import main as server_main
 from precise_rl.rl.trainer import GRPOTrainer, metrics_lines
 
 from . import toy_task
@@ -303,6 +304,31 @@ def test_token_is_required_and_a_wrong_one_stops_cleanly(tmp_path: Path) -> None
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(UserError, match="empty"):
         read_token(tmp_path / "empty")
+    (tmp_path / "two").write_text("  first-line \nsecond line\n")
+    assert read_token(tmp_path / "two") == "first-line"
+    with pytest.raises(UserError, match="cannot read the token file"):
+        read_token(tmp_path / "missing")
+
+
+def test_the_server_command_refuses_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # as a program: one line on stderr (no warning from running a module of an imported package)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"}
+    cmd = [sys.executable, "-m", "precise_rl.rewards.server", "no_such_reward"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("precise-rl serve-reward: error: unknown reward 'no_such_reward'")
+    for args, message in (
+        (["jpeg_compressibility", "--device", "cpu"], "takes no device"),
+        (["jpeg_compressibility", "--set", "quality=200"], "JPEG quality must be an integer in [1, 95]"),
+        (["jpeg_compressibility", "--set", "quality"], "--set takes key=value"),
+        (["jpeg_compressibility", "--host", "0.0.0.0", "--port", "9"], "without a token"),
+        (["jpeg_compressibility", "--token-file", str(tmp_path / "nope")], "cannot read the token file"),
+        (["jpeg_compressibility", "--port", "70000"], "--port must be in 1..65535"),
+    ):
+        assert server_main(args) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and lines[0].startswith("precise-rl serve-reward: error:")
 
 
 def test_request_size_limit_is_enforced_and_the_client_splits() -> None:

@@ -21,17 +21,41 @@ import base64
 import binascii
 import io
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import UserError
+
 __all__ = ["PROTOCOL", "ProtocolError", "encode_images", "decode_images", "build_request", "parse_request"]
-__all__ += ["build_response", "parse_response"]
+__all__ += ["build_response", "parse_response", "read_token", "TOKEN_ENV", "DEFAULT_PORT"]
 
 PROTOCOL = 1
+TOKEN_ENV = "PRECISE_RL_REWARD_TOKEN"
+DEFAULT_PORT = 18085
+
+
+def read_token(token_file: str | Path | None = None, token_env: str | None = TOKEN_ENV) -> str | None:
+    """The bearer token from a file (first line) or else an environment variable; None when neither is set."""
+    if token_file is not None:
+        try:
+            lines = Path(token_file).expanduser().read_text().strip().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not text"
+            raise UserError(f"cannot read the token file {str(token_file)!r} ({reason})") from None
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise UserError(f"the token file {str(token_file)!r} is empty")
+        return token
+    if token_env:
+        token = os.environ.get(token_env, "").strip()
+        return token or None
+    return None
 
 
 class ProtocolError(ValueError):

@@ -35,8 +35,7 @@ import torch
 from ..errors import UserError
 from .base import Reward, register_reward
 from .failures import RewardServerDown, RewardServerRejected
-from .protocol import ProtocolError, build_request, parse_response
-from .server import DEFAULT_PORT, TOKEN_ENV, read_token
+from .protocol import DEFAULT_PORT, TOKEN_ENV, ProtocolError, build_request, parse_response, read_token
 
 __all__ = ["RemoteReward", "GenEvalRemote", "PendingScores", "UNSCORED", "read_prompt_metadata"]
 

@@ -17,10 +17,8 @@ import contextlib
 import hmac
 import ipaddress
 import json
-import os
 import threading
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,29 +26,11 @@ import yaml
 
 from ..errors import UserError
 from .base import Reward, build_reward
-from .protocol import PROTOCOL, ProtocolError, build_response, parse_request
+from .protocol import DEFAULT_PORT, PROTOCOL, TOKEN_ENV, ProtocolError, build_response, parse_request, read_token
 
 __all__ = ["create_app", "serve", "read_token", "add_arguments", "run", "TOKEN_ENV", "DEFAULT_PORT"]
 
-TOKEN_ENV = "PRECISE_RL_REWARD_TOKEN"
-DEFAULT_PORT = 18085
 DEFAULT_MAX_MB = 64.0
-
-
-def read_token(token_file: str | Path | None = None, token_env: str | None = TOKEN_ENV) -> str | None:
-    """The bearer token from a file (first line) or else an environment variable; None when neither is set."""
-    if token_file is not None:
-        try:
-            token = Path(token_file).expanduser().read_text().strip()
-        except OSError as exc:
-            raise UserError(f"cannot read the token file {str(token_file)!r} ({exc.strerror})") from None
-        if not token:
-            raise UserError(f"the token file {str(token_file)!r} is empty")
-        return token
-    if token_env:
-        token = os.environ.get(token_env, "").strip()
-        return token or None
-    return None
 
 
 def _require_fastapi() -> Any:
