@@ -1,11 +1,23 @@
-"""Experiment configs: schema validation, overrides, round trips, and one clear sentence per error."""
+"""Experiment configs: schema validation, overrides, round trips, and one clear sentence per error.
+
+Besides the listed cases, hypothesis writes config files with a wrongly typed value (or NaN/inf
+for a number) at a random key of the schema: each must end in one sentence naming the key, exit 2.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from precise_rl.cli import main
 from precise_rl.config import ExperimentConfig, config_from_dict, config_to_dict, load_config
 from precise_rl.errors import UserError
 
@@ -103,3 +115,82 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_bad_override(override: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
         load_config(None, [override])
+
+
+# --------------------------------------------------------------------------- generated malformed values
+
+
+def _leaves(cls: type, prefix: str = "") -> list[tuple[str, object]]:
+    """Every typed leaf key of the schema with its type (free-form mappings left out)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _leaves(tp, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is not dict and tp is not typing.Any:
+            out.append((prefix + f.name, tp))
+    return out
+
+
+LEAVES = _leaves(ExperimentConfig)
+_words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
+_junk = st.one_of(st.lists(st.integers(), max_size=2), st.dictionaries(_words, st.integers(), max_size=1))
+
+
+def _wrong_value(tp: object) -> st.SearchStrategy:
+    """Values that are not of type ``tp`` (or are NaN/inf where a finite number is needed)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # X | None: wrong for X and not None
+        return _wrong_value(next(a for a in args if a is not type(None))).filter(lambda v: v is not None)
+    if origin is typing.Literal:
+        return st.one_of(_words.filter(lambda w: w not in args), st.integers(), _junk)
+    if origin is list:
+        return st.one_of(st.integers(), _words, st.lists(_wrong_value(args[0]), min_size=1, max_size=2))
+    if tp is bool:
+        return st.one_of(st.integers(), _words, st.floats(allow_nan=False), _junk)
+    if tp is int:
+        return st.one_of(
+            _words,
+            st.floats(allow_nan=False).filter(lambda x: x != int(x) if math.isfinite(x) else True),
+            st.booleans(),
+            _junk,
+        )
+    if tp is float:
+        return st.one_of(_words, st.booleans(), st.sampled_from([math.nan, math.inf, -math.inf]), _junk)
+    if tp is str:
+        return st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), _junk)
+    raise AssertionError(tp)
+
+
+@st.composite
+def _bad_entry(draw: st.DrawFn) -> tuple[str, object]:
+    key, tp = draw(st.sampled_from(LEAVES))
+    return key, draw(_wrong_value(tp))
+
+
+def test_every_typed_key_is_generated() -> None:
+    keys = {k for k, _ in LEAVES}
+    assert {"seed", "train.lr", "train.lora.rank", "sampler.window.size", "eval.samplers", "model.path"} <= keys
+    assert len(LEAVES) > 50
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entry=_bad_entry())
+def test_generated_malformed_config_files_are_one_sentence_and_exit_code_2(
+    entry: tuple[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key, value = entry
+    data: dict = {}
+    node = data
+    *sections, last = key.split(".")
+    for part in sections:
+        node = node.setdefault(part, {})
+    node[last] = value
+    path = tmp_path / "generated.yaml"
+    path.write_text(yaml.safe_dump(data))
+    capsys.readouterr()
+    code = main(["train", str(path), "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, (key, value, err)
+    assert len(err) == 1 and err[0].startswith(f"precise-rl train: error: config key '{key}"), (key, value, err)

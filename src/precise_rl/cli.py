@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .errors import UserError
 
@@ -35,21 +36,42 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (and exit code 2), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="precise-rl",
         description="RL post-training of flow-matching image generators with SDE-consistent stochastic samplers.",
     )
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"precise-rl {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
+
+
+def _leave_process_group() -> None:
+    """Under a distributed launch, leave the process group before exiting on an error every process agreed on.
+
+    Exiting with it still open aborts the process (SIGABRT from the communication threads) instead
+    of ending with exit code 2.
+    """
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # leaving is best effort: the error message is already out
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Overrides may follow flags (``train CONFIG --output DIR key=value``): argparse leaves them over.
         if isinstance(getattr(args, "items", None), list) and not any(e.startswith("-") for e in extra):
             args.items.extend(extra)
-        else:
-            parser.parse_args(argv)  # reports the unrecognised arguments and exits with code 2
+        else:  # one line naming the subcommand, exit code 2
+            getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
@@ -68,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except UserError as exc:
         print(f"precise-rl {args.command}: error: {exc}", file=sys.stderr)
+        _leave_process_group()
         return 2
     except KeyboardInterrupt:
         print(f"precise-rl {args.command}: interrupted", file=sys.stderr)

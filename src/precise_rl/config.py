@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -177,6 +178,10 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+class _NotFinite(UserError):
+    """A number that is NaN or infinite where a finite one is needed."""
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against type ``tp`` and return it converted (ints accepted as floats)."""
     origin = typing.get_origin(tp)
@@ -191,6 +196,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _convert(value, arg, key)
+            except _NotFinite:
+                raise  # a number, but NaN or infinite: say that, not "must be a number or null"
             except UserError:
                 continue
         raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
@@ -229,7 +236,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise UserError(f"config key '{key}' must be a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer too large for a float
+            value = math.inf
+        if not math.isfinite(value):
+            raise _NotFinite(f"config key '{key}' must be a finite number, got {value!r}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise UserError(f"config key '{key}' must be a string, got {value!r}")
@@ -323,6 +336,10 @@ def validate(cfg: ExperimentConfig) -> None:
     _positive("eval.max_prompts", e.max_prompts)
     _positive("eval.grid_prompts", e.grid_prompts, allow_zero=True)
     allowed = {"ode", "train", "precise", "flow_grpo", "dance_grpo", "cps", "dance_precise"}
+    if not e.samplers:
+        raise UserError(
+            "config key 'eval.samplers' names no sampler; give e.g. [ode, train] (eval.every=0 turns evaluation off)"
+        )
     for name in e.samplers:
         if name not in allowed:
             raise UserError(f"config key 'eval.samplers' has unknown sampler {name!r}; choose from {sorted(allowed)}")
@@ -367,6 +384,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise UserError(f"config file {str(p)!r} is a directory; give a YAML file")
         if not p.is_file():
             raise UserError(f"config file {str(p)!r} does not exist")
         try:
