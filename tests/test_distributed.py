@@ -256,3 +256,25 @@ def test_update_plan_is_global_and_skips_unusable_samples(tmp_path: Path) -> Non
     assert [m.tolist() for u in again for m in u] == [m.tolist() for u in plan for m in u]
     other = trainer.update_plan(batch, adv, epoch=0, inner=1)
     assert sorted(torch.cat([m for u in other for m in u]).tolist()) == sorted(rows)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs this config runs FSDP; this checks machines without")
+def test_a_gpu_config_launched_without_gpus_stops_instead_of_training_n_separate_copies(tmp_path: Path) -> None:
+    """accelerate falls back to one independent process per rank: each would write the same run directory."""
+    run = tmp_path / "run"
+    env = _env()
+    env.pop("ACCELERATE_USE_CPU")
+    cmd = [
+        *ACCELERATE,
+        *("--config_file", "configs/accelerate/fsdp.yaml", "--num_processes", "2"),
+        *("--main_process_port", str(_free_port())),
+        *("-m", "precise_rl.cli", "train", *ARGS, "--output", str(run)),
+    ]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    sentence = (
+        "precise-rl train: error: this process was launched as one of 2 but accelerate set up a single process "
+        "(distributed type NO); without GPUs launch with configs/accelerate/ddp.yaml and ACCELERATE_USE_CPU=true"
+    )
+    assert res.returncode != 0 and sentence in res.stderr, res.stderr[-3000:]
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()

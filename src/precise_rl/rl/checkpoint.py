@@ -41,6 +41,8 @@ __all__ = [
     "prune_checkpoints",
     "verify_checkpoint",
     "check_writable",
+    "older_checkpoint_hint",
+    "remove_leftovers",
 ]
 
 _NAME = re.compile(r"^epoch_(\d{6,})$")
@@ -83,6 +85,9 @@ def _discard(path: Path) -> None:
 def check_writable(root: str | Path) -> None:
     """Fail early, with a clear message, when checkpoints cannot be written under ``root``."""
     root = Path(root)
+    blocker = next((p for p in (root, *root.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(root)!r} cannot be made: {str(blocker)!r} is a file")
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = Path(tempfile.mkdtemp(prefix=".tmp-probe-", dir=root))
@@ -125,6 +130,9 @@ def write_checkpoint(
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-epoch_{epoch:06d}-", dir=root))
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # as a plain mkdir would (mkdtemp makes it private)
     except OSError as exc:
         raise CheckpointError(f"cannot create checkpoint directory {str(root)!r}: {_reason(exc)}") from None
     try:
@@ -180,6 +188,13 @@ def latest_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no checkpoint found in {str(p)!r} (expected checkpoints/epoch_XXXXXX/manifest.json)")
 
 
+def older_checkpoint_hint(ckpt: str | Path) -> str:
+    """``"; to go on from the one before, resume from '...'"`` when an older checkpoint sits beside ``ckpt``."""
+    ckpt = Path(ckpt)
+    older = [c for c in list_checkpoints(ckpt.parent) if c.name < ckpt.name]
+    return f"; to go on from the one before, resume from {str(older[-1])!r}" if older else ""
+
+
 def verify_checkpoint(ckpt: str | Path, only: Sequence[str] | None = None) -> dict[str, Any]:
     """Check every file of a checkpoint (or those named in ``only``) against its manifest; return the manifest."""
     ckpt = Path(ckpt)
@@ -231,10 +246,16 @@ def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     return tensors, objects, state
 
 
-def prune_checkpoints(root: str | Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest checkpoints (and stale temporary directories)."""
+def remove_leftovers(root: str | Path) -> None:
+    """Delete what a killed writer left under ``root``: checkpoints half-written or half-deleted (never listed)."""
     root = Path(root)
     for stale in [*root.glob(".tmp-*"), *root.glob(".trash-*")]:
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints (and stale temporary directories)."""
+    root = Path(root)
+    remove_leftovers(root)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         _discard(old)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,14 @@ class RunLogger:
             raise UserError(f"cannot write to output directory {str(self.out)!r}: {exc.strerror or exc}") from None
         if resume_epoch is not None:
             # Resume repeats the epochs after the checkpoint: drop what was logged beyond it.
+            # Written aside and renamed into place: a crash here leaves the old file whole.
             kept = [r for r in read_metrics(self.metrics_path) if r.get("epoch", 0) <= resume_epoch]
-            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+            try:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                os.replace(tmp, self.metrics_path)
+            except OSError as exc:
+                raise UserError(f"cannot write metrics to {str(self.metrics_path)!r}: {exc.strerror or exc}") from None
         elif self.metrics_path.exists():
             self.metrics_path.unlink()
         self.records = read_metrics(self.metrics_path)

@@ -48,16 +48,21 @@ def resolve_config(items: list[str], resume: Path | None) -> ExperimentConfig:
     """The experiment config from a file (or the default, or the resumed run's own) plus overrides."""
     config_path, overrides = split_config_and_overrides(items)
     if config_path is None and resume is not None:
-        from .checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
+        from .checkpoint import CheckpointError, latest_checkpoint, older_checkpoint_hint, verify_checkpoint
 
         ckpt = latest_checkpoint(resume)
-        verify_checkpoint(ckpt, only=["state.json"])  # the trainer checks every file before loading
+        try:
+            verify_checkpoint(ckpt, only=["state.json"])  # the trainer checks every file before loading
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}{older_checkpoint_hint(ckpt)}") from None
         try:
             saved = json.loads((ckpt / "state.json").read_text())["config"]
             if not isinstance(saved, dict):
                 raise TypeError
         except (OSError, ValueError, KeyError, TypeError):
-            raise CheckpointError(f"checkpoint {str(ckpt)!r} holds no readable config in state.json") from None
+            raise CheckpointError(
+                f"checkpoint {str(ckpt)!r} holds no readable config in state.json{older_checkpoint_hint(ckpt)}"
+            ) from None
         return config_from_dict(apply_overrides(saved, overrides))
     return load_config(config_path, overrides)
 

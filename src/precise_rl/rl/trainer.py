@@ -26,6 +26,14 @@ rounding) on any number of processes:
   update (idle ones have weight 0), which FSDP's collectives need.
 * Statistics are summed over all processes before they are logged; only the main process writes
   logs and checkpoints; every process resumes from the checkpoint the main process names.
+
+Faults. An update whose loss or gradient is NaN or infinite on any process is skipped on all of
+them and counted (``skipped_updates``); so is an epoch in which no image got a finite reward (it
+has no update). After ``train.max_nonfinite`` such updates in a row the run stops, naming the last
+checkpoint, which no skipped update touched. A reward that fails on one process (NaN from a reward
+that may not fail, a server that stays down) stops every process with the same sentence after a
+checkpoint of the completed epochs. Errors that one process alone sees (an unwritable directory,
+a checkpoint another machine cannot read) are raised on all, so that none waits in a collective.
 """
 
 from __future__ import annotations
@@ -59,8 +67,10 @@ from .checkpoint import (
     check_writable,
     latest_checkpoint,
     list_checkpoints,
+    older_checkpoint_hint,
     prune_checkpoints,
     read_checkpoint,
+    remove_leftovers,
     write_checkpoint,
 )
 from .ema import EMA
@@ -188,6 +198,14 @@ class GRPOTrainer:
         self.is_main = acc.is_main_process
         self.rank = acc.process_index
         self.world = acc.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched > 1 and self.world == 1:
+            # Each process would train alone and all would write the same run directory.
+            raise UserError(
+                f"this process was launched as one of {launched} but accelerate set up a single process "
+                f"(distributed type {acc.distributed_type.value}); without GPUs launch with "
+                "configs/accelerate/ddp.yaml and ACCELERATE_USE_CPU=true"
+            )
         if cfg.train.groups_per_epoch % self.world:
             raise UserError(
                 f"train.groups_per_epoch ({cfg.train.groups_per_epoch}) must be divisible by the number of "
@@ -230,6 +248,7 @@ class GRPOTrainer:
             )
             if self.is_main and not read_only:
                 check_writable(self.out / "checkpoints")
+                remove_leftovers(self.out / "checkpoints")  # of a run killed while it wrote or pruned
         except UserError as exc:
             error = str(exc)
         self._agree(error)
@@ -389,7 +408,7 @@ class GRPOTrainer:
         gets a NaN advantage, which keeps it out of the update.
         """
         acc = self.accelerator
-        comps = self.rewards.score(batch.images, batch.prompts, batch.metadata)
+        comps = self._score_agreed([self.rewards], batch.images, batch.prompts, batch.metadata)
         comps = {k: v.detach().float().to(acc.device) for k, v in comps.items()}
         rows = batch.row_ids.to(acc.device)
         if self.world > 1:
@@ -409,6 +428,32 @@ class GRPOTrainer:
             adv[scored] = group_advantages(combined[scored], gids[scored], t.adv_std, t.adv_clip)
         raw = weighted_raw(gathered, self.reward_weights)
         return gathered, adv[batch.row_ids], raw
+
+    def _score_agreed(
+        self, reward_sets: Sequence[RewardSet], images: torch.Tensor, prompts: list[str], metadata: list[dict]
+    ) -> dict[str, torch.Tensor]:
+        """Every component of ``reward_sets`` on this process's images; a failure on any process is raised on all.
+
+        A reward that stops (``RewardUnavailable``) or errs (``UserError``, e.g. NaN from a reward
+        that may not fail) on one process alone would otherwise leave the others waiting in the
+        next collective; here every process raises the same exception with the same message.
+        """
+        comps: dict[str, torch.Tensor] = {}
+        failure = None
+        try:
+            for rewards in reward_sets:
+                comps.update(rewards.score(images, prompts, metadata))
+        except (RewardUnavailable, UserError) as exc:
+            failure = (isinstance(exc, RewardUnavailable), str(exc))
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            failures = [f for f in gather_object([failure]) if f]
+            failure = failures[0] if failures else None
+        if failure is not None:
+            unavailable, message = failure
+            raise (RewardUnavailable if unavailable else UserError)(message)
+        return comps
 
     # ------------------------------------------------------------------ training
 
@@ -549,15 +594,27 @@ class GRPOTrainer:
     def _skip_update(self) -> None:
         """Drop an update whose loss or gradient is NaN/inf; stop after too many in a row."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite_streak += 1
         self.skipped_updates += 1
+        self._count_nonfinite()
+
+    def _count_nonfinite(self) -> None:
+        """One more update lost to a bad number (NaN/inf loss or gradient, or no finite reward at all).
+
+        After ``train.max_nonfinite`` in a row (no good update between them) the run stops on every
+        process with a message naming the last checkpoint, which no skipped update has touched.
+        """
+        self.nonfinite_streak += 1
         limit = self.cfg.train.max_nonfinite
         if self.nonfinite_streak >= limit:
             ckpts = list_checkpoints(self.out / "checkpoints")
-            where = f"the last good checkpoint is {str(ckpts[-1])!r}" if ckpts else "no checkpoint was written yet"
+            where = (
+                f"the last good checkpoint is {str(ckpts[-1])!r} (continue with --resume {str(self.out)!r})"
+                if ckpts
+                else "no checkpoint was written yet"
+            )
             raise UserError(
-                f"training stopped: {limit} updates in a row had a NaN or infinite loss or gradient "
-                f"(train.max_nonfinite); {where}"
+                f"training stopped: {limit} updates in a row had a NaN or infinite loss or gradient, "
+                f"or rewards that scored no image (train.max_nonfinite); {where}"
             )
 
     def recompute(self, batch: RolloutBatch, sample_idx: torch.Tensor, step_idx: torch.Tensor) -> StepOutput:
@@ -661,9 +718,8 @@ class GRPOTrainer:
                 with torch.no_grad():
                     images = self.policy.decode(latents)
                 meta = self.task.metadata(mine)
-                comps = self.rewards.score(images, mine, meta)
-                if self.eval_rewards is not None:
-                    comps.update(self.eval_rewards.score(images, mine, meta))
+                sets = [self.rewards] if self.eval_rewards is None else [self.rewards, self.eval_rewards]
+                comps = self._score_agreed(sets, images, mine, meta)
                 comps = {k: v.float().to(self.accelerator.device) for k, v in comps.items()}
                 if self.world > 1:
                     comps = {k: self.accelerator.gather(comps[k]) for k in sorted(comps)}
@@ -721,8 +777,8 @@ class GRPOTrainer:
         opts = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(module, self.optimizer.optimizer, optim_state_dict=saved, options=opts)
 
-    def save_checkpoint(self) -> Path | None:
-        """Write the checkpoint of the completed epochs and prune old ones; returns its path on the main process.
+    def save_checkpoint(self) -> Path:
+        """Write the checkpoint of the completed epochs and prune old ones; returns its path (on every process).
 
         Every process must call it (sharded weights are gathered first); only the main process
         writes. A write that fails (unwritable directory, full disk) raises the same one-sentence
@@ -770,7 +826,7 @@ class GRPOTrainer:
             except UserError as exc:
                 error = str(exc)
         self._agree(error)
-        return path
+        return path if path is not None else self.out / "checkpoints" / f"epoch_{self.epoch:06d}"
 
     def _resume(self, resume: str | Path) -> None:
         """Load the checkpoint the main process names (newest under ``resume``) on every process."""
@@ -805,9 +861,7 @@ class GRPOTrainer:
         try:
             tensors, objects, state = read_checkpoint(ckpt)
         except CheckpointError as exc:
-            older = [c for c in list_checkpoints(ckpt.parent) if c.name < ckpt.name]
-            hint = f"; to go on from the one before, resume from {str(older[-1])!r}" if older else ""
-            raise CheckpointError(f"{exc}{hint}") from None
+            raise CheckpointError(f"{exc}{older_checkpoint_hint(ckpt)}") from None
         try:
             saved_cfg = config_from_dict(state["config"])
             names, epoch, step_count = state["param_names"], int(state["epoch"]), int(state["global_step"])
@@ -880,7 +934,12 @@ class GRPOTrainer:
                 comps, adv, raw = self.score(batch)
             except RewardUnavailable as exc:
                 self._stop_for_reward(exc)
+            except UserError as exc:  # e.g. NaN or inf from a reward that may not fail: nothing is trained on it
+                self._stop_for_reward(exc, "once the reward is fixed")
             t2 = time.perf_counter()
+            if not bool(torch.isfinite(raw).any()):
+                # No image could be scored (every reward NaN): no update is possible this epoch.
+                self._count_nonfinite()
             stats = self.train_on(batch, adv, epoch)
             t3 = time.perf_counter()
             self.epoch += 1
@@ -919,12 +978,15 @@ class GRPOTrainer:
         summary = self.logger.finish(self.first_eval)
         return summary
 
-    def _stop_for_reward(self, exc: RewardUnavailable) -> NoReturn:
-        """A reward that cannot go on (a reward server down or refusing us): checkpoint, then stop in one sentence."""
+    def _stop_for_reward(self, exc: Exception, until: str = "once the reward is back") -> NoReturn:
+        """A reward that cannot go on (a server down, a NaN score): checkpoint the epochs done, stop in one sentence.
+
+        Every process must call it (it is raised on all of them by :meth:`_score_agreed`).
+        """
         path = self.save_checkpoint()
-        where = f"the checkpoint of epoch {self.epoch} is {path}" if path is not None else "a checkpoint was written"
         raise UserError(
-            f"training stopped: {exc}; {where}; continue with --resume {self.out} once the reward is back"
+            f"training stopped: {exc}; the checkpoint of epoch {self.epoch} is {path}; "
+            f"continue with --resume {self.out} {until}"
         ) from None
 
 

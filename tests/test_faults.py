@@ -1,0 +1,715 @@
+"""Faults that must lose nothing: kill -9, a full disk, NaN rewards and gradients, bad checkpoints.
+
+* ``kill -9`` of a training process at random moments, several times, resuming each time: the
+  final weights, EMA, optimizer state and metrics are those of an uninterrupted run (bit for bit).
+* A disk that fills up while a checkpoint is written (a real ``EFBIG`` from ``RLIMIT_FSIZE``), a
+  file where the checkpoint directory should be, a read-only directory (not as root: root writes
+  through ``chmod``), and a write failing at each step of a checkpoint: one sentence, no
+  half-written checkpoint, and a resume from the last one reaches the uninterrupted weights.
+* NaN or inf gradients skip their update (counted in ``skipped_updates``) and stop the run after
+  ``train.max_nonfinite`` in a row, the last checkpoint intact; a reward that returns NaN stops
+  the run with a checkpoint of the epochs done; a reward that may fail (a remote one) gets its NaN
+  images left out of the statistics and the update, counted in ``unscored_samples``.
+* Every file of a checkpoint, truncated or with one byte changed, is refused naming the file; a
+  pickle that would run code is refused without running it.
+
+The subprocess tests run the built-in digits task with ``python -m precise_rl.cli`` (one thread, so
+that a resumed run can be compared bit for bit); the others run the toy task in this process.
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from precise_rl.cli import main
+from precise_rl.config import config_from_dict
+from precise_rl.errors import UserError
+from precise_rl.rewards.base import Reward, register_reward
+from precise_rl.rl import checkpoint as ckpt_mod
+from precise_rl.rl.checkpoint import list_checkpoints, read_checkpoint, verify_checkpoint
+from precise_rl.rl.trainer import GRPOTrainer
+
+from . import toy_task
+
+toy_task.register()
+ROOT = Path(__file__).resolve().parents[1]
+TIMING_KEYS = ("elapsed_s", "train_elapsed_s")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@register_reward("faults_brightness")
+class FaultyBrightness(Reward):
+    """The toy reward (mean pixel value), NaN (or ``value``) at the calls in ``bad_calls``, for ``rows`` or all."""
+
+    def __init__(
+        self, bad_calls: Sequence[int] = (), rows: Sequence[int] | None = None, may_fail: bool = False, value=math.nan
+    ) -> None:
+        self.bad_calls, self.rows, self.may_fail, self.value = set(bad_calls), rows, may_fail, value
+        self.calls = 0
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        r = images.flatten(1).mean(dim=1).clone()
+        if self.calls in self.bad_calls:
+            r[list(self.rows) if self.rows is not None else slice(None)] = self.value
+        self.calls += 1
+        return {"faults_brightness": r}
+
+
+def _toy(epochs: int = 3, reward: dict | None = None, **train: Any) -> dict[str, Any]:
+    """The toy config without evaluation (a reward is then called once per epoch), a checkpoint per epoch."""
+    data = copy.deepcopy(toy_task.TOY_CONFIG)
+    data["train"].update(epochs=epochs, **train)
+    data["eval"]["every"] = 0
+    data["checkpoint"] = {"every": 1, "keep": 10}
+    data["reward"] = {"weights": {"faults_brightness": 1.0}, "options": {"faults_brightness": reward or {}}}
+    return data
+
+
+def _write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _metrics(run: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.startswith("time_")} for r in rows]
+
+
+def _assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Nested dicts/lists of tensors and numbers equal bit for bit (NaN equal to NaN)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype, where
+        assert torch.equal(a, b) or bool(((a == b) | (a.isnan() & b.isnan())).all()), where
+    elif isinstance(a, Mapping):
+        assert isinstance(b, Mapping) and sorted(a, key=str) == sorted(b, key=str), (where, sorted(a), sorted(b))
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    else:
+        assert a == b, (where, a, b)
+
+
+def _assert_same_checkpoint(got: Path, want: Path) -> None:
+    """Weights, EMA, optimizer state and counters of two checkpoints equal bit for bit."""
+    g_tensors, g_objects, g_state = read_checkpoint(got)
+    w_tensors, w_objects, w_state = read_checkpoint(want)
+    _assert_same(g_tensors, w_tensors, "tensors")
+    _assert_same(g_objects, w_objects, "optimizer")
+    for key in ("epoch", "global_step", "ema_steps", "first_eval", "param_names"):
+        _assert_same(g_state[key], w_state[key], key)
+
+
+def _no_leftovers(root: Path) -> None:
+    left = [p.name for p in root.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+    assert not left, left
+
+
+# --------------------------------------------------------------------------- subprocesses on the digits task
+
+DIGITS = [
+    "seed=11",
+    "train.epochs=8",
+    "train.groups_per_epoch=4",
+    "train.group_size=4",
+    "train.batch_size=4",
+    "train.grad_accum=2",
+    "train.rollout_batch_size=8",
+    "train.lr=1e-3",
+    "train.clip_range=0.2",
+    "sampler.num_steps=4",
+    "eval.every=4",
+    "eval.max_prompts=3",
+    "eval.samples_per_prompt=1",
+    "eval.num_steps=4",
+    "eval.grid_prompts=0",
+    "train.ema.every=1",
+    "checkpoint.every=1",
+    "checkpoint.keep=2",
+    "logging.tensorboard=false",
+    "logging.progress=false",
+]
+EPOCHS = 8
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def _start(run: Path, log: Path) -> subprocess.Popen:
+    """``precise-rl train`` as a user runs it: fresh, or ``--resume`` once the run has a checkpoint."""
+    args = ["--resume", str(run)] if list_checkpoints(run / "checkpoints") else [*DIGITS, "--output", str(run)]
+    with open(log, "w") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "precise_rl.cli", "train", *args],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def _wait_until_started(proc: subprocess.Popen, run: Path, since_ns: int) -> bool:
+    """Wait until the run wrote its config.yaml (set-up done); False if the process ended first."""
+    cfg = run / "config.yaml"
+    while proc.poll() is None:
+        if cfg.exists() and cfg.stat().st_mtime_ns >= since_ns:
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def _newest_epoch(run: Path) -> int:
+    ckpts = list_checkpoints(run / "checkpoints")
+    return int(ckpts[-1].name.split("_")[1]) if ckpts else 0
+
+
+def _logged_epoch(run: Path) -> int:
+    """The last epoch in metrics.jsonl (-1 before the first line)."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return -1
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["epoch"])
+        except (ValueError, KeyError):
+            continue
+    return -1
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """The reference run, and the time of one of its epochs with its checkpoint (to place the kills)."""
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    log = run.parent / "stderr.txt"
+    proc = _start(run, log)
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    last, before = (p.stat().st_mtime for p in reversed(list_checkpoints(run / "checkpoints")))
+    return run, max(last - before, 0.01)
+
+
+def _assert_matches_uninterrupted(run: Path, reference: Path, note: str = "") -> None:
+    want = list_checkpoints(reference / "checkpoints")
+    got = list_checkpoints(run / "checkpoints")
+    assert [p.name for p in got] == [p.name for p in want], note
+    _no_leftovers(run / "checkpoints")
+    for g, w in zip(got, want, strict=True):
+        _assert_same_checkpoint(g, w)
+    _assert_same(_metrics(run), _metrics(reference), "metrics")
+    assert json.loads((run / "summary.json").read_text())["epochs"] == EPOCHS
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_reaches_the_uninterrupted_run(
+    uninterrupted: tuple[Path, float], tmp_path: Path
+) -> None:
+    """Three kills, each at a random moment of a random epoch still to come (rollout, update, logging,
+    checkpoint write or pruning), then ``--resume`` as a user would; PRECISE_RL_KILL_SEED repeats a draw."""
+    reference, epoch_s = uninterrupted
+    seed = int(os.environ.get("PRECISE_RL_KILL_SEED") or int.from_bytes(os.urandom(4), "little"))
+    rng = random.Random(seed)
+    run = tmp_path / "run"
+    log = tmp_path / "stderr.txt"
+    history: list[str] = []
+    note = lambda: f"PRECISE_RL_KILL_SEED={seed}: {history}"  # noqa: E731
+    kills = 0
+    while kills < 3:
+        done = _newest_epoch(run)
+        assert done < EPOCHS, note()
+        since = time.time_ns()
+        proc = _start(run, log)
+        # After epoch `target` is logged, a moment within the next one and a half epochs.
+        target = rng.randint(done, EPOCHS - 1)
+        delay = rng.uniform(0.0, 1.5 * epoch_s)
+        started = _wait_until_started(proc, run, since)
+        while started and proc.poll() is None and _logged_epoch(run) < target:
+            time.sleep(0.001)
+        time.sleep(delay)
+        killed = proc.poll() is None
+        if killed:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=300)
+        history.append(
+            f"from {done}: after epoch {target} + {delay:.3f}s -> rc {proc.returncode}, {_newest_epoch(run)}"
+        )
+        assert proc.returncode == (-signal.SIGKILL if killed else 0), (note(), log.read_text()[-3000:])
+        # Whatever the moment, every checkpoint that resume could pick is whole.
+        for c in list_checkpoints(run / "checkpoints"):
+            verify_checkpoint(c)
+        if not killed:
+            break
+    if killed:
+        proc = _start(run, log)
+        proc.wait(timeout=300)
+        assert proc.returncode == 0, (note(), log.read_text()[-3000:])
+    _assert_matches_uninterrupted(run, reference, note())
+    print(note())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(__import__("resource"), "prlimit"), reason="needs Linux prlimit")
+def test_disk_full_while_writing_a_checkpoint_is_one_sentence_and_resume_loses_nothing(
+    uninterrupted: tuple[Path, float], tmp_path: Path
+) -> None:
+    """A file-size limit (RLIMIT_FSIZE) set on the running process: the next checkpoint write fails with EFBIG."""
+    import resource
+
+    reference, _ = uninterrupted
+    run = tmp_path / "run"
+    log = tmp_path / "stderr.txt"
+    proc = _start(run, log)
+    while proc.poll() is None and len(list_checkpoints(run / "checkpoints")) < 2:
+        time.sleep(0.002)
+    limit = 256 * 1024  # below the 1.4 MB weight files, above metrics.jsonl
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    proc.wait(timeout=300)
+    lines = log.read_text().strip().splitlines()
+    assert proc.returncode == 2, lines[-20:]
+    assert len(lines) == 1, lines
+    match = re.fullmatch(
+        r"precise-rl train: error: could not write checkpoint '(.+/epoch_(\d{6}))': File too large "
+        r"\(nothing was left half-written\)",
+        lines[0],
+    )
+    assert match, lines[0]
+    failed = int(match.group(2))
+    ckpts = list_checkpoints(run / "checkpoints")
+    assert ckpts and int(ckpts[-1].name.split("_")[1]) == failed - 1
+    _no_leftovers(run / "checkpoints")
+    for c in ckpts:
+        verify_checkpoint(c)
+    proc = _start(run, log)  # the disk has room again
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    _assert_matches_uninterrupted(run, reference)
+
+
+# --------------------------------------------------------------------------- unwritable checkpoint directories
+
+
+def test_a_file_where_the_checkpoint_directory_should_be_is_one_sentence_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What root cannot get from chmod: the directory cannot be made at all."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("in the way")
+    cfg = _write_yaml(tmp_path / "toy.yaml", _toy())
+    assert main(["train", str(cfg), "--output", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"precise-rl train: error: checkpoint directory '{run / 'checkpoints'}' cannot be made: "
+        f"'{run / 'checkpoints'}' is a file"
+    ]
+    assert (run / "checkpoints").read_text() == "in the way"
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes through chmod")
+def test_a_read_only_checkpoint_directory_is_one_sentence_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints").chmod(0o555)
+    try:
+        cfg = _write_yaml(tmp_path / "toy.yaml", _toy())
+        assert main(["train", str(cfg), "--output", str(run)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"precise-rl train: error: checkpoint directory '{run / 'checkpoints'}' is not writable: Permission denied"
+        ]
+        assert list((run / "checkpoints").iterdir()) == []
+    finally:
+        (run / "checkpoints").chmod(0o755)
+
+
+TORCH_FULL = "[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing file data/0: write failed"
+
+
+def _fail_in(monkeypatch: pytest.MonkeyPatch, stage: str, when: Any) -> None:
+    """Make one step of ``write_checkpoint`` fail while ``when()`` is true, as a full or read-only disk does."""
+
+    def boom(real: Any, exc: BaseException) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if when():
+                raise exc
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    full = OSError(28, "No space left on device")
+    if stage == "safetensors":
+        monkeypatch.setattr(ckpt_mod, "save_file", boom(ckpt_mod.save_file, full))
+    elif stage == "torch.save":  # torch wraps the OS error in a RuntimeError
+        monkeypatch.setattr(
+            ckpt_mod.torch,
+            "save",
+            boom(
+                torch.save,
+                RuntimeError(TORCH_FULL),
+            ),
+        )
+    elif stage == "manifest":
+        monkeypatch.setattr(ckpt_mod, "_sha256", boom(ckpt_mod._sha256, OSError(5, "Input/output error")))
+    elif stage == "rename":
+        monkeypatch.setattr(ckpt_mod.os, "replace", boom(os.replace, OSError(30, "Read-only file system")))
+    else:
+        raise AssertionError(stage)
+
+
+@pytest.mark.parametrize(
+    ("stage", "reason"),
+    [
+        ("safetensors", "No space left on device"),
+        (
+            "torch.save",
+            TORCH_FULL,
+        ),
+        ("manifest", "Input/output error"),
+        ("rename", "Read-only file system"),
+    ],
+)
+def test_a_checkpoint_write_that_fails_leaves_nothing_half_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str, reason: str
+) -> None:
+    data = _toy(epochs=3)
+    clean = tmp_path / "clean"
+    GRPOTrainer(config_from_dict(data), clean).run()
+    run = tmp_path / "run"
+    trainer = GRPOTrainer(config_from_dict(data), run)
+    _fail_in(monkeypatch, stage, lambda: trainer.epoch == 2)
+    with pytest.raises(UserError) as info:
+        trainer.run()
+    monkeypatch.undo()
+    message = str(info.value)
+    assert message == (
+        f"could not write checkpoint '{run / 'checkpoints' / 'epoch_000002'}': {reason} (nothing was left half-written)"
+    )
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["epoch_000001"]
+    _no_leftovers(run / "checkpoints")
+    _assert_same_checkpoint(run / "checkpoints" / "epoch_000001", clean / "checkpoints" / "epoch_000001")
+    assert main(["train", "--resume", str(run)]) == 0
+    for name in ("epoch_000002", "epoch_000003"):
+        _assert_same_checkpoint(run / "checkpoints" / name, clean / "checkpoints" / name)
+
+
+# --------------------------------------------------------------------------- NaN and inf
+
+
+def _poison_gradients(trainer: GRPOTrainer, bad_updates: set[int] | Any, value: float) -> list[dict]:
+    """Turn one gradient NaN/inf just before clipping at the chosen updates; returns the weights seen at each."""
+    clip = trainer.accelerator.clip_grad_norm_
+    seen: list[dict] = []
+
+    def poisoned(params: Any, max_norm: float) -> torch.Tensor:
+        k = len(seen)
+        seen.append({n: p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)})
+        if k in bad_updates:
+            next(p for p in params if p.grad is not None).grad.view(-1)[0] = value
+        return clip(params, max_norm)
+
+    trainer.accelerator.clip_grad_norm_ = poisoned
+    return seen
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_bad_gradient_skips_its_update_and_is_counted(tmp_path: Path, value: float) -> None:
+    trainer = GRPOTrainer(config_from_dict(_toy(epochs=3, max_nonfinite=2)), tmp_path)
+    bad = {1, 4}  # never two in a row: the run goes on
+    seen = _poison_gradients(trainer, bad, value)
+    trainer.run()
+    records = _metrics(tmp_path)
+    n = len(seen)
+    assert n == 9  # 3 epochs of 3 groups of 4, 4 samples per update
+    assert [r["skipped_updates"] for r in records] == [1.0, 1.0, 0.0]
+    assert records[-1]["updates"] == trainer.global_step == n - len(bad)
+    for k in range(n - 1):
+        same = all(torch.equal(seen[k][p], seen[k + 1][p]) for p in seen[k])
+        assert same == (k in bad), k  # a skipped update leaves every weight as it was, the others move them
+    for state in trainer.optimizer.state.values():
+        assert float(state["step"]) == n - len(bad)
+    for c in list_checkpoints(tmp_path / "checkpoints"):
+        tensors, _, _ = read_checkpoint(c)
+        assert all(bool(torch.isfinite(t).all()) for group in tensors.values() for t in group.values())
+
+
+def test_bad_gradients_in_a_row_stop_the_run_and_resume_from_the_last_checkpoint_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    data = _toy(epochs=3, max_nonfinite=2)
+    clean = tmp_path / "clean"
+    GRPOTrainer(config_from_dict(data), clean).run()
+    run = tmp_path / "run"
+    trainer = GRPOTrainer(config_from_dict(data), run)
+    seen = _poison_gradients(trainer, range(4, 100), math.nan)  # from epoch 2's second update on
+    with pytest.raises(UserError) as info:
+        trainer.run()
+    assert len(seen) == 6  # updates 4 and 5 skipped: two in a row
+    assert str(info.value) == (
+        "training stopped: 2 updates in a row had a NaN or infinite loss or gradient, or rewards that scored no "
+        f"image (train.max_nonfinite); the last good checkpoint is '{run / 'checkpoints' / 'epoch_000001'}' "
+        f"(continue with --resume '{run}')"
+    )
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["epoch_000001"]
+    _assert_same_checkpoint(run / "checkpoints" / "epoch_000001", clean / "checkpoints" / "epoch_000001")
+    assert main(["train", "--resume", str(run)]) == 0  # the cause gone
+    for name in ("epoch_000002", "epoch_000003"):
+        _assert_same_checkpoint(run / "checkpoints" / name, clean / "checkpoints" / name)
+
+
+def test_a_nan_reward_stops_with_a_checkpoint_of_the_epochs_done(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reward that may not fail returned NaN at epoch 3: nothing is trained on it, epochs 1-2 are saved."""
+    clean_cfg = _toy(epochs=4)
+    clean = tmp_path / "clean"
+    GRPOTrainer(config_from_dict(clean_cfg), clean).run()
+    data = _toy(epochs=4, reward={"bad_calls": [2], "rows": [5]})
+    data["checkpoint"]["every"] = 10  # only the stop itself writes one before the end
+    run = tmp_path / "run"
+    assert main(["train", str(_write_yaml(tmp_path / "nan.yaml", data)), "--output", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "precise-rl train: error: training stopped: reward 'faults_brightness' returned NaN or inf; the checkpoint "
+        f"of epoch 2 is {run / 'checkpoints' / 'epoch_000002'}; continue with --resume {run} once the reward is fixed"
+    ]
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["epoch_000002"]
+    _assert_same_checkpoint(run / "checkpoints" / "epoch_000002", clean / "checkpoints" / "epoch_000002")
+    assert [r["epoch"] for r in _metrics(run)] == [1, 2]
+    fixed = _write_yaml(tmp_path / "fixed.yaml", clean_cfg)
+    assert main(["train", str(fixed), "--resume", str(run)]) == 0
+    _assert_same_checkpoint(run / "checkpoints" / "epoch_000004", clean / "checkpoints" / "epoch_000004")
+    _assert_same(_metrics(run), _metrics(clean), "metrics")
+
+
+def _expected_advantages(r: np.ndarray, group_size: int, clip: float = 5.0) -> np.ndarray:
+    """z-score over the scored images, then (z - group mean) / (group std + 1e-4), in float64; NaN stays NaN."""
+    ok = ~np.isnan(r)
+    z = (r - r[ok].mean()) / (r[ok].std() + 1e-8)
+    adv = np.full_like(r, np.nan)
+    for g in range(len(r) // group_size):
+        sl = slice(g * group_size, (g + 1) * group_size)
+        zg, okg = z[sl], ok[sl]
+        vals = zg[okg]
+        std = vals.std()
+        a = np.zeros_like(vals) if std == 0 else (vals - vals.mean()) / (std + 1e-4)
+        out = np.full(group_size, np.nan)
+        out[okg] = np.clip(a, -clip, clip)
+        adv[sl] = out
+    return adv
+
+
+def test_nan_from_a_reward_that_may_fail_leaves_those_images_out_and_counts_them(tmp_path: Path) -> None:
+    bad_rows = sorted(random.Random(int.from_bytes(os.urandom(4), "little")).sample(range(12), 3))
+    cfg = config_from_dict(_toy(epochs=1, reward={"bad_calls": [0], "rows": bad_rows, "may_fail": True}))
+    trainer = GRPOTrainer(cfg, tmp_path / "a")
+    batch = trainer.collect(0)
+    _, adv, raw = trainer.score(batch)
+    r = batch.images.double().flatten(1).mean(dim=1).numpy()
+    r[bad_rows] = np.nan
+    want = _expected_advantages(r, 4)
+    assert torch.isnan(raw).nonzero().flatten().tolist() == bad_rows, bad_rows
+    np.testing.assert_allclose(adv.double().numpy(), want, rtol=1e-4, atol=1e-5)
+    trained = torch.cat([m for u in trainer.update_plan(batch, adv, 0, 0) for m in u]).tolist()
+    assert sorted(trained) == [i for i in range(12) if i not in bad_rows], bad_rows
+    # A whole epoch: the images are counted, the others trained on.
+    trainer = GRPOTrainer(cfg, tmp_path / "b")
+    trainer.run()
+    (record,) = _metrics(tmp_path / "b")
+    assert record["unscored_samples"] == 3 and record["updates"] == 3 and record["skipped_updates"] == 0
+
+
+def test_epochs_in_which_no_image_could_be_scored_count_toward_the_stop(tmp_path: Path) -> None:
+    """A reward server answering with errors for every image (NaN everywhere): no update can happen."""
+    data = _toy(epochs=5, max_nonfinite=2, reward={"bad_calls": [1, 2, 3, 4], "may_fail": True})
+    run = tmp_path / "run"
+    trainer = GRPOTrainer(config_from_dict(data), run)
+    with pytest.raises(UserError, match=r"2 updates in a row .* the last good checkpoint is '.*epoch_000002'"):
+        trainer.run()
+    records = _metrics(run)
+    assert [(r["epoch"], r["unscored_samples"], r["updates"]) for r in records] == [(1, 0, 3.0), (2, 12, 3.0)]
+    _assert_same(
+        read_checkpoint(run / "checkpoints" / "epoch_000002")[0],
+        read_checkpoint(run / "checkpoints" / "epoch_000001")[0],
+    )
+
+
+# --------------------------------------------------------------------------- bad checkpoints
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A toy run with LoRA and EMA: checkpoints of epochs 1 and 2, each with an adapter directory."""
+    run = tmp_path_factory.mktemp("lora") / "run"
+    data = _toy(epochs=2, lora={"enabled": True, "rank": 2})
+    GRPOTrainer(config_from_dict(data), run).run()
+    return run
+
+
+CHECKPOINT_FILES = [
+    "trainable.safetensors",
+    "ema.safetensors",
+    "optimizer.pt",
+    "state.json",
+    "adapter/adapter_model.safetensors",
+    "adapter/adapter_config.json",
+]
+
+
+def test_the_checkpoint_files_are_those_listed(lora_run: Path) -> None:
+    manifest = json.loads((lora_run / "checkpoints" / "epoch_000002" / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted(CHECKPOINT_FILES)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+def test_a_damaged_checkpoint_file_is_refused_naming_it(
+    lora_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, damage: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    target = run / "checkpoints" / "epoch_000002" / name
+    data = bytearray(target.read_bytes())
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    if damage == "truncate":
+        data = data[: rng.randrange(len(data))]
+    else:
+        i = rng.randrange(len(data))
+        data[i] ^= 1 << rng.randrange(8)
+    target.write_bytes(bytes(data))
+    assert main(["train", "--resume", str(run)]) == 2, seed
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"precise-rl train: error: checkpoint file '{target}' is corrupt or truncated (checksum mismatch); "
+        f"to go on from the one before, resume from '{run / 'checkpoints' / 'epoch_000001'}'"
+    ], seed
+
+
+def test_a_missing_or_damaged_manifest_is_refused(lora_run: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    manifest = run / "checkpoints" / "epoch_000002" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"precise-rl train: error: checkpoint '{manifest.parent}' has a missing or unreadable manifest.json; "
+        f"to go on from the one before, resume from '{run / 'checkpoints' / 'epoch_000001'}'"
+    ]
+
+
+class _RunsCode:
+    """A pickle that creates a file when it is loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        return (builtins.open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(
+    lora_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    ckpt = run / "checkpoints" / "epoch_000002"
+    marker = tmp_path / "code-ran"
+    torch.save({"state": {}, "param_groups": [], "x": _RunsCode(marker)}, ckpt / "optimizer.pt")
+    # The manifest made to match, as an attacker would: the checksums alone cannot stop this file.
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    data = (ckpt / "optimizer.pt").read_bytes()
+    manifest["files"]["optimizer.pt"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"precise-rl train: error: checkpoint file '{ckpt / 'optimizer.pt'}' could not be loaded safely: "
+    ), err
+    assert not marker.exists()
+    torch.load(ckpt / "optimizer.pt", weights_only=False)  # the file does hold code: unsafe loading runs it
+    assert marker.exists()
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_fault_on_one_process_is_handled_alike_on_every_process(tmp_path: Path) -> None:
+    """Two processes (gloo) through ddp.yaml: a NaN gradient on process 1 only makes both skip that update;
+    a NaN reward on process 1 only stops both with the same sentence and a checkpoint of the epochs done."""
+    run = tmp_path / "run"
+    env = _env()
+    env.update(
+        ACCELERATE_USE_CPU="true",
+        PRECISE_RL_TEST_FAULTS=json.dumps({"nan_grad": [1, 3], "nan_reward": [1, 2]}),
+    )
+    args = [a for a in DIGITS if not a.startswith(("train.epochs", "eval.every", "checkpoint.every"))]
+    cmd = [
+        *(sys.executable, "-m", "accelerate.commands.launch"),
+        *("--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2"),
+        *("--main_process_port", str(_free_port())),
+        *("tests/dist_entry.py", "train", *args, "train.epochs=4", "eval.every=0", "checkpoint.every=10"),
+        *("--output", str(run)),
+    ]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    ckpt = run / "checkpoints" / "epoch_000002"
+    sentence = (
+        "precise-rl train: error: training stopped: reward 'ink_style' returned NaN or inf; the checkpoint of "
+        f"epoch 2 is {ckpt}; continue with --resume {run} once the reward is fixed"
+    )
+    # Every process raises the same sentence and exits with code 2 (the launcher may end the second one
+    # with SIGTERM before it prints); none hangs, aborts or shows a traceback of this package.
+    assert res.returncode != 0
+    assert res.stderr.count(sentence) >= 1, res.stderr[-3000:]
+    assert "exitcode  : 2" in res.stderr and "SIGABRT" not in res.stderr, res.stderr[-3000:]
+    assert str(ROOT / "src") not in res.stderr, res.stderr[-3000:]
+    records = _metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["skipped_updates"] for r in records] == [0.0, 1.0]  # update 3: epoch 2's second
+    assert records[-1]["updates"] == 3.0
+    # Written after the processes' weights were compared (they must agree for a checkpoint to exist).
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["epoch_000002"]
+    verify_checkpoint(ckpt)
