@@ -3,8 +3,10 @@
 The built-in digits task with tiny settings: two processes through ``configs/accelerate/ddp.yaml``
 must end with identical weights on both and the metrics of a one-process run of the same config;
 two "machines" on this host through ``configs/accelerate/multinode.yaml`` (one process each), then
-a resume on two processes, must reach the same weights as the one-process run. The pure planning
-parts (who rolls out what, which samples each update trains) are checked in-process.
+a resume on two processes and another on one process, must reach the same weights as the
+one-process run. A GPU config launched without GPUs must stop instead of training N separate
+copies. The pure planning parts (who rolls out what, which samples each update trains) are
+checked in-process.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -186,6 +189,12 @@ def test_two_machines_then_resume_on_two_processes_reach_the_one_process_weights
     outs = [m.communicate(timeout=300) for m in machines]
     assert [m.returncode for m in machines] == [0, 0], outs[0][1].decode()[-2000:] + outs[1][1].decode()[-2000:]
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["epoch_000001", "epoch_000002"]
+    # The same two-process checkpoint resumed on one process (this one) reaches the one-process run too.
+    alone = tmp_path / "alone"
+    shutil.copytree(run, alone)
+    assert main(["train", "train.epochs=3", "--resume", str(alone)]) == 0
+    _assert_metrics_close(_metrics(alone), _metrics(one_process), extra_eval_at=(2,))
+    _assert_same_training(_final_weights(alone), _final_weights(one_process))
     resume = [
         *ACCELERATE,
         "--config_file",
