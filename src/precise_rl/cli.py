@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train one recipe with every sampler and several seeds; reward against wall-clock",
     ),
     "sample": ("precise_rl.sample_cli", "generate images with any sampler (diffusers pipeline or built-in model)"),
+    "serve-reward": (
+        "precise_rl.rewards.server",
+        "serve a registered reward over HTTP for 'remote' rewards (needs the 'serve' extra)",
+    ),
     "pretrain": (
         "precise_rl.tasks.pretrain_cli",
         "regenerate the built-in task's shipped weights (model and reward classifier)",
