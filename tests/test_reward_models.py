@@ -55,10 +55,11 @@ def _pil_shortest_crop(img: np.ndarray, size: int, crop: int, rounding: str) -> 
 def _pil_longest_pad(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape[:2]
     scale = size / max(h, w)
-    if scale == 1.0:
-        return img
-    nh, nw = round(h * scale), round(w * scale)
-    out = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC))
+    if scale == 1.0:  # not resized, as open_clip's ResizeMaxSize; padded to square all the same
+        nh, nw, out = h, w, img
+    else:
+        nh, nw = round(h * scale), round(w * scale)
+        out = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC))
     ph, pw = size - nh, size - nw
     return np.pad(out, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
 
@@ -121,7 +122,7 @@ def test_longest_side_pad_matches_open_clip_resize_max_size(shape: tuple[int, in
     ref = _reference_pixels(images, 16, "longest")
     level = 1.0 / 255.0 / STD.min()
     diff = (got - ref).abs()
-    assert got.shape == ref.shape
+    assert got.shape == ref.shape == (3, 3, 16, 16)  # square even when the longer side is already 16
     assert diff.max().item() <= 2 * level + 1e-5
     assert (diff > 1e-5).float().mean().item() < 0.03
 

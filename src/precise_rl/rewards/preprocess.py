@@ -93,14 +93,17 @@ def resize_shortest_and_crop(x: torch.Tensor, size: int, crop: int, rounding: st
 def resize_longest_and_pad(x: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:
     """open_clip's ``ResizeMaxSize``: the longer side becomes ``size`` (``round(dim * scale)``), then pad to square.
 
-    As the original, an image whose longer side already is ``size`` is left as it is.
+    An image whose longer side already is ``size`` is not resized, as in the original; unlike the
+    original, it is still padded to square when its other side is shorter (the original passes it on
+    unpadded, and the vision transformer cannot take it).
     """
     h, w = x.shape[-2], x.shape[-1]
     scale = size / float(max(h, w))
     if scale == 1.0:
-        return x
-    new_h, new_w = round(h * scale), round(w * scale)
-    x = resize_bicubic_255(x, new_h, new_w)
+        new_h, new_w = h, w
+    else:
+        new_h, new_w = round(h * scale), round(w * scale)
+        x = resize_bicubic_255(x, new_h, new_w)
     pad_h, pad_w = size - new_h, size - new_w
     return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill)
 
