@@ -124,6 +124,7 @@ MALFORMED: list[tuple[str, list[str], str]] = [
     ("nothing-to-train", ["train", "train.full_finetune=false"], "nothing to train: set train.lora.enabled=true"),
     # prompt files
     ("prompts-missing", ["train", "prompts.train={a_dir}/p.txt"], "prompt file '{a_dir}/p.txt' (config key"),
+    ("prompts-directory", ["train", "prompts.train={a_dir}"], "(config key 'prompts.train') is a directory"),
     ("prompts-eval-missing", ["train", "prompts.eval={a_dir}/p.txt"], "(config key 'prompts.eval') does not exist"),
     ("prompts-not-utf8", ["train", "prompts.train={latin1_prompts}"], "prompt file '{latin1_prompts}' is not UTF-8"),
     ("prompts-only-comments", ["train", "prompts.train={comment_prompts}"], "holds no prompts"),

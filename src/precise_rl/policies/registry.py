@@ -97,12 +97,18 @@ def build_task(model_cfg: Any, device: torch.device | str) -> TaskSpec:
 def read_prompt_file(path: str | Path, key: str = "prompts") -> list[str]:
     """Prompts from a text file, one per line (blank lines and lines starting with '#' skipped)."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(
+            f"prompt file {str(p)!r} (config key '{key}') is a directory; give a text file, one prompt per line"
+        )
     if not p.is_file():
         raise UserError(f"prompt file {str(p)!r} (config key '{key}') does not exist")
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise UserError(f"prompt file {str(p)!r} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"prompt file {str(p)!r} cannot be read: {exc.strerror or exc}") from None
     prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         raise UserError(f"prompt file {str(p)!r} holds no prompts")
