@@ -165,26 +165,11 @@ def _save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
     Image.fromarray(arr).save(path)
 
 
-def _labelled_grid(rows: list[torch.Tensor], labels: list[str], path: Path, scale: int) -> None:
-    """Rows of images with the sampler name at the left of each row."""
-    from PIL import Image, ImageDraw
-
-    from .rl.logging import image_grid
-
-    images = torch.cat(rows)
-    grid = Image.fromarray(image_grid(images, len(rows), rows[0].shape[0], scale=scale))
-    margin = 8 + 7 * max(len(label) for label in labels)
-    canvas = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
-    canvas.paste(grid, (margin, 0))
-    draw = ImageDraw.Draw(canvas)
-    row_h = grid.height / len(rows)
-    for k, label in enumerate(labels):
-        draw.text((4, int(row_h * k + row_h / 2) - 5), label, fill=(0, 0, 0))
-    canvas.save(path)
-
-
 def run(args: argparse.Namespace) -> int:
+    from PIL import Image
+
     from .policies.registry import read_prompt_file
+    from .rl.logging import labelled_grid
     from .rl.lora import load_adapter
     from .sde import shifted_sigmas, uniform_sigmas
 
@@ -260,7 +245,8 @@ def run(args: argparse.Namespace) -> int:
         entry: dict[str, Any] = {"prompt": prompt, "files": files}
         if args.grid:
             grid_path = folder / "grid.png"
-            _labelled_grid(rows, samplers, grid_path, max(1, 64 // min(rows[0].shape[-2:])))
+            scale = max(1, 64 // min(rows[0].shape[-2:]))
+            Image.fromarray(labelled_grid(torch.cat(rows), samplers, rows[0].shape[0], scale=scale)).save(grid_path)
             entry["grid"] = str(grid_path)
         record["prompts"].append(entry)
     (out / "samples.json").write_text(json.dumps(record, indent=1))

@@ -15,7 +15,7 @@ import torch
 from ..config import ExperimentConfig, config_to_dict
 from ..errors import UserError
 
-__all__ = ["RunLogger", "plot_reward_curves", "image_grid", "read_metrics"]
+__all__ = ["RunLogger", "plot_reward_curves", "image_grid", "labelled_grid", "read_metrics"]
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -51,6 +51,23 @@ def image_grid(images: torch.Tensor, rows: int, cols: int, scale: int = 1) -> np
     if scale > 1:
         out = out.repeat(scale, axis=0).repeat(scale, axis=1)
     return out
+
+
+def labelled_grid(images: torch.Tensor, labels: Sequence[str], cols: int, scale: int = 1) -> np.ndarray:
+    """``image_grid`` with one row per label and the label written at the left of its row (uint8 RGB)."""
+    from PIL import Image, ImageDraw
+
+    rows = len(labels)
+    grid = Image.fromarray(image_grid(images, rows, cols, scale=scale))
+    draw = ImageDraw.Draw(grid)
+    margin = 8 + max((int(draw.textlength(label)) for label in labels), default=0)
+    canvas = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
+    canvas.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = grid.height / max(1, rows)
+    for k, label in enumerate(labels):
+        draw.text((4, row_h * (k + 0.5)), label, fill=(0, 0, 0), anchor="lm")
+    return np.asarray(canvas)
 
 
 def plot_reward_curves(records: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
@@ -162,7 +179,7 @@ class RunLogger:
             return None
         imgs = images[: rows * per_prompt]
         scale = max(1, 64 // imgs.shape[-1])
-        grid = image_grid(imgs, rows, per_prompt, scale=scale)
+        grid = labelled_grid(imgs, [prompts[k * per_prompt] for k in range(rows)], per_prompt, scale=scale)
         path = self.out / "samples" / f"epoch_{epoch:04d}_{sampler}.png"
         Image.fromarray(grid).save(path)
         if self.tb is not None:
