@@ -7,9 +7,11 @@
   through ``chmod``), and a write failing at each step of a checkpoint: one sentence, no
   half-written checkpoint, and a resume from the last one reaches the uninterrupted weights.
 * NaN or inf gradients skip their update (counted in ``skipped_updates``) and stop the run after
-  ``train.max_nonfinite`` in a row, the last checkpoint intact; a reward that returns NaN stops
-  the run with a checkpoint of the epochs done; a reward that may fail (a remote one) gets its NaN
-  images left out of the statistics and the update, counted in ``unscored_samples``.
+  ``train.max_nonfinite`` in a row, the last checkpoint intact. NaN or inf from any reward (one
+  that may fail, a remote one, or an ordinary one) leaves those images out of the statistics and
+  the update, counted in ``unscored_samples`` and ``unscored/<reward>`` (an ordinary reward is
+  named in one warning); epochs with no finite reward at all count toward ``train.max_nonfinite``.
+  A reward that returns the wrong shape stops the run with a checkpoint of the epochs done.
 * Every file of a checkpoint, truncated or with one byte changed, is refused naming the file; a
   pickle that would run code is refused without running it.
 
@@ -62,12 +64,22 @@ TIMING_KEYS = ("elapsed_s", "train_elapsed_s")
 
 @register_reward("faults_brightness")
 class FaultyBrightness(Reward):
-    """The toy reward (mean pixel value), NaN (or ``value``) at the calls in ``bad_calls``, for ``rows`` or all."""
+    """The toy reward (mean pixel value), NaN (or ``value``) at the calls in ``bad_calls``, for ``rows`` or all.
+
+    The trainer calls a reward once per rollout chunk (``train.rollout_batch_size`` images), so ``rows``
+    are positions in a chunk. ``value`` is a number or its name ("nan", "inf", "-inf"), "short" (one
+    score too few) or "raise" (a UserError, as a reward raises for input it cannot score).
+    """
 
     def __init__(
-        self, bad_calls: Sequence[int] = (), rows: Sequence[int] | None = None, may_fail: bool = False, value=math.nan
+        self,
+        bad_calls: Sequence[int] = (),
+        rows: Sequence[int] | None = None,
+        may_fail: bool = False,
+        value: float | str = math.nan,
     ) -> None:
-        self.bad_calls, self.rows, self.may_fail, self.value = set(bad_calls), rows, may_fail, value
+        self.bad_calls, self.rows, self.may_fail = set(bad_calls), rows, may_fail
+        self.value = value if value in ("short", "raise") else float(value)
         self.calls = 0
 
     def __call__(
@@ -75,7 +87,12 @@ class FaultyBrightness(Reward):
     ) -> dict[str, torch.Tensor]:
         r = images.flatten(1).mean(dim=1).clone()
         if self.calls in self.bad_calls:
-            r[list(self.rows) if self.rows is not None else slice(None)] = self.value
+            if self.value == "raise":
+                raise UserError(f"faults_brightness cannot score call {self.calls}")
+            if self.value == "short":
+                r = r[:-1]
+            else:
+                r[list(self.rows) if self.rows is not None else slice(None)] = self.value
         self.calls += 1
         return {"faults_brightness": r}
 
@@ -248,7 +265,8 @@ def test_kill_9_at_random_moments_then_resume_reaches_the_uninterrupted_run(
     kills = 0
     while kills < 3:
         done = _newest_epoch(run)
-        assert done < EPOCHS, note()
+        if done == EPOCHS:
+            break  # killed after the last checkpoint, while the run wrote its summary: the resume below ends it
         since = time.time_ns()
         proc = _start(run, log)
         # After epoch `target` is logged, a moment within the next one and a half epochs.
@@ -492,21 +510,29 @@ def test_bad_gradients_in_a_row_stop_the_run_and_resume_from_the_last_checkpoint
         _assert_same_checkpoint(run / "checkpoints" / name, clean / "checkpoints" / name)
 
 
-def test_a_nan_reward_stops_with_a_checkpoint_of_the_epochs_done(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("value", "chunk", "call", "reason"),
+    [
+        ("short", 64, 2, "reward 'faults_brightness' returned shape (11,); expected (12,), one score per image"),
+        ("raise", 5, 7, "faults_brightness cannot score call 7"),  # epoch 3's second chunk of three
+    ],
+)
+def test_a_reward_that_errs_stops_with_a_checkpoint_of_the_epochs_done(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, chunk: int, call: int, reason: str
 ) -> None:
-    """A reward that may not fail returned NaN at epoch 3: nothing is trained on it, epochs 1-2 are saved."""
-    clean_cfg = _toy(epochs=4)
+    """A reward that returned one score too few, or raised, at epoch 3: nothing is trained on it, epochs 1-2
+    are saved; a reward that raises on one chunk stops the run when the scores are read, not mid-rollout."""
+    clean_cfg = _toy(epochs=4, rollout_batch_size=chunk)
     clean = tmp_path / "clean"
     GRPOTrainer(config_from_dict(clean_cfg), clean).run()
-    data = _toy(epochs=4, reward={"bad_calls": [2], "rows": [5]})
+    data = _toy(epochs=4, rollout_batch_size=chunk, reward={"bad_calls": [call], "value": value})
     data["checkpoint"]["every"] = 10  # only the stop itself writes one before the end
     run = tmp_path / "run"
-    assert main(["train", str(_write_yaml(tmp_path / "nan.yaml", data)), "--output", str(run)]) == 2
+    assert main(["train", str(_write_yaml(tmp_path / "short.yaml", data)), "--output", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "precise-rl train: error: training stopped: reward 'faults_brightness' returned NaN or inf; the checkpoint "
-        f"of epoch 2 is {run / 'checkpoints' / 'epoch_000002'}; continue with --resume {run} once the reward is fixed"
+        f"precise-rl train: error: training stopped: {reason}; the checkpoint of epoch 2 is "
+        f"{run / 'checkpoints' / 'epoch_000002'}; continue with --resume {run} once the reward is fixed"
     ]
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["epoch_000002"]
     _assert_same_checkpoint(run / "checkpoints" / "epoch_000002", clean / "checkpoints" / "epoch_000002")
@@ -534,7 +560,57 @@ def _expected_advantages(r: np.ndarray, group_size: int, clip: float = 5.0) -> n
     return adv
 
 
-def test_nan_from_a_reward_that_may_fail_leaves_those_images_out_and_counts_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_or_inf_from_an_ordinary_reward_leaves_single_images_out_of_the_epoch(tmp_path: Path, value: str) -> None:
+    """Chunks of 3: the epoch's 12 images are scored in 4 calls, a random image of two random calls gets NaN/inf.
+    The advantages are those of float64 arithmetic that z-scores the other images over the whole epoch (not
+    chunk by chunk: chunks of 3 cut across the groups of 4), then over each group's remaining images."""
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    calls, rows = sorted(rng.sample(range(4), 2)), [rng.randrange(3)]
+    bad_rows = [3 * c + r for c in calls for r in rows]
+    note = f"bad images {bad_rows}"
+    data = _toy(epochs=1, rollout_batch_size=3, reward={"bad_calls": calls, "rows": rows, "value": value})
+    trainer = GRPOTrainer(config_from_dict(data), tmp_path)
+    batch = trainer.collect(0)
+    assert len(batch.pending) == 4
+    comps, adv, raw = trainer.score(batch)
+    r = batch.images.double().flatten(1).mean(dim=1).numpy()
+    r[bad_rows] = np.nan
+    assert torch.isnan(comps["faults_brightness"]).nonzero().flatten().tolist() == bad_rows, note
+    assert torch.isnan(raw).nonzero().flatten().tolist() == bad_rows, note
+    np.testing.assert_allclose(adv.double().numpy(), _expected_advantages(r, 4), rtol=1e-4, atol=1e-5, err_msg=note)
+    trained = torch.cat([m for u in trainer.update_plan(batch, adv, 0, 0) for m in u]).tolist()
+    assert sorted(trained) == [i for i in range(12) if i not in bad_rows], note
+
+
+def test_unscored_images_of_an_ordinary_reward_are_counted_and_named_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two images of epoch 1 and two of epoch 3 get NaN: counted in each epoch's metrics, one warning in all."""
+    data = _toy(epochs=3, rollout_batch_size=3, reward={"bad_calls": [1, 10], "rows": [0, 2]})
+    run = tmp_path / "run"
+    assert main(["train", str(_write_yaml(tmp_path / "nan.yaml", data)), "--output", str(run)]) == 0
+    records = _metrics(run)
+    assert [r["unscored_samples"] for r in records] == [2, 0, 2]  # images 3, 5 of epoch 1, 6, 8 of epoch 3
+    assert [r["unscored/faults_brightness"] for r in records] == [2, 0, 2]
+    assert [r["skipped_updates"] for r in records] == [0.0, 0.0, 0.0]
+    # epoch 1's reward is the mean over its other ten images (replayed: a reward does not change the rollouts)
+    replay = GRPOTrainer(config_from_dict(_toy(epochs=1)), tmp_path / "replay", read_only=True).collect(0)
+    brightness = replay.images.double().flatten(1).mean(dim=1)
+    kept = [i for i in range(12) if i not in (3, 5)]
+    assert records[0]["reward_mean"] == pytest.approx(float(brightness[kept].mean()), rel=1e-6)
+    assert records[0]["reward/faults_brightness"] == pytest.approx(float(brightness[kept].mean()), rel=1e-6)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "warning: reward 'faults_brightness' returned NaN or inf for 2 of the 12 images of epoch 1; such images are "
+        "left out of training and counted in the metrics (unscored_samples, unscored/faults_brightness); this "
+        "warning is not repeated"
+    ]
+
+
+def test_nan_from_a_reward_that_may_fail_leaves_those_images_out_and_counts_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad_rows = sorted(random.Random(int.from_bytes(os.urandom(4), "little")).sample(range(12), 3))
     cfg = config_from_dict(_toy(epochs=1, reward={"bad_calls": [0], "rows": bad_rows, "may_fail": True}))
     trainer = GRPOTrainer(cfg, tmp_path / "a")
@@ -552,21 +628,39 @@ def test_nan_from_a_reward_that_may_fail_leaves_those_images_out_and_counts_them
     trainer.run()
     (record,) = _metrics(tmp_path / "b")
     assert record["unscored_samples"] == 3 and record["updates"] == 3 and record["skipped_updates"] == 0
+    assert record["unscored/faults_brightness"] == 3
+    assert "warning" not in capsys.readouterr().err  # a reward that may fail is not warned about
 
 
-def test_epochs_in_which_no_image_could_be_scored_count_toward_the_stop(tmp_path: Path) -> None:
-    """A reward server answering with errors for every image (NaN everywhere): no update can happen."""
-    data = _toy(epochs=5, max_nonfinite=2, reward={"bad_calls": [1, 2, 3, 4], "may_fail": True})
+@pytest.mark.parametrize("may_fail", [True, False])
+def test_epochs_in_which_no_image_could_be_scored_count_toward_the_stop(tmp_path: Path, may_fail: bool) -> None:
+    """NaN for every image (a reward server answering errors, or a broken reward): no update can happen.
+    Epoch 2 has none, epoch 3 trains again (the count starts over), epochs 4 and 5 have none: the run stops."""
+    data = _toy(epochs=6, max_nonfinite=2, reward={"bad_calls": [1, 3, 4], "may_fail": may_fail})
     run = tmp_path / "run"
     trainer = GRPOTrainer(config_from_dict(data), run)
-    with pytest.raises(UserError, match=r"2 updates in a row .* the last good checkpoint is '.*epoch_000002'"):
+    with pytest.raises(UserError) as info:
         trainer.run()
-    records = _metrics(run)
-    assert [(r["epoch"], r["unscored_samples"], r["updates"]) for r in records] == [(1, 0, 3.0), (2, 12, 3.0)]
-    _assert_same(
-        read_checkpoint(run / "checkpoints" / "epoch_000002")[0],
-        read_checkpoint(run / "checkpoints" / "epoch_000001")[0],
+    ckpts = run / "checkpoints"
+    assert str(info.value) == (
+        "training stopped: 2 updates in a row had a NaN or infinite loss or gradient, or rewards that scored no "
+        f"image (train.max_nonfinite); the last good checkpoint is '{ckpts / 'epoch_000004'}' "
+        f"(continue with --resume '{run}')"
     )
+    records = _metrics(run)
+    assert [(r["epoch"], r["unscored_samples"], r["unscored/faults_brightness"], r["updates"]) for r in records] == [
+        (1, 0, 0, 3.0),
+        (2, 12, 12, 3.0),
+        (3, 0, 0, 6.0),
+        (4, 12, 12, 6.0),
+    ]
+    assert [p.name for p in list_checkpoints(ckpts)] == [f"epoch_00000{k}" for k in range(1, 5)]
+    for no_update, before in ((2, 1), (4, 3)):
+        _assert_same(
+            read_checkpoint(ckpts / f"epoch_00000{no_update}")[0], read_checkpoint(ckpts / f"epoch_00000{before}")[0]
+        )
+    for c in list_checkpoints(ckpts):
+        verify_checkpoint(c)
 
 
 # --------------------------------------------------------------------------- bad checkpoints
@@ -678,27 +772,39 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_a_fault_on_one_process_is_handled_alike_on_every_process(tmp_path: Path) -> None:
-    """Two processes (gloo) through ddp.yaml: a NaN gradient on process 1 only makes both skip that update;
-    a NaN reward on process 1 only stops both with the same sentence and a checkpoint of the epochs done."""
+    """Two processes (gloo) through ddp.yaml, each rolling out 2 groups of 4 per epoch:
+
+    * epoch 2: the reward gives NaN for every image of process 1 only: both processes train on process 0's
+      groups alone (their weights agree, else no checkpoint is written), the 8 images are counted, and the
+      main process names the reward in one warning;
+    * epoch 3: a NaN gradient on process 1 only makes both skip that update;
+    * epochs 4 and 5: no image of either process gets a finite reward: both stop with the same sentence
+      after train.max_nonfinite = 2 such epochs, the checkpoint of epoch 4 the last good one."""
     run = tmp_path / "run"
     env = _env()
     env.update(
         ACCELERATE_USE_CPU="true",
-        PRECISE_RL_TEST_FAULTS=json.dumps({"nan_grad": [1, 3], "nan_reward": [1, 2]}),
+        PRECISE_RL_TEST_FAULTS=json.dumps({"nan_grad": [1, 3], "nan_reward": [1, 1]}),
     )
-    args = [a for a in DIGITS if not a.startswith(("train.epochs", "eval.every", "checkpoint.every"))]
+    reward = "tests.test_faults:FaultyBrightness"
+    args = [a for a in DIGITS if not a.startswith(("train.epochs", "eval.every", "checkpoint.keep"))]
+    args += [
+        *("train.epochs=6", "train.max_nonfinite=2", "eval.every=0", "checkpoint.keep=10"),
+        f"reward.weights={json.dumps({reward: 1.0})}",
+        f"reward.options={json.dumps({reward: {'bad_calls': [3, 4]}})}",  # one call per epoch on each process
+    ]
     cmd = [
         *(sys.executable, "-m", "accelerate.commands.launch"),
         *("--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2"),
         *("--main_process_port", str(_free_port())),
-        *("tests/dist_entry.py", "train", *args, "train.epochs=4", "eval.every=0", "checkpoint.every=10"),
-        *("--output", str(run)),
+        *("tests/dist_entry.py", "train", *args, "--output", str(run)),
     ]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    ckpt = run / "checkpoints" / "epoch_000002"
+    ckpts = run / "checkpoints"
     sentence = (
-        "precise-rl train: error: training stopped: reward 'ink_style' returned NaN or inf; the checkpoint of "
-        f"epoch 2 is {ckpt}; continue with --resume {run} once the reward is fixed"
+        "precise-rl train: error: training stopped: 2 updates in a row had a NaN or infinite loss or gradient, or "
+        f"rewards that scored no image (train.max_nonfinite); the last good checkpoint is "
+        f"'{ckpts / 'epoch_000004'}' (continue with --resume '{run}')"
     )
     # Every process raises the same sentence and exits with code 2 (the launcher may end the second one
     # with SIGTERM before it prints); none hangs, aborts or shows a traceback of this package.
@@ -706,10 +812,23 @@ def test_a_fault_on_one_process_is_handled_alike_on_every_process(tmp_path: Path
     assert res.stderr.count(sentence) >= 1, res.stderr[-3000:]
     assert "exitcode  : 2" in res.stderr and "SIGABRT" not in res.stderr, res.stderr[-3000:]
     assert str(ROOT / "src") not in res.stderr, res.stderr[-3000:]
+    warning = f"warning: reward '{reward}' returned NaN or inf for 8 of the 16 images of epoch 2; "
+    assert res.stderr.count(warning) == 1 and res.stderr.count("warning: reward") == 1, res.stderr[-3000:]
     records = _metrics(run)
-    assert [r["epoch"] for r in records] == [1, 2]
-    assert [r["skipped_updates"] for r in records] == [0.0, 1.0]  # update 3: epoch 2's second
-    assert records[-1]["updates"] == 3.0
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert [r["unscored_samples"] for r in records] == [0, 8, 0, 16]
+    assert [r[f"unscored/{reward}"] for r in records] == [0, 8, 0, 16]
+    # epoch 2 trains on 8 samples (one update of 2 x 4), epoch 3 skips one of its two, epoch 4 has none
+    assert [r["skipped_updates"] for r in records] == [0.0, 0.0, 1.0, 0.0]
+    assert [r["updates"] for r in records] == [2.0, 3.0, 4.0, 4.0]
     # Written after the processes' weights were compared (they must agree for a checkpoint to exist).
-    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["epoch_000002"]
-    verify_checkpoint(ckpt)
+    assert [p.name for p in list_checkpoints(ckpts)] == [f"epoch_00000{k}" for k in range(1, 5)]
+    for c in list_checkpoints(ckpts):
+        verify_checkpoint(c)
+    _assert_same(read_checkpoint(ckpts / "epoch_000004")[0], read_checkpoint(ckpts / "epoch_000003")[0])
+    assert not _same_weights(ckpts / "epoch_000002", ckpts / "epoch_000001")  # epoch 2 did train
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = read_checkpoint(a)[0]["trainable"], read_checkpoint(b)[0]["trainable"]
+    return all(torch.equal(wa[n], wb[n]) for n in wa)

@@ -3,7 +3,9 @@
 Servers: healthy, killed mid-run (a separate process, SIGKILL), slow past the client's timeout,
 answering HTTP 500 or garbage, and asking for a token. In each case nothing crashes, exactly the
 images whose requests failed are marked (NaN score, ``unscored`` = 1), the trainer counts them, and
-training either goes on or stops after writing a checkpoint. Plus GenEval's verdict rules.
+training either goes on or stops after writing a checkpoint. The trainer submits each rollout chunk
+as soon as it is decoded: a slow server scores one chunk while the next is rolled out, with the result
+of scoring after the whole rollout. Plus GenEval's verdict rules.
 """
 
 from __future__ import annotations
@@ -405,7 +407,7 @@ def test_training_goes_on_when_some_images_cannot_be_scored(tmp_path: Path, mode
     records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     # the prompts each epoch drew, replayed without any reward server: every image of prompt 1 is unscored
-    replay = GRPOTrainer(_toy_cfg("http://127.0.0.1:9"), tmp_path / "replay", read_only=True)
+    replay = GRPOTrainer(config_from_dict(toy_task.TOY_CONFIG), tmp_path / "replay", read_only=True)
     expected = [sum(p == "prompt 1" for p in replay.collect(e).prompts) for e in range(4)]
     assert [r["unscored_samples"] for r in records] == expected
     assert [r["reward/remote/unscored"] for r in records] == pytest.approx([e / 12 for e in expected])
@@ -475,6 +477,129 @@ def test_submitted_chunks_are_scored_while_the_caller_goes_on() -> None:
     torch.testing.assert_close(comps["remote"].double(), _expected(images, prompts), rtol=0, atol=1e-5)
     assert comps["remote/unscored"].tolist() == [0.0] * 8
     torch.testing.assert_close(comps["jpeg_compressibility"], -jpeg_sizes_kb(images), rtol=0, atol=0)
+
+
+class HoldFirst(Reward):
+    """Mean pixel plus prompt length; the first request waits for ``gate``. Requests and answers go to ``log``."""
+
+    def __init__(self, log: list[tuple], wait_s: float = 60.0) -> None:
+        self.log, self.wait_s = log, wait_s
+        self.gate, self.seen = threading.Event(), threading.Event()
+        self.requests = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> Any:
+        with self.lock:
+            k, self.requests = self.requests, self.requests + 1
+        self.log.append(("received", k))
+        if k == 0:
+            self.seen.set()
+            if not self.gate.wait(self.wait_s):
+                raise RuntimeError("the test never opened the gate")
+        out = images.flatten(1).mean(1).double() + torch.tensor([float(len(p)) for p in prompts])
+        self.log.append(("answered", k))
+        return out
+
+
+class _Deferred:
+    """Scoring that starts only when its result is asked for: what the trainer did before rollouts overlapped."""
+
+    def __init__(self, rewards: RewardSet, *args: Any) -> None:
+        self.rewards, self.args = rewards, args
+
+    def done(self) -> bool:
+        return False
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return RewardSet.submit(self.rewards, *self.args).result()
+
+
+def _overlap_cfg(url: str) -> Any:
+    """Three rollout chunks of 4 per epoch, one request per chunk, no evaluation."""
+    data = copy.deepcopy(toy_task.TOY_CONFIG)
+    data["train"].update(epochs=2, rollout_batch_size=4)
+    data["eval"]["every"] = 0
+    options = {"url": url, "max_batch": 4, "workers": 4, "timeout": 60.0, "retries": 0}
+    data["reward"] = {"weights": {"remote": 1.0}, "options": {"remote": options}}
+    return config_from_dict(data)
+
+
+def test_a_chunk_is_scored_by_the_server_while_the_next_chunk_is_rolled_out(tmp_path: Path) -> None:
+    """The server holds the first chunk's request until the trainer asks for the scores: every rollout step of
+    the epoch's later chunks runs while that request is in the server. The result is bit for bit that of the
+    same run scoring each chunk only after the whole rollout."""
+    log: list[tuple] = []
+    served = HoldFirst(log)
+    with thread_server(served, concurrent=True) as url:
+        trainer = GRPOTrainer(_overlap_cfg(url), tmp_path / "overlap")
+        velocity, submit, score = trainer.policy.velocity, trainer.rewards.submit, trainer.score
+        submitted = [0]
+
+        def logged_velocity(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+            if not torch.is_grad_enabled():  # a rollout step (training recomputes with gradients)
+                if submitted[0] and not served.gate.is_set():
+                    assert served.seen.wait(30.0), "the first chunk's request never reached the server"
+                log.append(("rollout step", submitted[0]))
+            return velocity(x, t, cond)
+
+        def logged_submit(*args: Any) -> Any:
+            log.append(("submit", submitted[0]))
+            submitted[0] += 1
+            return submit(*args)
+
+        def open_then_score(batch: Any) -> Any:
+            log.append(("score",))
+            served.gate.set()
+            return score(batch)
+
+        trainer.policy.velocity = logged_velocity
+        trainer.rewards.submit = logged_submit
+        trainer.score = open_then_score
+        try:
+            trainer.run()
+        finally:
+            served.gate.set()
+    # epoch 1: chunk 0 rolled out and submitted, chunks 1 and 2 rolled out while request 0 was held
+    first = log[: log.index(("score",))]
+    steps = trainer.cfg.sampler.num_steps
+    assert [e for e in first if e[0] != "received"] == [
+        *[("rollout step", 0)] * steps,
+        ("submit", 0),
+        *[("rollout step", 1)] * steps,
+        ("submit", 1),
+        *[("rollout step", 2)] * steps,
+        ("submit", 2),
+    ]
+    held_from, held_until = log.index(("received", 0)), log.index(("answered", 0))
+    later = [i for i, e in enumerate(log) if e[0] == "rollout step" and e[1] in (1, 2) and i < log.index(("score",))]
+    assert len(later) == 2 * steps and all(held_from < i < held_until for i in later), log
+    assert ("answered", 0) not in first
+    records = [r for r in metrics_lines(tmp_path / "overlap" / "metrics.jsonl") if "reward_mean" in r]
+    assert [r["unscored_samples"] for r in records] == [0, 0]
+
+    # the same run scoring each chunk only when the scores are asked for, after the whole rollout
+    served = HoldFirst([])
+    served.gate.set()
+    with thread_server(served, concurrent=True) as url:
+        reference = GRPOTrainer(_overlap_cfg(url), tmp_path / "reference")
+        rewards = reference.rewards
+        reference.rewards.submit = lambda *args: _Deferred(rewards, *args)
+        reference.run()
+    for a, b in zip(trainer.params, reference.params, strict=True):
+        assert torch.equal(a, b)
+
+    def strip(path: Path) -> list[dict]:
+        return [
+            {k: v for k, v in r.items() if "elapsed" not in k and not k.startswith("time_")}
+            for r in metrics_lines(path)
+        ]
+
+    assert strip(tmp_path / "overlap" / "metrics.jsonl") == strip(tmp_path / "reference" / "metrics.jsonl")
+    # and its first epoch's rewards are those of its images: 8-bit mean pixel plus prompt length
+    replay = GRPOTrainer(config_from_dict(toy_task.TOY_CONFIG), tmp_path / "replay", read_only=True)
+    batch = replay.collect(0)
+    want = _expected(batch.images, batch.prompts)
+    assert records[0]["reward/remote"] == pytest.approx(float(want.mean()), abs=1e-5)
 
 
 def _start_server_process(port: int, reward: str) -> subprocess.Popen:
@@ -718,6 +843,7 @@ def test_training_on_geneval_verdicts_from_a_detector_server(tmp_path: Path) -> 
     records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
     assert [(r["epoch"], r["unscored_samples"]) for r in records] == [(1, 0), (2, 0), (3, 0), (4, 0)]
     # the first epoch's verdicts, recomputed from its images (replayed) and the prompts' wishes
+    data["reward"] = {"weights": {"toy_brightness": 1.0}}  # the same images, scored by no server
     first = GRPOTrainer(config_from_dict(data), tmp_path / "replay", read_only=True).collect(0)
     light = first.images.flatten(1).mean(1) > 0.5
     met = torch.tensor([float(bool(b) == (wants[p] == "light")) for b, p in zip(light, first.prompts, strict=True)])

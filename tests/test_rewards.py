@@ -83,6 +83,16 @@ def inf_reward(images, prompts, metadata):
     return out
 
 
+@register_reward("test_rewards.broken")
+def broken(images, prompts, metadata):
+    """Mean pixel in float64, replaced by the image's metadata ``"bad"`` where it has one; an extra field too."""
+    out = images.flatten(1).double().mean(dim=1)
+    for k, meta in enumerate(metadata):
+        if "bad" in meta:
+            out[k] = meta["bad"]
+    return {"test_rewards.broken": out, "double": 2 * out}
+
+
 @register_reward("test_rewards.two_fields")
 def two_fields(images, prompts, metadata):
     return {"a": images.flatten(1).mean(dim=1), "b": images.flatten(1).mean(dim=1)}
@@ -267,8 +277,6 @@ def test_chunks_submitted_one_by_one_score_like_the_whole_batch(rng) -> None:
     ("name", "message"),
     [
         ("test_rewards.bad_shape", "returned shape \\(5, 2\\); expected \\(5,\\)"),
-        ("test_rewards.nan", "'test_rewards.nan' returned NaN or inf"),
-        ("test_rewards.inf", "'test_rewards.inf' returned NaN or inf"),
         ("test_rewards.two_fields", "one of them must be named 'test_rewards.two_fields'"),
         ("test_rewards.empty", "returned no scores"),
     ],
@@ -276,6 +284,44 @@ def test_chunks_submitted_one_by_one_score_like_the_whole_batch(rng) -> None:
 def test_reward_set_rejects_bad_scores(name: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
         RewardSet({name: 1.0}).score(torch.rand(5, 1, 8, 8), ["a 1"] * 5)
+
+
+def test_nan_and_inf_of_any_reward_mark_their_images_unscored(rng) -> None:
+    """NaN, +-inf, or a float64 score beyond float32: NaN in every field, the rest kept as they were;
+    the combination leaves those images out of the z-scores (numpy over the remaining images)."""
+    n = 11
+    images = torch.from_numpy(rng.random((n, 1, 8, 8))).float()
+    prompts = [f"a {k}" for k in range(n)]
+    bad_rows = sorted(rng.choice(n, size=3, replace=False).tolist())
+    values = [math.nan, math.inf, -math.inf, 1e300]
+    metadata = [{} for _ in range(n)]
+    for k in bad_rows:
+        metadata[k] = {"bad": values[int(rng.integers(len(values)))]}
+    rs = RewardSet({"test_rewards.broken": 1.0, "test_rewards.mean_pixel": 0.5, "test_rewards.inf": 0.0})
+    whole = rs.score(images, prompts, metadata)
+    # the same batch submitted in chunks of 4 gives the same components
+    parts = concat_components(
+        [rs.submit(images[lo : lo + 4], prompts[lo : lo + 4], metadata[lo : lo + 4]).result() for lo in range(0, n, 4)]
+    )
+    flat = images.flatten(1).double().numpy()
+    good = np.array([k not in bad_rows for k in range(n)])
+    for comps, first_rows in ((whole, [0]), (parts, [0, 4, 8])):
+        assert torch.isnan(comps["test_rewards.broken"]).nonzero().flatten().tolist() == bad_rows
+        assert torch.isnan(comps["test_rewards.broken/double"]).nonzero().flatten().tolist() == bad_rows
+        np.testing.assert_allclose(comps["test_rewards.broken"].numpy()[good], flat.mean(1)[good], rtol=1e-6)
+        assert not torch.isnan(comps["test_rewards.mean_pixel"]).any()
+        # an unweighted reward's inf (at the first image of each call) is unscored too, but only logged
+        assert torch.isnan(comps["test_rewards.inf"]).nonzero().flatten().tolist() == first_rows
+        combined = rs.combine(comps).double().numpy()
+        assert np.isnan(combined).nonzero()[0].tolist() == bad_rows
+        r, m = flat.mean(1)[good], flat.mean(1)[good]
+        z = lambda x: (x - x.mean()) / (x.std() + 1e-8)  # noqa: E731
+        np.testing.assert_allclose(combined[good], z(r) + 0.5 * z(m), rtol=1e-5, atol=1e-5)
+        raw = rs.weighted_raw(comps).numpy()
+        assert np.isnan(raw).nonzero()[0].tolist() == bad_rows
+    # a NaN row of a reward of its own (the last image) is left out alike
+    comps = RewardSet({"test_rewards.nan": 1.0}).score(images, prompts)
+    assert torch.isnan(comps["test_rewards.nan"]).nonzero().flatten().tolist() == [n - 1]
 
 
 def test_reward_set_rejects_bad_inputs() -> None:

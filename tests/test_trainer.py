@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -93,6 +94,33 @@ def test_resume_gives_identical_weights_and_metrics(tmp_path: Path) -> None:
         return [{k: v for k, v in r.items() if "elapsed" not in k and not k.startswith("time_")} for r in rows]
 
     assert strip(tmp_path / "full" / "metrics.jsonl") == strip(tmp_path / "part" / "metrics.jsonl")
+
+
+def pixel_spread(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+    """A second reward for the tests: the pixels' standard deviation."""
+    return images.flatten(1).std(dim=1)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 12])
+def test_rollout_chunks_are_scored_as_they_come_and_z_scored_over_the_whole_epoch(tmp_path: Path, chunk: int) -> None:
+    """Two rewards, the epoch's 12 images scored ``chunk`` at a time: the advantages are those of float64
+    arithmetic that z-scores each reward over all 12 images, sums them with their weights and then
+    normalises each group."""
+    weights = {"toy_brightness": 1.0, "tests.test_trainer:pixel_spread": -0.5}
+    cfg = _cfg(train={"rollout_batch_size": chunk, "adv_clip": 100.0}, reward={"weights": weights})
+    trainer = GRPOTrainer(cfg, tmp_path)
+    batch = trainer.collect(epoch=0)
+    assert len(batch.pending) == -(-12 // chunk) and all(p.done() for p in batch.pending)
+    comps, adv, raw = trainer.score(batch)
+    flat = batch.images.flatten(1).double().numpy()
+    r = {"toy_brightness": flat.mean(1), "tests.test_trainer:pixel_spread": flat.std(1, ddof=1)}
+    for name, want in r.items():
+        np.testing.assert_allclose(comps[name].double().numpy(), want, rtol=1e-5, atol=1e-7)
+    combined = sum(w * (r[n] - r[n].mean()) / (r[n].std() + 1e-8) for n, w in weights.items())
+    groups = combined.reshape(3, 4)
+    want_adv = (groups - groups.mean(1, keepdims=True)) / (groups.std(1, keepdims=True) + 1e-4)
+    np.testing.assert_allclose(adv.double().numpy(), want_adv.flatten(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(raw.double().numpy(), r["toy_brightness"] - 0.5 * r[list(r)[1]], rtol=1e-5, atol=1e-6)
 
 
 def test_groups_with_equal_rewards_do_not_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,9 @@
 A reward maps a batch of images ``(B, C, H, W)`` (floats in [0, 1]), their prompts and their
 metadata dicts to named ``(B,)`` float32 scores. ``RewardSet`` scores a batch with several
 rewards; ``combine_rewards`` z-scores each over the batch and sums them with weights
-(``docs/sampler-math.md`` section 5).
+(``docs/sampler-math.md`` section 5). A score that is NaN or infinite, from any reward, marks an
+image the reward could not score: it becomes NaN, and an image that a reward of non-zero weight
+could not score is left out of the statistics and of training (the trainer counts it).
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ class Reward(ABC):
 
     #: the registry name (or import path) this reward was built under
     name: str = ""
-    #: True for a reward that may fail to score an image (a remote one): it marks such an image
-    #: with a NaN score, which ``combine_rewards`` passes on and the trainer leaves out
+    #: True for a reward that is expected to fail on some images (a remote one, whose server may
+    #: not answer). Any reward's NaN or infinite score marks an image unscored, which
+    #: ``combine_rewards`` passes on and the trainer leaves out and counts; the trainer also warns
+    #: (once) when a reward with ``may_fail`` False does so
     may_fail: bool = False
 
     @abstractmethod
@@ -226,9 +230,8 @@ def weighted_raw(components: Mapping[str, torch.Tensor], weights: Mapping[str, f
     return total.to(torch.float32)
 
 
-def _as_components(
-    name: str, out: Any, batch: int, device: torch.device, may_fail: bool = False
-) -> dict[str, torch.Tensor]:
+def _as_components(name: str, out: Any, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A reward's output as ``{key: (batch,) float32}``; NaN or inf (an image it could not score) becomes NaN."""
     if not isinstance(out, Mapping):
         out = {name: out}
     if not out:
@@ -243,8 +246,9 @@ def _as_components(
         t = torch.as_tensor(value).detach().to(device=device, dtype=torch.float32)
         if t.shape != (batch,):
             raise UserError(f"reward {key!r} returned shape {tuple(t.shape)}; expected ({batch},), one score per image")
-        if bool(torch.isinf(t).any()) or (not may_fail and bool(torch.isnan(t).any())):
-            raise UserError(f"reward {key!r} returned NaN or inf")
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            t = t.masked_fill(bad, math.nan)
         result[key] = t
     return result
 
@@ -344,10 +348,9 @@ class PendingRewards:
         if self._result is None:
             owner = self._owner
             components: dict[str, torch.Tensor] = {}
-            for name, reward in owner.rewards.items():
+            for name in owner.rewards:
                 out = self._started[name].result() if name in self._started else self._done[name]
-                may_fail = getattr(reward, "may_fail", False)
-                components.update(_as_components(name, out, self._batch, owner.device, may_fail))
+                components.update(_as_components(name, out, self._batch, owner.device))
             self._result = components
         return self._result
 

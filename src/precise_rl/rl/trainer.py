@@ -14,9 +14,12 @@ rounding) on any number of processes:
 * ``groups_per_epoch`` and ``batch_size`` are global. Group ``g`` of an epoch is rolled out
   whole on process ``g % num_processes`` (each group stays on one process), with noise drawn
   from a generator of its own per sample, so a sample does not depend on where it is computed.
-* Rewards are gathered from every process *before* advantages are computed, in global sample
-  order: the z-scored combination of several rewards and ``adv_std: batch`` need statistics of
-  the whole epoch, not of one process's share, and a group never has to be split for them.
+* Each chunk of ``rollout_batch_size`` samples is decoded and submitted to the rewards as soon as
+  it is rolled out, so that remote rewards score it while the next chunk is rolled out. The
+  scores of all chunks are joined, and rewards are gathered from every process *before*
+  advantages are computed, in global sample order: the z-scored combination of several rewards
+  and ``adv_std: batch`` need statistics of the whole epoch, not of one chunk's or one process's
+  share, and a group never has to be split for them.
 * Updates follow one global schedule that every process derives alone: samples are visited slot
   by slot (member ``j`` of every trained group, in a fresh random member order per group), cut
   into micro-batches of ``batch_size`` samples and ``grad_accum`` micro-batches per optimizer
@@ -28,24 +31,30 @@ rounding) on any number of processes:
   logs and checkpoints; every process resumes from the checkpoint the main process names.
 
 Faults. An update whose loss or gradient is NaN or infinite on any process is skipped on all of
-them and counted (``skipped_updates``); so is an epoch in which no image got a finite reward (it
-has no update). After ``train.max_nonfinite`` such updates in a row the run stops, naming the last
-checkpoint, which no skipped update touched. A reward that fails on one process (NaN from a reward
-that may not fail, a server that stays down) stops every process with the same sentence after a
-checkpoint of the completed epochs. Errors that one process alone sees (an unwritable directory,
-a checkpoint another machine cannot read) are raised on all, so that none waits in a collective.
+them and counted (``skipped_updates``). An image to which any weighted reward gave NaN or inf
+(a remote reward that got no answer, or a broken score) is left out of the advantages and the
+update, and counted (``unscored_samples``, ``unscored/<reward>``; a reward not marked ``may_fail``
+is named in a warning, once); an epoch in which no image got a finite reward has no update and
+counts like a skipped one. After ``train.max_nonfinite`` such updates in a row the run stops,
+naming the last checkpoint, which no skipped update touched. A reward that fails on one process
+(a server that stays down or refuses the token, a reward that returns the wrong shape) stops every
+process with the same sentence after a checkpoint of the completed epochs. Errors that one process
+alone sees (an unwritable directory, a checkpoint another machine cannot read) are raised on all,
+so that none waits in a collective.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -58,7 +67,7 @@ from ..config import ExperimentConfig, config_from_dict, config_to_dict
 from ..errors import UserError
 from ..policies import Policy, index_cond
 from ..policies.registry import TaskSpec, build_task, read_prompt_file
-from ..rewards.base import RewardSet, combine_rewards, weighted_raw
+from ..rewards.base import RewardSet, combine_rewards, concat_components, weighted_raw
 from ..rewards.failures import RewardUnavailable
 from ..sde import Kernel, StepOutput, kernel, rollout, sde_window, shifted_sigmas, sliding_window, step, uniform_sigmas
 from .checkpoint import (
@@ -128,6 +137,33 @@ class RolloutBatch:
     log_probs: torch.Tensor  # (B, N)
     kernel: Kernel
     images: torch.Tensor
+    #: the reward scoring of each rollout chunk, in order, submitted as soon as the chunk was decoded
+    #: (``RewardSet.submit``); empty: :meth:`GRPOTrainer.score` scores ``images`` itself
+    pending: list[Any] = field(default_factory=list)
+
+
+class _FailedSubmit:
+    """A chunk whose reward scoring failed as it was submitted: ``result()`` raises that failure.
+
+    The failure is raised where scores are read (in :meth:`GRPOTrainer._score_agreed`), so that every
+    process hears of it at the same point instead of one process stopping in the middle of its rollouts.
+    """
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> NoReturn:
+        raise self.exc
+
+
+def _score_sets(
+    sets: Sequence[RewardSet], images: torch.Tensor, prompts: list[str], metadata: list[dict]
+) -> dict[str, torch.Tensor]:
+    """Every component of every reward set on one batch."""
+    return {k: v for rewards in sets for k, v in rewards.score(images, prompts, metadata).items()}
 
 
 class _StatSums:
@@ -241,6 +277,7 @@ class GRPOTrainer:
             self._resume(resume)
         self.nonfinite_streak = 0
         self.skipped_updates = 0
+        self._warned_unscored: set[str] = set()  # rewards already named in a NaN/inf warning
         error = None
         try:
             self.logger = RunLogger(
@@ -343,11 +380,13 @@ class GRPOTrainer:
         kern: Kernel,
         seeds: Sequence[int],
         store: bool = True,
+        on_chunk: Callable[[slice, torch.Tensor], None] | None = None,
     ) -> tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Roll out ``prompts`` in chunks; returns (cond, latents, means, log_probs).
 
         Row ``i`` draws all its noise (initial latent, then every step) from a generator of its
         own seeded with ``seeds[i]``: a sample is the same whichever process or chunk computes it.
+        ``on_chunk(rows, final_latents)`` is called after each chunk, before the next one is rolled out.
         """
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
@@ -358,9 +397,9 @@ class GRPOTrainer:
         chunk = self.cfg.train.rollout_batch_size
         lat, means, lps = [], [], []
         self.model.eval()
-        with self.accelerator.autocast():
-            for lo in range(0, len(prompts), chunk):
-                sl = slice(lo, lo + chunk)
+        for lo in range(0, len(prompts), chunk):
+            sl = slice(lo, min(lo + chunk, len(prompts)))
+            with self.accelerator.autocast():
                 traj = rollout(
                     self.policy.velocity,
                     x1[sl],
@@ -370,17 +409,22 @@ class GRPOTrainer:
                     generator=gens[sl],
                     store_means=store,
                 )
-                lat.append(traj.latents if store else traj.sample)
-                if store:
-                    means.append(traj.means)
-                lps.append(traj.log_probs)
+            lat.append(traj.latents if store else traj.sample)
+            if store:
+                means.append(traj.means)
+            lps.append(traj.log_probs)
+            if on_chunk is not None:
+                on_chunk(sl, traj.sample)
         return cond, torch.cat(lat), (torch.cat(means) if store else None), torch.cat(lps)
 
     def collect(self, epoch: int) -> RolloutBatch:
         """This process's groups of the epoch, rolled out with the epoch's kernel.
 
         Every process draws the same global list of ``groups_per_epoch`` prompts and rolls out
-        the groups ``g`` with ``g % num_processes == process index``, each group whole.
+        the groups ``g`` with ``g % num_processes == process index``, each group whole. Each chunk
+        of ``rollout_batch_size`` samples is decoded and submitted to the rewards as soon as it is
+        rolled out (``batch.pending``): remote rewards score it while the next chunk is rolled out,
+        local ones are computed right away. :meth:`score` waits for them.
         """
         cfg = self.cfg.train
         size = cfg.group_size
@@ -392,23 +436,40 @@ class GRPOTrainer:
         row_ids = torch.tensor([g * size + j for g in mine for j in range(size)])
         kern = self.kernel_for_epoch(epoch)
         seeds = [_seed_for(self.cfg.seed, epoch, 2, r) for r in row_ids.tolist()]
-        cond, latents, means, log_probs = self._sample(prompts, kern, seeds)
-        with torch.no_grad():
-            images = self.policy.decode(latents[:, -1])
         metadata = self.task.metadata(prompts)
-        return RolloutBatch(prompts, metadata, group_ids, row_ids, cond, latents, means, log_probs, kern, images)
+        images: list[torch.Tensor] = []
+        pending: list[Any] = []
+
+        def submit(rows: slice, final: torch.Tensor) -> None:
+            with torch.no_grad():
+                images.append(self.policy.decode(final))
+            if pending and isinstance(pending[-1], _FailedSubmit):
+                return  # the epoch cannot be scored: score() raises the first failure
+            try:
+                pending.append(self.rewards.submit(images[-1], prompts[rows], metadata[rows]))
+            except (RewardUnavailable, UserError) as exc:
+                pending.append(_FailedSubmit(exc))
+
+        cond, latents, means, log_probs = self._sample(prompts, kern, seeds, on_chunk=submit)
+        return RolloutBatch(
+            prompts, metadata, group_ids, row_ids, cond, latents, means, log_probs, kern, torch.cat(images), pending
+        )
 
     def score(self, batch: RolloutBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Reward components and raw weighted reward of the whole epoch, and this process's advantages.
 
         Each process scores its own samples; the scores of all processes are gathered, put in
         global sample order and turned into advantages there, so the z-scores and group statistics
-        are those of the epoch whatever the number of processes. A sample whose combined reward is
-        NaN (a ``may_fail`` reward could not score it) is left out of its group's statistics and
-        gets a NaN advantage, which keeps it out of the update.
+        are those of the epoch whatever the number of processes (and however many chunks the
+        rollouts were scored in). A sample whose combined reward is NaN (a weighted reward gave it
+        NaN or inf: a remote reward got no answer, or a reward failed on it) is left out of its
+        group's statistics and gets a NaN advantage, which keeps it out of the update.
         """
         acc = self.accelerator
-        comps = self._score_agreed([self.rewards], batch.images, batch.prompts, batch.metadata)
+        if batch.pending:
+            comps = self._score_agreed(lambda: concat_components([p.result() for p in batch.pending]))
+        else:
+            comps = self._score_agreed(lambda: self.rewards.score(batch.images, batch.prompts, batch.metadata))
         comps = {k: v.detach().float().to(acc.device) for k, v in comps.items()}
         rows = batch.row_ids.to(acc.device)
         if self.world > 1:
@@ -429,20 +490,17 @@ class GRPOTrainer:
         raw = weighted_raw(gathered, self.reward_weights)
         return gathered, adv[batch.row_ids], raw
 
-    def _score_agreed(
-        self, reward_sets: Sequence[RewardSet], images: torch.Tensor, prompts: list[str], metadata: list[dict]
-    ) -> dict[str, torch.Tensor]:
-        """Every component of ``reward_sets`` on this process's images; a failure on any process is raised on all.
+    def _score_agreed(self, scores: Callable[[], Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``scores()`` (this process's reward components); a failure on any process is raised on all.
 
-        A reward that stops (``RewardUnavailable``) or errs (``UserError``, e.g. NaN from a reward
-        that may not fail) on one process alone would otherwise leave the others waiting in the
-        next collective; here every process raises the same exception with the same message.
+        A reward that stops (``RewardUnavailable``) or errs (``UserError``, e.g. a score of the wrong
+        shape) on one process alone would otherwise leave the others waiting in the next
+        collective; here every process raises the same exception with the same message.
         """
         comps: dict[str, torch.Tensor] = {}
         failure = None
         try:
-            for rewards in reward_sets:
-                comps.update(rewards.score(images, prompts, metadata))
+            comps.update(scores())
         except (RewardUnavailable, UserError) as exc:
             failure = (isinstance(exc, RewardUnavailable), str(exc))
         if self.world > 1:
@@ -719,7 +777,7 @@ class GRPOTrainer:
                     images = self.policy.decode(latents)
                 meta = self.task.metadata(mine)
                 sets = [self.rewards] if self.eval_rewards is None else [self.rewards, self.eval_rewards]
-                comps = self._score_agreed(sets, images, mine, meta)
+                comps = self._score_agreed(functools.partial(_score_sets, sets, images, mine, meta))
                 comps = {k: v.float().to(self.accelerator.device) for k, v in comps.items()}
                 if self.world > 1:
                     comps = {k: self.accelerator.gather(comps[k]) for k in sorted(comps)}
@@ -934,9 +992,10 @@ class GRPOTrainer:
                 comps, adv, raw = self.score(batch)
             except RewardUnavailable as exc:
                 self._stop_for_reward(exc)
-            except UserError as exc:  # e.g. NaN or inf from a reward that may not fail: nothing is trained on it
+            except UserError as exc:  # e.g. a reward that returned the wrong shape: nothing is trained on it
                 self._stop_for_reward(exc, "once the reward is fixed")
             t2 = time.perf_counter()
+            unscored = self._unscored_counts(comps, epoch)
             if not bool(torch.isfinite(raw).any()):
                 # No image could be scored (every reward NaN): no update is possible this epoch.
                 self._count_nonfinite()
@@ -951,6 +1010,7 @@ class GRPOTrainer:
                 "reward_std": float(scored.std(unbiased=False)) if len(scored) else math.nan,
                 **{f"reward/{k}": float(v.nanmean()) for k, v in comps.items()},
                 "unscored_samples": len(raw) - len(scored),
+                **unscored,
                 **stats,
                 "time_rollout_s": t1 - t0,
                 "time_reward_s": t2 - t1,
@@ -974,15 +1034,41 @@ class GRPOTrainer:
         bar.close()
         return self.finish()
 
+    def _unscored_counts(self, comps: Mapping[str, torch.Tensor], epoch: int) -> dict[str, int]:
+        """``unscored/<reward>``: the epoch's images (all processes) that each reward gave no finite score.
+
+        The first time a reward not marked ``may_fail`` leaves images unscored, the main process
+        prints a warning naming it (a remote reward's unscored images are its documented failure mode).
+        """
+        counts: dict[str, int] = {}
+        for name, reward in self.rewards.rewards.items():
+            bad = int(torch.isnan(comps[name]).sum())
+            counts[f"unscored/{name}"] = bad
+            if bad and not getattr(reward, "may_fail", False) and name not in self._warned_unscored:
+                self._warned_unscored.add(name)
+                if self.is_main:
+                    tqdm.write(
+                        f"warning: reward {name!r} returned NaN or inf for {bad} of the {len(comps[name])} images "
+                        f"of epoch {epoch + 1}; such images are left out of training and counted in the metrics "
+                        f"(unscored_samples, unscored/{name}); this warning is not repeated",
+                        file=sys.stderr,
+                    )
+        return counts
+
     def finish(self) -> dict[str, Any]:
         summary = self.logger.finish(self.first_eval)
         return summary
 
     def _stop_for_reward(self, exc: Exception, until: str = "once the reward is back") -> NoReturn:
-        """A reward that cannot go on (a server down, a NaN score): checkpoint the epochs done, stop in one sentence.
+        """A reward that cannot go on (a server down, a wrong score): checkpoint the epochs done, stop in one sentence.
 
-        Every process must call it (it is raised on all of them by :meth:`_score_agreed`).
+        Every process must call it (it is raised on all of them by :meth:`_score_agreed`). Requests
+        still queued for the epoch's other chunks are cancelled.
         """
+        for reward_set in (self.rewards, self.eval_rewards):
+            for reward in reward_set.rewards.values() if reward_set is not None else ():
+                if callable(getattr(reward, "close", None)):
+                    reward.close()
         path = self.save_checkpoint()
         raise UserError(
             f"training stopped: {exc}; the checkpoint of epoch {self.epoch} is {path}; "
