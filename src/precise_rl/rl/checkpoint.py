@@ -82,6 +82,26 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _put_in_place(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` to ``final``; a checkpoint already there is replaced, never lost.
+
+    The old copy is renamed aside first and deleted only once the new one is in place, so a kill
+    between the two renames leaves two complete copies, which :func:`remove_leftovers` resolves.
+    """
+    old = None
+    if final.exists():
+        old = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def check_writable(root: str | Path) -> None:
     """Fail early, with a clear message, when checkpoints cannot be written under ``root``."""
     root = Path(root)
@@ -150,9 +170,7 @@ def write_checkpoint(
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if final.exists():
-            _discard(final)
-        os.replace(tmp, final)
+        _put_in_place(tmp, final)
         _fsync_dir(root)
     except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save and safetensors wrap I/O errors
         shutil.rmtree(tmp, ignore_errors=True)
@@ -246,10 +264,26 @@ def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     return tensors, objects, state
 
 
+_LEFTOVER = re.compile(r"^\.(?:tmp|trash)-(epoch_\d{6})-")
+
+
 def remove_leftovers(root: str | Path) -> None:
-    """Delete what a killed writer left under ``root``: checkpoints half-written or half-deleted (never listed)."""
+    """Resolve what a killed writer left under ``root`` (directories never listed as checkpoints).
+
+    A complete copy (its manifest verifies) of a checkpoint that is missing is put back in place,
+    the newly written one (``.tmp-``) before the one it was replacing (``.trash-``): a kill between
+    the two renames of a rewrite leaves both. Everything else, half-written or half-deleted, is removed.
+    """
     root = Path(root)
-    for stale in [*root.glob(".tmp-*"), *root.glob(".trash-*")]:
+    for stale in [*sorted(root.glob(".tmp-*")), *sorted(root.glob(".trash-*"))]:
+        m = _LEFTOVER.match(stale.name)
+        if m is not None and stale.is_dir() and not (root / m.group(1)).exists():
+            try:
+                if verify_checkpoint(stale).get("epoch") == int(m.group(1)[len("epoch_") :]):
+                    os.replace(stale, root / m.group(1))
+                    continue
+            except (CheckpointError, OSError):
+                pass
         shutil.rmtree(stale, ignore_errors=True)
 
 
