@@ -24,3 +24,13 @@ def test_labelled_grid_keeps_the_tiles_and_writes_each_label_in_its_row() -> Non
     assert inked_cols[2] > inked_cols[0] > inked_cols[1]  # longer labels take more columns
     wider = labelled_grid(images, [labels[2]] * 3, 2, scale=4)
     assert wider.shape[1] == out.shape[1]  # the margin fits the longest label
+
+
+def test_long_labels_are_cut_so_the_grid_stays_narrow() -> None:
+    from precise_rl.rl.logging import MAX_LABEL
+
+    images = torch.rand(2, 3, 8, 8)
+    cut = labelled_grid(images, ["x" * 300, "short"], 1, scale=2)
+    at_limit = labelled_grid(images, ["x" * MAX_LABEL, "short"], 1, scale=2)
+    assert cut.shape[1] <= at_limit.shape[1] + 1
+    assert at_limit.shape[1] > labelled_grid(images, ["x" * (MAX_LABEL // 2), "short"], 1, scale=2).shape[1]

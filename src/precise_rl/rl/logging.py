@@ -53,11 +53,19 @@ def image_grid(images: torch.Tensor, rows: int, cols: int, scale: int = 1) -> np
     return out
 
 
+#: the longest row label of a sample grid, in characters
+MAX_LABEL = 48
+
+
 def labelled_grid(images: torch.Tensor, labels: Sequence[str], cols: int, scale: int = 1) -> np.ndarray:
-    """``image_grid`` with one row per label and the label written at the left of its row (uint8 RGB)."""
+    """``image_grid`` with one row per label and the label written at the left of its row (uint8 RGB).
+
+    Labels longer than ``MAX_LABEL`` characters are cut there, ending in an ellipsis.
+    """
     from PIL import Image, ImageDraw
 
     rows = len(labels)
+    labels = [lb if len(lb) <= MAX_LABEL else lb[: MAX_LABEL - 3] + "..." for lb in labels]
     grid = Image.fromarray(image_grid(images, rows, cols, scale=scale))
     draw = ImageDraw.Draw(grid)
     margin = 8 + max((int(draw.textlength(label)) for label in labels), default=0)
