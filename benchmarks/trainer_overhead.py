@@ -39,7 +39,7 @@ import torch
 
 from precise_rl.config import ExperimentConfig, apply_overrides, config_from_dict
 from precise_rl.policies import index_cond
-from precise_rl.policies.registry import TASKS, TaskSpec
+from precise_rl.policies.registry import TASKS, TaskSpec, digits_task
 from precise_rl.rl.trainer import GRPOTrainer, train_step_indices
 
 GOAL = 0.25
@@ -51,15 +51,7 @@ def _digits_width(model_cfg: Any, device: torch.device) -> TaskSpec:
     """The digits task with a freshly initialised velocity network of ``model.options.width``."""
     from precise_rl.tasks import digits
 
-    policy = digits.DigitsPolicy.from_config(dict(model_cfg.options), device=device, seed=0)
-    return TaskSpec(
-        policy=policy,
-        train_prompts=list(digits.train_prompts()),
-        eval_prompts=list(digits.eval_prompts()),
-        metadata=digits.prompt_metadata,
-        default_rewards=dict(digits.DEFAULT_REWARD_WEIGHTS),
-        eval_rewards={"digit_recognised": 1.0},
-    )
+    return digits_task(digits.DigitsPolicy.from_config(dict(model_cfg.options), device=device, seed=0))
 
 
 TASKS.setdefault(BENCH_MODEL, _digits_width)

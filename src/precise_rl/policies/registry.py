@@ -34,7 +34,13 @@ class TaskSpec:
 def _digits(model_cfg: Any, device: torch.device) -> TaskSpec:
     from ..tasks import digits
 
-    policy = digits.DigitsPolicy.from_pretrained(model_cfg.path, device=device, **model_cfg.options)
+    return digits_task(digits.DigitsPolicy.from_pretrained(model_cfg.path, device=device, **model_cfg.options))
+
+
+def digits_task(policy: Policy) -> TaskSpec:
+    """The built-in digits task (prompts, metadata, rewards) around a digits velocity network."""
+    from ..tasks import digits
+
     return TaskSpec(
         policy=policy,
         train_prompts=list(digits.train_prompts()),
