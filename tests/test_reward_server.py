@@ -456,6 +456,72 @@ def test_a_token_refused_mid_run_stops_training_after_a_checkpoint(
     assert [(r["epoch"], r["unscored_samples"]) for r in records][-2:] == [(3, 0), (4, 0)]
 
 
+class StrictBrightness(Reward):
+    """Mean pixel and an extra field ``strict`` (1 when it is at least 0.5), as GenEval's server; fails on prompt 1."""
+
+    name = "strict_brightness"
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> dict:
+        if "prompt 1" in prompts:
+            raise RuntimeError("cannot score prompt 1")
+        mean = images.flatten(1).mean(1).double()
+        return {"strict_brightness": mean, "strict": (mean >= 0.5).double()}
+
+
+def test_a_call_without_any_score_still_has_the_extra_fields_seen_before() -> None:
+    images = _images(4, 12)
+    with thread_server(StrictBrightness()) as url:
+        reward = build_reward("remote@strict", url=url, max_batch=2, retries=0)
+        first = reward(images[:2], ["prompt 1", "prompt 1"], [{}] * 2)  # nothing seen yet: no extra field
+        scored = reward(images, ["prompt 0", "prompt 2", "prompt 0", "prompt 1"], [{}] * 4)
+        failed = reward(images[:2], ["prompt 1", "prompt 1"], [{}] * 2)
+    assert list(first) == ["remote@strict", "unscored"] and first["unscored"].tolist() == [1.0, 1.0]
+    mean = _levels(images).flatten(1).mean(1).double()
+    assert scored["unscored"].tolist() == [0.0, 0.0, 1.0, 1.0]  # the second request holds prompt 1
+    assert scored["strict"][:2].tolist() == (mean[:2] >= 0.5).double().tolist()
+    assert torch.isnan(scored["strict"][2:]).all()
+    assert sorted(failed) == ["remote@strict", "strict", "unscored"]
+    assert torch.isnan(failed["strict"]).all() and torch.isnan(failed["remote@strict"]).all()
+    assert failed["unscored"].tolist() == [1.0, 1.0]
+
+
+def test_a_chunk_without_any_score_lacks_no_extra_field_and_training_goes_on(tmp_path: Path) -> None:
+    """Chunks of one group (4 images), one request each: every request of a prompt-1 chunk fails, so that
+    chunk has no ``strict`` from the server; it gets NaN there and the epoch goes on with the other chunks."""
+    data = copy.deepcopy(toy_task.TOY_CONFIG)
+    data["train"]["rollout_batch_size"] = 4
+    options = {"max_batch": 4, "retries": 0, "stop_after": 100}
+    seen: list[tuple[list[str], dict[str, torch.Tensor]]] = []
+    with thread_server(StrictBrightness()) as url:
+        data["reward"] = {"weights": {"remote": 1.0}, "options": {"remote": {"url": url, **options}}}
+        trainer = GRPOTrainer(config_from_dict(data), tmp_path / "run")
+        score = trainer.score
+
+        def score_and_keep(batch: Any) -> Any:
+            out = score(batch)
+            seen.append((list(batch.prompts), out[0]))
+            return out
+
+        trainer.score = score_and_keep
+        trainer.run()
+    records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    # some epoch had a chunk of prompt 1 (no field at all from the server) beside chunks that were scored
+    assert any(0 < sum(p == "prompt 1" for p in prompts) < 12 for prompts, _ in seen)
+    for (prompts, comps), record in zip(seen, records, strict=True):
+        failed = torch.tensor([p == "prompt 1" for p in prompts])
+        assert sorted(comps) == ["remote", "remote/strict", "remote/unscored"]
+        assert comps["remote/unscored"].bool().tolist() == failed.tolist()
+        assert torch.isnan(comps["remote"][failed]).all() and torch.isnan(comps["remote/strict"][failed]).all()
+        ok = comps["remote"][~failed].double()
+        assert comps["remote/strict"][~failed].tolist() == (ok >= 0.5).double().tolist()
+        assert record["unscored_samples"] == int(failed.sum()) and record["unscored/remote"] == int(failed.sum())
+        if bool((~failed).any()):
+            assert record["reward/remote/strict"] == pytest.approx(float((ok >= 0.5).double().mean()))
+            assert record["reward_mean"] == pytest.approx(float(ok.mean()), rel=1e-6)
+    assert (tmp_path / "run" / "checkpoints" / "epoch_000004").is_dir()
+
+
 def test_submitted_chunks_are_scored_while_the_caller_goes_on() -> None:
     images, prompts = _images(8, 11), [f"chunk{k // 4} image {k}" for k in range(8)]
     gated = Gated(hold="chunk0", wait_s=20.0)

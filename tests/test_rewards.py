@@ -265,8 +265,21 @@ def test_chunks_submitted_one_by_one_score_like_the_whole_batch(rng) -> None:
     np.testing.assert_allclose(
         comps["jpeg_compressibility"].numpy(), -_pillow_sizes_kb(flat.reshape(7, 1, 8, 8), 95, 8), rtol=1e-6
     )
-    with pytest.raises(ValueError, match="chunk 1 has reward fields"):
-        concat_components([parts[0], {"test_rewards.stats": parts[1]["test_rewards.stats"]}])
+    # a chunk without some field (a remote reward's extra field, when its server answered nothing for the
+    # chunk): NaN there, for that chunk's images; a field only later chunks have is NaN for the earlier ones
+    lacking = {"test_rewards.stats": parts[1]["test_rewards.stats"], "late": torch.ones(3)}
+    joined = concat_components([parts[0], lacking, parts[2]])
+    assert list(joined) == [*comps, "late"]
+    for key, value in comps.items():
+        got = joined[key]
+        assert got.shape == (7,) and got.dtype == torch.float32
+        if key == "test_rewards.stats":
+            assert torch.equal(got, value)
+        else:
+            assert torch.equal(got[[0, 1, 2, 6]], value[[0, 1, 2, 6]]) and torch.isnan(got[3:6]).all()
+    assert torch.isnan(joined["late"][[0, 1, 2, 6]]).all() and joined["late"][3:6].tolist() == [1.0] * 3
+    with pytest.raises(ValueError, match="chunk 1 has no reward fields"):
+        concat_components([parts[0], {}])
     with pytest.raises(ValueError, match="no reward components"):
         concat_components([])
     with pytest.raises(UserError, match="got 3 images, 2 prompts"):

@@ -356,11 +356,20 @@ class PendingRewards:
 
 
 def concat_components(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The components of consecutive chunks of a batch (each from :meth:`RewardSet.score`) as one batch's."""
+    """The components of consecutive chunks of a batch (each from :meth:`RewardSet.score`) as one batch's.
+
+    A field that some chunks lack (an extra field of a remote reward whose server answered none of a
+    chunk's requests) is NaN for those chunks' images: the batch has every field any chunk has.
+    """
     if not parts:
         raise ValueError("no reward components to concatenate")
-    keys = list(parts[0])
-    for k, part in enumerate(parts[1:], start=1):
-        if sorted(part) != sorted(keys):
-            raise ValueError(f"chunk {k} has reward fields {sorted(part)}, chunk 0 has {sorted(keys)}")
-    return {key: torch.cat([part[key] for part in parts]) for key in keys}
+    keys: list[str] = []
+    for part in parts:
+        keys += [k for k in part if k not in keys]
+    filled = []
+    for k, part in enumerate(parts):
+        if not part:
+            raise ValueError(f"chunk {k} has no reward fields")
+        like = next(iter(part.values()))
+        filled.append({key: part[key] if key in part else torch.full_like(like, math.nan) for key in keys})
+    return {key: torch.cat([part[key] for part in filled]) for key in keys}

@@ -129,6 +129,7 @@ class RemoteReward(Reward):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self.down_streak = 0  #: calls in a row that got no score at all
+        self.fields: list[str] = []  #: the extra fields the server has answered so far (NaN in calls without)
         self.stats = {"requests": 0, "retries": 0, "unscored": 0}
         self._stats_lock = threading.Lock()  # the worker threads count requests and retries
 
@@ -265,6 +266,11 @@ class RemoteReward(Reward):
                     fields[key] = torch.full((batch,), math.nan, dtype=torch.float64)
                 fields[key][sl] = torch.tensor(values, dtype=torch.float64)
             unscored[sl] = torch.isnan(fields[name][sl]).double()
+        # a call whose requests all failed still has every field seen before, NaN, so that its chunk
+        # joins the others of the rollout
+        self.fields += [k for k in fields if k != name and k not in self.fields]
+        for key in self.fields:
+            fields.setdefault(key, torch.full((batch,), math.nan, dtype=torch.float64))
         if rejected is not None:
             raise RewardServerRejected(f"reward server {self.url} refused the token ({rejected}); set {TOKEN_ENV}")
         if scored_any:

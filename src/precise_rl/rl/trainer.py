@@ -470,10 +470,10 @@ class GRPOTrainer:
             comps = self._score_agreed(lambda: concat_components([p.result() for p in batch.pending]))
         else:
             comps = self._score_agreed(lambda: self.rewards.score(batch.images, batch.prompts, batch.metadata))
-        comps = {k: v.detach().float().to(acc.device) for k, v in comps.items()}
+        comps = self._same_fields(comps, len(batch.row_ids))
         rows = batch.row_ids.to(acc.device)
         if self.world > 1:
-            comps = {k: acc.gather(comps[k]) for k in sorted(comps)}
+            comps = {k: acc.gather(v) for k, v in comps.items()}
             rows = acc.gather(rows)
         order = torch.argsort(rows)
         gathered = {k: v[order].cpu() for k, v in comps.items()}
@@ -512,6 +512,24 @@ class GRPOTrainer:
             unavailable, message = failure
             raise (RewardUnavailable if unavailable else UserError)(message)
         return comps
+
+    def _same_fields(self, comps: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        """``comps`` (``n`` images) with the fields of every process, in one order, on the device (a collective).
+
+        A process may lack a field that another has (an extra field of a remote reward whose server
+        answered none of this process's requests): it is NaN here, so that every process gathers the
+        same fields in the same order.
+        """
+        device = self.accelerator.device
+        keys = list(comps)
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            keys = []
+            for part in gather_object([list(comps)]):
+                keys += [k for k in part if k not in keys]
+        nan = torch.full((n,), math.nan, dtype=torch.float32, device=device)
+        return {k: comps[k].detach().float().to(device) if k in comps else nan.clone() for k in keys}
 
     # ------------------------------------------------------------------ training
 
@@ -778,9 +796,9 @@ class GRPOTrainer:
                 meta = self.task.metadata(mine)
                 sets = [self.rewards] if self.eval_rewards is None else [self.rewards, self.eval_rewards]
                 comps = self._score_agreed(functools.partial(_score_sets, sets, images, mine, meta))
-                comps = {k: v.float().to(self.accelerator.device) for k, v in comps.items()}
+                comps = self._same_fields(comps, len(mine))
                 if self.world > 1:
-                    comps = {k: self.accelerator.gather(comps[k]) for k in sorted(comps)}
+                    comps = {k: self.accelerator.gather(v) for k, v in comps.items()}
                 comps = {k: v[:n_all].cpu() for k, v in comps.items()}
                 raw = weighted_raw({k: comps[k] for k in self.reward_weights}, self.reward_weights)
                 out[f"eval_{key}_reward"] = float(raw.nanmean())
