@@ -68,7 +68,8 @@ class FaultyBrightness(Reward):
 
     The trainer calls a reward once per rollout chunk (``train.rollout_batch_size`` images), so ``rows``
     are positions in a chunk. ``value`` is a number or its name ("nan", "inf", "-inf"), "short" (one
-    score too few) or "raise" (a UserError, as a reward raises for input it cannot score).
+    score too few), "raise" (a UserError, as a reward raises for input it cannot score) or "runtime" (a
+    RuntimeError, as a reward with a bug or out of device memory raises).
     """
 
     def __init__(
@@ -79,7 +80,7 @@ class FaultyBrightness(Reward):
         value: float | str = math.nan,
     ) -> None:
         self.bad_calls, self.rows, self.may_fail = set(bad_calls), rows, may_fail
-        self.value = value if value in ("short", "raise") else float(value)
+        self.value = value if value in ("short", "raise", "runtime") else float(value)
         self.calls = 0
 
     def __call__(
@@ -89,12 +90,71 @@ class FaultyBrightness(Reward):
         if self.calls in self.bad_calls:
             if self.value == "raise":
                 raise UserError(f"faults_brightness cannot score call {self.calls}")
+            if self.value == "runtime":
+                raise RuntimeError(f"CUDA out of memory at call {self.calls}\nsecond line of the message")
             if self.value == "short":
                 r = r[:-1]
             else:
                 r[list(self.rows) if self.rows is not None else slice(None)] = self.value
         self.calls += 1
         return {"faults_brightness": r}
+
+
+class _Late:
+    """A background scoring whose result is ``scores``, or raises RuntimeError when ``fail``."""
+
+    def __init__(self, scores: torch.Tensor, fail: bool, call: int) -> None:
+        self.scores, self.fail, self.call = scores, fail, call
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> torch.Tensor:
+        if self.fail:
+            raise RuntimeError(f"the connection pool broke at call {self.call}")
+        return self.scores
+
+
+@register_reward("faults_late")
+class LateFailure(Reward):
+    """Mean pixel, scored in the background like a remote reward (a ``submit`` method); the result of the calls
+    in ``bad_calls`` raises a RuntimeError, so the failure shows only when the trainer reads the scores."""
+
+    def __init__(self, bad_calls: Sequence[int] = ()) -> None:
+        self.bad_calls, self.calls = set(bad_calls), 0
+
+    def submit(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> _Late:
+        call, self.calls = self.calls, self.calls + 1
+        return _Late(images.flatten(1).mean(dim=1), call in self.bad_calls, call)
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> torch.Tensor:
+        return self.submit(images, prompts, metadata).result()
+
+
+class RankFaults(Reward):
+    """Mean pixel ``r`` and an extra field ``plus``: ``r + 10`` on process 0, ``r + 20`` on the others.
+
+    On process ``rank`` (the launcher's ``RANK``) alone, the call ``no_extra`` returns no ``plus`` (as a remote
+    reward whose server answered none of the process's requests) and the call ``fail`` raises a RuntimeError.
+    """
+
+    def __init__(self, rank: int = 1, no_extra: int = -1, fail: int = -1) -> None:
+        self.rank, self.no_extra, self.fail, self.calls = rank, no_extra, fail, 0
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        me = int(os.environ.get("RANK", "0"))
+        call, self.calls = self.calls, self.calls + 1
+        if me == self.rank and call == self.fail:
+            raise RuntimeError(f"process {me} fell over at call {call}")
+        r = images.flatten(1).mean(dim=1)
+        out = {self.name: r}
+        if not (me == self.rank and call == self.no_extra):
+            out["plus"] = r + (10.0 if me == 0 else 20.0)
+        return out
 
 
 def _toy(epochs: int = 3, reward: dict | None = None, **train: Any) -> dict[str, Any]:
@@ -515,6 +575,7 @@ def test_bad_gradients_in_a_row_stop_the_run_and_resume_from_the_last_checkpoint
     [
         ("short", 64, 2, "reward 'faults_brightness' returned shape (11,); expected (12,), one score per image"),
         ("raise", 5, 7, "faults_brightness cannot score call 7"),  # epoch 3's second chunk of three
+        ("runtime", 5, 7, "reward 'faults_brightness' raised RuntimeError: CUDA out of memory at call 7"),
     ],
 )
 def test_a_reward_that_errs_stops_with_a_checkpoint_of_the_epochs_done(
@@ -541,6 +602,26 @@ def test_a_reward_that_errs_stops_with_a_checkpoint_of_the_epochs_done(
     assert main(["train", str(fixed), "--resume", str(run)]) == 0
     _assert_same_checkpoint(run / "checkpoints" / "epoch_000004", clean / "checkpoints" / "epoch_000004")
     _assert_same(_metrics(run), _metrics(clean), "metrics")
+
+
+def test_a_reward_whose_scores_raise_when_read_stops_with_a_checkpoint_of_the_epochs_done(tmp_path: Path) -> None:
+    """A RuntimeError out of a background scoring (the remote rewards' way) at epoch 3, raised where the trainer
+    reads the scores: one sentence naming the reward, the checkpoint of epochs 1-2 written by the stop."""
+    data = _toy(epochs=4)
+    data["reward"] = {"weights": {"faults_late": 1.0}, "options": {"faults_late": {"bad_calls": [2]}}}
+    data["checkpoint"]["every"] = 10
+    run = tmp_path / "run"
+    trainer = GRPOTrainer(config_from_dict(data), run)
+    with pytest.raises(UserError) as info:
+        trainer.run()
+    assert str(info.value) == (
+        "training stopped: reward 'faults_late' raised RuntimeError: the connection pool broke at call 2; "
+        f"the checkpoint of epoch 2 is {run / 'checkpoints' / 'epoch_000002'}; continue with --resume {run} "
+        "once the reward is fixed"
+    )
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["epoch_000002"]
+    verify_checkpoint(run / "checkpoints" / "epoch_000002")
+    assert [r["epoch"] for r in _metrics(run)] == [1, 2]
 
 
 def _expected_advantages(r: np.ndarray, group_size: int, clip: float = 5.0) -> np.ndarray:
@@ -827,6 +908,49 @@ def test_a_fault_on_one_process_is_handled_alike_on_every_process(tmp_path: Path
         verify_checkpoint(c)
     _assert_same(read_checkpoint(ckpts / "epoch_000004")[0], read_checkpoint(ckpts / "epoch_000003")[0])
     assert not _same_weights(ckpts / "epoch_000002", ckpts / "epoch_000001")  # epoch 2 did train
+
+
+@pytest.mark.slow
+def test_fields_and_failures_of_a_reward_on_one_process_are_handled_alike_on_every_process(tmp_path: Path) -> None:
+    """Two processes (gloo), one reward call per epoch on each: at epoch 2 process 1's reward has no extra field
+    (NaN there: the processes gather the same fields, each paired with its own); at epoch 3 it raises a
+    RuntimeError on process 1 alone: both stop with the same sentence after the checkpoint of epoch 2."""
+    run = tmp_path / "run"
+    env = _env()
+    env["ACCELERATE_USE_CPU"] = "true"
+    reward = "tests.test_faults:RankFaults"
+    drop = ("train.epochs", "eval.every", "checkpoint.keep", "checkpoint.every")
+    args = [a for a in DIGITS if not a.startswith(drop)]
+    args += [
+        *("train.epochs=4", "eval.every=0", "checkpoint.every=10", "checkpoint.keep=10"),
+        f"reward.weights={json.dumps({reward: 1.0})}",
+        f"reward.options={json.dumps({reward: {'rank': 1, 'no_extra': 1, 'fail': 2}})}",
+    ]
+    cmd = [
+        *(sys.executable, "-m", "accelerate.commands.launch"),
+        *("--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2"),
+        *("--main_process_port", str(_free_port())),
+        *("tests/dist_entry.py", "train", *args, "--output", str(run)),
+    ]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    ckpts = run / "checkpoints"
+    sentence = (
+        f"precise-rl train: error: training stopped: reward '{reward}' raised RuntimeError: process 1 fell over at "
+        f"call 2; the checkpoint of epoch 2 is {ckpts / 'epoch_000002'}; continue with --resume {run} once the "
+        "reward is fixed"
+    )
+    assert res.returncode != 0
+    assert res.stderr.count(sentence) >= 1, res.stderr[-3000:]
+    assert "exitcode  : 2" in res.stderr and "SIGABRT" not in res.stderr, res.stderr[-3000:]
+    assert str(ROOT / "src") not in res.stderr, res.stderr[-3000:]
+    records = _metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["unscored_samples"] for r in records] == [0, 0]
+    # plus - r is 10 on process 0's images and 20 on process 1's: 15 over both, 10 +- 1 over process 0's alone
+    gap = [r[f"reward/{reward}/plus"] - r[f"reward/{reward}"] for r in records]
+    assert gap[0] == pytest.approx(15.0, abs=1e-4) and 9.0 <= gap[1] <= 11.0, gap
+    assert [p.name for p in list_checkpoints(ckpts)] == ["epoch_000002"]
+    verify_checkpoint(ckpts / "epoch_000002")
 
 
 def _same_weights(a: Path, b: Path) -> bool:

@@ -10,6 +10,7 @@ could not score is left out of the statistics and of training (the trainer count
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from .failures import RewardUnavailable
 
 __all__ = [
     "Reward",
@@ -253,13 +255,28 @@ def _as_components(name: str, out: Any, batch: int, device: torch.device) -> dic
     return result
 
 
+@contextlib.contextmanager
+def _named_failure(name: str) -> Any:
+    """Any exception of reward ``name`` (but ``UserError`` and ``RewardUnavailable``, which say what to do) as a
+    ``UserError`` naming the reward: a bug or an exhausted device in a reward is one sentence, not a traceback."""
+    try:
+        yield
+    except (UserError, RewardUnavailable):
+        raise
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        raise UserError(f"reward {name!r} raised {detail}") from exc
+
+
 class RewardSet:
     """Several rewards with weights: ``score`` gives every raw component, ``combine`` the training signal.
 
     ``weights`` maps reward names (or import paths) to finite floats; a weight of 0 scores and
     logs a reward without training on it. ``kwargs`` maps a reward name to the options it is
     built with, e.g. ``RewardSet({"jpeg_compressibility": 1.0}, "cpu", jpeg_compressibility={"quality": 80})``;
-    ``device`` is passed to every reward that takes one.
+    ``device`` is passed to every reward that takes one. An exception a reward raises while scoring
+    (other than ``UserError`` and ``RewardUnavailable``) comes out as a ``UserError`` naming the reward.
     """
 
     def __init__(
@@ -308,8 +325,13 @@ class RewardSet:
         started: dict[str, Any] = {}
         for name, reward in self.rewards.items():
             if callable(getattr(reward, "submit", None)):
-                started[name] = reward.submit(images, prompts, metadata)
-        done = {name: reward(images, prompts, metadata) for name, reward in self.rewards.items() if name not in started}
+                with _named_failure(name):
+                    started[name] = reward.submit(images, prompts, metadata)
+        done: dict[str, Any] = {}
+        for name, reward in self.rewards.items():
+            if name not in started:
+                with _named_failure(name):
+                    done[name] = reward(images, prompts, metadata)
         return PendingRewards(self, started, done, images.shape[0])
 
     def score(
@@ -349,8 +371,9 @@ class PendingRewards:
             owner = self._owner
             components: dict[str, torch.Tensor] = {}
             for name in owner.rewards:
-                out = self._started[name].result() if name in self._started else self._done[name]
-                components.update(_as_components(name, out, self._batch, owner.device))
+                with _named_failure(name):
+                    out = self._started[name].result() if name in self._started else self._done[name]
+                    components.update(_as_components(name, out, self._batch, owner.device))
             self._result = components
         return self._result
 

@@ -37,8 +37,9 @@ update, and counted (``unscored_samples``, ``unscored/<reward>``; a reward not m
 is named in a warning, once); an epoch in which no image got a finite reward has no update and
 counts like a skipped one. After ``train.max_nonfinite`` such updates in a row the run stops,
 naming the last checkpoint, which no skipped update touched. A reward that fails on one process
-(a server that stays down or refuses the token, a reward that returns the wrong shape) stops every
-process with the same sentence after a checkpoint of the completed epochs. Errors that one process
+(a server that stays down or refuses the token, a reward that returns the wrong shape or raises any
+exception, in training or in evaluation) stops every process with the same sentence after a
+checkpoint of the completed epochs. Errors that one process
 alone sees (an unwritable directory, a checkpoint another machine cannot read) are raised on all,
 so that none waits in a collective.
 """
@@ -447,7 +448,7 @@ class GRPOTrainer:
                 return  # the epoch cannot be scored: score() raises the first failure
             try:
                 pending.append(self.rewards.submit(images[-1], prompts[rows], metadata[rows]))
-            except (RewardUnavailable, UserError) as exc:
+            except Exception as exc:  # any failure of a reward stops the run after a checkpoint (see score)
                 pending.append(_FailedSubmit(exc))
 
         cond, latents, means, log_probs = self._sample(prompts, kern, seeds, on_chunk=submit)
@@ -494,8 +495,9 @@ class GRPOTrainer:
         """``scores()`` (this process's reward components); a failure on any process is raised on all.
 
         A reward that stops (``RewardUnavailable``) or errs (``UserError``, e.g. a score of the wrong
-        shape) on one process alone would otherwise leave the others waiting in the next
-        collective; here every process raises the same exception with the same message.
+        shape, or any other exception, which becomes a ``UserError``) on one process alone would
+        otherwise leave the others waiting in the next collective; here every process raises the
+        same exception with the same message.
         """
         comps: dict[str, torch.Tensor] = {}
         failure = None
@@ -503,6 +505,10 @@ class GRPOTrainer:
             comps.update(scores())
         except (RewardUnavailable, UserError) as exc:
             failure = (isinstance(exc, RewardUnavailable), str(exc))
+        except Exception as exc:  # not BaseException: an interrupt still stops at once
+            lines = str(exc).strip().splitlines()
+            detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+            failure = (False, f"the rewards raised {detail}")
         if self.world > 1:
             from accelerate.utils import gather_object
 
