@@ -689,6 +689,37 @@ def test_unscored_images_of_an_ordinary_reward_are_counted_and_named_once(
     ]
 
 
+def test_nan_from_a_reward_of_weight_0_is_counted_but_leaves_no_image_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reward of weight 0 is only logged: its NaN images are still trained on (the weighted reward scored
+    them), not in unscored_samples, but counted in unscored/<name>, and the warning says so."""
+    bad_rows = sorted(random.Random(int.from_bytes(os.urandom(4), "little")).sample(range(12), 2))
+    data = _toy(epochs=1)
+    data["reward"] = {
+        "weights": {"faults_brightness": 1.0, "faults_brightness@zero": 0.0},
+        "options": {"faults_brightness@zero": {"bad_calls": [0, 1], "rows": bad_rows}},
+    }
+    trainer = GRPOTrainer(config_from_dict(data), tmp_path / "a")
+    batch = trainer.collect(0)
+    comps, adv, raw = trainer.score(batch)
+    assert torch.isnan(comps["faults_brightness@zero"]).nonzero().flatten().tolist() == bad_rows, bad_rows
+    r = batch.images.double().flatten(1).mean(dim=1).numpy()
+    np.testing.assert_allclose(adv.double().numpy(), _expected_advantages(r, 4), rtol=1e-4, atol=1e-5)
+    trained = torch.cat([m for u in trainer.update_plan(batch, adv, 0, 0) for m in u]).tolist()
+    assert sorted(trained) == list(range(12)), bad_rows
+    trainer = GRPOTrainer(config_from_dict(data), tmp_path / "b")
+    trainer.run()
+    (record,) = _metrics(tmp_path / "b")
+    assert record["unscored_samples"] == 0 and record["updates"] == 3 and record["skipped_updates"] == 0
+    assert record["unscored/faults_brightness@zero"] == 2 and record["unscored/faults_brightness"] == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "warning: reward 'faults_brightness@zero' returned NaN or inf for 2 of the 12 images of epoch 1; its weight "
+        "is 0: it is only logged, leaves no image out of training and is counted in the metrics "
+        "(unscored/faults_brightness@zero); this warning is not repeated"
+    ]
+
+
 def test_nan_from_a_reward_that_may_fail_leaves_those_images_out_and_counts_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1061,6 +1061,8 @@ class GRPOTrainer:
     def _unscored_counts(self, comps: Mapping[str, torch.Tensor], epoch: int) -> dict[str, int]:
         """``unscored/<reward>``: the epoch's images (all processes) that each reward gave no finite score.
 
+        Every reward is counted, a reward of weight 0 too; only the images of a reward of non-zero
+        weight are left out of training (``unscored_samples``), a reward of weight 0 being only logged.
         The first time a reward not marked ``may_fail`` leaves images unscored, the main process
         prints a warning naming it (a remote reward's unscored images are its documented failure mode).
         """
@@ -1070,11 +1072,15 @@ class GRPOTrainer:
             counts[f"unscored/{name}"] = bad
             if bad and not getattr(reward, "may_fail", False) and name not in self._warned_unscored:
                 self._warned_unscored.add(name)
+                if self.reward_weights[name] != 0:
+                    what = "such images are left out of training and counted in the metrics (unscored_samples, "
+                else:
+                    what = "its weight is 0: it is only logged, leaves no image out of training and is counted in "
+                    what += "the metrics ("
                 if self.is_main:
                     tqdm.write(
                         f"warning: reward {name!r} returned NaN or inf for {bad} of the {len(comps[name])} images "
-                        f"of epoch {epoch + 1}; such images are left out of training and counted in the metrics "
-                        f"(unscored_samples, unscored/{name}); this warning is not repeated",
+                        f"of epoch {epoch + 1}; {what}unscored/{name}); this warning is not repeated",
                         file=sys.stderr,
                     )
         return counts
