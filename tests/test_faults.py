@@ -604,6 +604,37 @@ def test_a_reward_that_errs_stops_with_a_checkpoint_of_the_epochs_done(
     _assert_same(_metrics(run), _metrics(clean), "metrics")
 
 
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("short", "reward 'faults_brightness' returned shape (1,); expected (2,), one score per image"),
+        ("runtime", "reward 'faults_brightness' raised RuntimeError: CUDA out of memory at call 3"),
+    ],
+)
+def test_a_reward_that_errs_in_an_evaluation_stops_with_a_checkpoint_of_the_epochs_done(
+    tmp_path: Path, value: str, reason: str
+) -> None:
+    """Calls: 0 the evaluation before training, 1 and 2 epochs 1 and 2, 3 the evaluation after epoch 2 (two
+    images), which errs: the run stops with the checkpoint of epoch 2, written by the stop, and epoch 2 logged."""
+    data = _toy(epochs=4, reward={"bad_calls": [3], "value": value})
+    data["eval"]["every"] = 2
+    data["checkpoint"]["every"] = 10
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as info:
+        GRPOTrainer(config_from_dict(data), run).run()
+    assert str(info.value) == (
+        f"training stopped: {reason}; the checkpoint of epoch 2 is {run / 'checkpoints' / 'epoch_000002'}; "
+        f"continue with --resume {run} once the reward is fixed"
+    )
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["epoch_000002"]
+    verify_checkpoint(run / "checkpoints" / "epoch_000002")
+    records = _metrics(run)
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert "eval_ode_reward" in records[0] and not any(k.startswith("eval_") for k in records[2])
+    resumed = GRPOTrainer(config_from_dict(_toy(epochs=4)), run, resume=run)
+    assert resumed.epoch == 2
+
+
 def test_a_reward_whose_scores_raise_when_read_stops_with_a_checkpoint_of_the_epochs_done(tmp_path: Path) -> None:
     """A RuntimeError out of a background scoring (the remote rewards' way) at epoch 3, raised where the trainer
     reads the scores: one sentence naming the reward, the checkpoint of epochs 1-2 written by the stop."""

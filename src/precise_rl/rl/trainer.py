@@ -143,6 +143,10 @@ class RolloutBatch:
     pending: list[Any] = field(default_factory=list)
 
 
+class _RewardError(UserError):
+    """A reward that erred (a score of the wrong shape, an exception): what :meth:`GRPOTrainer._score_agreed` raises."""
+
+
 class _FailedSubmit:
     """A chunk whose reward scoring failed as it was submitted: ``result()`` raises that failure.
 
@@ -516,7 +520,7 @@ class GRPOTrainer:
             failure = failures[0] if failures else None
         if failure is not None:
             unavailable, message = failure
-            raise (RewardUnavailable if unavailable else UserError)(message)
+            raise (RewardUnavailable if unavailable else _RewardError)(message)
         return comps
 
     def _same_fields(self, comps: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
@@ -1044,9 +1048,11 @@ class GRPOTrainer:
             if e_every and (self.epoch % e_every == 0 or last):
                 try:
                     record.update(self.evaluate(self.epoch))
-                except RewardUnavailable as exc:
+                except (RewardUnavailable, _RewardError) as exc:  # _RewardError: e.g. a score of the wrong shape
                     self.logger.log({**record, "elapsed_s": self.elapsed, "train_elapsed_s": self.train_elapsed})
-                    self._stop_for_reward(exc)
+                    if isinstance(exc, RewardUnavailable):
+                        self._stop_for_reward(exc)
+                    self._stop_for_reward(exc, "once the reward is fixed")
             self.elapsed += time.perf_counter() - t0
             record["elapsed_s"] = self.elapsed
             record["train_elapsed_s"] = self.train_elapsed
