@@ -221,6 +221,21 @@ def test_cli_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
 
 
+@pytest.mark.parametrize("on_cpu", [False, True])
+def test_a_world_size_that_is_no_integer_is_one_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_cpu: bool
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    if on_cpu:  # accelerate itself reads WORLD_SIZE then
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    with pytest.raises(UserError) as info:
+        GRPOTrainer(_cfg(), tmp_path / "run")
+    assert str(info.value) == (
+        "the environment variable WORLD_SIZE must be the number of processes (an integer), got 'two'"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_trainers_with_other_mixed_precision_follow_each_other(tmp_path: Path) -> None:
     """accelerate's process-wide state does not pin the first trainer's precision on the next one."""
     for i, precision in enumerate(["no", "bf16", "no"]):

@@ -202,12 +202,26 @@ class _StatSums:
         return out
 
 
+def _launched_processes() -> int:
+    """The number of processes a launcher started (``WORLD_SIZE``; 1 when unset); UserError when it is no integer."""
+    raw = os.environ.get("WORLD_SIZE", "").strip()
+    if not raw:
+        return 1
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(
+            f"the environment variable WORLD_SIZE must be the number of processes (an integer), got {raw!r}"
+        ) from None
+
+
 def _accelerator(mixed_precision: str) -> Accelerator:
     """An ``Accelerator`` with this precision; a single-process state left by an earlier trainer is replaced.
 
     accelerate keeps one state per process and refuses a second ``Accelerator`` with another mixed precision;
     in a plain (not launched) process that state holds nothing but the precision, so it is reset. Under a
-    distributed launch the launcher's state is kept and accelerate's own error stands.
+    distributed launch the launcher's state is kept and accelerate's own error stands. As the state is shared,
+    an ``Accelerator`` made earlier in the process reports the new precision afterwards (``mixed_precision``).
     """
     from accelerate.state import AcceleratorState, DistributedType
 
@@ -234,12 +248,12 @@ class GRPOTrainer:
     ) -> None:
         self.cfg = cfg
         self.out = Path(output_dir)
+        launched = _launched_processes()  # before accelerate, which would fail on it with a traceback
         self.accelerator = accelerator or _accelerator(cfg.train.mixed_precision)
         acc = self.accelerator
         self.is_main = acc.is_main_process
         self.rank = acc.process_index
         self.world = acc.num_processes
-        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if launched > 1 and self.world == 1:
             # Each process would train alone and all would write the same run directory.
             raise UserError(
