@@ -34,11 +34,12 @@ Faults. An update whose loss or gradient is NaN or infinite on any process is sk
 them and counted (``skipped_updates``). An image to which any weighted reward gave NaN or inf
 (a remote reward that got no answer, or a broken score) is left out of the advantages and the
 update, and counted (``unscored_samples``, ``unscored/<reward>``; a reward not marked ``may_fail``
-is named in a warning, once); an epoch in which no image got a finite reward has no update and
+is named in a warning, once; a reward of weight 0 is only counted in ``unscored/<reward>``); an
+epoch in which no image got a finite reward has no update and
 counts like a skipped one. After ``train.max_nonfinite`` such updates in a row the run stops,
 naming the last checkpoint, which no skipped update touched. A reward that fails on one process
 (a server that stays down or refuses the token, a reward that returns the wrong shape or raises any
-exception, in training or in evaluation) stops every process with the same sentence after a
+exception, in training or in an evaluation after training began) stops every process with the same sentence after a
 checkpoint of the completed epochs. Errors that one process
 alone sees (an unwritable directory, a checkpoint another machine cannot read) are raised on all,
 so that none waits in a collective.
