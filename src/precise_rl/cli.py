@@ -65,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _leave_process_group() -> None:
-    """Under a distributed launch, leave the process group before exiting on an error every process agreed on.
+    """Under a distributed launch, leave the process group before exiting (done, or on an agreed error).
 
-    Exiting with it still open aborts the process (SIGABRT from the communication threads) instead
-    of ending with exit code 2.
+    Exiting with it still open may abort the process (SIGABRT from the communication threads:
+    "terminate called without an active exception") instead of ending with its exit code.
     """
     dist = sys.modules.get("torch.distributed")
     try:
@@ -91,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        _leave_process_group()  # a launched process that exits with its group open may abort in teardown
+        return code
     except UserError as exc:
         print(f"precise-rl {args.command}: error: {exc}", file=sys.stderr)
         _leave_process_group()
