@@ -110,6 +110,26 @@ def thread_server(reward: Reward, port: int | None = None, **kwargs: Any) -> Ite
         thread.join(timeout=30)
 
 
+def _answer(handler: http.server.BaseHTTPRequestHandler, status: int, payload: bytes) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)
+
+
+@contextlib.contextmanager
+def _serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A plain HTTP server on a free 127.0.0.1 port, quiet, in a thread; yields its URL."""
+    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @contextlib.contextmanager
 def garbage_server() -> Iterator[str]:
     """A plain HTTP server that answers the protocol wrongly, depending on the prompts it gets."""
@@ -127,22 +147,10 @@ def garbage_server() -> Iterator[str]:
             else:
                 lengths = [float(len(p)) for p in body["prompts"]]
                 payload, status = json.dumps({"reward": "r", "scores": {"r": lengths}}).encode(), 200
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            _answer(self, status, payload)
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with _serve(Handler) as url:
+        yield url
 
 
 class Gated(Reward):
@@ -181,22 +189,10 @@ def scripted_server(bad: str) -> Iterator[str]:
             else:
                 scores = [_pil_brightness(e) for e in body["images"]]
                 payload = json.dumps({"protocol": 1, "reward": "b", "scores": {"b": scores}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            _answer(self, 200, payload)
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with _serve(Handler) as url:
+        yield url
 
 
 def _images(n: int, seed: int, shape: tuple[int, int, int] = (3, 8, 8)) -> torch.Tensor:
