@@ -535,7 +535,7 @@ def test_a_bad_gradient_skips_its_update_and_is_counted(tmp_path: Path, value: f
     n = len(seen)
     assert n == 9  # 3 epochs of 3 groups of 4, 4 samples per update
     assert [r["skipped_updates"] for r in records] == [1.0, 1.0, 0.0]
-    assert records[-1]["updates"] == trainer.global_step == n - len(bad)
+    assert records[-1]["optimizer_steps"] == trainer.global_step == n - len(bad)
     for k in range(n - 1):
         same = all(torch.equal(seen[k][p], seen[k + 1][p]) for p in seen[k])
         assert same == (k in bad), k  # a skipped update leaves every weight as it was, the others move them
@@ -742,7 +742,7 @@ def test_nan_from_a_reward_of_weight_0_is_counted_but_leaves_no_image_out(
     trainer = GRPOTrainer(config_from_dict(data), tmp_path / "b")
     trainer.run()
     (record,) = _metrics(tmp_path / "b")
-    assert record["unscored_samples"] == 0 and record["updates"] == 3 and record["skipped_updates"] == 0
+    assert record["unscored_samples"] == 0 and record["optimizer_steps"] == 3 and record["skipped_updates"] == 0
     assert record["unscored/faults_brightness@zero"] == 2 and record["unscored/faults_brightness"] == 0
     assert capsys.readouterr().err.strip().splitlines() == [
         "warning: reward 'faults_brightness@zero' returned NaN or inf for 2 of the 12 images of epoch 1; its weight "
@@ -770,7 +770,7 @@ def test_nan_from_a_reward_that_may_fail_leaves_those_images_out_and_counts_them
     trainer = GRPOTrainer(cfg, tmp_path / "b")
     trainer.run()
     (record,) = _metrics(tmp_path / "b")
-    assert record["unscored_samples"] == 3 and record["updates"] == 3 and record["skipped_updates"] == 0
+    assert record["unscored_samples"] == 3 and record["optimizer_steps"] == 3 and record["skipped_updates"] == 0
     assert record["unscored/faults_brightness"] == 3
     assert "warning" not in capsys.readouterr().err  # a reward that may fail is not warned about
 
@@ -791,7 +791,9 @@ def test_epochs_in_which_no_image_could_be_scored_count_toward_the_stop(tmp_path
         f"(continue with --resume '{run}')"
     )
     records = _metrics(run)
-    assert [(r["epoch"], r["unscored_samples"], r["unscored/faults_brightness"], r["updates"]) for r in records] == [
+    assert [
+        (r["epoch"], r["unscored_samples"], r["unscored/faults_brightness"], r["optimizer_steps"]) for r in records
+    ] == [
         (1, 0, 0, 3.0),
         (2, 12, 12, 3.0),
         (3, 0, 0, 6.0),
@@ -963,7 +965,7 @@ def test_a_fault_on_one_process_is_handled_alike_on_every_process(tmp_path: Path
     assert [r[f"unscored/{reward}"] for r in records] == [0, 8, 0, 16]
     # epoch 2 trains on 8 samples (one update of 2 x 4), epoch 3 skips one of its two, epoch 4 has none
     assert [r["skipped_updates"] for r in records] == [0.0, 0.0, 1.0, 0.0]
-    assert [r["updates"] for r in records] == [2.0, 3.0, 4.0, 4.0]
+    assert [r["optimizer_steps"] for r in records] == [2.0, 3.0, 4.0, 4.0]
     # Written after the processes' weights were compared (they must agree for a checkpoint to exist).
     assert [p.name for p in list_checkpoints(ckpts)] == [f"epoch_00000{k}" for k in range(1, 5)]
     for c in list_checkpoints(ckpts):

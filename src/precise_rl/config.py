@@ -52,6 +52,9 @@ class ModelConfig:
 class PromptsConfig:
     train: str = "builtin"  #: ``builtin`` (the task's prompts) or a text file, one prompt per line
     eval: str = "builtin"
+    #: ``shuffled``: each epoch takes the next prompts of a shuffled pass over the training set (without
+    #: replacement, a new shuffle per pass, as the reference recipe draws them); ``random``: with replacement
+    order: Literal["shuffled", "random"] = "shuffled"
 
 
 @dataclass
@@ -77,6 +80,8 @@ class SamplerConfig:
 class RewardConfig:
     weights: dict[str, float] = field(default_factory=dict)  #: reward name -> weight; {} = the task's default
     options: dict[str, Any] = field(default_factory=dict)  #: reward name -> keyword arguments
+    #: rewards scored only at evaluation (held out from training); their options come from ``options``
+    eval_only: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -93,6 +98,10 @@ class EmaConfig:
     enabled: bool = True
     decay: float = 0.9
     every: int = 8  #: update the average every this many optimizer steps
+    #: ``interval``: ``decay`` applied once every ``every`` optimizer steps. ``reference``: the reference
+    #: recipe's effective behaviour, warm-up decay ``min((1 + n) / (10 + n), decay)`` applied
+    #: ``train.grad_accum`` times in a row after every ``every``-th optimizer step ``n``
+    mode: Literal["interval", "reference"] = "interval"
 
 
 @dataclass
@@ -126,7 +135,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 10  #: evaluate every this many epochs (and at the start and the end); 0 = never
-    samplers: list[str] = field(default_factory=lambda: ["ode", "train"])  #: ``train`` = the training sampler
+    #: ``own`` = the training sampler at its training eta (the reference's in-domain measure); ``ode`` =
+    #: deterministic; or any sampler by name at its default eta
+    samplers: list[str] = field(default_factory=lambda: ["ode", "own"])
     num_steps: int = 10
     samples_per_prompt: int = 4
     max_prompts: int = 40
@@ -335,14 +346,23 @@ def validate(cfg: ExperimentConfig) -> None:
     _positive("eval.samples_per_prompt", e.samples_per_prompt)
     _positive("eval.max_prompts", e.max_prompts)
     _positive("eval.grid_prompts", e.grid_prompts, allow_zero=True)
-    allowed = {"ode", "train", "precise", "flow_grpo", "dance_grpo", "cps", "dance_precise"}
+    allowed = {"ode", "own", "precise", "flow_grpo", "dance_grpo", "cps", "dance_precise"}
     if not e.samplers:
         raise UserError(
-            "config key 'eval.samplers' names no sampler; give e.g. [ode, train] (eval.every=0 turns evaluation off)"
+            "config key 'eval.samplers' names no sampler; give e.g. [ode, own] (eval.every=0 turns evaluation off)"
         )
+    # ``train`` was the name of ``own`` before the two evaluation protocols were named; read it as ``own``
+    e.samplers = list(dict.fromkeys("own" if name == "train" else name for name in e.samplers))
     for name in e.samplers:
         if name not in allowed:
             raise UserError(f"config key 'eval.samplers' has unknown sampler {name!r}; choose from {sorted(allowed)}")
+    overlap = sorted(set(cfg.reward.eval_only) & set(cfg.reward.weights))
+    if overlap:
+        raise UserError(
+            f"config key 'reward.eval_only' names rewards that are also trained on (reward.weights): {overlap}"
+        )
+    if len(set(cfg.reward.eval_only)) != len(cfg.reward.eval_only):
+        raise UserError(f"config key 'reward.eval_only' names a reward twice: {cfg.reward.eval_only}")
     _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
 

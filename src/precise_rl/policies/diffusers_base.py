@@ -355,6 +355,17 @@ class DiffusersPolicy(Policy):
             self._negative_cache = self._encode_unique([self.negative_prompt])
         return self._negative_cache
 
+    def _hidden_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the latents enter the transformer in.
+
+        FLUX.2's transformer casts the timestep to the dtype of the hidden states before anything else:
+        in bf16 a timestep of 1000 * sigma keeps 8 bits (700.3 becomes 700, with a spacing of 4 there).
+        Under autocast the latents can stay float32, so the timestep reaches the time embedding
+        unrounded and autocast casts the inputs of the matmuls; without autocast they must match the
+        weights. (FLUX.1 casts it to the dtype of its first layer's output, SD3 not at all.)
+        """
+        return torch.float32 if torch.is_autocast_enabled(x.device.type) else self.model_dtype
+
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """``v = eps - x0`` in float32, with classifier-free guidance when ``guidance_scale > 1``."""
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)

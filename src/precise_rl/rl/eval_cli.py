@@ -33,7 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path, help="a run directory written by precise-rl train")
     p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint directory (default: the newest)")
     p.add_argument(
-        "--samplers", type=_csv(str), default=["ode", "train"], help="comma-separated; 'train' = the run's sampler"
+        "--samplers",
+        type=_csv(str),
+        default=["ode", "own"],
+        help="comma-separated; 'own' = the run's sampler at its training eta",
     )
     p.add_argument(
         "--steps", type=_csv(int), default=None, help="comma-separated step counts (default: the run's eval steps)"
@@ -48,9 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from .train_cli import resolve_config
     from .trainer import GRPOTrainer
 
+    args.samplers = ["own" if s == "train" else s for s in args.samplers]  # 'train': the former name of 'own'
     for s in args.samplers:
-        if s != "train" and s not in SAMPLERS:
-            raise UserError(f"--samplers has unknown sampler {s!r}; choose from train, {', '.join(SAMPLERS)}")
+        if s != "own" and s not in SAMPLERS:
+            raise UserError(f"--samplers has unknown sampler {s!r}; choose from own, {', '.join(SAMPLERS)}")
     if args.steps is not None and any(n < 1 for n in args.steps):
         raise UserError("--steps must be positive integers")
     for flag in ("samples_per_prompt", "max_prompts"):
@@ -74,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
         trainer.cfg.eval = ecfg
         scores = trainer.evaluate(trainer.epoch, write_grid=False)
         for s in args.samplers:
-            key = "train" if s == "train" else s
-            row = {"sampler": cfg.sampler.name if s == "train" else s, "steps": n}
+            key = s
+            row = {"sampler": cfg.sampler.name if s == "own" else s, "protocol": s, "steps": n}
             row.update(
                 {
                     k.split("/", 1)[1] if "/" in k else "reward": v

@@ -202,8 +202,8 @@ class RunLogger:
         curve = self.out / "reward_curve.png"
         plot_reward_curves(records, curve, title=f"{self.cfg.model.name} / {self.cfg.sampler.name}")
         train = [r for r in records if "reward_mean" in r]
-        evals = [r for r in records if "eval_ode_reward" in r or "eval_train_reward" in r]
-        key = "eval_ode_reward" if any("eval_ode_reward" in r for r in evals) else "eval_train_reward"
+        evals = [r for r in records if "eval_ode_reward" in r or "eval_own_reward" in r]
+        key = "eval_ode_reward" if any("eval_ode_reward" in r for r in evals) else "eval_own_reward"
         summary: dict[str, Any] = {
             "sampler": self.cfg.sampler.name,
             "seed": self.cfg.seed,

@@ -89,7 +89,7 @@ from .logging import RunLogger
 from .lora import adapters_disabled, apply_lora, save_adapter
 from .losses import group_advantages, guard_loss, kl_penalty, ppo_clip_loss
 
-__all__ = ["GRPOTrainer", "RolloutBatch", "train_step_indices"]
+__all__ = ["GRPOTrainer", "RolloutBatch", "epoch_prompt_indices", "train_step_indices"]
 
 
 def _seed_for(*parts: int) -> int:
@@ -117,6 +117,26 @@ def _shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
         return distribute_tensor(whole.to(like.device_mesh.device_type), like.device_mesh, like.placements)
     return whole.to(like.device)
+
+
+def epoch_prompt_indices(n_prompts: int, per_epoch: int, epoch: int, seed: int, order: str = "shuffled") -> list[int]:
+    """The indices of the training prompts that epoch ``epoch`` draws (a function of its arguments alone).
+
+    ``shuffled``: epoch ``e`` takes items ``e * per_epoch ... (e + 1) * per_epoch - 1`` of the endless
+    sequence of passes over the prompt set, each pass a fresh permutation seeded by ``(seed, pass)``:
+    no prompt repeats before every prompt was drawn, and a resumed run draws what an uninterrupted one
+    does. ``random``: ``per_epoch`` independent uniform draws (with replacement).
+    """
+    if order == "random":
+        gen = torch.Generator().manual_seed(_seed_for(seed, epoch, 1))
+        return torch.randint(n_prompts, (per_epoch,), generator=gen).tolist()
+    lo, hi = epoch * per_epoch, (epoch + 1) * per_epoch
+    out: list[int] = []
+    for k in range(lo // n_prompts, (hi - 1) // n_prompts + 1):
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(_seed_for(seed, k, 5))).tolist()
+        start, stop = max(lo - k * n_prompts, 0), min(hi - k * n_prompts, n_prompts)
+        out += perm[start:stop]
+    return out
 
 
 def train_step_indices(kern: Kernel, timestep_fraction: float) -> list[int]:
@@ -275,9 +295,18 @@ class GRPOTrainer:
         self.eval_prompts = self._prompts(cfg.prompts.eval, self.task.eval_prompts, "prompts.eval")
         weights = dict(cfg.reward.weights) or dict(self.task.default_rewards)
         self.reward_weights = weights
-        self.rewards = RewardSet(weights, device=acc.device, **cfg.reward.options)
-        eval_only = {k: v for k, v in self.task.eval_rewards.items() if k not in weights}
-        self.eval_rewards = RewardSet(eval_only, device=acc.device) if eval_only else None
+        options = dict(cfg.reward.options)
+        stray = sorted(set(options) - set(weights) - set(cfg.reward.eval_only))
+        if stray:
+            raise UserError(
+                f"options given for rewards {stray} that are neither trained on (reward.weights: {sorted(weights)}) "
+                f"nor evaluated (reward.eval_only: {cfg.reward.eval_only})"
+            )
+        self.rewards = RewardSet(weights, device=acc.device, **{k: v for k, v in options.items() if k in weights})
+        # Held-out rewards: the task's own and the config's, scored at evaluation only (weight 1 each, only logged).
+        eval_only = {k: 1.0 for k in [*self.task.eval_rewards, *cfg.reward.eval_only] if k not in weights}
+        eval_opts = {k: v for k, v in options.items() if k in eval_only}
+        self.eval_rewards = RewardSet(eval_only, device=acc.device, **eval_opts) if eval_only else None
 
         self._setup_model()
         self.sigmas = self._sigmas(cfg.sampler.num_steps)
@@ -351,6 +380,17 @@ class GRPOTrainer:
         self.params = [p for p in module.parameters() if p.requires_grad]
         if not self.params:
             raise UserError("the model has no trainable parameters")
+        # Trainable weights, their gradients and the optimizer state in float32 whatever model.dtype is
+        # (the frozen weights stay in it): in bf16, AdamW updates of ~lr = 8e-5 round away on weights
+        # of size ~0.1, whose bf16 spacing is ~5e-4. The reference keeps them in float32 too.
+        with torch.no_grad():
+            for p in self.params:
+                if p.is_floating_point() and p.dtype != torch.float32:
+                    p.data = p.data.float()
+        if getattr(self.policy, "model_dtype", torch.float32) != torch.float32 and all(
+            p.dtype == torch.float32 for p in module.parameters()
+        ):
+            self.policy.model_dtype = torch.float32  # every weight is trained: the whole model now runs in float32
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
@@ -361,7 +401,7 @@ class GRPOTrainer:
         named = [(n, p) for n, p in acc.unwrap_model(self.model).named_parameters() if p.requires_grad]
         if [n for n, _ in named] == self.param_names:
             self.params = [p for _, p in named]
-        self.ema = EMA(self.params, t.ema.decay, t.ema.every) if t.ema.enabled else None
+        self.ema = EMA(self.params, t.ema.decay, t.ema.every, t.ema.mode, t.grad_accum) if t.ema.enabled else None
 
     def _agree(self, error: str | None) -> None:
         """Raise ``error`` on every process when any process has one (a collective: all must call it).
@@ -448,8 +488,9 @@ class GRPOTrainer:
         """
         cfg = self.cfg.train
         size = cfg.group_size
-        gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch, 1))
-        chosen = torch.randint(len(self.train_prompts), (cfg.groups_per_epoch,), generator=gen).tolist()
+        chosen = epoch_prompt_indices(
+            len(self.train_prompts), cfg.groups_per_epoch, epoch, self.cfg.seed, self.cfg.prompts.order
+        )
         mine = list(range(self.rank, cfg.groups_per_epoch, self.world))
         prompts = [self.train_prompts[chosen[g]] for g in mine for _ in range(size)]
         group_ids = torch.tensor([g for g in mine for _ in range(size)])
@@ -675,7 +716,8 @@ class GRPOTrainer:
         if grad_norms:
             out["grad_norm"] = float(np.mean(grad_norms))
         out["skipped_updates"] = float(skipped)
-        out["updates"] = float(self.global_step)
+        out["updates"] = float(len(grad_norms))  # optimizer steps taken this epoch
+        out["optimizer_steps"] = float(self.global_step)  # since the start of the run (the paper's "iteration")
         return out
 
     def _n_passes(self, n_rows: int, n_steps: int) -> int:
@@ -810,11 +852,12 @@ class GRPOTrainer:
         grid = None
         with self._eval_context():
             for name in e.samplers:
-                sampler = self.cfg.sampler.name if name == "train" else name
-                eta = self.cfg.sampler.eta if name == "train" else None
+                # "own": the training sampler at its training eta (the reference's in-domain measure)
+                sampler = self.cfg.sampler.name if name == "own" else name
+                eta = self.cfg.sampler.eta if sampler == self.cfg.sampler.name else None
                 sched = self.cfg.sampler.schedule if sampler == "precise" else None
-                kern = kernel(sampler, sigmas, eta if sampler == self.cfg.sampler.name else None, sched)
-                key = "train" if name == "train" else name
+                kern = kernel(sampler, sigmas, eta, sched)
+                key = name
                 _, latents, _, _ = self._sample(mine, kern, seeds, store=False)
                 with torch.no_grad():
                     images = self.policy.decode(latents)
@@ -1014,7 +1057,7 @@ class GRPOTrainer:
             except RewardUnavailable as exc:
                 self._stop_for_reward(exc)
             self.first_eval = ev
-            self.logger.log({"epoch": 0, "elapsed_s": 0.0, "train_elapsed_s": 0.0, **ev})
+            self.logger.log({"epoch": 0, "optimizer_steps": 0.0, "elapsed_s": 0.0, "train_elapsed_s": 0.0, **ev})
             self.elapsed += time.perf_counter() - t0
         bar = tqdm(
             range(self.epoch, total),
