@@ -77,8 +77,10 @@ def test_loading_freezes_everything_and_detects_the_adapter(kind: str, pipeline_
     linear = {n for n, m in policy.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     assert names and set(names) <= linear  # exact names of linear layers: peft cannot hit a ModuleList
     assert "transformer_blocks.0.attn.to_q" in names and not any("embed" in n for n in names)
-    if kind == "flux2_klein":  # ``attn.to_out`` is a Linear in single-stream blocks, a ModuleList in double-stream ones
-        assert {"single_transformer_blocks.0.attn.to_out", "transformer_blocks.0.attn.to_out.0"} <= set(names)
+    if kind == "flux2_klein":  # the reference's list: ``attn.to_out.0`` of the double-stream blocks only
+        assert "transformer_blocks.0.attn.to_out.0" in names
+        assert "single_transformer_blocks.0.attn.to_qkv_mlp_proj" in names
+        assert "single_transformer_blocks.0.attn.to_out" not in names
 
 
 def test_lora_targets_option_takes_suffixes_and_globs(policies) -> None:
@@ -88,6 +90,31 @@ def test_lora_targets_option_takes_suffixes_and_globs(policies) -> None:
         "transformer_blocks.0.ff.linear_in",
         "single_transformer_blocks.0.attn.to_qkv_mlp_proj",
     ]
+
+
+def test_flux2_lora_targets_default_to_the_reference_list_and_presets_add_the_single_stream_output(policies) -> None:
+    """The default is the reference recipe's 13 suffixes (Tencent-Hunyuan/Precise, precise_sde/train/adapters.py);
+    the ``reference+single_out`` preset adds the single-stream blocks' ``attn.to_out`` (a Linear there, while in
+    the double-stream blocks ``attn.to_out`` is a ModuleList whose ``[0]`` the reference list names)."""
+    from precise_rl.policies.flux2 import LORA_TARGET_PRESETS, REFERENCE_LORA_TARGETS, SINGLE_STREAM_OUT_TARGET
+
+    reference = (
+        "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.to_qkv_mlp_proj", "attn.add_k_proj",
+        "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out",
+        "ff_context.linear_in", "ff_context.linear_out",
+    )  # fmt: skip
+    assert REFERENCE_LORA_TARGETS == reference == Flux2KleinPolicy.default_lora_suffixes
+    pipe = policies["flux2_klein"].pipe
+    default = policies["flux2_klein"].lora_target_modules()
+    named = Flux2KleinPolicy(pipe, **options("flux2_klein", lora_targets="reference")).lora_target_modules()
+    explicit = Flux2KleinPolicy(pipe, **options("flux2_klein", lora_targets=list(reference))).lora_target_modules()
+    assert default == named == explicit
+    wider = Flux2KleinPolicy(pipe, **options("flux2_klein", lora_targets="reference+single_out")).lora_target_modules()
+    mixed = Flux2KleinPolicy(
+        pipe, **options("flux2_klein", lora_targets=["reference", SINGLE_STREAM_OUT_TARGET])
+    ).lora_target_modules()
+    assert sorted(wider) == sorted(mixed) == sorted([*default, "single_transformer_blocks.0.attn.to_out"])
+    assert LORA_TARGET_PRESETS["reference+single_out"][-1] == SINGLE_STREAM_OUT_TARGET
 
 
 def test_registry_builds_each_adapter_and_the_auto_detecting_one(pipeline_dirs) -> None:

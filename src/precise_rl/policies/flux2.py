@@ -10,6 +10,7 @@ The base model is trained without classifier-free guidance in the reference reci
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,7 +19,46 @@ from ..errors import UserError
 from ..sde import flux2_empirical_mu
 from .diffusers_base import DiffusersPolicy
 
-__all__ = ["Flux2KleinPolicy"]
+__all__ = ["Flux2KleinPolicy", "REFERENCE_LORA_TARGETS", "SINGLE_STREAM_OUT_TARGET", "LORA_TARGET_PRESETS"]
+
+#: LoRA targets of the reference recipe, in its order (name suffixes; ``attn.to_out.0`` is the output
+#: projection of the double-stream blocks, where ``attn.to_out`` is a ModuleList)
+REFERENCE_LORA_TARGETS: tuple[str, ...] = (
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.to_qkv_mlp_proj",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.linear_in",
+    "ff.linear_out",
+    "ff_context.linear_in",
+    "ff_context.linear_out",
+)
+#: the single-stream blocks' attention output projection (a Linear there), which the reference does not adapt
+SINGLE_STREAM_OUT_TARGET = "single_transformer_blocks.*.attn.to_out"
+#: ``reference``: the reference's list (the default); ``reference+single_out``: with the single-stream
+#: blocks' output projection too (this adapter's default before it followed the reference)
+LORA_TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "reference": REFERENCE_LORA_TARGETS,
+    "reference+single_out": (*REFERENCE_LORA_TARGETS, SINGLE_STREAM_OUT_TARGET),
+}
+
+
+def expand_lora_targets(targets: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """Model option ``lora_targets`` with preset names (see :data:`LORA_TARGET_PRESETS`) expanded in place."""
+    if targets is None:
+        return None
+    items = [targets] if isinstance(targets, str) else list(targets)
+    out: list[str] = []
+    for item in items:
+        for name in LORA_TARGET_PRESETS.get(item, (item,)) if isinstance(item, str) else (item,):
+            if name not in out:
+                out.append(name)
+    return tuple(out)
 
 
 class Flux2KleinPolicy(DiffusersPolicy):
@@ -27,26 +67,21 @@ class Flux2KleinPolicy(DiffusersPolicy):
     display_name = "FLUX.2 Klein"
     default_guidance_scale = 1.0
     default_max_sequence_length = 512
-    #: attention and MLP projections of the double- and single-stream blocks (not modulation or embedders)
-    default_lora_suffixes = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "ff.linear_in",
-        "ff.linear_out",
-        "ff_context.linear_in",
-        "ff_context.linear_out",
-        "attn.to_qkv_mlp_proj",
-        # a Linear in the single-stream blocks; a ModuleList (whose [0] is above) in the double-stream ones
-        "single_transformer_blocks.*.attn.to_out",
-    )
+    #: the reference recipe's LoRA targets (Tencent-Hunyuan/Precise, ``precise_sde/train/adapters.py``):
+    #: the attention and MLP projections of the double-stream blocks and the fused QKV/MLP input
+    #: projection of the single-stream blocks (not their output projection, modulation or embedders)
+    default_lora_suffixes = REFERENCE_LORA_TARGETS
+    #: named values of model option ``lora_targets`` (alone, or as entries of a list among suffixes and globs)
+    lora_target_presets = LORA_TARGET_PRESETS
 
-    def __init__(self, pipe: Any, *, text_encoder_out_layers: tuple[int, ...] | list[int] = (9, 18, 27), **kw: Any):
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        text_encoder_out_layers: tuple[int, ...] | list[int] = (9, 18, 27),
+        lora_targets: str | Sequence[str] | None = None,
+        **kw: Any,
+    ):
         layers = tuple(int(i) for i in text_encoder_out_layers)
         n_layers = pipe.text_encoder.config.num_hidden_layers
         if not layers or any(not 0 <= i <= n_layers for i in layers):
@@ -55,7 +90,7 @@ class Flux2KleinPolicy(DiffusersPolicy):
                 f"encoder, got {list(text_encoder_out_layers)}"
             )
         self.text_encoder_out_layers = layers
-        super().__init__(pipe, **kw)
+        super().__init__(pipe, lora_targets=expand_lora_targets(lora_targets), **kw)
         if self.do_cfg and pipe.config.get("is_distilled", False):
             raise UserError(
                 "this FLUX.2 Klein checkpoint is step-distilled and takes no classifier-free guidance: "
@@ -111,7 +146,7 @@ class Flux2KleinPolicy(DiffusersPolicy):
         txt_ids = torch.zeros(embeds.shape[1], 4, dtype=torch.long, device=x.device)
         txt_ids[:, 3] = torch.arange(embeds.shape[1], device=x.device)
         out = self.transformer(
-            hidden_states=self._pack(x).to(self.model_dtype),
+            hidden_states=self._pack(x).to(self._hidden_dtype(x)),
             timestep=t,
             guidance=None,  # as Flux2KleinPipeline: a guidance embedding, where a checkpoint has one, gets none
             encoder_hidden_states=embeds,
