@@ -11,20 +11,33 @@ import yaml
 
 from precise_rl.cli import main
 from precise_rl.errors import UserError
-from precise_rl.rl.compare import summarise
+from precise_rl.rl.compare import print_summary, summarise, time_to_target
 
 from . import toy_task
 
 toy_task.register()
 
 
-def _records(epochs: list[int], times: list[float], rewards: list[float]) -> list[dict]:
+def _records(epochs: list[int], times: list[float], rewards: list[float], cost: float = 0.1) -> list[dict]:
     out = []
-    for ep, t, r in zip(epochs, times, rewards, strict=True):
-        out.append({"epoch": ep, "train_elapsed_s": t, "eval_ode_reward": r})
-        # training records between evaluations carry no eval reward and must be ignored
-        out.append({"epoch": ep + 1, "train_elapsed_s": t + 0.5, "reward_mean": -100.0})
+    for i, (ep, t, r) in enumerate(zip(epochs, times, rewards, strict=True)):
+        out.append({"epoch": ep, "optimizer_steps": 2.0 * ep, "train_elapsed_s": t, "eval_ode_reward": r})
+        # training records between evaluations carry no eval reward and must be ignored for the curve
+        out.append(
+            {"epoch": ep + 1, "train_elapsed_s": t + 0.5, "reward_mean": -100.0, "time_rollout_s": cost * (1 + i),
+             "time_reward_s": 0.0, "time_train_s": 0.0}
+        )  # fmt: skip
     return out
+
+
+def _crossing(xs: list[float], ys: np.ndarray, target: float) -> float | None:
+    """Where the polyline first reaches ``target`` after its first point, written out."""
+    for i in range(1, len(xs)):
+        if ys[i] >= target:
+            if ys[i - 1] >= target:
+                return xs[i]
+            return xs[i - 1] + (xs[i] - xs[i - 1]) * (target - ys[i - 1]) / (ys[i] - ys[i - 1])
+    return None
 
 
 def test_summary_matches_a_hand_computation() -> None:
@@ -34,33 +47,62 @@ def test_summary_matches_a_hand_computation() -> None:
     runs: dict[str, list[list[dict]]] = {}
     raw: dict[str, np.ndarray] = {}
     times: dict[str, np.ndarray] = {}
+    costs: list[float] = []
     for name, speed, gain in [("precise", 1.0, 1.2), ("flow_grpo", 2.0, 1.0), ("cps", 1.5, 0.8)]:
         rewards = np.stack([base * gain + rng.normal(0, 0.01, 4) * (np.arange(4) > 0) for _ in range(3)])
         clock = np.stack([np.array(epochs) * speed * (1 + 0.1 * k) for k in range(3)])
         raw[name], times[name] = rewards, clock
-        runs[name] = [_records(epochs, list(clock[k]), list(rewards[k])) for k in range(3)]
+        runs[name] = [_records(epochs, list(clock[k]), list(rewards[k]), cost=speed) for k in range(3)]
+        costs += [speed * (1 + i) for _ in range(3) for i in range(4)]
     summary = summarise(runs)
 
     finals = {n: raw[n][:, -1].mean() for n in raw}
     target = max(finals["flow_grpo"], finals["cps"])
     assert summary["target"] == pytest.approx(target)
     assert summary["best_prior"] == max(["flow_grpo", "cps"], key=lambda n: finals[n])
-    for name in raw:
+    assert summary["epoch_cost_s"] == pytest.approx(np.median(costs))  # pooled over every sampler's epochs
+    for name, speed in [("precise", 1.0), ("flow_grpo", 2.0), ("cps", 1.5)]:
         c = summary["samplers"][name]
         assert c["epochs"] == epochs
         np.testing.assert_allclose(c["reward_mean"], raw[name].mean(axis=0))
         np.testing.assert_allclose(c["reward_std"], raw[name].std(axis=0))
         np.testing.assert_allclose(c["wallclock_s_mean"], times[name].mean(axis=0))
+        np.testing.assert_allclose(c["optimizer_steps_mean"], 2.0 * np.array(epochs))
+        assert c["epoch_cost_s"] == pytest.approx(speed * 2.5)  # the median of speed * (1, 2, 3, 4)
         assert c["final_reward_mean"] == pytest.approx(finals[name])
-        mean_curve = raw[name].mean(axis=0)
-        hits = [i for i in range(1, 4) if mean_curve[i] >= target]
-        expected_epoch = epochs[hits[0]] if hits else None
-        assert c["epochs_to_target"] == expected_epoch
-        assert c["wallclock_to_target_s"] == (pytest.approx(times[name].mean(axis=0)[hits[0]]) if hits else None)
-    p = summary["samplers"]["precise"]["wallclock_to_target_s"]
-    b = summary["samplers"][summary["best_prior"]]["wallclock_to_target_s"]
-    assert summary["precise_time_ratio_vs_best_prior"] == pytest.approx(p / b)
+        expected = _crossing(epochs, raw[name].mean(axis=0), target)
+        if expected is None:
+            assert c["epochs_to_target"] is None and c["wallclock_to_target_s"] is None
+        else:
+            assert c["epochs_to_target"] == pytest.approx(expected)
+            assert c["optimizer_steps_to_target"] == pytest.approx(2 * expected)
+            assert c["wallclock_to_target_s"] == pytest.approx(expected * np.median(costs))
+            assert c["measured_wallclock_to_target_s"] == pytest.approx(
+                np.interp(expected, epochs, times[name].mean(axis=0))
+            )
+        per_seed = [_crossing(epochs, raw[name][k], target) for k in range(3)]
+        assert c["epochs_to_target_per_seed"] == [pytest.approx(e) if e is not None else None for e in per_seed]
+    p = summary["samplers"]["precise"]["epochs_to_target"]
+    b = summary["samplers"][summary["best_prior"]]["epochs_to_target"]
+    assert summary["precise_epoch_ratio_vs_best_prior"] == pytest.approx(p / b)
+    assert summary["precise_time_ratio_vs_best_prior"] == pytest.approx(p / b)  # one pooled cost per epoch
     assert summary["precise_time_saving_pct_vs_best_prior"] == pytest.approx((1 - p / b) * 100)
+
+
+def test_time_to_target_interpolates_between_evaluations() -> None:
+    assert time_to_target([0, 10, 20], [0.0, 0.5, 1.0], 0.75) == pytest.approx(15.0)
+    assert time_to_target([0, 10, 20], [0.0, 0.5, 1.0], 1.5) is None
+    assert time_to_target([0, 10, 20], [0.9, 0.95, 1.0], 0.5) == 10  # already there untrained: the first eval
+
+
+def test_headroom_is_the_open_share_of_the_way_to_the_reward_ceiling() -> None:
+    runs = {
+        "precise": [[*_records([0, 5], [0.0, 1.0], [0.2, 0.5]), {"epoch": 0, "eval_reward_ceiling": 1.2}]],
+        "cps": [[*_records([0, 5], [0.0, 1.0], [0.2, 0.7]), {"epoch": 0, "eval_reward_ceiling": 1.2}]],
+    }
+    summary = summarise(runs)
+    assert summary["reward_ceiling"] == pytest.approx(1.2)
+    assert summary["headroom"] == pytest.approx((1.2 - 0.7) / (1.2 - 0.2))
 
 
 def test_precise_that_never_reaches_the_target_has_no_ratio() -> None:
@@ -89,8 +131,12 @@ def test_compare_command_writes_json_and_plot(tmp_path: Path, capsys: pytest.Cap
          "--output", str(out)]
     )  # fmt: skip
     assert code == 0
-    summary = json.loads((out / "compare.json").read_text())
+    result = json.loads((out / "compare.json").read_text())
+    assert set(result["protocols"]) == {"own", "ode"}
+    summary = result["protocols"]["ode"]
     assert set(summary["samplers"]) == {"precise", "cps"}
+    assert set(result["protocols"]["own"]["samplers"]) == {"precise", "cps"}
+    assert result["protocols"]["own"]["metric"] == "eval_own_reward"
     assert summary["best_prior"] == "cps"
     for name in ("precise", "cps"):
         c = summary["samplers"][name]
@@ -103,15 +149,29 @@ def test_compare_command_writes_json_and_plot(tmp_path: Path, capsys: pytest.Cap
         summary["samplers"]["cps"]["reward_mean"][0]
     )
     assert (out / "compare.png").stat().st_size > 1000
-    assert "target (best final prior reward, cps)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "target (best final prior reward, cps)" in printed
+    assert "== protocol own" in printed and "== protocol ode" in printed
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--seeds", "0"], "--seeds"), (["--samplers", "precise,euler"], "--samplers")],
+    [
+        (["--seeds", "0"], "--seeds"),
+        (["--samplers", "precise,euler"], "unknown sampler 'euler'"),
+        (["--samplers", "precise,flowgrpo"], "unknown sampler 'flowgrpo'"),
+        (["--samplers", ","], "names no sampler"),
+    ],
 )
 def test_compare_rejects_bad_flags(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
     assert main(["compare", "--output", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_one_seed_prints_no_spread(capsys: pytest.CaptureFixture[str]) -> None:
+    runs = {"precise": [_records([0, 5], [0.0, 1.0], [0.0, 0.9])], "cps": [_records([0, 5], [0.0, 1.0], [0.0, 0.8])]}
+    print_summary(summarise(runs), "ode", seeds=1)
+    printed = capsys.readouterr().out
+    assert "±" not in printed and "0.9000" in printed

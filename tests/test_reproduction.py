@@ -236,3 +236,34 @@ def test_held_out_rewards_are_checked_in_the_config() -> None:
 def test_options_of_a_reward_neither_trained_nor_evaluated_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"options given for rewards \['jpeg_compressibility'\]"):
         GRPOTrainer(_toy(reward={"options": {"jpeg_compressibility": {"quality": 70}}}), tmp_path)
+
+
+# ----------------------------------------------------------------------------- headroom
+
+
+def test_digits_rewards_never_score_above_their_stated_maximum_and_reach_it() -> None:
+    from precise_rl.rewards.base import RewardSet
+    from precise_rl.tasks import digits
+
+    prompts = list(digits.eval_prompts())
+    meta = digits.prompt_metadata(prompts)
+    rewards = RewardSet({"ink_style": 1.0, "digit_alignment": 1.0})
+    best = rewards.max_weighted_raw(prompts, meta)
+    images = [torch.rand(len(prompts), 1, 8, 8), torch.ones(len(prompts), 1, 8, 8), torch.zeros(len(prompts), 1, 8, 8)]
+    for img in images:
+        raw = rewards.weighted_raw(rewards.score(img, prompts, meta))
+        assert bool((raw.double() <= best + 1e-6).all())
+    # ink_style's maximum is reached: full ink for a bold prompt is past the cap
+    bold = [i for i, m in enumerate(meta) if m["style"] == "bold"]
+    ink = rewards.rewards["ink_style"]
+    got = ink(torch.ones(len(bold), 1, 8, 8), [prompts[i] for i in bold], [meta[i] for i in bold])["ink_style"]
+    torch.testing.assert_close(got, ink.max_score([prompts[i] for i in bold], [meta[i] for i in bold]).float())
+    assert RewardSet({"ink_style": 1.0}, ink_style={"cap": None}).max_weighted_raw(prompts, meta) is None
+
+
+def test_the_trainer_logs_the_reward_ceiling_of_the_held_out_prompts(tmp_path: Path) -> None:
+    cfg = config_from_dict({"train": {"epochs": 1}, "eval": {"max_prompts": 6}, "logging": {"progress": False}})
+    trainer = GRPOTrainer(cfg, tmp_path)
+    scores = trainer.evaluate(0, write_grid=False)
+    styles = [m["style"] for m in trainer.task.metadata(trainer.eval_prompts[:6])]
+    assert scores["eval_reward_ceiling"] == pytest.approx(sum(2.0 for s in styles if s != "plain") / len(styles))

@@ -62,6 +62,14 @@ class Reward(ABC):
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> dict[str, torch.Tensor]: ...
 
+    def max_score(self, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> torch.Tensor | None:
+        """The highest score any image could get for each prompt, ``(B,)``; None where it has no known bound.
+
+        It tells how much headroom a reward curve has: a target that every sampler reaches because the
+        reward cannot go higher says nothing about which sampler learns faster.
+        """
+        return None
+
 
 class FunctionReward(Reward):
     """A plain function ``f(images, prompts, metadata)`` returning a ``(B,)`` tensor or a dict, as a Reward."""
@@ -352,6 +360,21 @@ class RewardSet:
     def weighted_raw(self, components: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The weighted sum of raw scores (see :func:`weighted_raw`)."""
         return weighted_raw(components, self.weights)
+
+    def max_weighted_raw(self, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> torch.Tensor | None:
+        """The highest weighted raw reward of each prompt, where every weighted reward knows its maximum."""
+        total = torch.zeros(len(prompts), dtype=torch.float64)
+        for name, reward in self.rewards.items():
+            w = self.weights[name]
+            if w == 0:
+                continue
+            if w < 0:  # the highest weighted value of a reward with a negative weight is its minimum
+                return None
+            best = reward.max_score(prompts, metadata)
+            if best is None:
+                return None
+            total += w * torch.as_tensor(best, dtype=torch.float64).cpu()
+        return total
 
 
 class PendingRewards:

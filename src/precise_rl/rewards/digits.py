@@ -67,6 +67,9 @@ class DigitAlignment(_ClassifierReward):
         log_probs, target = self._log_probs(images, prompts, metadata)
         return {"digit_alignment": log_probs.gather(1, target[:, None])[:, 0].to(images.device)}
 
+    def max_score(self, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        return torch.zeros(len(prompts))  # a log-probability: 0 for a certain classifier
+
 
 @register_reward("digit_recognised")
 class DigitRecognised(_ClassifierReward):
@@ -115,3 +118,10 @@ class InkStyle(Reward):
         directed = sign * z if self.cap is None else (sign * z).clamp_max(self.cap)
         score = torch.where(sign == 0, -z.abs(), directed)
         return {"ink_style": score, "ink": amount}
+
+    def max_score(self, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> torch.Tensor | None:
+        """``cap`` for bold and thin, 0 for plain (the digit's typical ink); unbounded without a cap."""
+        if self.cap is None:
+            return None
+        _, styles = prompt_targets(prompts, metadata)
+        return torch.tensor([0.0 if s == "plain" else self.cap for s in styles])

@@ -1,10 +1,20 @@
 """Train one recipe with every sampler side by side: ``precise-rl compare [CONFIG] [key=value ...] --seeds N``.
 
 Each sampler runs at its reference eta over N seeds, one after another in this process, on the
-same prompts, rewards and evaluation noise. Writes ``compare.json`` and ``compare.png`` (held-out
-reward against training wall-clock, one curve per sampler). The in-domain reward is the ODE
-evaluation reward (EMA weights, fixed noise); the target is the best final reward among the
-prior samplers (flow_grpo, dance_grpo, cps); wall-clock excludes evaluation time.
+same prompts, rewards and evaluation noise. Every evaluation scores the held-out prompts (EMA
+weights, fixed noise) under both protocols:
+
+* ``own``: each sampler's own stochastic rollouts at its training eta, the reference's
+  "in-domain reward" (excess noise a sampler leaves lowers its own score);
+* ``ode``: the deterministic ODE sampler on the same weights.
+
+For each protocol the target is the best final reward among the prior samplers (flow_grpo,
+dance_grpo, cps), and each sampler's time to reach it is read off its seed-mean curve (linear
+between evaluations) in epochs, optimizer steps and training wall-clock. The samplers' step costs
+are equal, so the wall-clock used for the ratios is the robust one: epochs times the median
+training seconds per epoch over the epochs of every sampler and seed (on a shared machine the
+per-sampler medians differ by noise alone); each sampler's own median and the measured cumulative
+wall-clock are reported beside it. Writes ``compare.json`` and ``compare.png``.
 """
 
 from __future__ import annotations
@@ -20,15 +30,24 @@ import numpy as np
 
 from ..errors import UserError
 
-__all__ = ["add_arguments", "run", "compare_runs", "summarise"]
+__all__ = ["add_arguments", "run", "compare_runs", "summarise", "time_to_target", "PROTOCOLS"]
 
 ALL_SAMPLERS = ["precise", "flow_grpo", "dance_grpo", "cps", "dance_precise"]
 PRIOR_SAMPLERS = ["flow_grpo", "dance_grpo", "cps"]
+#: evaluation protocol -> the metric of its weighted held-out reward
+PROTOCOLS = {"own": "eval_own_reward", "ode": "eval_ode_reward"}
+#: what the wall-clock ratios use, said in every summary
+RATIO_BASIS = (
+    "epochs to target x the median training seconds per epoch over every sampler's epochs (robust wall-clock: "
+    "the samplers' step costs are equal, so it differs from epochs by a common factor)"
+)
+#: evaluations per run that compare asks for at least, so that a time to target is resolved to ~5%
+MIN_EVALS = 20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("items", nargs="*", metavar="CONFIG | key=value", help="an optional YAML file, then overrides")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per sampler (default 2)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per sampler (default 3)")
     p.add_argument(
         "--samplers",
         default=",".join(ALL_SAMPLERS),
@@ -37,87 +56,206 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", type=Path, default=Path("runs/compare"), help="directory for runs and results")
 
 
-def _eval_curve(records: list[dict[str, Any]], key: str) -> list[tuple[int, float, float]]:
-    """``(epoch, train wall-clock, reward)`` of every evaluation in a run."""
-    return [(int(r["epoch"]), float(r["train_elapsed_s"]), float(r[key])) for r in records if key in r]
+def parse_samplers(text: str) -> list[str]:
+    """``--samplers``: known names, each once; UserError naming the unknown ones."""
+    samplers = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    unknown = [s for s in samplers if s not in ALL_SAMPLERS]
+    if unknown:
+        raise UserError(
+            f"--samplers: unknown sampler {', '.join(map(repr, unknown))}; choose from {', '.join(ALL_SAMPLERS)}"
+        )
+    if not samplers:
+        raise UserError(f"--samplers names no sampler; choose from {', '.join(ALL_SAMPLERS)}")
+    return samplers
+
+
+def epoch_costs(records: list[dict[str, Any]]) -> list[float]:
+    """Training seconds (rollout + reward + update) of each epoch of a run."""
+    return [r["time_rollout_s"] + r["time_reward_s"] + r["time_train_s"] for r in records if "time_train_s" in r]
+
+
+def _median(values: list[float]) -> float:
+    # A median, not a mean or the cumulative clock: on a shared machine a few slow epochs (another job,
+    # a page-cache miss) would otherwise decide which sampler looks faster.
+    return float(np.median(values)) if values else math.nan
+
+
+def time_to_target(xs: list[float] | np.ndarray, ys: list[float] | np.ndarray, target: float) -> float | None:
+    """The first ``x`` at which the curve ``(xs, ys)`` reaches ``target``, linear between points; None if never.
+
+    The first point (the evaluation before training) does not count as reaching it.
+    """
+    for i in range(1, len(xs)):
+        if ys[i] >= target:
+            y0 = ys[i - 1]
+            if y0 >= target:  # only the untrained model can be there already: count the first evaluation
+                return float(xs[i])
+            return float(xs[i - 1] + (target - y0) / (ys[i] - y0) * (xs[i] - xs[i - 1]))
+    return None
+
+
+def _eval_points(records: list[dict[str, Any]], key: str) -> np.ndarray:
+    """``(epoch, optimizer steps, measured train wall-clock, reward)`` of every evaluation in a run."""
+    steps = 0.0
+    rows = []
+    for r in records:
+        steps = float(r.get("optimizer_steps", steps))
+        if key in r:
+            rows.append((float(r["epoch"]), steps, float(r["train_elapsed_s"]), float(r[key])))
+    return np.array(rows, dtype=np.float64).reshape(-1, 4)
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values))
 
 
 def summarise(runs: dict[str, list[list[dict[str, Any]]]], key: str = "eval_ode_reward") -> dict[str, Any]:
-    """The comparison from each sampler's per-seed metrics records (pure: no training here)."""
+    """The comparison under one protocol (``key``) from each sampler's per-seed metrics records (pure)."""
     curves: dict[str, dict[str, Any]] = {}
     for sampler, seeds in runs.items():
-        per_seed = [_eval_curve(rec, key) for rec in seeds]
+        per_seed = [_eval_points(rec, key) for rec in seeds]
         n_eval = min(len(c) for c in per_seed)
         if n_eval == 0:
             raise UserError(f"the {sampler} runs have no '{key}' evaluations: set eval.every > 0")
-        arr = np.array([[pt for pt in c[:n_eval]] for c in per_seed], dtype=np.float64)  # (seeds, evals, 3)
-        finals = arr[:, -1, 2]
+        arr = np.stack([c[:n_eval] for c in per_seed])  # (seeds, evals, 4)
+        cost = _median([c for rec in seeds for c in epoch_costs(rec)])
+        finals = arr[:, -1, 3]
+        ceilings = [r["eval_reward_ceiling"] for rec in seeds for r in rec if "eval_reward_ceiling" in r]
         curves[sampler] = {
             "epochs": arr[0, :, 0].astype(int).tolist(),
-            "wallclock_s_mean": arr[:, :, 1].mean(axis=0).tolist(),
-            "reward_mean": arr[:, :, 2].mean(axis=0).tolist(),
-            "reward_std": arr[:, :, 2].std(axis=0).tolist(),
+            "optimizer_steps_mean": arr[:, :, 1].mean(axis=0).tolist(),
+            "wallclock_s_mean": arr[:, :, 2].mean(axis=0).tolist(),
+            "epoch_cost_s": cost,
+            "reward_mean": arr[:, :, 3].mean(axis=0).tolist(),
+            "reward_std": arr[:, :, 3].std(axis=0).tolist(),
+            "reward_per_seed": arr[:, :, 3].tolist(),
             "final_reward_mean": float(finals.mean()),
             "final_reward_std": float(finals.std()),
             "final_reward_per_seed": finals.tolist(),
-            "initial_reward_mean": float(arr[:, 0, 2].mean()),
+            "initial_reward_mean": float(arr[:, 0, 3].mean()),
+            "reward_ceiling": float(np.mean(ceilings)) if ceilings else None,
         }
+    pooled_cost = _median([c for seeds in runs.values() for rec in seeds for c in epoch_costs(rec)])
     priors = [s for s in PRIOR_SAMPLERS if s in curves]
     target = max((curves[s]["final_reward_mean"] for s in priors), default=None)
     best_prior = max(priors, key=lambda s: curves[s]["final_reward_mean"]) if priors else None
     for c in curves.values():
-        c["epochs_to_target"] = None
-        c["wallclock_to_target_s"] = None
+        c.update(
+            epochs_to_target=None,
+            optimizer_steps_to_target=None,
+            wallclock_to_target_s=None,
+            measured_wallclock_to_target_s=None,
+            epochs_to_target_per_seed=[None] * len(c["final_reward_per_seed"]),
+        )
         if target is None:
             continue
-        # The seed-averaged curve reaching the target for the first time.
-        for ep, wc, r in zip(c["epochs"], c["wallclock_s_mean"], c["reward_mean"], strict=True):
-            if ep > 0 and r >= target:
-                c["epochs_to_target"] = ep
-                c["wallclock_to_target_s"] = wc
-                break
-    result: dict[str, Any] = {"metric": key, "target": target, "best_prior": best_prior, "samplers": curves}
-    if "precise" in curves and best_prior is not None:
-        p = curves["precise"]["wallclock_to_target_s"]
-        b = curves[best_prior]["wallclock_to_target_s"]
-        reached = [curves[s]["wallclock_to_target_s"] for s in priors if curves[s]["wallclock_to_target_s"]]
-        result["precise_time_ratio_vs_best_prior"] = p / b if p and b else None
-        result["precise_time_ratio_vs_fastest_prior"] = p / min(reached) if p and reached else None
-        result["precise_time_saving_pct_vs_best_prior"] = (1 - p / b) * 100 if p and b else None
+        ep = time_to_target(c["epochs"], c["reward_mean"], target)
+        if ep is not None:
+            c["epochs_to_target"] = ep
+            c["optimizer_steps_to_target"] = float(np.interp(ep, c["epochs"], c["optimizer_steps_mean"]))
+            c["measured_wallclock_to_target_s"] = float(np.interp(ep, c["epochs"], c["wallclock_s_mean"]))
+            c["wallclock_to_target_s"] = ep * pooled_cost
+        c["epochs_to_target_per_seed"] = [time_to_target(c["epochs"], r, target) for r in c["reward_per_seed"]]
+        reached = [e for e in c["epochs_to_target_per_seed"] if e is not None]
+        c["epochs_to_target_seed_mean"], c["epochs_to_target_seed_std"] = _mean_std(reached)
+        c["seeds_reaching_target"] = len(reached)
+    result: dict[str, Any] = {
+        "metric": key,
+        "target": target,
+        "best_prior": best_prior,
+        "ratio_basis": RATIO_BASIS,
+        "epoch_cost_s": pooled_cost,
+        "samplers": curves,
+    }
+    ceilings = [c["reward_ceiling"] for c in curves.values() if c["reward_ceiling"] is not None]
+    if ceilings and target is not None:
+        ceiling = float(np.mean(ceilings))
+        start = float(np.mean([c["initial_reward_mean"] for c in curves.values()]))
+        # The share of the way from the untrained model to the reward's maximum that the target leaves open.
+        result["reward_ceiling"] = ceiling
+        result["headroom"] = (ceiling - target) / (ceiling - start) if ceiling > start else 0.0
+    result.update(_ratios(curves, priors, best_prior))
     return result
 
 
-def _plot(summary: dict[str, Any], path: Path) -> None:
+def _ratios(curves: dict[str, dict[str, Any]], priors: list[str], best_prior: str | None) -> dict[str, Any]:
+    """Precise's time to target over the best prior sampler's (and the fastest one's), with a per-seed spread."""
+    out: dict[str, Any] = {
+        "precise_epoch_ratio_vs_best_prior": None,
+        "precise_time_ratio_vs_best_prior": None,
+        "precise_measured_time_ratio_vs_best_prior": None,
+        "precise_time_saving_pct_vs_best_prior": None,
+        "precise_time_ratio_vs_fastest_prior": None,
+        "precise_epoch_ratio_per_seed": [],
+    }
+    if "precise" not in curves or best_prior is None:
+        return out
+    p, b = curves["precise"], curves[best_prior]
+    if p["epochs_to_target"] and b["epochs_to_target"]:
+        out["precise_epoch_ratio_vs_best_prior"] = p["epochs_to_target"] / b["epochs_to_target"]
+        out["precise_time_ratio_vs_best_prior"] = p["wallclock_to_target_s"] / b["wallclock_to_target_s"]
+        out["precise_measured_time_ratio_vs_best_prior"] = (
+            p["measured_wallclock_to_target_s"] / b["measured_wallclock_to_target_s"]
+        )
+        out["precise_time_saving_pct_vs_best_prior"] = (1 - out["precise_time_ratio_vs_best_prior"]) * 100
+    reached = [curves[s]["wallclock_to_target_s"] for s in priors if curves[s]["wallclock_to_target_s"]]
+    if p["wallclock_to_target_s"] and reached:
+        out["precise_time_ratio_vs_fastest_prior"] = p["wallclock_to_target_s"] / min(reached)
+    # Seed k of precise against seed k of the best prior (the same seed: the same prompts and noise).
+    pairs = zip(p["epochs_to_target_per_seed"], b["epochs_to_target_per_seed"], strict=False)
+    out["precise_epoch_ratio_per_seed"] = [pe / be if pe and be else None for pe, be in pairs]
+    done = [r for r in out["precise_epoch_ratio_per_seed"] if r is not None]
+    out["precise_epoch_ratio_seed_mean"], out["precise_epoch_ratio_seed_std"] = _mean_std(done)
+    return out
+
+
+def plot_comparison(summaries: dict[str, dict[str, Any]], path: Path, title: str = "") -> None:
+    """One row per protocol; reward against epochs, optimizer steps and robust training wall-clock."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for name, c in summary["samplers"].items():
-        wc = np.array(c["wallclock_s_mean"])
-        mu = np.array(c["reward_mean"])
-        sd = np.array(c["reward_std"])
-        ep = np.array(c["epochs"])
-        (line,) = axes[0].plot(wc, mu, marker="o", ms=3, label=name, lw=2 if name == "precise" else 1.2)
-        axes[0].fill_between(wc, mu - sd, mu + sd, color=line.get_color(), alpha=0.15)
-        axes[1].plot(ep, mu, marker="o", ms=3, label=name, color=line.get_color(), lw=2 if name == "precise" else 1.2)
-    for ax, xl in zip(axes, ["training wall-clock (s, mean over seeds)", "epoch"], strict=True):
-        if summary["target"] is not None:
-            ax.axhline(summary["target"], color="k", ls="--", lw=0.8, label="best prior final")
-        ax.set_xlabel(xl)
-        ax.set_ylabel("held-out reward (ODE, EMA)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    axes[0].set_title("reward vs wall-clock")
-    axes[1].set_title("reward vs epoch")
+    rows = list(summaries)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(15, 4 * len(rows)), squeeze=False)
+    for r, protocol in enumerate(rows):
+        summary = summaries[protocol]
+        for name, c in summary["samplers"].items():
+            ep = np.array(c["epochs"], dtype=float)
+            xs = [ep, np.array(c["optimizer_steps_mean"]), np.array(c["wallclock_s_mean"])]
+            mu, sd = np.array(c["reward_mean"]), np.array(c["reward_std"])
+            lw = 2.2 if name == "precise" else 1.2
+            color = None
+            for ax, x in zip(axes[r], xs, strict=True):
+                (line,) = ax.plot(x, mu, marker="o", ms=2.5, label=name, lw=lw, color=color)
+                color = line.get_color()
+                ax.fill_between(x, mu - sd, mu + sd, color=color, alpha=0.12)
+        for ax, xl in zip(
+            axes[r], ["epoch", "optimizer steps", "training wall-clock (s, measured, mean over seeds)"], strict=True
+        ):
+            if summary["target"] is not None:
+                ax.axhline(summary["target"], color="k", ls="--", lw=0.8, label=f"target ({summary['best_prior']})")
+            ax.set_xlabel(xl)
+            ax.set_ylabel(f"held-out reward ({protocol})")
+            ax.grid(alpha=0.3)
+        axes[r][0].set_title(f"{protocol}: {'own stochastic rollouts' if protocol == 'own' else 'ODE'}, EMA")
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def eval_every_for(epochs: int, every: int) -> int:
+    """``eval.every`` with at least :data:`MIN_EVALS` evaluations per run (a time to target read to ~5%)."""
+    return max(1, min(every, epochs // MIN_EVALS)) if every else max(1, epochs // MIN_EVALS)
+
+
 def compare_runs(items: list[str], seeds: int, samplers: list[str], output: Path) -> dict[str, Any]:
-    """Train every (sampler, seed) and return the summary (also written to ``output``)."""
+    """Train every (sampler, seed) and return the summary of both protocols (also written to ``output``)."""
     from tqdm.auto import tqdm
 
     from .logging import read_metrics
@@ -125,10 +263,8 @@ def compare_runs(items: list[str], seeds: int, samplers: list[str], output: Path
     from .trainer import GRPOTrainer
 
     base = resolve_config(items, None)
-    if base.eval.every == 0:
-        raise UserError("compare needs evaluations: set eval.every > 0")
-    if "ode" not in base.eval.samplers:
-        base.eval.samplers = ["ode", *base.eval.samplers]
+    base.eval.every = eval_every_for(base.train.epochs, base.eval.every)
+    base.eval.samplers = ["ode", "own"]
     runs: dict[str, list[list[dict[str, Any]]]] = {s: [] for s in samplers}
     # Seed-major order: a machine that slows down or speeds up during the run hits every sampler alike.
     jobs = [(s, k) for k in range(seeds) for s in samplers]
@@ -141,50 +277,73 @@ def compare_runs(items: list[str], seeds: int, samplers: list[str], output: Path
         run_dir = output / "runs" / f"{sampler}-seed{cfg.seed}"
         GRPOTrainer(cfg, run_dir).run()
         runs[sampler].append(read_metrics(run_dir / "metrics.jsonl"))
-    summary = summarise(runs)
-    summary["seeds"] = seeds
-    summary["config"] = items
+    summary = {protocol: summarise(runs, key) for protocol, key in PROTOCOLS.items()}
+    result = {"protocols": summary, "seeds": seeds, "config": items, "eval_every": base.eval.every}
     output.mkdir(parents=True, exist_ok=True)
-    (output / "compare.json").write_text(json.dumps(summary, indent=1))
-    _plot(summary, output / "compare.png")
-    return summary
+    (output / "compare.json").write_text(json.dumps(result, indent=1))
+    plot_comparison(summary, output / "compare.png")
+    return result
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def run(args: argparse.Namespace) -> int:
-    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
-    unknown = [s for s in samplers if s not in ALL_SAMPLERS]
-    if unknown or not samplers:
-        raise UserError(f"--samplers must name some of {', '.join(ALL_SAMPLERS)}; got {args.samplers!r}")
-    if args.seeds < 1:
-        raise UserError(f"--seeds must be a positive integer, got {args.seeds}")
-    summary = compare_runs(args.items, args.seeds, samplers, args.output)
+def _pm(mean: float | None, std: float | None, n: int, spec: str = ".4f") -> str:
+    """``mean ± std``, or the mean alone where one value gives no spread."""
+    if mean is None:
+        return "-"
+    return format(mean, spec) if n < 2 or std is None else f"{mean:{spec}} ± {std:{spec}}"
+
+
+def print_summary(summary: dict[str, Any], protocol: str, seeds: int) -> None:
+    """The table of one protocol, and precise's ratio (or why there is none)."""
+    what = "own stochastic rollouts at each sampler's eta" if protocol == "own" else "deterministic ODE"
+    print(f"\n== protocol {protocol} ({what}; held-out prompts, EMA weights)")
     print(f"target (best final prior reward, {summary['best_prior']}): {_fmt(summary['target'])}")
-    print(
-        f"{'sampler':>14} {'final reward':>18} {'epochs to target':>17} {'wall-clock to target':>21} "
-        f"{'train s/epoch':>14}"
-    )
-    for name, c in summary["samplers"].items():
-        final = f"{c['final_reward_mean']:.4f} ± {c['final_reward_std']:.4f}"
-        per_epoch = c["wallclock_s_mean"][-1] / c["epochs"][-1] if c["epochs"][-1] else float("nan")
+    if summary.get("headroom") is not None:
         print(
-            f"{name:>14} {final:>18} {_fmt(c['epochs_to_target'], 'd'):>17} "
-            f"{_fmt(c['wallclock_to_target_s'], '.1f') + ' s':>21} {per_epoch:>14.3f}"
+            f"reward ceiling {summary['reward_ceiling']:.4f}: the target leaves {summary['headroom']:.0%} of the way "
+            "from the untrained model to it open"
+        )
+    head = f"{'sampler':>14} {'final reward':>18} {'epochs to target':>22} {'steps to target':>16} "
+    print(head + f"{'wall-clock to target':>21} {'train s/epoch':>14}")
+    for name, c in summary["samplers"].items():
+        final = _pm(c["final_reward_mean"], c["final_reward_std"], seeds)
+        per_seed = _pm(c.get("epochs_to_target_seed_mean"), c.get("epochs_to_target_seed_std"), seeds, ".1f")
+        reached = c.get("seeds_reaching_target", 0)
+        epochs = f"{_fmt(c['epochs_to_target'], '.1f')} ({per_seed}, {reached}/{seeds})"
+        print(
+            f"{name:>14} {final:>18} {epochs:>22} {_fmt(c['optimizer_steps_to_target'], '.1f'):>16} "
+            f"{_fmt(c['wallclock_to_target_s'], '.1f') + ' s':>21} {c['epoch_cost_s']:>14.3f}"
         )
     ratio = summary.get("precise_time_ratio_vs_best_prior")
     if ratio is not None:
+        spread = _pm(
+            summary.get("precise_epoch_ratio_seed_mean"), summary.get("precise_epoch_ratio_seed_std"), seeds, ".2f"
+        )
         print(
-            f"precise reaches the target in {ratio:.2f}x the wall-clock of {summary['best_prior']} "
-            f"({summary['precise_time_saving_pct_vs_best_prior']:+.1f}% saved)"
+            f"precise reaches the target in {summary['precise_epoch_ratio_vs_best_prior']:.2f}x the epochs and "
+            f"{ratio:.2f}x the robust wall-clock of {summary['best_prior']} "
+            f"({summary['precise_time_saving_pct_vs_best_prior']:+.1f}% saved; measured wall-clock "
+            f"{summary['precise_measured_time_ratio_vs_best_prior']:.2f}x; per seed {spread})"
         )
     elif "precise" in summary["samplers"] and summary["target"] is not None:
         p = summary["samplers"]["precise"]
-        print(
-            f"precise does not reach the target within {p['epochs'][-1]} epochs "
-            f"(final {p['final_reward_mean']:.4f} against {summary['target']:.4f})"
-        )
-    print(f"wrote {args.output / 'compare.json'} and {args.output / 'compare.png'}")
+        if p["epochs_to_target"] is None:
+            print(
+                f"precise does not reach the target within {p['epochs'][-1]} epochs "
+                f"(final {p['final_reward_mean']:.4f} against {summary['target']:.4f})"
+            )
+
+
+def run(args: argparse.Namespace) -> int:
+    samplers = parse_samplers(args.samplers)
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be a positive integer, got {args.seeds}")
+    result = compare_runs(args.items, args.seeds, samplers, args.output)
+    print(f"evaluations every {result['eval_every']} epochs; wall-clock ratios use {RATIO_BASIS}")
+    for protocol, summary in result["protocols"].items():
+        print_summary(summary, protocol, args.seeds)
+    print(f"\nwrote {args.output / 'compare.json'} and {args.output / 'compare.png'}")
     return 0

@@ -848,6 +848,9 @@ class GRPOTrainer:
         seeds = [_seed_for(self.cfg.seed, 7, i) for i in idx]
         n_grid = min(e.grid_prompts, len(prompts_base)) * e.samples_per_prompt
         out: dict[str, float] = {}
+        ceiling = self.rewards.max_weighted_raw(prompts_all, self.task.metadata(prompts_all))
+        if ceiling is not None:  # the best the weighted reward could be on these prompts: the curves' headroom
+            out["eval_reward_ceiling"] = float(ceiling.mean())
         sigmas = self._sigmas(e.num_steps)
         grid = None
         with self._eval_context():
