@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,21 +35,35 @@ def resolve_weights(path: str | Path | None, filename: str) -> Path:
     return p
 
 
-class DigitsPolicy(Policy):
-    """Class-conditional flow model over 1x8x8 pixel latents in [-1, 1], prompted by text like ``"a bold 7"``."""
+#: the shift of the model's own time grid: SD3.5's, the regime real models sample in (see :meth:`time_grid`)
+DEFAULT_TIME_SHIFT = 3.0
 
-    def __init__(self, transformer: DigitsFlowNet, device: str | torch.device = "cpu") -> None:
+
+class DigitsPolicy(Policy):
+    """Class-conditional flow model over 1x8x8 pixel latents in [-1, 1], prompted by text like ``"a bold 7"``.
+
+    ``time_shift`` (model option) shifts its own time grid SD3-style (1 = the uniform grid).
+    """
+
+    def __init__(
+        self, transformer: DigitsFlowNet, device: str | torch.device = "cpu", time_shift: float = DEFAULT_TIME_SHIFT
+    ) -> None:
         if not isinstance(transformer, DigitsFlowNet):
             raise TypeError(f"DigitsPolicy needs a DigitsFlowNet, got {type(transformer).__name__}")
+        if isinstance(time_shift, bool) or not isinstance(time_shift, int | float) or not 0 < time_shift < math.inf:
+            raise UserError(f"model option 'time_shift' must be a positive number, got {time_shift!r}")
+        self.time_shift = float(time_shift)
         # kept apart from the module: the trainer may wrap ``transformer`` (LoRA) after this
         self.config: FlowNetConfig = transformer.config
         self.transformer: nn.Module = transformer.to(device)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> DigitsPolicy:
+    def from_pretrained(
+        cls, path: str | Path | None = None, device: str | torch.device = "cpu", time_shift: float = DEFAULT_TIME_SHIFT
+    ) -> DigitsPolicy:
         """Load the shipped weights, or those in ``path`` (a directory or a ``.safetensors`` file)."""
         net = load_module(resolve_weights(path, FLOW_FILE), "digits_flow", device)
-        return cls(net, device)
+        return cls(net, device, time_shift)
 
     @classmethod
     def from_config(
@@ -83,6 +98,18 @@ class DigitsPolicy(Policy):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         return self.transformer(x, t, cond).float()
+
+    def time_grid(self, num_steps: int) -> torch.Tensor:
+        """The uniform grid shifted by ``time_shift`` (3: as SD3.5's scheduler), float64.
+
+        The model was pretrained with ``t ~ U(0, 1)``, for which the uniform grid (``time_shift`` 1, or
+        ``sampler.grid: uniform``) is the natural one. The default samples it as real models are sampled:
+        SD3.5 and FLUX shift their grids towards the noise end, where the sampler study shows the
+        samplers' differences matter most for RL.
+        """
+        from ...sde import shifted_sigmas
+
+        return shifted_sigmas(num_steps, self.time_shift)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 1], ``(B, 1, 8, 8)``."""
