@@ -74,15 +74,19 @@ def test_default_train_command_writes_its_outputs_and_one_summary_line(
     assert len(lines) == 1, lines
     summary = json.loads((out / "summary.json").read_text())
     m = re.fullmatch(
-        r"reward before (-?\d+\.\d{4}) -> after (-?\d+\.\d{4}) \((\w+) sampler, .*\); (\d+) s; plots: (.+) and (.+)/",
+        r"held-out reward before -> after training \(EMA weights\): ode (-?\d+\.\d{4}) -> (-?\d+\.\d{4}), "
+        r"own (-?\d+\.\d{4}) -> (-?\d+\.\d{4}); (\d+) s; plots: (.+) and (.+)/",
         lines[0],
     )
     assert m is not None, lines[0]
     assert float(m.group(1)) == pytest.approx(summary["reward_before"], abs=6e-5)
     assert float(m.group(2)) == pytest.approx(summary["reward_after"], abs=6e-5)
-    assert m.group(3) == "ode"
-    assert Path(m.group(5)) == out / "reward_curve.png"
-    assert Path(m.group(6)) == out / "samples"
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert float(m.group(1)) == pytest.approx(first["eval_ode_reward"], abs=6e-5)
+    assert float(m.group(3)) == pytest.approx(first["eval_own_reward"], abs=6e-5)
+    assert summary["protocols"]["own"]["after"] == pytest.approx(float(m.group(4)), abs=6e-5)
+    assert Path(m.group(6)) == out / "reward_curve.png"
+    assert Path(m.group(7)) == out / "samples"
     # The built-in default: digits with the precise sampler, 100 epochs, evaluated every 10.
     assert summary["sampler"] == "precise" and summary["epochs"] == 100
     assert summary["reward_after"] > summary["reward_before"]

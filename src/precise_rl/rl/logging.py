@@ -215,6 +215,12 @@ class RunLogger:
             "eval_key": key,
             "reward_before": (first_eval or {}).get(key),
             "reward_after": evals[-1].get(key) if evals else None,
+            # both evaluation protocols: own = the training sampler's own rollouts, ode = deterministic
+            "protocols": {
+                p: {"before": (first_eval or {}).get(f"eval_{p}_reward"), "after": evals[-1].get(f"eval_{p}_reward")}
+                for p in ("ode", "own")
+                if evals and f"eval_{p}_reward" in evals[-1]
+            },
             "final_eval": {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")},
             "reward_curve": str(curve),
             "samples_dir": str(self.out / "samples"),

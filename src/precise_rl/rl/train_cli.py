@@ -82,10 +82,10 @@ def run(args: argparse.Namespace) -> int:
     trainer = GRPOTrainer(cfg, out, resume=args.resume)
     summary = trainer.run()
     if trainer.is_main:
-        before, after = summary.get("reward_before"), summary.get("reward_after")
-        which = summary.get("eval_key", "").removeprefix("eval_").removesuffix("_reward")
-        if before is not None and after is not None:
-            head = f"reward before {before:.4f} -> after {after:.4f} ({which} sampler, held-out prompts, EMA weights)"
+        shown = {p: r for p, r in summary.get("protocols", {}).items() if None not in (r["before"], r["after"])}
+        if shown:
+            parts = [f"{p} {r['before']:.4f} -> {r['after']:.4f}" for p, r in shown.items()]
+            head = f"held-out reward before -> after training (EMA weights): {', '.join(parts)}"
         else:
             head = (
                 f"train reward {summary.get('train_reward_first', float('nan')):.4f} -> "
