@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "precise_rl.rl.compare",
         "train one recipe with every sampler and several seeds; reward against wall-clock",
     ),
+    "study": (
+        "precise_rl.rl.study",
+        "sampler study over step counts and time grids: where precise reaches the target faster, with fidelity",
+    ),
     "sample": ("precise_rl.sample_cli", "generate images with any sampler (diffusers pipeline or built-in model)"),
     "serve-reward": (
         "precise_rl.rewards.server",

@@ -1,0 +1,593 @@
+"""Map where Precise wins: ``precise-rl study [CONFIG] [key=value ...]`` trains every sampler over a grid of cells.
+
+A cell is a step count N and a time grid (``uniform``; ``shiftA``, the SD3 shift with ``a = A``; ``model``,
+the policy's own grid). In each cell every sampler of ``--samplers`` trains at its reference eta over
+``--seeds`` seeds, with ``sampler.num_steps`` and ``eval.num_steps`` both N and the evaluations of
+``precise-rl compare`` (both protocols, ``own`` and ``ode``; at least 20 evaluations per run). Cells whose
+time grids are identical (for the built-in digits model, ``model`` is the uniform grid) are run once.
+
+Per cell and protocol the study reports what ``compare`` does (the target: the best final prior reward;
+each sampler's final reward and epochs to target; precise's epoch ratio against the best prior sampler,
+with its per-seed spread) and the headroom the target leaves below the reward's ceiling; a cell with
+headroom under 0.1 is marked saturated (its ratio says little). Beside it stands the fidelity lab's
+number for the same grid: each sampler's output std over the target std on sharp Gaussian data
+(std 0.02), exact, the excess noise the sampler leaves. Jobs run in a pool of ``--workers`` processes
+(one torch thread each); a job whose run directory holds a finished run is not run again, so a killed
+study resumes where it stopped. Writes ``study.json``, ``study.md``, ``study_heatmap.png`` and
+``study_curves.png``.
+
+Defaults and their cost, measured on the 2-core machine the project is developed on while other jobs
+shared it (load 4-7): one digits run of the default recipe (100 epochs, 10 steps, 21 evaluations of the
+36 held-out prompts x 4 samples under both protocols) took 18 s on one torch thread, about 80% of it
+training; a run's cost grows linearly with the step count, and two workers ran at about 19 s per
+40-epoch 10-step run each. The default study is 3 seeds x steps 6, 10, 20 x grids uniform, shift3, model
+(``model`` is the digits model's own grid, shift 3 by default, so merged: 2 distinct grids) x 5 samplers
+= 90 runs of 100 epochs, estimated at 28-33 minutes on two workers under that load with the recipe's
+evaluation, too close to the 30-minute budget. The study keeps the 100 epochs, the seeds and the
+evaluation frequency and halves the samples per held-out prompt instead (``eval.samples_per_prompt=2``,
+an override placed before yours: 144 evaluation images per protocol), about 25 minutes under that load
+and about 12 on an idle machine. ``--quick`` is 40 epochs, steps 6 and 10, 2 seeds, 20 held-out prompts x
+2 samples (40 runs, about 4 minutes under that load); explicit ``--steps`` / ``--seeds`` and your
+overrides win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from .compare import ALL_SAMPLERS, PRIOR_SAMPLERS, PROTOCOLS, eval_every_for, parse_samplers, summarise
+
+__all__ = [
+    "add_arguments",
+    "run",
+    "run_study",
+    "parse_steps",
+    "parse_grids",
+    "fidelity_std_ratios",
+    "SATURATED_HEADROOM",
+]
+
+DEFAULT_STEPS = [6, 10, 20]
+DEFAULT_GRIDS = "uniform,shift3,model"
+DEFAULT_SEEDS = 3
+#: overrides the study puts before the user's (who can override them in turn)
+STUDY_OVERRIDES = ["eval.samples_per_prompt=2"]
+QUICK = {"steps": [6, 10], "seeds": 2, "overrides": ["train.epochs=40", "eval.max_prompts=20"]}
+#: a cell whose target leaves less of the way to the reward's ceiling open than this is "saturated"
+SATURATED_HEADROOM = 0.1
+#: the fidelity lab's sharp data: N(FIDELITY_MEAN, FIDELITY_STD^2), the thin manifold of clean images
+FIDELITY_MEAN = 0.5
+FIDELITY_STD = 0.02
+
+
+def _default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("items", nargs="*", metavar="CONFIG | key=value", help="an optional YAML file, then overrides")
+    p.add_argument("--seeds", type=int, default=None, help=f"seeds per sampler and cell (default {DEFAULT_SEEDS})")
+    p.add_argument(
+        "--steps",
+        default=None,
+        help=f"comma-separated step counts N (default {','.join(map(str, DEFAULT_STEPS))})",
+    )
+    p.add_argument(
+        "--grids",
+        default=DEFAULT_GRIDS,
+        help=f"comma-separated time grids: uniform, model, shiftA for any A > 0 (default {DEFAULT_GRIDS})",
+    )
+    p.add_argument(
+        "--samplers",
+        default=",".join(ALL_SAMPLERS),
+        help=f"comma-separated samplers (default: {','.join(ALL_SAMPLERS)})",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=_default_workers(),
+        help="training processes at once, one torch thread each; 1 runs in this process (default: 2, or the CPU "
+        "count if smaller)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a short study: --steps {','.join(map(str, QUICK['steps']))}, --seeds {QUICK['seeds']}, "
+        f"{' '.join(QUICK['overrides'])} (each unless given): 40 runs, about 4 minutes on 2 shared cores",
+    )
+    p.add_argument("--output", "-o", type=Path, default=Path("runs/study"), help="directory for runs and results")
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def parse_steps(text: str) -> list[int]:
+    """``--steps``: positive integers, each once, in the order given."""
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            n = int(part)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UserError(f"--steps takes comma-separated positive integers, got {part!r}")
+        if n not in out:
+            out.append(n)
+    if not out:
+        raise UserError("--steps names no step count; give comma-separated positive integers such as 6,10,20")
+    return out
+
+
+def parse_grids(text: str) -> list[tuple[str, float | None]]:
+    """``--grids``: ``(label, shift)`` pairs; ``uniform`` and ``model`` have no shift, ``shiftA`` has ``A``."""
+    out: list[tuple[str, float | None]] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part in ("uniform", "model"):
+            grid: tuple[str, float | None] = (part, None)
+        else:
+            shift = None
+            if part.startswith("shift"):
+                try:
+                    shift = float(part[len("shift") :])
+                except ValueError:
+                    shift = None
+            if shift is None or not (math.isfinite(shift) and shift > 0):
+                raise UserError(f"--grids: unknown grid {part!r}; choose from uniform, model, shiftA with A > 0")
+            grid = (f"shift{shift:g}", shift)
+        if grid[0] not in [g for g, _ in out]:
+            out.append(grid)
+    if not out:
+        raise UserError("--grids names no grid; choose from uniform, model, shiftA with A > 0")
+    return out
+
+
+# --------------------------------------------------------------------------- fidelity
+
+
+def fidelity_std_ratios(
+    samplers: list[str], sigmas: Any, precise_schedule: str = "logsnr", std: float = FIDELITY_STD
+) -> dict[str, float]:
+    """Output std / target std of each sampler (default eta) on ``N(0.5, std^2)`` data over ``sigmas``, exact."""
+    from ..fidelity.gaussian import GaussianTarget, propagate_gaussian
+    from ..sde import kernel
+
+    target = GaussianTarget(FIDELITY_MEAN, std)
+    out = {}
+    for name in samplers:
+        kern = kernel(name, sigmas, None, precise_schedule if name == "precise" else None)
+        out[name] = float(propagate_gaussian(kern, target).std_ratio)
+    return out
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the workers share the cores: one thread each
+
+
+def _run_job(job: dict[str, Any]) -> tuple[str, float]:
+    """Train one (cell, sampler, seed); returns its key and seconds (set-up and training)."""
+    from .trainer import GRPOTrainer
+
+    start = time.perf_counter()
+    GRPOTrainer(job["cfg"], job["run_dir"]).run()
+    return job["key"], time.perf_counter() - start
+
+
+def _finished(run_dir: Path, cfg: Any) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``cfg``; UserError if it holds one of another config."""
+    import yaml
+
+    from ..config import config_to_dict
+
+    if not (run_dir / "summary.json").is_file():
+        return False
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if saved != json.loads(json.dumps(config_to_dict(cfg))):
+        raise UserError(
+            f"{run_dir} holds a finished run of another config; give another --output or remove that directory"
+        )
+    return True
+
+
+def _run_jobs(jobs: list[dict[str, Any]], workers: int, done: int) -> dict[str, float]:
+    """Run ``jobs`` (those not finished yet) with a progress bar over all ``done + len(jobs)``; seconds per job."""
+    from tqdm.auto import tqdm
+
+    seconds: dict[str, float] = {}
+    bar = tqdm(total=done + len(jobs), initial=done, desc="study", unit="run", dynamic_ncols=True)
+    try:
+        if workers == 1 or len(jobs) <= 1:
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as in a worker: the same arithmetic whatever --workers
+            try:
+                for job in jobs:
+                    key, sec = _run_job(job)
+                    seconds[key] = sec
+                    bar.update()
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker) as pool:
+                for key, sec in pool.imap_unordered(_run_job, jobs):
+                    seconds[key] = sec
+                    bar.update()
+    finally:
+        bar.close()
+    return seconds
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def _cells(
+    steps: list[int], grids: list[tuple[str, float | None]], model_grid: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Distinct cells (each with the grid labels it stands for) and the (steps, grid) pairs merged into them."""
+    from ..sde import shifted_sigmas, uniform_sigmas
+
+    cells: list[dict[str, Any]] = []
+    merged: list[dict[str, Any]] = []
+    for n in steps:
+        for label, shift in grids:
+            if label == "uniform":
+                sigmas = uniform_sigmas(n)
+            elif label == "model":
+                sigmas = model_grid(n)
+            else:
+                sigmas = shifted_sigmas(n, shift)
+            sigmas = [float(s) for s in sigmas]
+            same = next((c for c in cells if c["steps"] == n and c["sigmas"] == sigmas), None)
+            if same is not None:
+                same["grids"].append(label)
+                merged.append({"steps": n, "grid": label, "same_as": same["grid"]})
+                continue
+            cells.append(
+                {"name": f"N{n}-{label}", "steps": n, "grid": label, "shift": shift, "grids": [label], "sigmas": sigmas}
+            )
+    return cells, merged
+
+
+def _model_grid_note(model_name: str, policy: Any, merged: list[dict[str, Any]]) -> str | None:
+    """What the ``model`` grid is, where it was merged into another grid."""
+    same = sorted({m["same_as"] for m in merged if m["grid"] == "model"})
+    if not same:
+        return None
+    note = (
+        f"the model's own time grid (sampler.grid=model) is the {' / '.join(same)} grid here, so those cells ran once"
+    )
+    shift = getattr(policy, "time_shift", None)
+    if model_name == "digits" and shift is not None:
+        note += (
+            f": the digits model samples the uniform grid shifted by its time_shift {shift:g} (model option; "
+            "its pretraining draws t ~ U(0, 1), for which the unshifted uniform grid is the natural one)"
+        )
+    return note
+
+
+def _job_cfg(base: Any, cell: dict[str, Any], sampler: str, k: int) -> Any:
+    cfg = copy.deepcopy(base)
+    cfg.sampler.name = sampler
+    cfg.sampler.eta = None  # each sampler at its reference eta
+    cfg.sampler.num_steps = cell["steps"]
+    cfg.eval.num_steps = cell["steps"]
+    if cell["grid"] == "uniform":
+        cfg.sampler.grid = "uniform"
+    elif cell["grid"] == "model":
+        cfg.sampler.grid = "model"
+    else:
+        cfg.sampler.grid = "shifted"
+        cfg.sampler.shift = cell["shift"]
+    cfg.seed = base.seed + k
+    cfg.logging.progress = False
+    cfg.logging.tensorboard = False
+    return cfg
+
+
+def _cell_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    headroom = summary.get("headroom")
+    summary["saturated"] = None if headroom is None else bool(headroom < SATURATED_HEADROOM)
+    return summary
+
+
+def run_study(
+    items: list[str],
+    seeds: int,
+    steps: list[int],
+    grids: list[tuple[str, float | None]],
+    samplers: list[str],
+    workers: int,
+    output: Path,
+) -> dict[str, Any]:
+    """Run (or resume) every job, summarise each cell, write the files; returns the study's dict."""
+    import torch
+
+    from ..policies.registry import build_task
+    from .logging import read_metrics
+    from .train_cli import resolve_config
+
+    start = time.perf_counter()
+    base = resolve_config(items, None)
+    base.eval.every = eval_every_for(base.train.epochs, base.eval.every)
+    base.eval.samplers = ["ode", "own"]
+
+    policy = build_task(base.model, torch.device("cpu")).policy if any(g == "model" for g, _ in grids) else None
+    cells, merged = _cells(steps, grids, policy.time_grid if policy is not None else None)
+    note = _model_grid_note(base.model.name, policy, merged)
+    del policy
+
+    jobs, done = [], 0
+    # Seed-major order: a machine that slows down during the study hits every cell and sampler alike.
+    for k in range(seeds):
+        for cell in cells:
+            for sampler in samplers:
+                cfg = _job_cfg(base, cell, sampler, k)
+                run_dir = output / "runs" / cell["name"] / f"{sampler}-seed{cfg.seed}"
+                job = {"key": f"{cell['name']}/{sampler}-seed{cfg.seed}", "cfg": cfg, "run_dir": str(run_dir)}
+                if _finished(run_dir, cfg):
+                    done += 1
+                    continue
+                if run_dir.exists():  # a run killed before it finished: start it again
+                    shutil.rmtree(run_dir)
+                jobs.append(job)
+    seconds = _run_jobs(jobs, workers, done)
+
+    schedule = base.sampler.schedule
+    for cell in cells:
+        runs: dict[str, list[list[dict[str, Any]]]] = {s: [] for s in samplers}
+        run_s: dict[str, list[float]] = {s: [] for s in samplers}
+        for sampler in samplers:
+            for k in range(seeds):
+                run_dir = output / "runs" / cell["name"] / f"{sampler}-seed{base.seed + k}"
+                runs[sampler].append(read_metrics(run_dir / "metrics.jsonl"))
+                run_s[sampler].append(float(json.loads((run_dir / "summary.json").read_text())["elapsed_s"]))
+        cell["protocols"] = {p: _cell_summary(summarise(runs, key)) for p, key in PROTOCOLS.items()}
+        cell["fidelity_std_ratio"] = fidelity_std_ratios(["ode", *samplers], cell["sigmas"], schedule)
+        cell["run_elapsed_s"] = run_s
+    result: dict[str, Any] = {
+        "config": items,
+        "seeds": seeds,
+        "steps": steps,
+        "grids": [g for g, _ in grids],
+        "samplers": samplers,
+        "epochs": base.train.epochs,
+        "eval_every": base.eval.every,
+        "eval": {"max_prompts": base.eval.max_prompts, "samples_per_prompt": base.eval.samples_per_prompt},
+        "saturated_below_headroom": SATURATED_HEADROOM,
+        "fidelity_target": {"mean": FIDELITY_MEAN, "std": FIDELITY_STD, "eta": "each sampler's default"},
+        "cells": cells,
+        "merged": merged,
+        "model_grid_note": note,
+        "timings": {
+            "wall_s": time.perf_counter() - start,
+            "workers": workers,
+            "jobs": done + len(jobs),
+            "jobs_run": len(jobs),
+            "jobs_resumed": done,
+            "job_s": seconds,
+            "run_elapsed_s_total": float(sum(sum(v) for c in cells for v in c["run_elapsed_s"].values())),
+        },
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "study.json").write_text(json.dumps(result, indent=1))
+    (output / "study.md").write_text(format_markdown(result))
+    plot_heatmap(result, output / "study_heatmap.png")
+    plot_curves(result, output / "study_curves.png")
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _f(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def ratio_text(summary: dict[str, Any], seeds: int) -> str:
+    """Precise's epoch ratio against the best prior, ``± seed spread (k/n seeds)``, or ``not reached``."""
+    ratio = summary.get("precise_epoch_ratio_vs_best_prior")
+    if ratio is None:
+        return "not reached" if "precise" in summary["samplers"] and summary["target"] is not None else "-"
+    per_seed = summary.get("precise_epoch_ratio_per_seed", [])
+    done = [r for r in per_seed if r is not None]
+    text = f"{ratio:.2f}"
+    if seeds > 1 and len(done) > 1:
+        text += f" ± {summary['precise_epoch_ratio_seed_std']:.2f}"
+    if seeds > 1:
+        text += f" ({len(done)}/{seeds} seed pairs)"
+    return text
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    samplers, seeds = result["samplers"], result["seeds"]
+    head = ["grid", "steps", "protocol", "best prior", "target", "headroom", "precise epochs / best prior's"]
+    head += [f"final `{s}`" for s in samplers] + [f"std ratio `{s}`" for s in samplers]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for cell in result["cells"]:
+        for protocol, summary in cell["protocols"].items():
+            headroom = summary.get("headroom")
+            hr = "-" if headroom is None else f"{headroom:.2f}" + (" (saturated)" if summary["saturated"] else "")
+            row = [
+                " = ".join(cell["grids"]),
+                str(cell["steps"]),
+                protocol,
+                summary["best_prior"] or "-",
+                _f(summary["target"]),
+                hr,
+                ratio_text(summary, seeds),
+            ]
+            for s in samplers:
+                c = summary["samplers"][s]
+                row.append(_f(c["final_reward_mean"]) + (f" ± {c['final_reward_std']:.4f}" if seeds > 1 else ""))
+            row += [_f(cell["fidelity_std_ratio"][s], ".3g") for s in samplers]
+            lines.append("| " + " | ".join(row) + " |")
+    t = result["timings"]
+    notes = [
+        f"Sampler study: {len(samplers)} samplers x {seeds} seeds x steps {', '.join(map(str, result['steps']))} "
+        f"x grids {', '.join(result['grids'])}; {result['epochs']} epochs per run, evaluated every "
+        f"{result['eval_every']} epochs (up to {result['eval']['max_prompts']} held-out prompts x "
+        f"{result['eval']['samples_per_prompt']} samples, EMA weights), each sampler at its reference eta.",
+        "",
+        "- protocol `own`: each sampler's own stochastic rollouts at its eta; `ode`: the deterministic ODE on the "
+        "same weights.",
+        "- target: the best final reward among the prior samplers (" + ", ".join(PRIOR_SAMPLERS) + "), seed mean; "
+        "precise epochs / best prior's: epochs to reach it on the seed-mean curves (linear between evaluations), "
+        "± the spread of the per-seed ratios (precise's seed k against the best prior's seed k, over the pairs "
+        "where both reach the target; a seed may not reach a target set by the seed mean).",
+        f"- headroom: the share of the way from the untrained model to the reward's ceiling that the target leaves "
+        f"open; below {SATURATED_HEADROOM} the cell is saturated and its ratio says little.",
+        f"- std ratio: the fidelity lab's output std / target std on sharp Gaussian data (std {FIDELITY_STD}) on "
+        "the cell's grid and step count, exact, each sampler at its default eta (1 is exact; above 1 is excess "
+        "noise).",
+    ]
+    if result["merged"]:
+        merged = "; ".join(f"N={m['steps']} {m['grid']} = {m['same_as']}" for m in result["merged"])
+        notes.append(f"- merged (identical time grids, run once): {merged}.")
+    if result["model_grid_note"]:
+        notes.append(f"- {result['model_grid_note'][0].upper()}{result['model_grid_note'][1:]}.")
+    notes.append(
+        f"- {t['jobs']} runs ({t['jobs_run']} run now, {t['jobs_resumed']} resumed from earlier); "
+        f"{t['wall_s']:.0f} s wall-clock on {t['workers']} worker(s); {t['run_elapsed_s_total']:.0f} s of runs."
+    )
+    return "\n".join(["# Sampler study", "", *notes, "", *lines, ""])
+
+
+def plot_heatmap(result: dict[str, Any], path: Path) -> None:
+    """One panel per protocol: rows steps, columns grids, colour = precise's epoch ratio vs the best prior."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+
+    steps, grids, seeds = result["steps"], result["grids"], result["seeds"]
+    by = {(c["steps"], g): c for c in result["cells"] for g in c["grids"]}
+    protocols = list(PROTOCOLS)
+    fig, axes = plt.subplots(
+        1, len(protocols), figsize=(2.2 * len(grids) * len(protocols) + 2.5, 1.3 * len(steps) + 2), squeeze=False
+    )
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#d9d9d9")
+    norm = Normalize(-1.0, 1.0)  # log2 of the ratio: 0.5x .. 2x
+    image = None
+    for ax, protocol in zip(axes[0], protocols, strict=True):
+        values = np.full((len(steps), len(grids)), np.nan)
+        for i, n in enumerate(steps):
+            for j, g in enumerate(grids):
+                cell = by[(n, g)]
+                summary = cell["protocols"][protocol]
+                ratio = summary.get("precise_epoch_ratio_vs_best_prior")
+                if ratio is not None:
+                    values[i, j] = math.log2(ratio)
+                text = ratio_text(summary, seeds).split(" (")[0]
+                text = "n/r" if text == "not reached" else text
+                if g != cell["grid"]:
+                    text += f"\n(= {cell['grid']})"
+                if summary.get("saturated"):
+                    text += "\nsaturated"
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="k", lw=0))
+                ax.text(j, i, text, ha="center", va="center", fontsize=8)
+        image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto")
+        ax.set_xticks(range(len(grids)), grids)
+        ax.set_yticks(range(len(steps)), [str(n) for n in steps])
+        ax.set_xlabel("time grid")
+        ax.set_ylabel("steps N")
+        what = "own stochastic rollouts" if protocol == "own" else "ODE"
+        ax.set_title(f"{protocol} ({what})")
+    if image is not None:
+        bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85)
+        ticks = [-1.0, -0.5, 0.0, 0.5, 1.0]
+        bar.set_ticks(ticks, labels=[f"{2**t:.2g}x" for t in ticks])
+        bar.set_label("precise epochs to target / best prior's\n(< 1: precise faster; grey: n/r, not reached)")
+    fig.suptitle(f"Where precise wins: {result['epochs']} epochs, {seeds} seed(s), ± seed spread")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_curves(result: dict[str, Any], path: Path) -> None:
+    """Reward against epoch of every sampler (seed mean ± std), one subplot per cell and protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells, protocols = result["cells"], list(PROTOCOLS)
+    fig, axes = plt.subplots(len(cells), len(protocols), figsize=(6 * len(protocols), 3.2 * len(cells)), squeeze=False)
+    for r, cell in enumerate(cells):
+        for col, protocol in enumerate(protocols):
+            ax = axes[r][col]
+            summary = cell["protocols"][protocol]
+            for name, c in summary["samplers"].items():
+                ep = np.array(c["epochs"], dtype=float)
+                mu, sd = np.array(c["reward_mean"]), np.array(c["reward_std"])
+                (line,) = ax.plot(ep, mu, lw=2.2 if name == "precise" else 1.1, label=name)
+                ax.fill_between(ep, mu - sd, mu + sd, color=line.get_color(), alpha=0.12)
+            if summary["target"] is not None:
+                ax.axhline(summary["target"], color="k", ls="--", lw=0.8, label=f"target ({summary['best_prior']})")
+            if summary.get("reward_ceiling") is not None:
+                ax.axhline(summary["reward_ceiling"], color="grey", ls=":", lw=0.8, label="reward ceiling")
+            sat = ", saturated" if summary.get("saturated") else ""
+            ax.set_title(f"N={cell['steps']} {' = '.join(cell['grids'])}, {protocol}{sat}", fontsize=10)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(f"held-out reward ({protocol})")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    samplers = parse_samplers(args.samplers)
+    steps = parse_steps(args.steps) if args.steps is not None else None
+    grids = parse_grids(args.grids)
+    seeds = args.seeds
+    if seeds is not None and seeds < 1:
+        raise UserError(f"--seeds must be a positive integer, got {seeds}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be a positive integer, got {args.workers}")
+    from .train_cli import split_config_and_overrides
+
+    config, overrides = split_config_and_overrides(args.items)
+    extra = list(STUDY_OVERRIDES)
+    if args.quick:
+        steps = steps or list(QUICK["steps"])
+        seeds = seeds or QUICK["seeds"]
+        extra += QUICK["overrides"]
+    steps = steps or list(DEFAULT_STEPS)
+    seeds = seeds or DEFAULT_SEEDS
+    items = ([config] if config else []) + extra + overrides  # the user's overrides come last and win
+    result = run_study(items, seeds, steps, grids, samplers, args.workers, args.output)
+    print()
+    print(format_markdown(result))
+    out = args.output
+    print(
+        f"wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study_heatmap.png'} and {out / 'study_curves.png'} "
+        f"({result['timings']['wall_s']:.0f} s)"
+    )
+    return 0
