@@ -129,6 +129,7 @@ def test_a_resumed_study_runs_no_finished_job(toy_study: tuple[Path, Path, str],
     assert calls == ["N3-shift3/cps-seed4"]
     after = _json(out)
     assert after["timings"]["jobs_resumed"] == 15 and after["timings"]["jobs_run"] == 1
+    assert len(after["timings"]["invocations"]) == 2 and len(after["timings"]["job_s"]) == 16
     # the rerun job is deterministic: every reward curve and target is as before (the clocks are not)
     for c0, c1 in zip(before["cells"], after["cells"], strict=True):
         for protocol in PROTOCOLS:

@@ -17,18 +17,20 @@ study resumes where it stopped. Writes ``study.json``, ``study.md``, ``study_hea
 ``study_curves.png``.
 
 Defaults and their cost, measured on the 2-core machine the project is developed on while other jobs
-shared it (load 4-7): one digits run of the default recipe (100 epochs, 10 steps, 21 evaluations of the
-36 held-out prompts x 4 samples under both protocols) took 18 s on one torch thread, about 80% of it
-training; a run's cost grows linearly with the step count, and two workers ran at about 19 s per
-40-epoch 10-step run each. The default study is 3 seeds x steps 6, 10, 20 x grids uniform, shift3, model
-(``model`` is the digits model's own grid, shift 3 by default, so merged: 2 distinct grids) x 5 samplers
-= 90 runs of 100 epochs, estimated at 28-33 minutes on two workers under that load with the recipe's
-evaluation, too close to the 30-minute budget. The study keeps the 100 epochs, the seeds and the
-evaluation frequency and halves the samples per held-out prompt instead (``eval.samples_per_prompt=2``,
-an override placed before yours: 144 evaluation images per protocol), about 25 minutes under that load
-and about 12 on an idle machine. ``--quick`` is 40 epochs, steps 6 and 10, 2 seeds, 20 held-out prompts x
-2 samples (40 runs, about 4 minutes under that load); explicit ``--steps`` / ``--seeds`` and your
-overrides win.
+shared it (load 4-8): one digits run of the default recipe (100 epochs, 10 steps, 21 evaluations of the 36
+held-out prompts x 4 samples under both protocols) took 18 s on one torch thread, about 70% of it
+training, and a run's training cost grows linearly with the step count. The default study is 3 seeds x
+steps 6, 10, 20 x grids uniform, shift3, model (``model`` is the digits model's own grid, shift 3 by
+default, so merged with shift3: 2 distinct grids) x 5 samplers = 90 runs of 100 epochs; from the
+per-run times of a first quick study under that load it came out at 28-33 minutes on two workers with the
+recipe's evaluation, too close to the 30-minute budget. The study therefore keeps the 100 epochs, the 3
+seeds and compare's evaluation frequency (every 5 epochs) and halves the evaluation cost instead:
+``eval.samples_per_prompt=2`` (144 evaluation images per protocol instead of 288), with
+``checkpoint.every=0 checkpoint.keep=1`` (one checkpoint at the end, no effect on the results). These go
+before your overrides, which win. Measured: the full default study took 19 min 11 s (1144 s in the
+study, load 5-6 for most of it), ``--quick`` 2 min 14 s (load 2-3; an earlier 40-epoch variant took 5 min
+16 s at load 7-8, hence 30 epochs). ``--quick`` is 30 epochs (an evaluation every epoch), steps 6 and 10,
+2 seeds, 16 held-out prompts x 2 samples: 40 runs.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ DEFAULT_STEPS = [6, 10, 20]
 DEFAULT_GRIDS = "uniform,shift3,model"
 DEFAULT_SEEDS = 3
 #: overrides the study puts before the user's (who can override them in turn)
-STUDY_OVERRIDES = ["eval.samples_per_prompt=2"]
-QUICK = {"steps": [6, 10], "seeds": 2, "overrides": ["train.epochs=40", "eval.max_prompts=20"]}
+STUDY_OVERRIDES = ["eval.samples_per_prompt=2", "checkpoint.every=0", "checkpoint.keep=1"]
+QUICK = {"steps": [6, 10], "seeds": 2, "overrides": ["train.epochs=30", "eval.max_prompts=16"]}
 #: a cell whose target leaves less of the way to the reward's ceiling open than this is "saturated"
 SATURATED_HEADROOM = 0.1
 #: the fidelity lab's sharp data: N(FIDELITY_MEAN, FIDELITY_STD^2), the thin manifold of clean images
@@ -104,7 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help=f"a short study: --steps {','.join(map(str, QUICK['steps']))}, --seeds {QUICK['seeds']}, "
-        f"{' '.join(QUICK['overrides'])} (each unless given): 40 runs, about 4 minutes on 2 shared cores",
+        f"{' '.join(QUICK['overrides'])} (each unless given): 40 runs, 2-5 minutes on 2 cores depending on their load",
     )
     p.add_argument("--output", "-o", type=Path, default=Path("runs/study"), help="directory for runs and results")
 
@@ -238,6 +240,8 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, done: int) -> dict[str, 
                 for key, sec in pool.imap_unordered(_run_job, jobs):
                     seconds[key] = sec
                     bar.update()
+                pool.close()  # let the workers exit on their own (terminate would leave their semaphores behind)
+                pool.join()
     finally:
         bar.close()
     return seconds
@@ -384,15 +388,7 @@ def run_study(
         "cells": cells,
         "merged": merged,
         "model_grid_note": note,
-        "timings": {
-            "wall_s": time.perf_counter() - start,
-            "workers": workers,
-            "jobs": done + len(jobs),
-            "jobs_run": len(jobs),
-            "jobs_resumed": done,
-            "job_s": seconds,
-            "run_elapsed_s_total": float(sum(sum(v) for c in cells for v in c["run_elapsed_s"].values())),
-        },
+        "timings": _timings(output, time.perf_counter() - start, workers, done, len(jobs), seconds, cells),
     }
     output.mkdir(parents=True, exist_ok=True)
     (output / "study.json").write_text(json.dumps(result, indent=1))
@@ -400,6 +396,34 @@ def run_study(
     plot_heatmap(result, output / "study_heatmap.png")
     plot_curves(result, output / "study_curves.png")
     return result
+
+
+def _timings(
+    output: Path, wall: float, workers: int, done: int, ran: int, seconds: dict[str, float], cells: list
+) -> dict[str, Any]:
+    """This invocation's timings, and those of the earlier invocations of a resumed study (from its study.json)."""
+    previous: dict[str, Any] = {}
+    try:
+        previous = json.loads((output / "study.json").read_text())["timings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    earlier = previous.get("invocations")
+    if earlier is None and "wall_s" in previous:  # a study.json that lists no invocations: it was one
+        earlier = [{k: previous.get(k) for k in ("wall_s", "workers", "jobs_run")}]
+    invocations = [*(earlier or []), {"wall_s": wall, "workers": workers, "jobs_run": ran}]
+    keys = {f"{c['name']}/{name}" for c in cells for name in c["run_elapsed_s"]}
+    job_s = {k: v for k, v in previous.get("job_s", {}).items() if k.rsplit("-seed", 1)[0] in keys}
+    return {
+        "wall_s": wall,
+        "workers": workers,
+        "jobs": done + ran,
+        "jobs_run": ran,
+        "jobs_resumed": done,
+        "invocations": invocations,
+        "wall_s_all_invocations": float(sum(i["wall_s"] for i in invocations)),
+        "job_s": {**job_s, **seconds},
+        "run_elapsed_s_total": float(sum(sum(v) for c in cells for v in c["run_elapsed_s"].values())),
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -471,10 +495,13 @@ def format_markdown(result: dict[str, Any]) -> str:
         notes.append(f"- merged (identical time grids, run once): {merged}.")
     if result["model_grid_note"]:
         notes.append(f"- {result['model_grid_note'][0].upper()}{result['model_grid_note'][1:]}.")
-    notes.append(
-        f"- {t['jobs']} runs ({t['jobs_run']} run now, {t['jobs_resumed']} resumed from earlier); "
-        f"{t['wall_s']:.0f} s wall-clock on {t['workers']} worker(s); {t['run_elapsed_s_total']:.0f} s of runs."
-    )
+    runs_now = f"{t['jobs']} runs ({t['jobs_run']} run in {t['wall_s']:.0f} s on {t['workers']} worker(s) now"
+    if len(t["invocations"]) > 1:
+        runs_now += (
+            f", {t['jobs_resumed']} finished earlier; {t['wall_s_all_invocations']:.0f} s wall-clock over "
+            f"{len(t['invocations'])} invocations"
+        )
+    notes.append(f"- {runs_now}); {t['run_elapsed_s_total']:.0f} s of runs (training and evaluation) in all.")
     return "\n".join(["# Sampler study", "", *notes, "", *lines, ""])
 
 
@@ -493,7 +520,7 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
         1, len(protocols), figsize=(2.2 * len(grids) * len(protocols) + 2.5, 1.3 * len(steps) + 2), squeeze=False
     )
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#d9d9d9")
-    norm = Normalize(-1.0, 1.0)  # log2 of the ratio: 0.5x .. 2x
+    norm = Normalize(-0.6, 0.6)  # log2 of the ratio: 0.66x .. 1.5x
     image = None
     for ax, protocol in zip(axes[0], protocols, strict=True):
         values = np.full((len(steps), len(grids)), np.nan)
@@ -504,8 +531,10 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
                 ratio = summary.get("precise_epoch_ratio_vs_best_prior")
                 if ratio is not None:
                     values[i, j] = math.log2(ratio)
-                text = ratio_text(summary, seeds).split(" (")[0]
-                text = "n/r" if text == "not reached" else text
+                text = ratio_text(summary, seeds).replace(" (", "\n(").replace(" seed pairs", " pairs")
+                if text == "not reached":  # how far precise ends from the target
+                    gap = summary["samplers"]["precise"]["final_reward_mean"] - summary["target"]
+                    text = f"n/r\nfinal {gap:+.3f}"
                 if g != cell["grid"]:
                     text += f"\n(= {cell['grid']})"
                 if summary.get("saturated"):
@@ -521,10 +550,14 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{protocol} ({what})")
     if image is not None:
         bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85)
-        ticks = [-1.0, -0.5, 0.0, 0.5, 1.0]
+        ticks = [math.log2(v) for v in (0.7, 0.85, 1.0, 1.2, 1.4)]
         bar.set_ticks(ticks, labels=[f"{2**t:.2g}x" for t in ticks])
-        bar.set_label("precise epochs to target / best prior's\n(< 1: precise faster; grey: n/r, not reached)")
-    fig.suptitle(f"Where precise wins: {result['epochs']} epochs, {seeds} seed(s), ± seed spread")
+        bar.set_label("precise epochs to target / best prior's\n(< 1: precise faster)")
+    fig.suptitle(
+        f"Where precise wins: {result['epochs']} epochs, {seeds} seed(s), ratio ± spread over seed pairs\n"
+        "grey n/r: precise does not reach the target (its final reward minus the target shown)",
+        y=1.04,
+    )
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
