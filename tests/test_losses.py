@@ -1,4 +1,4 @@
-"""GRPO advantages and losses against hand computations (math page section 5)."""
+"""GRPO advantages and losses against hand computations (docs/math.md section 5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Kernel coefficients ``(a, b, std)`` against the formulas of docs/sampler-math.md, written out here.
+"""Kernel coefficients ``(a, b, std)`` against the formulas of docs/math.md, written out here.
 
 The reference below is float64 numpy, straight from the section 3 table (``mu`` and ``std``
 as functions of ``x_t``, ``v``, ``t``, ``s``, ``eta``); ``a`` and ``b`` are read off ``mu`` by
@@ -24,7 +24,7 @@ PRECISE_FAMILY = ("cps", "precise", "dance_precise")
 
 
 # ---------------------------------------------------------------------------------------------
-# Independent reference (section 1 and 3 of the math page)
+# Independent reference (docs/math.md sections 1 and 3)
 # ---------------------------------------------------------------------------------------------
 
 

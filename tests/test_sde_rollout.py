@@ -77,7 +77,7 @@ def test_recomputed_log_prob_of_stored_transition_gives_ratio_one(name: str, rng
         lp = log_prob(kern, i, x_t, v, x_s)
         ratio = torch.exp(lp - traj.log_probs[:, i])
         torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
-        # independent float64 check: x_s ~ N(a x + b v, std^2) of the math page
+        # independent float64 check: x_s ~ N(a x + b v, std^2) of docs/math.md section 3
         std = float(kern.std[i])
         mean = float(kern.a[i]) * x_t.double() + float(kern.b[i]) * v.double()
         torch.testing.assert_close(traj.means[:, i].double(), mean, rtol=1e-5, atol=1e-5)

@@ -120,7 +120,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     clip_range: float = 1e-4
-    guard: bool = False  #: ratio-normalised loss (math page section 5)
+    guard: bool = False  #: ratio-normalised loss (docs/math.md section 5)
     kl_beta: float = 0.0
     adv_clip: float = 5.0
     adv_std: Literal["group", "batch"] = "group"

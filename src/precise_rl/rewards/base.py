@@ -3,7 +3,7 @@
 A reward maps a batch of images ``(B, C, H, W)`` (floats in [0, 1]), their prompts and their
 metadata dicts to named ``(B,)`` float32 scores. ``RewardSet`` scores a batch with several
 rewards; ``combine_rewards`` z-scores each over the batch and sums them with weights
-(``docs/sampler-math.md`` section 5). A score that is NaN or infinite, from any reward, marks an
+(``docs/math.md`` section 5). A score that is NaN or infinite, from any reward, marks an
 image the reward could not score: it becomes NaN, and an image that a reward of non-zero weight
 could not score is left out of the statistics and of training (the trainer counts it).
 """

@@ -1,4 +1,4 @@
-"""GRPO advantages and the policy losses of ``docs/sampler-math.md`` section 5."""
+"""GRPO advantages and the policy losses of ``docs/math.md`` section 5."""
 
 from __future__ import annotations
 

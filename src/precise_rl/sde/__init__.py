@@ -1,6 +1,6 @@
 """The math layer: time grids, transition kernels, steps with log-probs and batched rollouts.
 
-Pure tensor code: no model, no I/O. See ``docs/sampler-math.md`` for the formulas.
+Pure tensor code: no model, no I/O. See ``docs/math.md`` for the formulas.
 """
 
 from .grids import (

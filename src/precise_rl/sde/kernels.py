@@ -1,4 +1,4 @@
-"""The transition kernels of ``docs/sampler-math.md`` section 3, reduced to coefficients.
+"""The transition kernels of ``docs/math.md`` section 3, reduced to coefficients.
 
 Every kernel is linear in ``(x_t, v)``: ``mean = a * x_t + b * v`` and ``x_s = mean + std * z``.
 ``kernel(name, sigmas, eta)`` computes the per-step vectors ``(a, b, std)`` once per grid, in
