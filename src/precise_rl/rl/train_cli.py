@@ -28,6 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--output", "-o", type=Path, default=None, help="run directory (default: runs/<model>-<sampler>-<time>)"
     )
     p.add_argument("--resume", type=Path, default=None, help="run directory or checkpoint to continue from")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --output (its metrics, checkpoints, samples); without it such a "
+        "directory is refused",
+    )
 
 
 def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
@@ -74,13 +80,35 @@ def _run_dir_of(resume: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from .rundir import command_line, is_main_launch_process, lock_run_dir, prepare_run_dir
     from .trainer import GRPOTrainer, default_output_dir
 
     cfg = resolve_config(args.items, args.resume)
-    out = args.output or (_run_dir_of(args.resume) if args.resume else default_output_dir(cfg))
-    trainer = GRPOTrainer(cfg, out, resume=args.resume)
-    summary = trainer.run()
+    own_dir = _run_dir_of(args.resume) if args.resume else None
+    out = args.output or own_dir or default_output_dir(cfg)
+    # Continuing a run in its own directory is the only way to write into a directory holding a run
+    # without --overwrite; --resume with another --output starts a new directory from that checkpoint.
+    resuming = own_dir is not None and _same_dir(own_dir, out)
+    if resuming and args.overwrite:
+        raise UserError(
+            f"--overwrite would delete the run that --resume continues in {str(out)!r}; drop one of the two"
+        )
+    main = is_main_launch_process()
+    with lock_run_dir(out, command_line()) if main else contextlib.nullcontext():
+        if main:
+            prepare_run_dir(out, resuming=resuming, overwrite=args.overwrite)
+        trainer = GRPOTrainer(cfg, out, resume=args.resume)
+        summary = trainer.run()
     if trainer.is_main:
         before, after = summary.get("reward_before"), summary.get("reward_after")
         which = summary.get("eval_key", "").removeprefix("eval_").removesuffix("_reward")
