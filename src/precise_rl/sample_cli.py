@@ -125,6 +125,46 @@ def _slug(text: str, limit: int = 60) -> str:
     return (s[:limit] or "prompt").rstrip("_")
 
 
+def prompt_folders(prompts: list[str]) -> list[str]:
+    """One distinct folder name per prompt, readable and stable.
+
+    The slug alone is not one-to-one (punctuation, spacing and case are dropped, long prompts are
+    cut at 60 characters), so a prompt whose slug another prompt of the command already took gets
+    ``-2``, ``-3``... in the order given: no image overwrites another one's file.
+    """
+    taken: set[str] = set()
+    names = []
+    for prompt in prompts:
+        base = _slug(prompt)
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}-{k}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def _device(text: str | None) -> torch.device:
+    """The ``--device`` flag as a torch device this build can use; one sentence otherwise."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {text!r} is not a device; give cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {text!r}: this torch build or machine has no usable CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {text!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"--device {text!r}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {text!r} is not supported; give cpu, cuda, cuda:N or mps")
+    return device
+
+
 @torch.no_grad()
 def generate(
     policy: Any,
@@ -186,7 +226,16 @@ def run(args: argparse.Namespace) -> int:
     bad = [s for s in args.grid_samplers if s not in SAMPLERS]
     if bad:
         raise UserError(f"--grid-samplers has unknown sampler {bad[0]!r}; choose from {', '.join(SAMPLERS)}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    top = 2**63 - args.num_images  # image i uses seed + i, which a torch generator takes up to 2**63 - 1
+    if not 0 <= args.seed <= top:
+        raise UserError(f"--seed must be in 0..{top} (image i uses seed + i), got {args.seed}")
+    out = args.output
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {str(out)!r} is a file; give a directory for the images")
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"--output {str(out)!r} cannot be made: {str(blocker)!r} is a file")
+    device = _device(args.device)
     lora_dir = resolve_lora_dir(args.lora) if args.lora is not None else None
 
     policy, adapter = build_policy(args, device)
@@ -207,8 +256,10 @@ def run(args: argparse.Namespace) -> int:
     if args.grid:
         samplers += [s for s in args.grid_samplers if s != args.sampler]
     seeds = [args.seed + i for i in range(args.num_images)]
-    out = args.output
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write to --output {str(out)!r}: {exc.strerror or exc}") from None
     record: dict[str, Any] = {
         "model": args.model,
         "adapter": adapter,
@@ -223,8 +274,8 @@ def run(args: argparse.Namespace) -> int:
         "prompts": [],
     }
     written = 0
-    for prompt in prompts:
-        folder = out / _slug(prompt)
+    for prompt, name in zip(prompts, prompt_folders(prompts), strict=True):
+        folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         rows, files = [], []
         for s in samplers:
