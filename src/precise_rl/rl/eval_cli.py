@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..sde import SAMPLERS
 
 __all__ = ["add_arguments", "run"]
 
@@ -102,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_locked(args: argparse.Namespace, out: Path) -> int:
+    from ..sde import SAMPLERS
     from .checkpoint import latest_checkpoint
     from .train_cli import resolve_config
     from .trainer import GRPOTrainer
@@ -121,8 +121,12 @@ def _run_locked(args: argparse.Namespace, out: Path) -> int:
     cfg.logging.tensorboard = False
     cfg.logging.progress = False
     trainer = GRPOTrainer(cfg, args.run_dir, resume=ckpt, read_only=True)
+    from tqdm.auto import tqdm
+
     results = []
-    for n in args.steps or [cfg.eval.num_steps]:
+    step_counts = args.steps or [cfg.eval.num_steps]
+    # on a terminal only (disable=None); each step count is one full evaluation
+    for n in tqdm(step_counts, desc="evaluating", unit="step count", disable=None if trainer.is_main else True):
         ecfg = copy.deepcopy(cfg.eval)
         ecfg.samplers = list(args.samplers)
         ecfg.num_steps = n
