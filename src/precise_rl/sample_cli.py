@@ -2,8 +2,10 @@
 
 ``--model`` is a diffusers pipeline directory or hub id (FLUX.2 Klein, SD3/SD3.5, FLUX.1; the
 adapter is read from its model_index.json) or a built-in model name such as ``digits``.
-``--lora`` loads a LoRA adapter saved by training (an adapter directory, a checkpoint or a run
-directory). Image ``i`` of a prompt uses seed ``SEED + i`` for its initial noise and its
+``--model RUN_DIR`` (a run directory of ``precise-rl train``, or one of its checkpoints) draws from
+the run's newest EMA weights (its LoRA adapter, or its fully fine-tuned weights), with the run's own
+model settings. ``--lora`` loads a LoRA adapter saved by training (an adapter directory, a checkpoint
+or a run directory) onto ``--model``. Image ``i`` of a prompt uses seed ``SEED + i`` for its initial noise and its
 sampler noise, whatever the batch size; with ``--grid`` every sampler starts from the same noise
 and a PNG grid (a row per sampler, a column per seed) is written beside the images.
 """
@@ -30,7 +32,11 @@ def _csv(text: str) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
-    m.add_argument("--model", required=True, help="pipeline directory, hub id, or built-in model name (digits)")
+    m.add_argument(
+        "--model",
+        required=True,
+        help="pipeline directory, hub id, built-in model name (digits), or a training run directory",
+    )
     m.add_argument("--adapter", default=None, help="force the adapter: flux2_klein, sd3, flux1 or digits")
     m.add_argument("--revision", default=None, help="hub revision (commit hash) to load")
     m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU")
@@ -91,7 +97,64 @@ def resolve_lora_dir(path: Path) -> Path:
     ckpt = latest_checkpoint(path)
     if (ckpt / "adapter" / ADAPTER_CONFIG).is_file():
         return ckpt / "adapter"
-    raise UserError(f"--lora {str(path)!r} holds no LoRA adapter (adapter_config.json); was it trained with LoRA?")
+    raise UserError(
+        f"--lora {str(path)!r} holds no LoRA adapter (adapter_config.json): a run trained without LoRA is "
+        f"sampled with --model {path}"
+    )
+
+
+def is_run_dir(path: str) -> bool:
+    """Whether ``--model`` names a training run (or one of its checkpoints) rather than a model."""
+    from .rl.checkpoint import MANIFEST, list_checkpoints
+
+    p = Path(path)
+    return p.is_dir() and (bool(list_checkpoints(p / "checkpoints")) or (p / MANIFEST).is_file())
+
+
+def policy_from_run(args: argparse.Namespace, device: torch.device) -> tuple[Any, str, Path]:
+    """The policy of a run's newest checkpoint with its EMA weights in place; (policy, adapter, checkpoint).
+
+    The model is rebuilt from the run's own config (name, path, revision, options), so a run is
+    sampled as it was trained; the LoRA adapter of a checkpoint is saved with the EMA weights, and
+    a fully fine-tuned run's ``ema.safetensors`` (``trainable.safetensors`` without EMA) is loaded
+    by parameter name.
+    """
+    from safetensors.torch import load_file
+
+    from .config import config_from_dict
+    from .policies.registry import build_task
+    from .rl.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+    from .rl.lora import ADAPTER_CONFIG, load_adapter
+
+    for flag in ("adapter", "revision", "lora"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag} does not apply to --model RUN_DIR: the run's checkpoint decides the model")
+    ckpt = latest_checkpoint(args.model)
+    try:
+        _, _, state = read_checkpoint(ckpt)  # checks every file against the manifest first
+        cfg = config_from_dict(state["config"])
+        names = list(state["param_names"])
+    except (KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has a state.json without this version's fields") from None
+    model_cfg = cfg.model
+    if args.dtype is not None:
+        model_cfg.dtype = args.dtype
+    policy = build_task(model_cfg, device).policy
+    if (ckpt / "adapter" / ADAPTER_CONFIG).is_file():
+        policy.transformer = load_adapter(policy.transformer, ckpt / "adapter")
+    else:
+        stem = "ema" if (ckpt / "ema.safetensors").is_file() else "trainable"
+        weights = load_file(str(ckpt / f"{stem}.safetensors"))
+        params = dict(policy.transformer.named_parameters())
+        missing = [n for n in names if n not in params or n not in weights]
+        if missing:
+            raise UserError(f"checkpoint {str(ckpt)!r} does not fit model {model_cfg.name!r} ({missing[:2]} ...)")
+        with torch.no_grad():
+            for n in names:
+                if params[n].shape != weights[n].shape:
+                    raise UserError(f"checkpoint {str(ckpt)!r} has {n} of another shape than the model's")
+                params[n].copy_(weights[n].to(device=params[n].device, dtype=params[n].dtype))
+    return policy, model_cfg.name, ckpt
 
 
 def build_policy(args: argparse.Namespace, device: torch.device) -> tuple[Any, str]:
@@ -236,9 +299,13 @@ def run(args: argparse.Namespace) -> int:
     if blocker is not None and not blocker.is_dir():
         raise UserError(f"--output {str(out)!r} cannot be made: {str(blocker)!r} is a file")
     device = _device(args.device)
-    lora_dir = resolve_lora_dir(args.lora) if args.lora is not None else None
-
-    policy, adapter = build_policy(args, device)
+    run_ckpt = None
+    if is_run_dir(args.model):
+        lora_dir = None
+        policy, adapter, run_ckpt = policy_from_run(args, device)
+    else:
+        lora_dir = resolve_lora_dir(args.lora) if args.lora is not None else None
+        policy, adapter = build_policy(args, device)
     policy.check_prompts(prompts)
     if lora_dir is not None:
         policy.transformer = load_adapter(policy.transformer, lora_dir)
@@ -265,6 +332,7 @@ def run(args: argparse.Namespace) -> int:
         "adapter": adapter,
         "revision": args.revision,
         "lora": str(lora_dir) if lora_dir else None,
+        "checkpoint": str(run_ckpt) if run_ckpt else None,
         "steps": args.steps,
         "sigmas": [float(x) for x in sigmas],
         "seeds": seeds,
@@ -273,6 +341,10 @@ def run(args: argparse.Namespace) -> int:
         },
         "prompts": [],
     }
+    from tqdm.auto import tqdm
+
+    # A progress bar on a terminal only (disable=None): a long command should show it is working.
+    bar = tqdm(total=len(prompts) * len(samplers), desc="sampling", unit="rollout", disable=None, leave=False)
     written = 0
     for prompt, name in zip(prompts, prompt_folders(prompts), strict=True):
         folder = out / name
@@ -293,13 +365,17 @@ def run(args: argparse.Namespace) -> int:
                 files.append(str(path))
                 written += 1
             rows.append(imgs)
+            bar.update(1)
         entry: dict[str, Any] = {"prompt": prompt, "files": files}
         if args.grid:
             grid_path = folder / "grid.png"
             scale = max(1, 64 // min(rows[0].shape[-2:]))
-            Image.fromarray(labelled_grid(torch.cat(rows), samplers, rows[0].shape[0], scale=scale)).save(grid_path)
+            seeds_row = [f"seed {seed}" for seed in seeds]
+            grid = labelled_grid(torch.cat(rows), samplers, rows[0].shape[0], scale=scale, col_labels=seeds_row)
+            Image.fromarray(grid).save(grid_path)
             entry["grid"] = str(grid_path)
         record["prompts"].append(entry)
+    bar.close()
     (out / "samples.json").write_text(json.dumps(record, indent=1))
     grids = " and a sampler grid per prompt" if args.grid else ""
     print(f"wrote {written} images{grids} to {out}/ ({adapter}, {args.sampler}, {args.steps} steps)")
