@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,33 @@ def test_grids_can_name_their_columns() -> None:
     ink = (named[:band, margin:] < 128).any(axis=2)
     col_w = tiles.shape[1] // 3
     assert all(ink[:, k * col_w : (k + 1) * col_w].any() for k in range(3))  # a label over every column
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, as a user's is (progress bars show only on terminals)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_sample_and_eval_show_progress_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from precise_rl.cli import main
+
+    from . import toy_task
+
+    toy_task.register()
+    cfg = tmp_path / "toy.yaml"
+    cfg.write_text(yaml.safe_dump(toy_task.TOY_CONFIG))
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--output", str(run), "train.epochs=2"]) == 0
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    argv = ["sample", "--model", "digits", "--steps", "2", "--num-images", "1", "-o", str(tmp_path / "s")]
+    assert main([*argv, "--prompt", "a 1", "--prompt", "a 2"]) == 0
+    assert "sampling:" in term.getvalue() and "/2 " in term.getvalue(), term.getvalue()  # a bar over 2 rollouts
+    term.seek(0)
+    term.truncate()
+    assert main(["eval", str(run), "--samplers", "ode", "--steps", "2,3"]) == 0
+    assert "evaluating:" in term.getvalue() and "/2 " in term.getvalue(), term.getvalue()  # over 2 step counts
