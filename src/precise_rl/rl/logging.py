@@ -148,9 +148,13 @@ def plot_reward_curves(
                 **style,
             )
         axk.set_title(name)
+    epochs = [r["epoch"] for r in [*train, *evals] if isinstance(r.get("epoch"), int | float)]
     for axk in axes[0]:
         axk.set_xlabel("epoch")
-        axk.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 0.25
+        axk.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs are whole: no tick at 0.25
+        if epochs and max(epochs) - min(epochs) < 2:
+            # matplotlib pads a single point by a few percent, a range with no whole number but the point
+            axk.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
         axk.grid(alpha=0.3)
         axk.legend(fontsize=8)
     fig.tight_layout()
