@@ -245,8 +245,13 @@ def _env() -> dict[str, str]:
 
 
 def _start(run: Path, log: Path) -> subprocess.Popen:
-    """``precise-rl train`` as a user runs it: fresh, or ``--resume`` once the run has a checkpoint."""
-    args = ["--resume", str(run)] if list_checkpoints(run / "checkpoints") else [*DIGITS, "--output", str(run)]
+    """``precise-rl train`` as a user runs it: fresh, or ``--resume`` once the run has a checkpoint.
+
+    A fresh start says ``--overwrite``: a run killed after logging an epoch but before its first
+    checkpoint holds metrics that ``train`` refuses to replace unless told to.
+    """
+    fresh = [*DIGITS, "--output", str(run), "--overwrite"]
+    args = ["--resume", str(run)] if list_checkpoints(run / "checkpoints") else fresh
     with open(log, "w") as err:
         return subprocess.Popen(
             [sys.executable, "-m", "precise_rl.cli", "train", *args],

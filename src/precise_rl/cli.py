@@ -51,7 +51,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only that subcommand's module is imported (the others get a stub).
+
+    Importing every subcommand would import torch, diffusers and transformers (seconds) before
+    ``--help`` or a config error could be answered; each module imports them only when it runs.
+    """
     parser = _Parser(
         prog="precise-rl",
         description="RL post-training of flow-matching image generators with SDE-consistent stochastic samplers.",
@@ -61,11 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"precise-rl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module_name, help_text) in COMMANDS.items():
+        if command is not None and name != command:
+            sub.add_parser(name, help=help_text)  # listed in --help; never parses (another command was given)
+            continue
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
         module.add_arguments(p)
         p.set_defaults(_run=module.run, _parser=p)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str:
+    """The subcommand named in ``argv`` (the first word that is no flag), or "" when there is none."""
+    return next((a for a in argv if not a.startswith("-")), "")
 
 
 def _leave_process_group() -> None:
@@ -83,7 +96,8 @@ def _leave_process_group() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(argv))
     args, extra = parser.parse_known_args(argv)
     if extra:
         # Overrides may follow flags (``train CONFIG --output DIR key=value``): argparse leaves them over.
@@ -103,7 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _leave_process_group()
         return 2
     except KeyboardInterrupt:
-        print(f"precise-rl {args.command}: interrupted", file=sys.stderr)
+        where = ""
+        run_dir = getattr(args, "_run_dir", None)  # set by train once it knows its directory
+        if run_dir is not None:
+            from .rl.train_cli import resume_hint
+
+            where = f"; {resume_hint(run_dir)}"
+        print(f"precise-rl {args.command}: interrupted{where}", file=sys.stderr)
         return 130
 
 

@@ -411,7 +411,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
-            raise UserError(f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"config file {str(p)!r} is not valid YAML: {yaml_error_sentence(exc)}") from None
         except UnicodeDecodeError:
             raise UserError(f"config file {str(p)!r} is not a text file") from None
         if loaded is None:
@@ -421,3 +421,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = loaded
     apply_overrides(data, overrides or [])
     return config_from_dict(data)
+
+
+def yaml_error_sentence(exc: yaml.YAMLError) -> str:
+    """The parser's cause with its line and column (1-based) on one line, e.g. a tab used for indentation.
+
+    PyYAML's message spans several lines and starts with its context ("while scanning for the next
+    token"); the first line alone says neither where nor what.
+    """
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    context = getattr(exc, "context", None)
+    if not problem:
+        return " ".join(str(exc).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    text = f"{problem}{where}"
+    if context:
+        text += f" ({context})"
+    if "'\\t'" in problem:
+        text += "; YAML indents with spaces, not tabs"
+    return text

@@ -2,8 +2,10 @@
 
 ``--model`` is a diffusers pipeline directory or hub id (FLUX.2 Klein, SD3/SD3.5, FLUX.1; the
 adapter is read from its model_index.json) or a built-in model name such as ``digits``.
-``--lora`` loads a LoRA adapter saved by training (an adapter directory, a checkpoint or a run
-directory). Image ``i`` of a prompt uses seed ``SEED + i`` for its initial noise and its
+``--model RUN_DIR`` (a run directory of ``precise-rl train``, or one of its checkpoints) draws from
+the run's newest EMA weights (its LoRA adapter, or its fully fine-tuned weights), with the run's own
+model settings. ``--lora`` loads a LoRA adapter saved by training (an adapter directory, a checkpoint
+or a run directory) onto ``--model``. Image ``i`` of a prompt uses seed ``SEED + i`` for its initial noise and its
 sampler noise, whatever the batch size; with ``--grid`` every sampler starts from the same noise
 and a PNG grid (a row per sampler, a column per seed) is written beside the images.
 """
@@ -30,7 +32,11 @@ def _csv(text: str) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
-    m.add_argument("--model", required=True, help="pipeline directory, hub id, or built-in model name (digits)")
+    m.add_argument(
+        "--model",
+        required=True,
+        help="pipeline directory, hub id, built-in model name (digits), or a training run directory",
+    )
     m.add_argument("--adapter", default=None, help="force the adapter: flux2_klein, sd3, flux1 or digits")
     m.add_argument("--revision", default=None, help="hub revision (commit hash) to load")
     m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU")
@@ -91,7 +97,64 @@ def resolve_lora_dir(path: Path) -> Path:
     ckpt = latest_checkpoint(path)
     if (ckpt / "adapter" / ADAPTER_CONFIG).is_file():
         return ckpt / "adapter"
-    raise UserError(f"--lora {str(path)!r} holds no LoRA adapter (adapter_config.json); was it trained with LoRA?")
+    raise UserError(
+        f"--lora {str(path)!r} holds no LoRA adapter (adapter_config.json): a run trained without LoRA is "
+        f"sampled with --model {path}"
+    )
+
+
+def is_run_dir(path: str) -> bool:
+    """Whether ``--model`` names a training run (or one of its checkpoints) rather than a model."""
+    from .rl.checkpoint import MANIFEST, list_checkpoints
+
+    p = Path(path)
+    return p.is_dir() and (bool(list_checkpoints(p / "checkpoints")) or (p / MANIFEST).is_file())
+
+
+def policy_from_run(args: argparse.Namespace, device: torch.device) -> tuple[Any, str, Path]:
+    """The policy of a run's newest checkpoint with its EMA weights in place; (policy, adapter, checkpoint).
+
+    The model is rebuilt from the run's own config (name, path, revision, options), so a run is
+    sampled as it was trained; the LoRA adapter of a checkpoint is saved with the EMA weights, and
+    a fully fine-tuned run's ``ema.safetensors`` (``trainable.safetensors`` without EMA) is loaded
+    by parameter name.
+    """
+    from safetensors.torch import load_file
+
+    from .config import config_from_dict
+    from .policies.registry import build_task
+    from .rl.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+    from .rl.lora import ADAPTER_CONFIG, load_adapter
+
+    for flag in ("adapter", "revision", "lora"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag} does not apply to --model RUN_DIR: the run's checkpoint decides the model")
+    ckpt = latest_checkpoint(args.model)
+    try:
+        _, _, state = read_checkpoint(ckpt)  # checks every file against the manifest first
+        cfg = config_from_dict(state["config"])
+        names = list(state["param_names"])
+    except (KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has a state.json without this version's fields") from None
+    model_cfg = cfg.model
+    if args.dtype is not None:
+        model_cfg.dtype = args.dtype
+    policy = build_task(model_cfg, device).policy
+    if (ckpt / "adapter" / ADAPTER_CONFIG).is_file():
+        policy.transformer = load_adapter(policy.transformer, ckpt / "adapter")
+    else:
+        stem = "ema" if (ckpt / "ema.safetensors").is_file() else "trainable"
+        weights = load_file(str(ckpt / f"{stem}.safetensors"))
+        params = dict(policy.transformer.named_parameters())
+        missing = [n for n in names if n not in params or n not in weights]
+        if missing:
+            raise UserError(f"checkpoint {str(ckpt)!r} does not fit model {model_cfg.name!r} ({missing[:2]} ...)")
+        with torch.no_grad():
+            for n in names:
+                if params[n].shape != weights[n].shape:
+                    raise UserError(f"checkpoint {str(ckpt)!r} has {n} of another shape than the model's")
+                params[n].copy_(weights[n].to(device=params[n].device, dtype=params[n].dtype))
+    return policy, model_cfg.name, ckpt
 
 
 def build_policy(args: argparse.Namespace, device: torch.device) -> tuple[Any, str]:
@@ -123,6 +186,46 @@ def build_policy(args: argparse.Namespace, device: torch.device) -> tuple[Any, s
 def _slug(text: str, limit: int = 60) -> str:
     s = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
     return (s[:limit] or "prompt").rstrip("_")
+
+
+def prompt_folders(prompts: list[str]) -> list[str]:
+    """One distinct folder name per prompt, readable and stable.
+
+    The slug alone is not one-to-one (punctuation, spacing and case are dropped, long prompts are
+    cut at 60 characters), so a prompt whose slug another prompt of the command already took gets
+    ``-2``, ``-3``... in the order given: no image overwrites another one's file.
+    """
+    taken: set[str] = set()
+    names = []
+    for prompt in prompts:
+        base = _slug(prompt)
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}-{k}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def _device(text: str | None) -> torch.device:
+    """The ``--device`` flag as a torch device this build can use; one sentence otherwise."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {text!r} is not a device; give cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {text!r}: this torch build or machine has no usable CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {text!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"--device {text!r}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {text!r} is not supported; give cpu, cuda, cuda:N or mps")
+    return device
 
 
 @torch.no_grad()
@@ -186,10 +289,23 @@ def run(args: argparse.Namespace) -> int:
     bad = [s for s in args.grid_samplers if s not in SAMPLERS]
     if bad:
         raise UserError(f"--grid-samplers has unknown sampler {bad[0]!r}; choose from {', '.join(SAMPLERS)}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    lora_dir = resolve_lora_dir(args.lora) if args.lora is not None else None
-
-    policy, adapter = build_policy(args, device)
+    top = 2**63 - args.num_images  # image i uses seed + i, which a torch generator takes up to 2**63 - 1
+    if not 0 <= args.seed <= top:
+        raise UserError(f"--seed must be in 0..{top} (image i uses seed + i), got {args.seed}")
+    out = args.output
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {str(out)!r} is a file; give a directory for the images")
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"--output {str(out)!r} cannot be made: {str(blocker)!r} is a file")
+    device = _device(args.device)
+    run_ckpt = None
+    if is_run_dir(args.model):
+        lora_dir = None
+        policy, adapter, run_ckpt = policy_from_run(args, device)
+    else:
+        lora_dir = resolve_lora_dir(args.lora) if args.lora is not None else None
+        policy, adapter = build_policy(args, device)
     policy.check_prompts(prompts)
     if lora_dir is not None:
         policy.transformer = load_adapter(policy.transformer, lora_dir)
@@ -207,13 +323,16 @@ def run(args: argparse.Namespace) -> int:
     if args.grid:
         samplers += [s for s in args.grid_samplers if s != args.sampler]
     seeds = [args.seed + i for i in range(args.num_images)]
-    out = args.output
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write to --output {str(out)!r}: {exc.strerror or exc}") from None
     record: dict[str, Any] = {
         "model": args.model,
         "adapter": adapter,
         "revision": args.revision,
         "lora": str(lora_dir) if lora_dir else None,
+        "checkpoint": str(run_ckpt) if run_ckpt else None,
         "steps": args.steps,
         "sigmas": [float(x) for x in sigmas],
         "seeds": seeds,
@@ -222,9 +341,13 @@ def run(args: argparse.Namespace) -> int:
         },
         "prompts": [],
     }
+    from tqdm.auto import tqdm
+
+    # A progress bar on a terminal only (disable=None): a long command should show it is working.
+    bar = tqdm(total=len(prompts) * len(samplers), desc="sampling", unit="rollout", disable=None, leave=False)
     written = 0
-    for prompt in prompts:
-        folder = out / _slug(prompt)
+    for prompt, name in zip(prompts, prompt_folders(prompts), strict=True):
+        folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         rows, files = [], []
         for s in samplers:
@@ -242,13 +365,17 @@ def run(args: argparse.Namespace) -> int:
                 files.append(str(path))
                 written += 1
             rows.append(imgs)
+            bar.update(1)
         entry: dict[str, Any] = {"prompt": prompt, "files": files}
         if args.grid:
             grid_path = folder / "grid.png"
             scale = max(1, 64 // min(rows[0].shape[-2:]))
-            Image.fromarray(labelled_grid(torch.cat(rows), samplers, rows[0].shape[0], scale=scale)).save(grid_path)
+            seeds_row = [f"seed {seed}" for seed in seeds]
+            grid = labelled_grid(torch.cat(rows), samplers, rows[0].shape[0], scale=scale, col_labels=seeds_row)
+            Image.fromarray(grid).save(grid_path)
             entry["grid"] = str(grid_path)
         record["prompts"].append(entry)
+    bar.close()
     (out / "samples.json").write_text(json.dumps(record, indent=1))
     grids = " and a sampler grid per prompt" if args.grid else ""
     print(f"wrote {written} images{grids} to {out}/ ({adapter}, {args.sampler}, {args.steps} steps)")

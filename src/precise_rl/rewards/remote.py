@@ -97,7 +97,7 @@ class RemoteReward(Reward):
 
     def __init__(
         self,
-        url: str = f"http://127.0.0.1:{DEFAULT_PORT}",
+        url: str | None = None,
         timeout: float = 120.0,
         retries: int = 4,
         backoff: float = 2.0,
@@ -109,6 +109,17 @@ class RemoteReward(Reward):
         token_file: str | None = None,
         metadata_file: str | None = None,
     ) -> None:
+        if url is None:
+            # Without a url the client would retry the default address for minutes before giving up:
+            # say where it looks, once, so that a forgotten option is seen at the start.
+            url = f"http://127.0.0.1:{DEFAULT_PORT}"
+            import sys
+
+            print(
+                f"warning: remote reward has no url; using {url}, where precise-rl serve-reward listens by "
+                "default (set reward.options.<name>.url to the server's address)",
+                file=sys.stderr,
+            )
         parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
         if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise UserError(f"remote reward url must look like http://HOST:PORT, got {url!r}")

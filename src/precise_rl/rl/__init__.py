@@ -1,6 +1,26 @@
-"""The GRPO trainer: advantages, losses, EMA, checkpoints, logging, the accelerate-driven loop."""
+"""The GRPO trainer: advantages, losses, EMA, checkpoints, logging, the accelerate-driven loop.
 
-from .ema import EMA
-from .losses import group_advantages, guard_loss, kl_penalty, ppo_clip_loss
+The names below are loaded on first use (PEP 562): importing a submodule such as
+``precise_rl.rl.train_cli`` must not import torch, so that ``--help`` and config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["EMA", "group_advantages", "guard_loss", "kl_penalty", "ppo_clip_loss"]
+
+_HOME = {
+    "EMA": ".ema",
+    "group_advantages": ".losses",
+    "guard_loss": ".losses",
+    "kl_penalty": ".losses",
+    "ppo_clip_loss": ".losses",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

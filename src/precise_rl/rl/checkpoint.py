@@ -72,6 +72,37 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+_KNOWN = ("No space left on device", "Permission denied", "File too large", "Read-only file system")
+
+
+def _write_reason(exc: BaseException, root: Path) -> str:
+    """Why writing under ``root`` failed, named by its cause even when the library hides it.
+
+    torch.save reports a short write only as its zip writer's "[enforce fail at inline_container.cc]
+    unexpected pos A vs B", without the system error behind it: the cause is then looked up
+    (a file-size limit of this process, a full file system).
+    """
+    reason = _reason(exc)
+    if (isinstance(exc, OSError) and exc.strerror) or reason in _KNOWN:
+        return reason
+    short_write = any(k in reason for k in ("unexpected pos", "enforce fail", "write", "I/O", "os error"))
+    if not short_write:
+        return reason  # not an I/O failure (e.g. an object that cannot be saved): its own words
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return f"File too large (this process may write files of at most {soft} bytes: see ulimit -f)"
+    try:
+        st = os.statvfs(root)
+        free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    except OSError:
+        free = size = None
+    if free is not None and (free < 2**30 or free < 0.01 * size):
+        return f"No space left on device ({free / 2**20:.0f} MB free on its file system)"
+    return reason  # no cause found on this side: the library's own words are all there is
+
+
 def _discard(path: Path) -> None:
     """Delete a checkpoint directory: first renamed out of the listing (atomic), then removed."""
     trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
@@ -175,7 +206,7 @@ def write_checkpoint(
     except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save and safetensors wrap I/O errors
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
-            f"could not write checkpoint {str(final)!r}: {_reason(exc)} (nothing was left half-written)"
+            f"could not write checkpoint {str(final)!r}: {_write_reason(exc, root)} (nothing was left half-written)"
         ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

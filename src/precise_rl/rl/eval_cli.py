@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..sde import SAMPLERS
 
 __all__ = ["add_arguments", "run"]
 
@@ -46,7 +45,66 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", type=Path, default=None, help="JSON file to write (default: RUN_DIR/eval.json)")
 
 
+def check_output_file(out: Path, flag: str = "--output") -> None:
+    """Fail before any work when ``out`` cannot be written as a file (the results would be lost after it)."""
+    import os
+    import tempfile
+
+    if out.is_dir():
+        raise UserError(f"{flag} {str(out)!r} is a directory; give a JSON file path such as {str(out / 'eval.json')!r}")
+    parent = out.parent
+    if not parent.exists():
+        raise UserError(f"{flag} {str(out)!r}: the directory {str(parent)!r} does not exist")
+    if not parent.is_dir():
+        raise UserError(f"{flag} {str(out)!r}: {str(parent)!r} is not a directory")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UserError(f"{flag} {str(out)!r} is not writable (permission denied)")
+    try:  # a probe file in the same directory: permissions, a read-only mount, quotas
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{flag} {str(out)!r} cannot be written: {exc.strerror or exc}") from None
+
+
+def write_json_atomically(out: Path, data: object) -> None:
+    """Write ``out`` whole or not at all: an earlier file is replaced only by a complete new one."""
+    import os
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from .rundir import command_line, is_main_launch_process, lock_run_dir
+
+    if not args.samplers:
+        raise UserError("--samplers names no sampler; give a comma-separated list such as ode,train")
+    if args.steps is not None and not args.steps:
+        raise UserError("--steps names no step count; give a comma-separated list such as 10,20")
+    run_dir = Path(args.run_dir)
+    if not run_dir.exists():
+        raise UserError(f"run directory {str(run_dir)!r} does not exist")
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {str(run_dir)!r} is not a directory; give the --output of a train run")
+    if args.checkpoint is not None and not Path(args.checkpoint).exists():
+        raise UserError(f"--checkpoint {str(args.checkpoint)!r} does not exist")
+    out = args.output or (run_dir / "eval.json")
+    # The lock keeps a training run (or another eval) from writing the directory meanwhile.
+    main = is_main_launch_process()
+    with lock_run_dir(run_dir, command_line(), if_writable=True) if main else contextlib.nullcontext():
+        return _run_locked(args, out)
+
+
+def _run_locked(args: argparse.Namespace, out: Path) -> int:
+    from ..sde import SAMPLERS
     from .checkpoint import latest_checkpoint
     from .train_cli import resolve_config
     from .trainer import GRPOTrainer
@@ -62,12 +120,17 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     ckpt = latest_checkpoint(args.checkpoint or args.run_dir)
+    check_output_file(out)
     cfg = resolve_config([], ckpt)
     cfg.logging.tensorboard = False
     cfg.logging.progress = False
     trainer = GRPOTrainer(cfg, args.run_dir, resume=ckpt, read_only=True)
+    from tqdm.auto import tqdm
+
     results = []
-    for n in args.steps or [cfg.eval.num_steps]:
+    step_counts = args.steps or [cfg.eval.num_steps]
+    # on a terminal only (disable=None); each step count is one full evaluation
+    for n in tqdm(step_counts, desc="evaluating", unit="step count", disable=None if trainer.is_main else True):
         ecfg = copy.deepcopy(cfg.eval)
         ecfg.samplers = list(args.samplers)
         ecfg.num_steps = n
@@ -89,8 +152,7 @@ def run(args: argparse.Namespace) -> int:
             )
             results.append(row)
             print(f"{row['sampler']:>14} {n:>5} steps  reward {row['reward']:.4f}")
-    out = args.output or (Path(args.run_dir) / "eval.json")
     if trainer.is_main:
-        out.write_text(json.dumps({"checkpoint": str(ckpt), "epoch": trainer.epoch, "results": results}, indent=1))
+        write_json_atomically(out, {"checkpoint": str(ckpt), "epoch": trainer.epoch, "results": results})
         print(f"wrote {out}")
     return 0

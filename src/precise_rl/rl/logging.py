@@ -57,10 +57,17 @@ def image_grid(images: torch.Tensor, rows: int, cols: int, scale: int = 1) -> np
 MAX_LABEL = 48
 
 
-def labelled_grid(images: torch.Tensor, labels: Sequence[str], cols: int, scale: int = 1) -> np.ndarray:
+def labelled_grid(
+    images: torch.Tensor,
+    labels: Sequence[str],
+    cols: int,
+    scale: int = 1,
+    col_labels: Sequence[str] | None = None,
+) -> np.ndarray:
     """``image_grid`` with one row per label and the label written at the left of its row (uint8 RGB).
 
-    Labels longer than ``MAX_LABEL`` characters are cut there, ending in an ellipsis.
+    Labels longer than ``MAX_LABEL`` characters are cut there, ending in an ellipsis. With
+    ``col_labels`` (e.g. each column's seed) a band above the grid names every column.
     """
     from PIL import Image, ImageDraw
 
@@ -69,46 +76,87 @@ def labelled_grid(images: torch.Tensor, labels: Sequence[str], cols: int, scale:
     grid = Image.fromarray(image_grid(images, rows, cols, scale=scale))
     draw = ImageDraw.Draw(grid)
     margin = 8 + max((int(draw.textlength(label)) for label in labels), default=0)
-    canvas = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
-    canvas.paste(grid, (margin, 0))
+    top = 16 if col_labels else 0
+    canvas = Image.new("RGB", (grid.width + margin, grid.height + top), (255, 255, 255))
+    canvas.paste(grid, (margin, top))
     draw = ImageDraw.Draw(canvas)
     row_h = grid.height / max(1, rows)
     for k, label in enumerate(labels):
-        draw.text((4, row_h * (k + 0.5)), label, fill=(0, 0, 0), anchor="lm")
+        draw.text((4, top + row_h * (k + 0.5)), label, fill=(0, 0, 0), anchor="lm")
+    if col_labels:
+        col_w = grid.width / max(1, cols)
+        for k, label in enumerate(list(col_labels)[:cols]):
+            draw.text((margin + col_w * (k + 0.5), top / 2), label, fill=(0, 0, 0), anchor="mm")
     return np.asarray(canvas)
 
 
-def plot_reward_curves(records: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """Training reward (mean of the rollouts) and held-out eval rewards against epochs, as PNG."""
+def _is_reward(name: str, reward_names: Sequence[str] | None) -> bool:
+    if reward_names is not None:
+        return name in reward_names
+    from ..rewards.base import _REGISTRY
+
+    return name in _REGISTRY or "@" in name or ":" in name
+
+
+def plot_reward_curves(
+    records: Sequence[dict[str, Any]], path: str | Path, title: str = "", reward_names: Sequence[str] | None = None
+) -> None:
+    """Training reward (mean of the rollouts) and held-out eval rewards against epochs, as PNG.
+
+    ``reward_names``: the components that are rewards (default: the registered reward names);
+    the other ``reward/`` fields are drawn in a panel of their own.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     train = [r for r in records if "reward_mean" in r]
     evals = [r for r in records if any(k.startswith("eval_") and k.endswith("_reward") for k in r)]
-    comp_keys = sorted({k for r in train for k in r if k.startswith("reward/")})
-    fig, axes = plt.subplots(1, 2 if comp_keys else 1, figsize=(11 if comp_keys else 6, 4), squeeze=False)
+    all_keys = sorted({k for r in train for k in r if k.startswith("reward/")})
+    # A reward's extra fields (the raw ink of ink_style, a remote reward's unscored flag) are
+    # measurements, not rewards: they get a panel of their own instead of sharing the rewards' axis.
+    comp_keys = [k for k in all_keys if _is_reward(k.removeprefix("reward/"), reward_names)]
+    extra_keys = [k for k in all_keys if k not in comp_keys]
+    panels = 1 + bool(comp_keys) + bool(extra_keys)
+    fig, axes = plt.subplots(1, panels, figsize=(6 + 5 * (panels - 1), 4), squeeze=False)
+    # A line needs two points: short runs get markers, or a one-epoch curve draws nothing.
+    style = {"marker": "o", "ms": 4} if len(train) <= 20 else {}
     ax = axes[0, 0]
     if train:
-        ax.plot([r["epoch"] for r in train], [r["reward_mean"] for r in train], label="train (rollouts)", lw=1.2)
+        ax.plot(
+            [r["epoch"] for r in train], [r["reward_mean"] for r in train], label="train (rollouts)", lw=1.2, **style
+        )
     eval_keys = sorted({k for r in evals for k in r if k.startswith("eval_") and k.endswith("_reward")})
     for k in eval_keys:
         pts = [(r["epoch"], r[k]) for r in evals if k in r]
         ax.plot(*zip(*pts, strict=True), marker="o", label=k.removeprefix("eval_").removesuffix("_reward") + " (eval)")
-    ax.set_xlabel("epoch")
     ax.set_ylabel("weighted reward")
     ax.set_title(title or "reward")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if comp_keys:
-        ax2 = axes[0, 1]
-        for k in comp_keys:
-            ax2.plot([r["epoch"] for r in train], [r.get(k, math.nan) for r in train], label=k.removeprefix("reward/"))
-        ax2.set_xlabel("epoch")
-        ax2.set_title("reward components (train rollouts)")
-        ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=8)
+    panel = 1
+    for keys, name in ((comp_keys, "reward components (train rollouts)"), (extra_keys, "other measurements")):
+        if not keys:
+            continue
+        axk = axes[0, panel]
+        panel += 1
+        for k in keys:
+            axk.plot(
+                [r["epoch"] for r in train],
+                [r.get(k, math.nan) for r in train],
+                label=k.removeprefix("reward/"),
+                **style,
+            )
+        axk.set_title(name)
+    epochs = [r["epoch"] for r in [*train, *evals] if isinstance(r.get("epoch"), int | float)]
+    for axk in axes[0]:
+        axk.set_xlabel("epoch")
+        axk.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs are whole: no tick at 0.25
+        if epochs and max(epochs) - min(epochs) < 2:
+            # matplotlib pads a single point by a few percent, a range with no whole number but the point
+            axk.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        axk.grid(alpha=0.3)
+        axk.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -187,7 +235,8 @@ class RunLogger:
             return None
         imgs = images[: rows * per_prompt]
         scale = max(1, 64 // imgs.shape[-1])
-        grid = labelled_grid(imgs, [prompts[k * per_prompt] for k in range(rows)], per_prompt, scale=scale)
+        cols = [f"sample {k + 1}" for k in range(per_prompt)]
+        grid = labelled_grid(imgs, [prompts[k * per_prompt] for k in range(rows)], per_prompt, scale, cols)
         path = self.out / "samples" / f"epoch_{epoch:04d}_{sampler}.png"
         Image.fromarray(grid).save(path)
         if self.tb is not None:
@@ -200,7 +249,8 @@ class RunLogger:
             return {}
         records = self.records
         curve = self.out / "reward_curve.png"
-        plot_reward_curves(records, curve, title=f"{self.cfg.model.name} / {self.cfg.sampler.name}")
+        names = list(self.cfg.reward.weights) or None  # {}: the task's default rewards, all registered
+        plot_reward_curves(records, curve, title=f"{self.cfg.model.name} / {self.cfg.sampler.name}", reward_names=names)
         train = [r for r in records if "reward_mean" in r]
         evals = [r for r in records if "eval_ode_reward" in r or "eval_own_reward" in r]
         key = "eval_ode_reward" if any("eval_ode_reward" in r for r in evals) else "eval_own_reward"

@@ -25,7 +25,7 @@ from .kernels import (
     resolve_schedule,
     window_mask,
 )
-from .rollout import Trajectory, rollout, sde_window, sliding_window
+from .rollout import NonFiniteRollout, Trajectory, rollout, sde_window, sliding_window
 from .step import StepOutput, draw_noise, gaussian_log_prob, log_prob, step
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "SAMPLERS",
     "STD_FLOOR",
     "Kernel",
+    "NonFiniteRollout",
     "StepOutput",
     "Trajectory",
     "constant_schedule",

@@ -38,7 +38,16 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     if not math.isfinite(shift) or shift <= 0:
         raise ValueError(f"shift must be a positive finite number, got {shift!r}")
     s = torch.as_tensor(sigmas, dtype=torch.float64)
-    return shift * s / (1.0 + (shift - 1.0) * s)
+    out = shift * s / (1.0 + (shift - 1.0) * s)
+    # An extreme shift rounds the grid away in float64 (1e-300: 1 + (shift - 1) = 0 at t = 1, so inf;
+    # 1e300: every point rounds to 1): a grid that is not finite and decreasing is no grid.
+    if s.ndim == 1 and s.numel() >= 2 and bool((s[1:] < s[:-1]).all()):
+        if not bool(torch.isfinite(out).all()) or not bool((out[1:] < out[:-1]).all()):
+            raise ValueError(
+                f"shift {shift:g} rounds the {s.numel() - 1}-step grid to points that are not finite and "
+                "strictly decreasing in float64; choose a shift closer to 1 (SD3.5 uses 3.0)"
+            )
+    return out
 
 
 def shifted_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:

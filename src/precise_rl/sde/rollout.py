@@ -12,7 +12,19 @@ import torch
 from .kernels import Kernel, kernel
 from .step import Generators, step
 
-__all__ = ["Trajectory", "rollout", "sde_window", "sliding_window"]
+__all__ = ["Trajectory", "NonFiniteRollout", "rollout", "sde_window", "sliding_window"]
+
+
+class NonFiniteRollout(ValueError):
+    """A rollout that cannot give finite numbers: coefficients past float32, or NaN/inf in the latents.
+
+    Its own type, so that the trainer can stop on it with the last good checkpoint rather than a traceback.
+    """
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -102,6 +114,16 @@ def rollout(
     n = kern.num_steps
     batch = x1.shape[0]
     device = x1.device
+    # The steps run in float32: a coefficient finite in float64 but past float32's range (eta=1e200)
+    # would otherwise fail inside a step with "value cannot be converted to type float".
+    for label, coeff in (("noise std", kern.std), ("coefficient a", kern.a), ("coefficient b", kern.b)):
+        if not bool(torch.isfinite(coeff.to(torch.float32)).all()):
+            k = int(torch.nonzero(~torch.isfinite(coeff.to(torch.float32)))[0])
+            raise NonFiniteRollout(
+                f"the {kern.name} sampler's {label} at step {k} is {coeff[k].item():.3g}, beyond float32 "
+                f"(eta {kern.eta:g} on this grid); lower eta",
+                step=k,
+            )
     x = x1.float()
     latents = torch.empty((batch, n + 1, *x.shape[1:]), dtype=torch.float32, device=device)
     means = torch.empty((batch, n, *x.shape[1:]), dtype=torch.float32, device=device) if store_means else None
@@ -128,7 +150,9 @@ def rollout(
     # NaN or inf anywhere propagates to the end: one check instead of one per step.
     if not bool(torch.isfinite(x).all()):
         bad = int(torch.nonzero(~torch.isfinite(latents.flatten(2)).any(dim=2).any(dim=0))[0]) - 1
-        raise ValueError(f"the rollout produced NaN or inf at step {bad}: check velocity_fn and the inputs")
+        raise NonFiniteRollout(
+            f"the rollout produced NaN or inf at step {bad}: check velocity_fn and the inputs", step=bad
+        )
     return Trajectory(
         latents=latents,
         means=means,

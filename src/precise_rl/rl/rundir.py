@@ -1,0 +1,239 @@
+"""Run directories that are never clobbered and never written by two processes at once.
+
+Two guarantees, for every command that writes a run directory (``train``, ``train --resume``,
+``eval``; ``compare`` for each of its runs):
+
+* **One writer.** :func:`lock_run_dir` takes an exclusive ``flock`` on ``DIR/.precise-rl.lock``
+  for as long as the command runs. The kernel drops the lock when the process exits in any way
+  (an error, Ctrl-C, SIGTERM, kill -9), so a lock left by a dead process is never in the way; the
+  file keeps the holder's pid and command only to name it in the message. A lock taken on a file
+  that was removed meanwhile (a failed start removes the directory it made) is dropped and taken
+  again on the file now in place, so two processes never hold locks on two different files.
+* **No clobbering.** :func:`check_fresh_run_dir` refuses a directory that already holds a run
+  (a checkpoint, a summary, or the metrics of a trained epoch) unless the command continues that
+  very run (``--resume``) or the user asked to overwrite it; :func:`clear_run_dir` then removes the
+  old run's files first, so that the new run never mixes its records with the old ones and never
+  prunes the old run's checkpoints as if they were its own.
+
+Only the main process of a launch takes the lock (:func:`is_main_launch_process`): the others
+share the directory with it by design and write nothing there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from ..errors import UserError
+
+__all__ = [
+    "LOCK_NAME",
+    "RUN_OUTPUTS",
+    "RunDirBusy",
+    "lock_run_dir",
+    "holds_run",
+    "check_fresh_run_dir",
+    "clear_run_dir",
+    "prepare_run_dir",
+    "is_main_launch_process",
+]
+
+LOCK_NAME = ".precise-rl.lock"
+
+#: what a run writes; a directory holds a run when it has a checkpoint, a summary or a trained epoch's metrics
+RUN_OUTPUTS = (
+    "metrics.jsonl",
+    "summary.json",
+    "config.yaml",
+    "checkpoints",
+    "tensorboard",
+    "samples",
+    "reward_curve.png",
+    "eval.json",
+    "wandb",
+)
+#: the outputs a run makes as directories: a file of that name is the user's, never removed
+_RUN_DIRS = ("checkpoints", "tensorboard", "samples", "wandb")
+
+
+class RunDirBusy(UserError):
+    """Another live process holds the run directory's lock."""
+
+
+def is_main_launch_process() -> bool:
+    """True unless this process is a non-main rank of a distributed launch (torchrun / accelerate)."""
+    for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        value = os.environ.get(var)
+        if value is not None and value.strip().isdigit():
+            return int(value) == 0
+    return True
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock, as written in the lock file (best effort: it may be mid-write)."""
+    try:
+        info = json.loads(path.read_text())
+        return f"process {int(info['pid'])} ({info.get('command', 'precise-rl')})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _make_dir(directory: Path) -> None:
+    blocker = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"cannot write to output directory {str(directory)!r}: {str(blocker)!r} is a file")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write to output directory {str(directory)!r}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def lock_run_dir(directory: str | Path, command: str = "precise-rl", if_writable: bool = False) -> Iterator[Path]:
+    """Hold the exclusive lock of ``directory`` (made if missing) for the ``with`` block.
+
+    Raises :class:`RunDirBusy` at once, naming the holder, when a live process holds it (no
+    waiting: two runs of one directory are a mistake to report, not to queue). With
+    ``if_writable`` a directory this process may not write (a read-only share that ``eval`` only
+    reads) is used without a lock, since nothing will be written there.
+    """
+    import fcntl
+
+    directory = Path(directory)
+    _make_dir(directory)
+    path = directory / LOCK_NAME
+    for _ in range(10):
+        f = _open_lock(path, directory, if_writable)
+        if f is None:
+            yield directory
+            return
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            f.close()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirBusy(
+                    f"run directory {str(directory)!r} is in use by {_holder(path)}; wait for it to end "
+                    "or choose another --output"
+                ) from None
+            # A file system without locks (some network mounts): say so rather than run unguarded.
+            raise UserError(
+                f"cannot lock run directory {str(directory)!r} ({exc.strerror or exc}); put runs on a local file system"
+            ) from None
+        # The holder before us may have removed the file (a failed start cleans its directory up):
+        # a lock on a file no longer at ``path`` excludes nobody, so take the one that is there now.
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except OSError:
+            same = False
+        if same:
+            break
+        f.close()
+        _make_dir(directory)
+    else:
+        raise UserError(f"cannot lock run directory {str(directory)!r}: its lock file keeps being replaced")
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "command": command, "since": time.time()}))
+        f.flush()
+        yield directory
+    finally:
+        f.close()  # closing the descriptor releases the flock
+
+
+def _open_lock(path: Path, directory: Path, if_writable: bool) -> IO[str] | None:
+    try:
+        return open(path, "a+")  # noqa: SIM115 - held open for the whole block
+    except OSError as exc:
+        if if_writable and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return None
+        raise UserError(f"cannot write to output directory {str(directory)!r}: {exc.strerror or exc}") from None
+
+
+def holds_run(directory: str | Path) -> list[str]:
+    """What in ``directory`` makes it a run worth keeping (empty when it holds none).
+
+    A checkpoint (something to resume), a summary (a finished run) or the metrics of a trained
+    epoch. What a start that never trained leaves (its config, the metrics of the evaluation
+    before training, empty folders) is no run: nothing would be lost by starting again.
+    """
+    from .checkpoint import list_checkpoints
+    from .logging import read_metrics
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    if list_checkpoints(directory / "checkpoints"):
+        found.append("checkpoints")
+    if (directory / "summary.json").is_file():
+        found.append("summary.json")
+    try:
+        trained = any(int(r.get("epoch", 0)) > 0 for r in read_metrics(directory / "metrics.jsonl"))
+    except (UserError, TypeError, ValueError):
+        trained = True  # an unreadable metrics file is kept for the user to look at
+    if trained:
+        found.append("metrics.jsonl")
+    return found
+
+
+def check_fresh_run_dir(directory: str | Path, flag: str = "--overwrite", resume_hint: bool = True) -> None:
+    """Refuse ``directory`` when it holds a run: one sentence naming what is there and what to pass."""
+    found = holds_run(directory)
+    if found:
+        from .checkpoint import list_checkpoints
+
+        can_resume = resume_hint and bool(list_checkpoints(Path(directory) / "checkpoints"))
+        how = f"continue it with --resume {directory} or " if can_resume else ""
+        raise UserError(
+            f"output directory {str(directory)!r} already holds a run ({', '.join(found)}); "
+            f"{how}pass {flag} to replace it, or choose another --output"
+        )
+
+
+def clear_run_dir(directory: str | Path) -> None:
+    """Remove what a run wrote in ``directory`` (and nothing else), before a new run starts there.
+
+    Only the names a run writes are touched, and of those a run makes as folders only folders: a
+    user's file that happens to be called ``checkpoints`` stays (the trainer then names it).
+    """
+    directory = Path(directory)
+    for name in RUN_OUTPUTS:
+        p = directory / name
+        try:
+            if p.is_symlink():
+                p.unlink()
+            elif p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists() and name not in _RUN_DIRS:
+                p.unlink()
+        except OSError as exc:
+            raise UserError(f"cannot remove the old run's {str(p)!r}: {exc.strerror or exc}") from None
+
+
+def prepare_run_dir(directory: str | Path, *, resuming: bool, overwrite: bool, flag: str = "--overwrite") -> None:
+    """Under the lock: keep ``directory`` for a resumed run; else refuse a run in it or clear it for a new one.
+
+    The leftovers of a start that trained nothing are cleared too, so that a new run never mixes
+    its logs with them (TensorBoard events, sample grids of another config).
+    """
+    if resuming:
+        return
+    if not overwrite:
+        check_fresh_run_dir(directory, flag)
+    clear_run_dir(directory)
+
+
+def command_line() -> str:
+    """This process's command, short enough to name in a message."""
+    text = " ".join(["precise-rl", *sys.argv[1:]]) if sys.argv else "precise-rl"
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -1,0 +1,419 @@
+"""The reward server under hostile requests: bounded memory, 4xx for every malformed request, /health under load.
+
+Everything goes to 127.0.0.1 only, bounded in count (and in time only as a guard against a hang).
+The hostile requests are built here from the PNG and JSON specifications (a PNG with a forged
+IHDR, brackets nested 100000 deep), not with the server's own encoder.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from precise_rl.rewards import Reward
+from precise_rl.rewards import server as server_mod
+from precise_rl.rewards.protocol import ProtocolError, decode_images, parse_request
+from precise_rl.rewards.server import create_app
+from precise_rl.rewards.server import main as server_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class MeanPixel(Reward):
+    """The mean 8-bit level of each image, in [0, 1]: easy to check from the PNG bytes sent."""
+
+    name = "mean_pixel"
+
+    def __call__(self, images: torch.Tensor, prompts: Any, metadata: Any) -> torch.Tensor:
+        return images.flatten(1).double().mean(dim=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _thread_server(reward: Reward, **kwargs: Any) -> Iterator[int]:
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(reward, **kwargs), host="127.0.0.1", port=port, log_level="error")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _post(port: int, body: bytes, headers: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/score", body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        raw = response.read()
+        try:
+            return response.status, json.loads(raw)
+        except ValueError:
+            return response.status, {"raw": raw.decode(errors="replace")}
+    finally:
+        conn.close()
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    """An 8-bit PNG written with PIL (grey for 2-D arrays, RGB for H x W x 3)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid grey PNG of ``width x height`` black pixels, written by hand: a few hundred bytes per megapixel.
+
+    Built row by row through a streaming compressor, so the test never holds the decoded image.
+    """
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # filter byte 0, then the row's pixels
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _request(images: list[str], **extra: Any) -> bytes:
+    body = {"protocol": 1, "images": images, "prompts": ["p"] * len(images), "metadata": [{}] * len(images)}
+    body.update(extra)
+    return json.dumps(body).encode()
+
+
+def _good_images(n: int, seed: int, size: int = 8) -> tuple[list[str], list[float]]:
+    rng = np.random.default_rng(seed)
+    arrays = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+    return [_b64(_png_bytes(a)) for a in arrays], [float(a.mean()) / 255.0 for a in arrays]
+
+
+# --------------------------------------------------------------------------- case 5: memory
+
+
+def test_a_small_png_with_huge_dimensions_is_refused_before_decoding() -> None:
+    bomb = bomb_png(8192, 8192)  # 64 Mpixel: 256 MB as float32, from a file of some 70 kB
+    assert len(bomb) < 200_000
+    with _thread_server(MeanPixel()) as port:  # the default limits
+        status, body = _post(port, _request([_b64(bomb)]))
+        assert status == 413, body
+        assert "8192x8192" in body["detail"] and "per image" in body["detail"]
+        # four images each under the per-image bound, over the per-request bound together
+        many = [_b64(bomb_png(3000, 3000))] * 4
+        status, body = _post(port, _request(many))
+        assert status == 413 and "per request" in body["detail"], body
+        good, want = _good_images(2, 0)
+        status, body = _post(port, _request(good))
+        assert status == 200 and body["scores"]["mean_pixel"] == pytest.approx(want, abs=1e-6)
+
+
+def test_pixel_bounds_are_options_and_are_read_from_the_png_header() -> None:
+    from precise_rl.rewards.protocol import Limits
+
+    limits = Limits(max_images=3, max_image_pixels=100, max_request_pixels=150)
+    ok = _b64(_png_bytes(np.zeros((10, 10), np.uint8)))
+    assert decode_images([ok], limits).shape == (1, 1, 10, 10)
+    with pytest.raises(ProtocolError, match="11x10 pixels, over the limit of 100"):
+        decode_images([_b64(_png_bytes(np.zeros((10, 11), np.uint8)))], limits)
+    with pytest.raises(ProtocolError, match="over 150 pixels"):
+        decode_images([ok, ok], limits)
+    with pytest.raises(ProtocolError, match="4 images, over the limit of 3"):
+        decode_images([ok] * 4, Limits(max_images=3))
+    # the bound holds even when the body of the PNG is cut off: only the header was read
+    truncated = bomb_png(20000, 20000)[:40]
+    with pytest.raises(ProtocolError, match="20000x20000"):
+        decode_images([_b64(truncated)], Limits(max_image_pixels=10**6))
+
+
+# --------------------------------------------------------------------------- case 6: deep nesting
+
+
+def test_deeply_nested_json_is_a_400_not_a_500() -> None:
+    good, _ = _good_images(1, 1)
+    nested_top = b"[" * 100_000
+    nested_meta = (
+        b'{"protocol": 1, "images": '
+        + json.dumps(good).encode()
+        + b', "prompts": ["p"], "metadata": ['
+        + b"[" * 100_000
+    )
+    nested_closed = b'{"protocol": 1, "images": [], "metadata": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    with _thread_server(MeanPixel()) as port:
+        for body in (nested_top, nested_meta, nested_closed):
+            status, answer = _post(port, body)
+            assert status == 400, (status, answer)
+            assert answer["detail"].startswith("malformed request:"), answer
+        assert _post(port, _request(good))[0] == 200  # and the server is still up
+
+
+# --------------------------------------------------------------------------- case 7: the event loop stays free
+
+
+def test_health_answers_while_a_request_is_being_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding is held on an event until /health has answered: possible only if decoding is off the loop."""
+    release = threading.Event()
+    decoding = threading.Event()
+    real = server_mod.parse_request
+
+    def slow_parse(*args: Any, **kwargs: Any) -> Any:
+        decoding.set()
+        release.wait(timeout=60)  # a guard against a hang if /health never answers
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server_mod, "parse_request", slow_parse)
+    good, want = _good_images(3, 2)
+    result: dict[str, Any] = {}
+    with _thread_server(MeanPixel()) as port:
+        sender = threading.Thread(target=lambda: result.update(answer=_post(port, _request(good))))
+        sender.start()
+        assert decoding.wait(timeout=60)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        try:
+            conn.request("GET", "/health")
+            health = conn.getresponse().status
+        except TimeoutError:
+            health = None  # the loop was blocked by the decoding request
+        finally:
+            conn.close()
+            release.set()
+        sender.join(timeout=60)
+    assert health == 200
+    status, body = result["answer"]
+    assert status == 200 and body["scores"]["mean_pixel"] == pytest.approx(want, abs=1e-6)
+
+
+def test_the_image_count_per_request_is_capped() -> None:
+    tiny = _b64(_png_bytes(np.zeros((1, 1), np.uint8)))
+    with _thread_server(MeanPixel()) as port:
+        status, body = _post(port, _request([tiny] * 1025))  # the documented default cap is 1024
+        assert status == 413 and "1025 images, over the limit of 1024" in body["detail"], body
+        status, body = _post(port, _request([tiny] * 10))
+        assert status == 200 and body["scores"]["mean_pixel"] == [0.0] * 10
+
+
+# --------------------------------------------------------------------------- case 8: the smaller ones
+
+
+def test_protocol_versions_that_only_compare_equal_are_refused() -> None:
+    good, _ = _good_images(1, 3)
+    tensor_images = good
+    for version in (True, 1.0, "1"):
+        with pytest.raises(ProtocolError, match="speaks protocol 1"):
+            parse_request({"protocol": version, "images": tensor_images, "prompts": ["p"], "metadata": [{}]})
+    images, _, _ = parse_request({"protocol": 1, "images": tensor_images, "prompts": ["p"], "metadata": [{}]})
+    assert images.shape == (1, 3, 8, 8)
+
+
+def test_text_that_is_not_an_image_is_named_without_a_python_repr() -> None:
+    with _thread_server(MeanPixel()) as port:
+        for payload in (_b64(b"hello, I am not a picture at all"), _b64(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40), "@@@"):
+            status, body = _post(port, _request([payload]))
+            assert status == 400, body
+            detail = body["detail"]
+            assert "image 0" in detail and "BytesIO" not in detail and " at 0x" not in detail, detail
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_the_token_is_not() -> None:
+    good, _ = _good_images(1, 4)
+    with _thread_server(MeanPixel(), token="s3cret") as port:
+        for header in ("Bearer s3cret", "bearer s3cret", "BEARER s3cret", "Bearer  s3cret "):
+            assert _post(port, _request(good), {"Authorization": header})[0] == 200, header
+        for header in ("Bearer S3CRET", "Basic s3cret", "s3cret", "Bearer", ""):
+            assert _post(port, _request(good), {"Authorization": header})[0] == 401, header
+
+
+def test_serve_reward_claims_nothing_before_it_has_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert server_main(["jpeg_compressibility", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("precise-rl serve-reward: error: cannot listen on"), lines
+    assert f"127.0.0.1:{port}" in lines[0]
+    assert "serving" not in out
+    assert server_main(["jpeg_compressibility", "--host", "0.0.0.0", "--port", str(_free_port())]) == 2
+    out, err = capsys.readouterr()
+    assert "without a token" in err and "serving" not in out
+
+
+# --------------------------------------------------------------------------- the load test
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _start_server(port: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "precise_rl.rewards.server",
+        "tests.test_reward_server_hostile:MeanPixel",
+        "--port",
+        str(port),
+        "--max-request-mb",
+        "8",
+        "--log-level",
+        "error",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "server exited"
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the reward server process did not come up")
+
+
+@pytest.mark.slow
+def test_load_good_and_hostile_requests_mixed(capsys: pytest.CaptureFixture[str]) -> None:
+    """6 clients x 12 good requests, 2 attackers x 8 rounds of 6 hostile requests, /health polled throughout.
+
+    Nothing is lost for the good requests (every one answered 200 with the right scores), every
+    hostile one gets its 4xx, /health always answers, the server's peak memory stays bounded. The
+    /health latencies and the peak memory are reported, not asserted on as times.
+    """
+    port = _free_port()
+    proc = _start_server(port)
+    bomb = _b64(bomb_png(8192, 8192))
+    tiny = _b64(_png_bytes(np.zeros((1, 1), np.uint8)))
+    hostile: list[tuple[str, bytes, int]] = [
+        ("bomb", _request([bomb]), 413),
+        ("nested", b"[" * 100_000, 400),
+        ("too-many-images", _request([tiny] * 1100), 413),
+        ("not-an-image", _request([_b64(b"plain text, not a picture")]), 400),
+        ("protocol-true", _request([tiny], protocol=True), 400),
+        ("over-size", b'{"images": ["' + b"A" * (9 * 2**20) + b'"]}', 413),
+    ]
+    failures: list[str] = []
+    good_answers = [0]
+    hostile_answers = [0]
+    lock = threading.Lock()
+    done = threading.Event()
+    latencies: list[float] = []
+
+    def good_client(k: int) -> None:
+        for r in range(12):
+            images, want = _good_images(8, 1000 * k + r, size=16)
+            try:
+                status, body = _post(port, _request(images))
+                ok = status == 200 and body["scores"][body["reward"]] == pytest.approx(want, abs=1e-6)
+            except (OSError, KeyError, TypeError) as exc:
+                ok, body = False, {"error": repr(exc)}
+            with lock:
+                if ok:
+                    good_answers[0] += 1
+                else:
+                    failures.append(f"good client {k} request {r}: {body}"[:300])
+
+    def attacker(k: int) -> None:
+        for r in range(8):
+            for name, body, want in hostile:
+                try:
+                    status, answer = _post(port, body)
+                except OSError as exc:  # the server may close a connection whose body it refused (413)
+                    status, answer = (want, {}) if name == "over-size" else (None, {"error": repr(exc)})
+                with lock:
+                    if status == want:
+                        hostile_answers[0] += 1
+                    else:
+                        failures.append(f"attacker {k} round {r} {name}: {status} {answer}"[:300])
+
+    def health_poller() -> None:
+        for _ in range(5000):  # bounded; stops as soon as the clients are done
+            if done.is_set():
+                return
+            t0 = time.perf_counter()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                conn.request("GET", "/health")
+                status = conn.getresponse().status
+                conn.close()
+            except OSError as exc:
+                status = repr(exc)
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+                if status != 200:
+                    failures.append(f"/health: {status}")
+            time.sleep(0.01)
+
+    try:
+        threads = [threading.Thread(target=good_client, args=(k,)) for k in range(6)]
+        threads += [threading.Thread(target=attacker, args=(k,)) for k in range(2)]
+        poller = threading.Thread(target=health_poller)
+        poller.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        done.set()
+        poller.join(timeout=120)
+        alive = proc.poll() is None
+        peak = _peak_rss_mb(proc.pid) if alive else float("nan")
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    lat = np.array(latencies) * 1000
+    with capsys.disabled():
+        print(
+            f"\nload test: {good_answers[0]}/72 good and {hostile_answers[0]}/96 hostile answered as expected; "
+            f"/health {len(lat)} polls, median {np.median(lat):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms, "
+            f"max {lat.max():.1f} ms; server peak RSS {peak:.0f} MB"
+        )
+    assert alive, "the server died under load"
+    assert not failures, failures[:10]
+    assert good_answers[0] == 72 and hostile_answers[0] == 96
+    assert len(lat) > 0
+    # A decoded bomb alone would be 64 Mpixel x 4 bytes x several copies; the bounded server stays
+    # near its resting size (Python, torch and the app), far under that.
+    assert peak < 1500, f"peak RSS {peak:.0f} MB"
