@@ -175,3 +175,25 @@ def test_one_seed_prints_no_spread(capsys: pytest.CaptureFixture[str]) -> None:
     print_summary(summarise(runs), "ode", seeds=1)
     printed = capsys.readouterr().out
     assert "±" not in printed and "0.9000" in printed
+
+
+def test_compare_keeps_earlier_runs_unless_told_and_holds_the_output_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from precise_rl.rl.rundir import lock_run_dir
+
+    cfg_path = tmp_path / "toy.yaml"
+    cfg_path.write_text(yaml.safe_dump(dict(toy_task.TOY_CONFIG)))
+    out = tmp_path / "cmp"
+    argv = ["compare", str(cfg_path), "train.epochs=1", "eval.every=1", "--seeds", "1", "--samplers", "precise,cps"]
+    assert main([*argv, "--output", str(out)]) == 0
+    first = (out / "runs" / "precise-seed3" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--output", str(out)]) == 2  # the finished runs are kept, nothing is trained
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and "--resume" not in err
+    assert (out / "runs" / "precise-seed3" / "metrics.jsonl").read_text() == first
+    with lock_run_dir(out, "another compare"):
+        assert main([*argv, "--output", str(out), "--overwrite"]) == 2
+    assert "another compare" in capsys.readouterr().err
+    assert main([*argv, "--output", str(out), "--overwrite"]) == 0

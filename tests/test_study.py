@@ -141,6 +141,14 @@ def test_a_resumed_study_runs_no_finished_job(toy_study: tuple[Path, Path, str],
                 )
     # another config in the same output is refused, not mixed in
     assert main([*args, "train.lr=0.5"]) == 2
+    # and a study that another process is writing is refused before any job runs
+    from precise_rl.rl.rundir import lock_run_dir
+
+    (finished / "summary.json").unlink()
+    calls.clear()
+    with lock_run_dir(out, "another study"):
+        assert main(args) == 2
+    assert calls == []
 
 
 @pytest.mark.parametrize(

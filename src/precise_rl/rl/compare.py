@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"comma-separated samplers (default: {','.join(ALL_SAMPLERS)})",
     )
     p.add_argument("--output", "-o", type=Path, default=Path("runs/compare"), help="directory for runs and results")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the runs an earlier compare left in the output directory"
+    )
 
 
 def parse_samplers(text: str) -> list[str]:
@@ -254,11 +257,19 @@ def eval_every_for(epochs: int, every: int) -> int:
     return max(1, min(every, epochs // MIN_EVALS)) if every else max(1, epochs // MIN_EVALS)
 
 
-def compare_runs(items: list[str], seeds: int, samplers: list[str], output: Path) -> dict[str, Any]:
-    """Train every (sampler, seed) and return the summary of both protocols (also written to ``output``)."""
+def compare_runs(
+    items: list[str], seeds: int, samplers: list[str], output: Path, overwrite: bool = False
+) -> dict[str, Any]:
+    """Train every (sampler, seed) and return the summary of both protocols (also written to ``output``).
+
+    The output directory is locked for the whole comparison; a run directory left by an earlier
+    comparison is refused unless ``overwrite`` (so finished runs are never lost by mistake).
+    """
     from tqdm.auto import tqdm
 
     from .logging import read_metrics
+    from .preflight import check_config
+    from .rundir import check_fresh_run_dir, command_line, lock_run_dir, prepare_run_dir
     from .train_cli import resolve_config
     from .trainer import GRPOTrainer
 
@@ -267,16 +278,24 @@ def compare_runs(items: list[str], seeds: int, samplers: list[str], output: Path
     base.eval.samplers = ["ode", "own"]
     runs: dict[str, list[list[dict[str, Any]]]] = {s: [] for s in samplers}
     # Seed-major order: a machine that slows down or speeds up during the run hits every sampler alike.
-    jobs = [(s, k) for k in range(seeds) for s in samplers]
-    for sampler, k in tqdm(jobs, desc="compare", dynamic_ncols=True):
-        cfg = copy.deepcopy(base)
-        cfg.sampler.name = sampler
-        cfg.sampler.eta = None  # each sampler at its reference eta
-        cfg.seed = base.seed + k
-        cfg.logging.progress = False
-        run_dir = output / "runs" / f"{sampler}-seed{cfg.seed}"
-        GRPOTrainer(cfg, run_dir).run()
-        runs[sampler].append(read_metrics(run_dir / "metrics.jsonl"))
+    jobs = []
+    for k in range(seeds):
+        for sampler in samplers:
+            cfg = copy.deepcopy(base)
+            cfg.sampler.name = sampler
+            cfg.sampler.eta = None  # each sampler at its reference eta
+            cfg.seed = base.seed + k
+            cfg.logging.progress = False
+            check_config(cfg, warn=not jobs)  # every run's config before any training; warnings once
+            jobs.append((cfg, output / "runs" / f"{sampler}-seed{cfg.seed}"))
+    with lock_run_dir(output, command_line()):
+        if not overwrite:  # refuse before the first run, not after the first ones were trained
+            for _, run_dir in jobs:
+                check_fresh_run_dir(run_dir, "--overwrite", resume_hint=False)
+        for cfg, run_dir in tqdm(jobs, desc="compare", dynamic_ncols=True):
+            prepare_run_dir(run_dir, resuming=False, overwrite=True)
+            GRPOTrainer(cfg, run_dir).run()
+            runs[cfg.sampler.name].append(read_metrics(run_dir / "metrics.jsonl"))
     summary = {protocol: summarise(runs, key) for protocol, key in PROTOCOLS.items()}
     result = {"protocols": summary, "seeds": seeds, "config": items, "eval_every": base.eval.every}
     output.mkdir(parents=True, exist_ok=True)
@@ -341,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
     samplers = parse_samplers(args.samplers)
     if args.seeds < 1:
         raise UserError(f"--seeds must be a positive integer, got {args.seeds}")
-    result = compare_runs(args.items, args.seeds, samplers, args.output)
+    result = compare_runs(args.items, args.seeds, samplers, args.output, args.overwrite)
     print(f"evaluations every {result['eval_every']} epochs; wall-clock ratios use {RATIO_BASIS}")
     for protocol, summary in result["protocols"].items():
         print_summary(summary, protocol, args.seeds)

@@ -114,13 +114,14 @@ def accumulation_warning(cfg: ExperimentConfig) -> str | None:
     )
 
 
-def check_config(cfg: ExperimentConfig) -> None:
-    """Every check of this module, cheapest first; warnings go to stderr."""
+def check_config(cfg: ExperimentConfig, warn: bool = True) -> None:
+    """Every check of this module, cheapest first; warnings go to stderr (``warn``: commands that check
+    many variants of one config, such as compare, warn for the first only)."""
     import sys
 
     _check_precision(cfg)
     _check_grid(cfg)
     _check_trained_steps(cfg)
-    warning = accumulation_warning(cfg)
+    warning = accumulation_warning(cfg) if warn else None
     if warning:
         print(warning, file=sys.stderr)

@@ -329,11 +329,30 @@ def run_study(
     workers: int,
     output: Path,
 ) -> dict[str, Any]:
-    """Run (or resume) every job, summarise each cell, write the files; returns the study's dict."""
+    """Run (or resume) every job, summarise each cell, write the files; returns the study's dict.
+
+    The output directory is locked for the whole study: one study at a time writes it.
+    """
+    from .rundir import command_line, lock_run_dir
+
+    with lock_run_dir(output, command_line()):
+        return _run_study(items, seeds, steps, grids, samplers, workers, output)
+
+
+def _run_study(
+    items: list[str],
+    seeds: int,
+    steps: list[int],
+    grids: list[tuple[str, float | None]],
+    samplers: list[str],
+    workers: int,
+    output: Path,
+) -> dict[str, Any]:
     import torch
 
     from ..policies.registry import build_task
     from .logging import read_metrics
+    from .preflight import check_config
     from .train_cli import resolve_config
 
     start = time.perf_counter()
@@ -352,6 +371,8 @@ def run_study(
         for cell in cells:
             for sampler in samplers:
                 cfg = _job_cfg(base, cell, sampler, k)
+                first = k == 0 and cell is cells[0] and sampler == samplers[0]
+                check_config(cfg, warn=first)  # every run's config before any training; warnings once
                 run_dir = output / "runs" / cell["name"] / f"{sampler}-seed{cfg.seed}"
                 job = {"key": f"{cell['name']}/{sampler}-seed{cfg.seed}", "cfg": cfg, "run_dir": str(run_dir)}
                 if _finished(run_dir, cfg):
