@@ -329,8 +329,8 @@ def print_summary(summary: dict[str, Any], protocol: str, seeds: int) -> None:
     print(head + f"{'wall-clock to target':>21} {'train s/epoch':>14}")
     for name, c in summary["samplers"].items():
         final = _pm(c["final_reward_mean"], c["final_reward_std"], seeds)
-        per_seed = _pm(c.get("epochs_to_target_seed_mean"), c.get("epochs_to_target_seed_std"), seeds, ".1f")
         reached = c.get("seeds_reaching_target", 0)
+        per_seed = _pm(c.get("epochs_to_target_seed_mean"), c.get("epochs_to_target_seed_std"), reached, ".1f")
         epochs = f"{_fmt(c['epochs_to_target'], '.1f')} ({per_seed}, {reached}/{seeds})"
         print(
             f"{name:>14} {final:>18} {epochs:>22} {_fmt(c['optimizer_steps_to_target'], '.1f'):>16} "
@@ -338,9 +338,11 @@ def print_summary(summary: dict[str, Any], protocol: str, seeds: int) -> None:
         )
     ratio = summary.get("precise_time_ratio_vs_best_prior")
     if ratio is not None:
+        pairs = [r for r in summary.get("precise_epoch_ratio_per_seed", []) if r is not None]
         spread = _pm(
-            summary.get("precise_epoch_ratio_seed_mean"), summary.get("precise_epoch_ratio_seed_std"), seeds, ".2f"
+            summary.get("precise_epoch_ratio_seed_mean"), summary.get("precise_epoch_ratio_seed_std"), len(pairs), ".2f"
         )
+        spread += f" over {len(pairs)} of {seeds} seed pairs"
         print(
             f"precise reaches the target in {summary['precise_epoch_ratio_vs_best_prior']:.2f}x the epochs and "
             f"{ratio:.2f}x the robust wall-clock of {summary['best_prior']} "
