@@ -7,6 +7,7 @@ import copy
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers.utils import logging as diffusers_logging
@@ -277,3 +278,18 @@ def test_the_trainer_logs_the_reward_ceiling_of_the_held_out_prompts(tmp_path: P
     scores = trainer.evaluate(0, write_grid=False)
     styles = [m["style"] for m in trainer.task.metadata(trainer.eval_prompts[:6])]
     assert scores["eval_reward_ceiling"] == pytest.approx(sum(2.0 for s in styles if s != "plain") / len(styles))
+
+
+def test_metrics_count_updates_per_epoch_and_optimizer_steps_since_the_start(tmp_path: Path) -> None:
+    """``updates``: optimizer steps of that epoch; ``optimizer_steps``: the running total (the paper's x-axis)."""
+    cfg = _toy(train={"epochs": 3, "batch_size": 2, "grad_accum": 2}, eval={"every": 0})
+    trainer = GRPOTrainer(cfg, tmp_path)
+    trainer.run()
+    from precise_rl.rl.logging import read_metrics
+
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "reward_mean" in r]
+    # 3 groups of 4 = 12 samples per epoch, 2 per micro-batch, 2 micro-batches per update: 3 updates
+    # (fewer where a group of equal rewards carries no signal and is not trained)
+    assert all(0 < r["updates"] <= 3 for r in records)
+    totals = [r["optimizer_steps"] for r in records]
+    assert totals == list(np.cumsum([r["updates"] for r in records])) and totals[-1] == trainer.global_step
