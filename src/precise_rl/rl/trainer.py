@@ -10,6 +10,7 @@ with faults.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -105,7 +106,6 @@ class GRPOTrainer:
         self.global_step = 0
         self.elapsed = 0.0
         self.train_elapsed = 0.0
-        self.history: list[dict[str, Any]] = []
         self.first_eval: dict[str, float] | None = None
         if resume is not None:
             state.resume(self, resume)
@@ -156,11 +156,8 @@ class GRPOTrainer:
                 raise UserError("nothing to train: set train.lora.enabled=true or train.full_finetune=true")
             for p in module.parameters():
                 p.requires_grad_(True)
-            self.ref_module = None
-            if cfg.train.kl_beta > 0:
-                import copy
-
-                self.ref_module = copy.deepcopy(module).requires_grad_(False).eval()
+            # The KL term needs the initial weights: a frozen copy (see update.reference_policy).
+            self.ref_module = copy.deepcopy(module).requires_grad_(False).eval() if cfg.train.kl_beta > 0 else None
         self.param_names = [n for n, p in module.named_parameters() if p.requires_grad]
         self.params = [p for p in module.parameters() if p.requires_grad]
         if not self.params:
@@ -356,8 +353,8 @@ class GRPOTrainer:
         return counts
 
     def finish(self) -> dict[str, Any]:
-        summary = self.logger.finish(self.first_eval)
-        return summary
+        """Close the logs and write ``summary.json``; returns the summary."""
+        return self.logger.finish(self.first_eval)
 
     def _stop_for_reward(self, exc: Exception, until: str = "once the reward is back") -> NoReturn:
         """A reward that cannot go on (a server down, a wrong score): checkpoint the epochs done, stop in one sentence.
@@ -388,5 +385,6 @@ def _reward_record(comps: Mapping[str, torch.Tensor], raw: torch.Tensor) -> dict
 
 
 def default_output_dir(cfg: ExperimentConfig) -> Path:
+    """``runs/<model>-<sampler>-<time>-<pid>``: a fresh run directory when ``--output`` is not given."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.model.name}-{cfg.sampler.name}-{stamp}-{os.getpid()}"
