@@ -42,7 +42,8 @@ from precise_rl.rewards.geneval import evaluate_clauses, relative_position, sele
 from precise_rl.rewards.protocol import ProtocolError, decode_images, encode_images, parse_request
 from precise_rl.rewards.server import TOKEN_ENV, create_app, read_token, serve
 from precise_rl.rewards.server import main as server_main
-from precise_rl.rl.trainer import GRPOTrainer, metrics_lines
+from precise_rl.rl.logging import read_metrics
+from precise_rl.rl.trainer import GRPOTrainer
 
 from . import toy_task
 
@@ -400,7 +401,7 @@ def test_training_goes_on_when_some_images_cannot_be_scored(tmp_path: Path, mode
         before = {n: p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)}
         trainer.run()
         stats = dict(trainer.rewards.rewards["remote"].stats)
-    records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     # the prompts each epoch drew, replayed without any reward server: every image of prompt 1 is unscored
     replay = GRPOTrainer(config_from_dict(toy_task.TOY_CONFIG), tmp_path / "replay", read_only=True)
@@ -439,7 +440,7 @@ def test_a_token_refused_mid_run_stops_training_after_a_checkpoint(
             trainer.run()
         assert "--resume" in str(info.value) and "first-token" not in str(info.value)
         assert trainer.rewards.rewards["remote"].stats["retries"] == 0  # a refused token is never retried
-        records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
+        records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
         assert [(r["epoch"], r["unscored_samples"]) for r in records] == [(1, 0), (2, 0)]
         names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("epoch_"))
         assert names[-1] == "epoch_000002"
@@ -448,7 +449,7 @@ def test_a_token_refused_mid_run_stops_training_after_a_checkpoint(
         resumed = GRPOTrainer(cfg, tmp_path / "run", resume=tmp_path / "run")
         assert resumed.epoch == 2
         resumed.run()
-    records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
     assert [(r["epoch"], r["unscored_samples"]) for r in records][-2:] == [(3, 0), (4, 0)]
 
 
@@ -500,7 +501,7 @@ def test_a_chunk_without_any_score_lacks_no_extra_field_and_training_goes_on(tmp
 
         trainer.score = score_and_keep
         trainer.run()
-    records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     # some epoch had a chunk of prompt 1 (no field at all from the server) beside chunks that were scored
     assert any(0 < sum(p == "prompt 1" for p in prompts) < 12 for prompts, _ in seen)
@@ -636,7 +637,7 @@ def test_a_chunk_is_scored_by_the_server_while_the_next_chunk_is_rolled_out(tmp_
     later = [i for i, e in enumerate(log) if e[0] == "rollout step" and e[1] in (1, 2) and i < log.index(("score",))]
     assert len(later) == 2 * steps and all(held_from < i < held_until for i in later), log
     assert ("answered", 0) not in first
-    records = [r for r in metrics_lines(tmp_path / "overlap" / "metrics.jsonl") if "reward_mean" in r]
+    records = [r for r in read_metrics(tmp_path / "overlap" / "metrics.jsonl") if "reward_mean" in r]
     assert [r["unscored_samples"] for r in records] == [0, 0]
 
     # the same run scoring each chunk only when the scores are asked for, after the whole rollout
@@ -652,8 +653,7 @@ def test_a_chunk_is_scored_by_the_server_while_the_next_chunk_is_rolled_out(tmp_
 
     def strip(path: Path) -> list[dict]:
         return [
-            {k: v for k, v in r.items() if "elapsed" not in k and not k.startswith("time_")}
-            for r in metrics_lines(path)
+            {k: v for k, v in r.items() if "elapsed" not in k and not k.startswith("time_")} for r in read_metrics(path)
         ]
 
     assert strip(tmp_path / "overlap" / "metrics.jsonl") == strip(tmp_path / "reference" / "metrics.jsonl")
@@ -704,7 +704,7 @@ def test_server_killed_mid_run_stops_training_after_a_checkpoint(tmp_path: Path)
             proc.kill()
             proc.wait(timeout=30)
     assert "--resume" in str(info.value)
-    records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
     # epoch 3 ran with every image unscored (no update), epoch 4's scoring found the server still down
     assert [(r["epoch"], r["unscored_samples"]) for r in records] == [(1, 0), (2, 0), (3, 12)]
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("epoch_"))
@@ -902,7 +902,7 @@ def test_training_on_geneval_verdicts_from_a_detector_server(tmp_path: Path) -> 
         data["reward"] = {"weights": {"geneval": 1.0}, "options": {"geneval": options}}
         trainer = GRPOTrainer(config_from_dict(data), tmp_path / "run")
         trainer.run()
-    records = [r for r in metrics_lines(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
     assert [(r["epoch"], r["unscored_samples"]) for r in records] == [(1, 0), (2, 0), (3, 0), (4, 0)]
     # the first epoch's verdicts, recomputed from its images (replayed) and the prompts' wishes
     data["reward"] = {"weights": {"toy_brightness": 1.0}}  # the same images, scored by no server

@@ -1,4 +1,10 @@
-"""The GRPO trainer: advantages, losses, EMA, checkpoints, logging, the accelerate-driven loop.
+"""The GRPO trainer, one module per stage of an epoch.
+
+``trainer`` (set-up and the loop) -> ``rollouts`` (sampling) -> ``advantages`` (scores to the update
+plan, on global rows) -> ``update`` (the training pass) -> ``evaluate`` -> ``state`` (checkpoints);
+``dist`` agrees on errors and reward fields across processes; ``losses``, ``ema``, ``lora``,
+``checkpoint`` (the file format) and ``logging`` serve them; ``compare`` and ``study`` run many
+trainings side by side.
 
 The names below are loaded on first use (PEP 562): importing a submodule such as
 ``precise_rl.rl.train_cli`` must not import torch, so that ``--help`` and config errors answer at once.

@@ -1,0 +1,185 @@
+"""Rollouts: the epoch's prompt draw, seeded per-sample sampling and the batch of one epoch's samples.
+
+Randomness comes from generators seeded by ``(seed, epoch, sample)``, so a sample does not depend
+on the process or the chunk that computes it, and a resumed run repeats exactly what an
+uninterrupted one does. Group ``g`` of an epoch is rolled out whole on process
+``g % num_processes``. Each chunk of ``rollout_batch_size`` samples is decoded and submitted to the
+rewards as soon as it is rolled out, so that remote rewards score it while the next chunk is
+rolled out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import torch
+
+from ..policies import index_cond
+from ..rewards.base import concat_components
+from ..sde import Kernel, rollout, sde_window, sliding_window
+
+if TYPE_CHECKING:
+    from .trainer import GRPOTrainer
+
+__all__ = ["RolloutBatch", "collect", "epoch_prompt_indices", "kernel_for_epoch", "sample", "wait_scores"]
+
+
+def _seed_for(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs and platforms)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def epoch_prompt_indices(n_prompts: int, per_epoch: int, epoch: int, seed: int, order: str = "shuffled") -> list[int]:
+    """The indices of the training prompts that epoch ``epoch`` draws (a function of its arguments alone).
+
+    ``shuffled``: epoch ``e`` takes items ``e * per_epoch ... (e + 1) * per_epoch - 1`` of the endless
+    sequence of passes over the prompt set, each pass a fresh permutation seeded by ``(seed, pass)``:
+    no prompt repeats before every prompt was drawn, and a resumed run draws what an uninterrupted one
+    does. ``random``: ``per_epoch`` independent uniform draws (with replacement).
+    """
+    if order == "random":
+        gen = torch.Generator().manual_seed(_seed_for(seed, epoch, 1))
+        return torch.randint(n_prompts, (per_epoch,), generator=gen).tolist()
+    lo, hi = epoch * per_epoch, (epoch + 1) * per_epoch
+    out: list[int] = []
+    for k in range(lo // n_prompts, (hi - 1) // n_prompts + 1):
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(_seed_for(seed, k, 5))).tolist()
+        start, stop = max(lo - k * n_prompts, 0), min(hi - k * n_prompts, n_prompts)
+        out += perm[start:stop]
+    return out
+
+
+def kernel_for_epoch(base: Kernel, window: Any, epoch: int) -> Kernel:
+    """``base`` with this epoch's SDE window (``sampler.window``) applied."""
+    n = base.num_steps
+    if window.size == 0:
+        return base
+    if window.slide_every:
+        mask = sliding_window(n, window.size, epoch, window.slide_every, window.stride)
+    else:
+        mask = sde_window(n, window.size, window.start)
+    return base.with_window(mask)
+
+
+@dataclass
+class RolloutBatch:
+    """One epoch's samples on this process (``B`` rows)."""
+
+    prompts: list[str]
+    metadata: list[dict]
+    group_ids: torch.Tensor  # (B,) global group index
+    row_ids: torch.Tensor  # (B,) global sample index: group * group_size + member
+    cond: Any
+    latents: torch.Tensor  # (B, N + 1, ...)
+    means: torch.Tensor  # (B, N, ...)
+    log_probs: torch.Tensor  # (B, N)
+    kernel: Kernel
+    images: torch.Tensor
+    #: the reward scoring of each rollout chunk, in order, submitted as soon as the chunk was decoded
+    #: (``RewardSet.submit``); empty: :meth:`GRPOTrainer.score` scores ``images`` itself
+    pending: list[Any] = field(default_factory=list)
+
+
+class _FailedSubmit:
+    """A chunk whose reward scoring failed as it was submitted: ``result()`` raises that failure.
+
+    The failure is raised where scores are read (in :func:`.dist.score_agreed`), so that every
+    process hears of it at the same point instead of one process stopping in the middle of its rollouts.
+    """
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> NoReturn:
+        raise self.exc
+
+
+def sample(
+    trainer: GRPOTrainer,
+    prompts: list[str],
+    kern: Kernel,
+    seeds: Sequence[int],
+    store: bool = True,
+    on_chunk: Callable[[slice, torch.Tensor], None] | None = None,
+) -> tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Roll out ``prompts`` in chunks of ``train.rollout_batch_size``; returns (cond, latents, means, log_probs).
+
+    Row ``i`` draws all its noise (initial latent, then every step) from a generator of its
+    own seeded with ``seeds[i]``: a sample is the same whichever process or chunk computes it.
+    ``on_chunk(rows, final_latents)`` is called after each chunk, before the next one is rolled out.
+    """
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    policy, acc = trainer.policy, trainer.accelerator
+    cond = policy.encode_prompts(prompts)
+    gens = [torch.Generator(device=acc.device).manual_seed(int(s)) for s in seeds]
+    x1 = torch.cat([policy.sample_noise(1, generator=g) for g in gens])
+    chunk = trainer.cfg.train.rollout_batch_size
+    lat, means, lps = [], [], []
+    trainer.model.eval()
+    for lo in range(0, len(prompts), chunk):
+        sl = slice(lo, min(lo + chunk, len(prompts)))
+        with acc.autocast():
+            traj = rollout(
+                policy.velocity, x1[sl], None, kern, cond=index_cond(cond, sl), generator=gens[sl], store_means=store
+            )
+        lat.append(traj.latents if store else traj.sample)
+        if store:
+            means.append(traj.means)
+        lps.append(traj.log_probs)
+        if on_chunk is not None:
+            on_chunk(sl, traj.sample)
+    return cond, torch.cat(lat), (torch.cat(means) if store else None), torch.cat(lps)
+
+
+def collect(trainer: GRPOTrainer, epoch: int) -> RolloutBatch:
+    """This process's groups of the epoch, rolled out with the epoch's kernel.
+
+    Every process draws the same global list of ``groups_per_epoch`` prompts and rolls out
+    the groups ``g`` with ``g % num_processes == process index``, each group whole. Each chunk
+    is decoded and submitted to the rewards as soon as it is rolled out (``batch.pending``):
+    remote rewards score it while the next chunk is rolled out, local ones are computed right away.
+    """
+    cfg = trainer.cfg.train
+    size = cfg.group_size
+    n_prompts = len(trainer.train_prompts)
+    chosen = epoch_prompt_indices(n_prompts, cfg.groups_per_epoch, epoch, trainer.cfg.seed, trainer.cfg.prompts.order)
+    mine = list(range(trainer.rank, cfg.groups_per_epoch, trainer.world))
+    prompts = [trainer.train_prompts[chosen[g]] for g in mine for _ in range(size)]
+    group_ids = torch.tensor([g for g in mine for _ in range(size)])
+    row_ids = torch.tensor([g * size + j for g in mine for j in range(size)])
+    kern = trainer.kernel_for_epoch(epoch)
+    seeds = [_seed_for(trainer.cfg.seed, epoch, 2, r) for r in row_ids.tolist()]
+    metadata = trainer.task.metadata(prompts)
+    images: list[torch.Tensor] = []
+    pending: list[Any] = []
+
+    def submit(rows: slice, final: torch.Tensor) -> None:
+        with torch.no_grad():
+            images.append(trainer.policy.decode(final))
+        if pending and isinstance(pending[-1], _FailedSubmit):
+            return  # the epoch cannot be scored: score() raises the first failure
+        try:
+            pending.append(trainer.rewards.submit(images[-1], prompts[rows], metadata[rows]))
+        except Exception as exc:  # any failure of a reward stops the run after a checkpoint (see score)
+            pending.append(_FailedSubmit(exc))
+
+    cond, latents, means, log_probs = sample(trainer, prompts, kern, seeds, on_chunk=submit)
+    return RolloutBatch(
+        prompts, metadata, group_ids, row_ids, cond, latents, means, log_probs, kern, torch.cat(images), pending
+    )
+
+
+def wait_scores(trainer: GRPOTrainer, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+    """This process's reward components of ``batch``: the submitted chunks joined, or ``batch.images`` scored."""
+    if batch.pending:
+        return concat_components([p.result() for p in batch.pending])
+    return trainer.rewards.score(batch.images, batch.prompts, batch.metadata)
