@@ -664,9 +664,11 @@ def test_a_chunk_is_scored_by_the_server_while_the_next_chunk_is_rolled_out(tmp_
     assert records[0]["reward/remote"] == pytest.approx(float(want.mean()), abs=1e-5)
 
 
-def _start_server_process(port: int, reward: str) -> subprocess.Popen:
+def start_server_process(port: int, reward: str, *options: str) -> subprocess.Popen:
+    """``python -m precise_rl.rewards.server REWARD --port PORT OPTIONS`` in a process, once /health answers."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"}
-    cmd = [sys.executable, "-m", "precise_rl.rewards.server", reward, "--port", str(port), "--log-level", "error"]
+    cmd = [sys.executable, "-m", "precise_rl.rewards.server", reward, "--port", str(port), *options]
+    cmd += ["--log-level", "error"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -684,7 +686,7 @@ def _start_server_process(port: int, reward: str) -> subprocess.Popen:
 
 def test_server_killed_mid_run_stops_training_after_a_checkpoint(tmp_path: Path) -> None:
     port = _free_port()
-    proc = _start_server_process(port, "tests.toy_task:toy_brightness")
+    proc = start_server_process(port, "tests.toy_task:toy_brightness")
     try:
         cfg = _toy_cfg(f"http://127.0.0.1:{port}", retries=1, backoff=0.0, stop_after=2)
         trainer = GRPOTrainer(cfg, tmp_path / "run")

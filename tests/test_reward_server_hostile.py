@@ -12,11 +12,9 @@ import contextlib
 import http.client
 import io
 import json
-import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -35,6 +33,8 @@ from precise_rl.rewards import server as server_mod
 from precise_rl.rewards.protocol import ProtocolError, decode_images, parse_request
 from precise_rl.rewards.server import create_app
 from precise_rl.rewards.server import main as server_main
+
+from .test_reward_server import start_server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -287,32 +287,7 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def _start_server(port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "precise_rl.rewards.server",
-        "tests.test_reward_server_hostile:MeanPixel",
-        "--port",
-        str(port),
-        "--max-request-mb",
-        "8",
-        "--log-level",
-        "error",
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "server exited"
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("the reward server process did not come up")
+    return start_server_process(port, "tests.test_reward_server_hostile:MeanPixel", "--max-request-mb", "8")
 
 
 @pytest.mark.slow

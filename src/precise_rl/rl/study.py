@@ -329,25 +329,7 @@ def run_study(
     workers: int,
     output: Path,
 ) -> dict[str, Any]:
-    """Run (or resume) every job, summarise each cell, write the files; returns the study's dict.
-
-    The output directory is locked for the whole study: one study at a time writes it.
-    """
-    from .rundir import command_line, lock_run_dir
-
-    with lock_run_dir(output, command_line()):
-        return _run_study(items, seeds, steps, grids, samplers, workers, output)
-
-
-def _run_study(
-    items: list[str],
-    seeds: int,
-    steps: list[int],
-    grids: list[tuple[str, float | None]],
-    samplers: list[str],
-    workers: int,
-    output: Path,
-) -> dict[str, Any]:
+    """Run (or resume) every job, summarise each cell, write the files; returns the study's dict."""
     import torch
 
     from ..policies.registry import build_task
@@ -636,7 +618,10 @@ def run(args: argparse.Namespace) -> int:
     steps = steps or list(DEFAULT_STEPS)
     seeds = seeds or DEFAULT_SEEDS
     items = ([config] if config else []) + extra + overrides  # the user's overrides come last and win
-    result = run_study(items, seeds, steps, grids, samplers, args.workers, args.output)
+    from .rundir import command_line, lock_run_dir
+
+    with lock_run_dir(args.output, command_line()):  # one study at a time writes the output directory
+        result = run_study(items, seeds, steps, grids, samplers, args.workers, args.output)
     print()
     print(format_markdown(result))
     out = args.output
