@@ -293,3 +293,31 @@ def test_metrics_count_updates_per_epoch_and_optimizer_steps_since_the_start(tmp
     assert all(0 < r["updates"] <= 3 for r in records)
     totals = [r["optimizer_steps"] for r in records]
     assert totals == list(np.cumsum([r["updates"] for r in records])) and totals[-1] == trainer.global_step
+
+
+def test_full_fine_tuning_of_a_bf16_model_with_kl_and_no_autocast_trains_in_float32(tmp_path: Path) -> None:
+    """Every weight trained: the whole transformer and its frozen KL copy run in float32, without autocast too."""
+    path = tp.save_pipeline("flux2_klein", tmp_path / "pipe")
+    cfg = config_from_dict(
+        {
+            "model": {
+                "name": "flux2_klein",
+                "path": str(path),
+                "dtype": "bfloat16",
+                "options": tp.adapter_options("flux2_klein"),
+            },
+            "sampler": {"num_steps": 3},
+            "reward": {"weights": {"jpeg_incompressibility": 1.0}},
+            "train": {"epochs": 1, "groups_per_epoch": 2, "group_size": 2, "kl_beta": 0.01, "lr": 1e-4},
+            "eval": {"every": 0},
+            "logging": {"tensorboard": False, "progress": False},
+        }
+    )
+    trainer = GRPOTrainer(cfg, tmp_path / "run")
+    assert all(p.dtype == torch.float32 for p in trainer.policy.transformer.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.ref_module.parameters())
+    trainer.run()
+    from precise_rl.rl.logging import read_metrics
+
+    record = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert record["updates"] == 1 and record["kl_ref"] >= 0 and np.isfinite(record["loss"])

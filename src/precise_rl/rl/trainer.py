@@ -173,6 +173,8 @@ class GRPOTrainer:
             p.dtype == torch.float32 for p in module.parameters()
         ):
             self.policy.model_dtype = torch.float32  # every weight is trained: the whole model now runs in float32
+        if self.ref_module is not None:  # the frozen copy runs with the same inputs as the trained model
+            self.ref_module.float()
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
