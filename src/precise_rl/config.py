@@ -135,8 +135,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 10  #: evaluate every this many epochs (and at the start and the end); 0 = never
-    #: ``own`` = the training sampler at its training eta (the reference's in-domain measure); ``ode`` =
-    #: deterministic; or any sampler by name at its default eta
+    #: ``own`` = the training sampler at its training eta on every step (the reference's in-domain
+    #: measure; an SDE window of training is not applied); ``ode`` = deterministic; or any sampler by name
+    #: at its default eta
     samplers: list[str] = field(default_factory=lambda: ["ode", "own"])
     num_steps: int = 10
     samples_per_prompt: int = 4

@@ -12,7 +12,11 @@ Two behaviours (``train.ema.mode``), both updating once every ``every`` optimize
   calls (micro-batches per optimizer step) that see the same ``n``, so the shadow becomes
   ``d^repeats * shadow + (1 - d^repeats) * param``. With 8 micro-batches and decay 0.9,
   ``0.9^8 = 0.43`` of the shadow is kept: a lag of about ``8 * 0.43 / 0.57`` = 6 optimizer steps
-  at steady state, less during the warm-up.
+  at steady state, less during the warm-up. Exact where those calls fall in one epoch; where an
+  update falls on an epoch's last optimizer step, the reference makes the remaining calls after the
+  next rollout with the same weights, so its shadow at that epoch's evaluation or checkpoint has
+  had one application, not ``repeats``. The reference recipes (2 optimizer steps per epoch, every
+  8: updates after odd steps, epochs ending on even ones) never meet that case.
 """
 
 from __future__ import annotations
