@@ -321,3 +321,38 @@ def test_full_fine_tuning_of_a_bf16_model_with_kl_and_no_autocast_trains_in_floa
 
     record = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     assert record["updates"] == 1 and record["kl_ref"] >= 0 and np.isfinite(record["loss"])
+
+
+def test_a_saved_adapter_samples_with_float32_lora_weights_and_an_unrounded_timestep_on_a_bf16_model(
+    tmp_path: Path,
+) -> None:
+    """``precise-rl sample --lora`` on a bf16 model: the adapter keeps its float32 weights and the rollout runs
+    under autocast as training does, so FLUX.2 sees its timestep unrounded."""
+    from precise_rl import sample_cli
+    from precise_rl.rl.lora import apply_lora, load_adapter, save_adapter
+    from precise_rl.sde import uniform_sigmas
+
+    pipe = tp.flux2_klein_pipeline(seed=int(torch.randint(0, 1000, ())))
+    trained = Flux2KleinPolicy(pipe, **tp.adapter_options("flux2_klein"))
+    module = apply_lora(trained.transformer, trained.lora_target_modules(), rank=2, alpha=2)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + 0.3)  # values bf16 cannot hold exactly
+    save_adapter(module, tmp_path / "adapter")
+    saved = {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
+
+    policy = Flux2KleinPolicy(tp.flux2_klein_pipeline(seed=0).to(torch.bfloat16), **tp.adapter_options("flux2_klein"))
+    policy.transformer = load_adapter(policy.transformer, tmp_path / "adapter")
+    loaded = {n: p for n, p in policy.transformer.named_parameters() if "lora_" in n}
+    assert loaded.keys() == saved.keys()
+    for n, p in loaded.items():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), saved[n]), n
+    seen: list[torch.Tensor] = []
+    hook = policy.transformer.time_guidance_embed.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        images = sample_cli.generate(policy, "a cat", "precise", uniform_sigmas(3), None, [1, 2])
+    finally:
+        hook.remove()
+    assert images.shape[0] == 2 and torch.isfinite(images).all()
+    assert seen and all(t.dtype == torch.float32 for t in seen)

@@ -244,13 +244,18 @@ def generate(
 
     kern = kernel(sampler, sigmas, eta, schedule if sampler == "precise" else None)
     device = policy.device
+    # A half-precision model runs under autocast, as the recipes train it (train.mixed_precision: bf16):
+    # the float32 LoRA weights mix with it, and FLUX.2's timestep is not rounded.
+    dtype = getattr(policy, "model_dtype", torch.float32)
+    half = dtype in (torch.bfloat16, torch.float16)
     images = []
     for lo in range(0, len(seeds), batch_size):
         chunk = seeds[lo : lo + batch_size]
         gens = [torch.Generator(device=device).manual_seed(s) for s in chunk]
         x1 = torch.cat([policy.sample_noise(1, generator=g) for g in gens])
         cond = policy.encode_prompts([prompt] * len(chunk))
-        traj = rollout(policy.velocity, x1, None, kern, cond=cond, generator=gens, store_means=False)
+        with torch.autocast(device.type, dtype=dtype, enabled=half):
+            traj = rollout(policy.velocity, x1, None, kern, cond=cond, generator=gens, store_means=False)
         images.append(policy.decode(traj.sample).float().cpu())
     return torch.cat(images)
 

@@ -84,6 +84,12 @@ def load_adapter(module: torch.nn.Module, directory: str | Path) -> torch.nn.Mod
         raise UserError(f"could not read the LoRA adapter in {str(directory)!r}: {exc}") from None
     if not has_lora(module):
         module = inject_adapter_in_model(config, module)
+    # The adapter was trained in float32 (see the trainer): keep its weights so on a bf16 model too,
+    # instead of peft's default of the base layer's dtype, which would round the trained update away.
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_" in name and p.is_floating_point():
+                p.data = p.data.float()
     result = set_peft_model_state_dict(module, state)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
