@@ -282,6 +282,23 @@ def test_resuming_a_finished_run_says_it_is_complete_and_changes_nothing(
     assert {p.name: p.read_bytes() for p in (out / "metrics.jsonl", out / "summary.json")} == before
 
 
+def test_resuming_a_run_killed_between_its_last_checkpoint_and_its_summary_finishes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, out = _toy_yaml(tmp_path), tmp_path / "run"
+    assert main(["train", str(cfg), "--output", str(out), "train.epochs=2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = (out / "metrics.jsonl").read_bytes()
+    (out / "summary.json").unlink()  # as if killed after the last checkpoint, before the summary
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "already complete" not in printed and "held-out reward before -> after" in printed, printed
+    assert (out / "metrics.jsonl").read_bytes() == metrics  # nothing trained again
+    again = json.loads((out / "summary.json").read_text())
+    assert again["reward_after"] == summary["reward_after"] and again["epochs"] == summary["epochs"] == 2
+
+
 # --------------------------------------------------------------------------- case 15: quick answers
 
 

@@ -116,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
             prepare_run_dir(out, resuming=resuming, overwrite=args.overwrite)
         try:
             trainer = GRPOTrainer(cfg, out, resume=args.resume)
-            if args.resume is not None and trainer.epoch >= cfg.train.epochs:
+            # A run killed after its last checkpoint but before its summary is finished below (run()
+            # trains nothing more and writes the summary and plots); only a summarised run is complete.
+            if args.resume is not None and trainer.epoch >= cfg.train.epochs and (out / "summary.json").is_file():
                 if trainer.is_main:
                     print(
                         f"the run in {out} is already complete ({trainer.epoch} of {cfg.train.epochs} epochs); "
