@@ -63,8 +63,8 @@ def brightness(images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[
 
 
 def _registries() -> tuple[list[str], list[str]]:
-    from precise_rl.policies.registry import TASKS
     from precise_rl.rewards.base import _REGISTRY
+    from precise_rl.tasks.registry import TASKS
 
     return sorted(TASKS), sorted(_REGISTRY)
 
@@ -113,3 +113,12 @@ def test_a_model_and_a_reward_of_ones_own_train_without_a_registry(tmp_path: Pat
     assert len(lines) == 2 and "brightness" in lines[0]
     assert not all(torch.equal(a, b) for a, b in zip(start, trainer.params, strict=True))  # it trained
     assert _registries() == before  # neither the model nor the reward was registered
+
+
+def test_the_pipeline_class_table_is_derived_from_the_adapter_registry() -> None:
+    from precise_rl.policies.registry import ADAPTERS, PIPELINE_ADAPTERS
+    from precise_rl.tasks.registry import TASKS
+
+    assert set(ADAPTERS) == {"flux2_klein", "sd3", "flux1"}
+    assert PIPELINE_ADAPTERS == {cls.pipeline_class: name for name, cls in ADAPTERS.items()}
+    assert set(ADAPTERS) <= set(TASKS)  # each adapter is a model name

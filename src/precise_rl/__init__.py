@@ -40,7 +40,7 @@ _HOME: dict[str, str] = {
     "ExperimentConfig": "precise_rl.config",
     "load_config": "precise_rl.config",
     "config_from_dict": "precise_rl.config",
-    "TaskSpec": "precise_rl.policies.registry",
+    "TaskSpec": "precise_rl.tasks.registry",
     "Policy": "precise_rl.policies.base",
     "Reward": "precise_rl.rewards.base",
     "register_reward": "precise_rl.rewards.base",

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 from ..config import ExperimentConfig
 from ..errors import UserError
 from ..policies import Policy
-from ..policies.registry import TaskSpec, build_task, read_prompt_file
 from ..rewards.base import RewardSet
 from ..rewards.failures import RewardUnavailable
 from ..sde import Kernel, StepOutput, kernel, shifted_sigmas, uniform_sigmas
+from ..tasks.registry import TaskSpec, build_task, read_prompt_file
 from . import advantages, dist, rollouts, state, update
 from .checkpoint import check_writable, remove_leftovers
 from .ema import EMA
