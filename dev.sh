@@ -6,7 +6,7 @@
 #   ./dev.sh test [PYTEST ARGS]  the test suite
 #   ./dev.sh fidelity [ARGS...]  the sampler fidelity report
 #   ./dev.sh bench               the benchmarks in benchmarks/
-#   ./dev.sh lint                ruff
+#   ./dev.sh lint                ruff, and lint-imports (the one-way layers of pyproject.toml)
 #   ./dev.sh run CMD [ARGS...]   any precise-rl subcommand
 #
 # On a machine without an NVIDIA GPU, torch is installed as the CPU build first
@@ -46,7 +46,7 @@ case "$cmd" in
   test) setup; exec "$PY" -m pytest "$@" ;;
   fidelity) setup; exec "$VENV/bin/precise-rl" fidelity "$@" ;;
   bench) setup; for b in benchmarks/*.py; do echo "== $b"; "$PY" "$b"; done ;;
-  lint) setup; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . ;;
+  lint) setup; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . && "$VENV/bin/lint-imports" ;;
   run) setup; exec "$VENV/bin/precise-rl" "$@" ;;
   setup) setup ;;
   *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] ;;

@@ -39,8 +39,8 @@ import torch
 
 from precise_rl.config import ExperimentConfig, apply_overrides, config_from_dict
 from precise_rl.policies import index_cond
-from precise_rl.policies.registry import TASKS, TaskSpec, digits_task
 from precise_rl.rl.trainer import GRPOTrainer, train_step_indices
+from precise_rl.tasks.registry import TASKS, TaskSpec, digits_task
 
 GOAL = 0.25
 SHIPPED_WIDTH = 128

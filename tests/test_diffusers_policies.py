@@ -22,10 +22,10 @@ from precise_rl.errors import UserError
 from precise_rl.policies.diffusers_base import detect_adapter
 from precise_rl.policies.flux import Flux1Policy
 from precise_rl.policies.flux2 import Flux2KleinPolicy
-from precise_rl.policies.registry import build_task
 from precise_rl.policies.sd3 import SD3Policy
 from precise_rl.rl.trainer import GRPOTrainer, train_step_indices
 from precise_rl.sde import SAMPLERS, rollout, shift_sigmas
+from precise_rl.tasks.registry import build_task
 
 from . import tiny_pipelines as tp
 

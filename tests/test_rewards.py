@@ -17,9 +17,7 @@ from sklearn.datasets import load_digits
 
 from precise_rl.errors import UserError
 from precise_rl.rewards import (
-    DigitAlignment,
     FunctionReward,
-    InkStyle,
     JpegCompressibility,
     JpegIncompressibility,
     Reward,
@@ -33,7 +31,14 @@ from precise_rl.rewards import (
     register_reward,
     weighted_raw,
 )
-from precise_rl.tasks.digits import EVAL_CLASSIFIER_FILE, REWARD_CLASSIFIER_FILE, STYLES, assets_dir
+from precise_rl.tasks.digits import (
+    EVAL_CLASSIFIER_FILE,
+    REWARD_CLASSIFIER_FILE,
+    STYLES,
+    DigitAlignment,
+    InkStyle,
+    assets_dir,
+)
 
 # --------------------------------------------------------------------------- rewards registered by these tests
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from precise_rl.policies import Policy
-from precise_rl.policies.registry import TASKS, TaskSpec
 from precise_rl.rewards import register_reward
+from precise_rl.tasks.registry import TASKS, TaskSpec
 
 PROMPTS = [f"prompt {k}" for k in range(4)]
 

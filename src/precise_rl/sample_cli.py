@@ -122,9 +122,9 @@ def policy_from_run(args: argparse.Namespace, device: torch.device) -> tuple[Any
     from safetensors.torch import load_file
 
     from .config import config_from_dict
-    from .policies.registry import build_task
     from .rl.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
     from .rl.lora import ADAPTER_CONFIG, load_adapter
+    from .tasks.registry import build_task
 
     for flag in ("adapter", "revision", "lora"):
         if getattr(args, flag) is not None:
@@ -161,7 +161,7 @@ def build_policy(args: argparse.Namespace, device: torch.device) -> tuple[Any, s
     """The policy named by ``--model`` / ``--adapter`` with the model options; returns (policy, adapter name)."""
     from .config import ModelConfig
     from .policies.diffusers_base import detect_adapter
-    from .policies.registry import TASKS, build_task
+    from .tasks.registry import TASKS, build_task
 
     model = args.model
     if args.adapter is not None and args.adapter not in TASKS:
@@ -276,10 +276,10 @@ def _save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .policies.registry import read_prompt_file
     from .rl.logging import labelled_grid
     from .rl.lora import load_adapter
     from .sde import shifted_sigmas, uniform_sigmas
+    from .tasks.registry import read_prompt_file
 
     prompts = list(args.prompt)
     if args.prompt_file is not None:

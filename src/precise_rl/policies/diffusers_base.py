@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import UserError
 from .base import Policy
+from .registry import PIPELINE_ADAPTERS  # pipeline class -> adapter name, filled by @register_policy
 
 __all__ = [
     "DiffusersPolicy",
@@ -36,12 +37,6 @@ __all__ = [
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-#: diffusers pipeline class -> adapter (model name in the registry)
-PIPELINE_ADAPTERS: dict[str, str] = {
-    "Flux2KleinPipeline": "flux2_klein",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux1",
-}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")

@@ -17,10 +17,12 @@ import torch
 
 from ..sde import flux1_mu
 from .diffusers_base import DiffusersPolicy
+from .registry import register_policy
 
 __all__ = ["Flux1Policy"]
 
 
+@register_policy("flux1")
 class Flux1Policy(DiffusersPolicy):
     pipeline_class = "FluxPipeline"
     default_model = "black-forest-labs/FLUX.1-dev"

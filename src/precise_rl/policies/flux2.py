@@ -18,6 +18,7 @@ import torch
 from ..errors import UserError
 from ..sde import flux2_empirical_mu
 from .diffusers_base import DiffusersPolicy
+from .registry import register_policy
 
 __all__ = ["Flux2KleinPolicy", "REFERENCE_LORA_TARGETS", "SINGLE_STREAM_OUT_TARGET", "LORA_TARGET_PRESETS"]
 
@@ -61,6 +62,7 @@ def expand_lora_targets(targets: str | Sequence[str] | None) -> tuple[str, ...] 
     return tuple(out)
 
 
+@register_policy("flux2_klein")
 class Flux2KleinPolicy(DiffusersPolicy):
     pipeline_class = "Flux2KleinPipeline"
     default_model = "black-forest-labs/FLUX.2-klein-base-4B"

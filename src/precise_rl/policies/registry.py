@@ -1,121 +1,39 @@
-"""Model registry: a config's ``model.name`` becomes a policy plus its task (prompts, rewards).
+"""The adapter registry: adapter name -> policy class, filled by :func:`register_policy`.
 
-Adding a model is one builder function and one line in ``TASKS``.
+``PIPELINE_ADAPTERS`` (diffusers pipeline class -> adapter name) is derived from it: an adapter
+class that names its ``pipeline_class`` is chosen for pipelines of that class. Adding an adapter
+is one module with a decorated class (and its import in ``precise_rl/policies/__init__.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
-import torch
-
-from ..errors import UserError
 from .base import Policy
 
-__all__ = ["TaskSpec", "TASKS", "build_task", "read_prompt_file"]
+__all__ = ["ADAPTERS", "PIPELINE_ADAPTERS", "register_policy"]
+
+#: adapter name -> policy class (its ``from_pretrained(path, revision, dtype, device, **options)`` loads it)
+ADAPTERS: dict[str, type[Policy]] = {}
+#: diffusers pipeline class -> adapter name, derived from ``ADAPTERS`` at registration
+PIPELINE_ADAPTERS: dict[str, str] = {}
+
+P = TypeVar("P", bound=type[Policy])
 
 
-@dataclass
-class TaskSpec:
-    """A policy and what training it needs besides the model."""
+def register_policy(name: str) -> Callable[[P], P]:
+    """Class decorator: make a policy adapter buildable as model ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an adapter name must be a non-empty string, got {name!r}")
 
-    policy: Policy
-    train_prompts: list[str]
-    eval_prompts: list[str]
-    metadata: Callable[[list[str]], list[dict]] = lambda prompts: [{} for _ in prompts]
-    default_rewards: dict[str, float] = field(default_factory=dict)
-    #: rewards scored at evaluation only (e.g. a held-out classifier)
-    eval_rewards: dict[str, float] = field(default_factory=dict)
+    def decorate(cls: P) -> P:
+        if name in ADAPTERS and ADAPTERS[name] is not cls:
+            raise ValueError(f"an adapter named {name!r} is already registered ({ADAPTERS[name]!r})")
+        ADAPTERS[name] = cls
+        pipeline = getattr(cls, "pipeline_class", None)
+        if pipeline:
+            PIPELINE_ADAPTERS[pipeline] = name
+        return cls
 
-
-def _digits(model_cfg: Any, device: torch.device) -> TaskSpec:
-    from ..tasks import digits
-
-    return digits_task(digits.DigitsPolicy.from_pretrained(model_cfg.path, device=device, **model_cfg.options))
-
-
-def digits_task(policy: Policy) -> TaskSpec:
-    """The built-in digits task (prompts, metadata, rewards) around a digits velocity network."""
-    from ..tasks import digits
-
-    return TaskSpec(
-        policy=policy,
-        train_prompts=list(digits.train_prompts()),
-        eval_prompts=list(digits.eval_prompts()),
-        metadata=digits.prompt_metadata,
-        default_rewards=dict(digits.DEFAULT_REWARD_WEIGHTS),
-        eval_rewards={"digit_recognised": 1.0},
-    )
-
-
-def _diffusers_builder(adapter: str | None) -> Callable[[Any, torch.device], TaskSpec]:
-    """A builder for a diffusers-pipeline adapter (``None``: chosen from the pipeline's model_index.json)."""
-
-    def build(model_cfg: Any, device: torch.device) -> TaskSpec:
-        from ..tasks import animals
-        from .diffusers_base import detect_adapter
-        from .flux import Flux1Policy
-        from .flux2 import Flux2KleinPolicy
-        from .sd3 import SD3Policy
-
-        classes = {"flux2_klein": Flux2KleinPolicy, "sd3": SD3Policy, "flux1": Flux1Policy}
-        name = adapter
-        if name is None:
-            if not model_cfg.path:
-                raise UserError("model 'diffusers' needs config key 'model.path' (a pipeline directory or hub id)")
-            name = detect_adapter(model_cfg.path, model_cfg.revision)
-        policy = classes[name].from_pretrained(
-            model_cfg.path, model_cfg.revision, model_cfg.dtype, device, **model_cfg.options
-        )
-        return TaskSpec(
-            policy=policy,
-            train_prompts=animals.train_prompts(),
-            eval_prompts=animals.eval_prompts(),
-        )
-
-    return build
-
-
-#: model name -> builder(model_cfg, device) -> TaskSpec
-TASKS: dict[str, Callable[[Any, torch.device], TaskSpec]] = {
-    "digits": _digits,
-    "flux2_klein": _diffusers_builder("flux2_klein"),  # FLUX.2 Klein (Flux2KleinPipeline)
-    "sd3": _diffusers_builder("sd3"),  # SD3 / SD3.5 (StableDiffusion3Pipeline)
-    "flux1": _diffusers_builder("flux1"),  # FLUX.1 dev / schnell (FluxPipeline)
-    "diffusers": _diffusers_builder(None),  # any of the three, from the pipeline's model_index.json
-}
-
-
-def build_task(model_cfg: Any, device: torch.device | str) -> TaskSpec:
-    """Build the task named by ``model_cfg.name`` on ``device``."""
-    builder = TASKS.get(model_cfg.name)
-    if builder is None:
-        raise UserError(f"unknown model {model_cfg.name!r} in config key 'model.name'; choose one of {sorted(TASKS)}")
-    try:
-        return builder(model_cfg, torch.device(device))
-    except TypeError as exc:
-        raise UserError(f"config key 'model.options' does not fit model {model_cfg.name!r}: {exc}") from None
-
-
-def read_prompt_file(path: str | Path, key: str = "prompts") -> list[str]:
-    """Prompts from a text file, one per line (blank lines and lines starting with '#' skipped)."""
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(
-            f"prompt file {str(p)!r} (config key '{key}') is a directory; give a text file, one prompt per line"
-        )
-    if not p.is_file():
-        raise UserError(f"prompt file {str(p)!r} (config key '{key}') does not exist")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"prompt file {str(p)!r} is not UTF-8 text") from None
-    except OSError as exc:
-        raise UserError(f"prompt file {str(p)!r} cannot be read: {exc.strerror or exc}") from None
-    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise UserError(f"prompt file {str(p)!r} holds no prompts")
-    return prompts
+    return decorate

@@ -15,10 +15,12 @@ import torch
 
 from ..sde import flux1_mu
 from .diffusers_base import DiffusersPolicy
+from .registry import register_policy
 
 __all__ = ["SD3Policy"]
 
 
+@register_policy("sd3")
 class SD3Policy(DiffusersPolicy):
     pipeline_class = "StableDiffusion3Pipeline"
     default_model = "stabilityai/stable-diffusion-3.5-medium"

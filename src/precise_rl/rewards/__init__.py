@@ -1,11 +1,12 @@
 """Rewards: the ``Reward`` interface, a registry by name, weighted combination and the built-in scorers.
 
-Built-in: ``digit_alignment``, ``ink_style``, ``digit_recognised`` (eval only) for the digits task,
-and ``jpeg_compressibility`` / ``jpeg_incompressibility`` for any model. A reward of your own:
+Built-in: ``jpeg_compressibility`` / ``jpeg_incompressibility`` for any model and the hub scorers;
+a task's own rewards live with the task (the digits task's in ``precise_rl.tasks.digits.rewards``,
+registered when the task is imported). A reward of your own:
 decorate it with ``@register_reward("name")``, or name it by import path ``"package.module:Name"``.
 """
 
-from . import clip_models, digits, geneval, image, image_reward, remote
+from . import clip_models, geneval, image, image_reward, remote
 from .base import (
     FunctionReward,
     PendingRewards,
@@ -19,7 +20,6 @@ from .base import (
     register_reward,
     weighted_raw,
 )
-from .digits import DigitAlignment, DigitRecognised, InkStyle
 from .image import JpegCompressibility, JpegIncompressibility, jpeg_sizes_kb
 
 __all__ = [
@@ -34,13 +34,9 @@ __all__ = [
     "check_weights",
     "combine_rewards",
     "weighted_raw",
-    "DigitAlignment",
-    "DigitRecognised",
-    "InkStyle",
     "JpegCompressibility",
     "JpegIncompressibility",
     "jpeg_sizes_kb",
-    "digits",
     "image",
     "clip_models",
     "image_reward",

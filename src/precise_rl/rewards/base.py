@@ -104,7 +104,7 @@ def register_reward(name: str) -> Callable[[Any], Any]:
 
 def _load_builtins() -> None:
     # the built-in rewards register themselves on import
-    from . import digits, image  # noqa: F401
+    from . import image  # noqa: F401
 
 
 def available_rewards() -> list[str]:

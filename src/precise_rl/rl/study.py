@@ -332,7 +332,7 @@ def run_study(
     """Run (or resume) every job, summarise each cell, write the files; returns the study's dict."""
     import torch
 
-    from ..policies.registry import build_task
+    from ..tasks.registry import build_task
     from .logging import read_metrics
     from .preflight import check_config
     from .train_cli import resolve_config

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 from ..config import ExperimentConfig
 from ..errors import UserError
 from ..policies import Policy
-from ..policies.registry import TaskSpec, build_task, read_prompt_file
 from ..rewards.base import RewardSet
 from ..rewards.failures import RewardUnavailable
 from ..sde import Kernel, StepOutput, kernel, shifted_sigmas, uniform_sigmas
+from ..tasks.registry import TaskSpec, build_task, read_prompt_file
 from . import advantages, dist, rollouts, state, update
 from .checkpoint import check_writable, remove_leftovers
 from .ema import EMA
@@ -43,12 +43,18 @@ __all__ = ["GRPOTrainer", "RolloutBatch", "default_output_dir", "epoch_prompt_in
 
 
 class GRPOTrainer:
-    """GRPO on a policy adapter, driven by accelerate. ``run()`` trains and returns the summary."""
+    """GRPO on a policy adapter, driven by accelerate. ``run()`` trains and returns the summary.
+
+    ``task`` (a :class:`TaskSpec`: policy, prompts, default rewards) replaces the model that
+    ``config.model.name`` names, so a model of one's own trains without a registry entry.
+    """
 
     def __init__(
         self,
         cfg: ExperimentConfig,
         output_dir: str | Path,
+        *,
+        task: TaskSpec | None = None,
         resume: str | Path | None = None,
         accelerator: Accelerator | None = None,
         read_only: bool = False,
@@ -75,7 +81,8 @@ class GRPOTrainer:
             )
         torch.manual_seed(_seed_for(cfg.seed, 0xC0FFEE))
 
-        self.task: TaskSpec = build_task(cfg.model, acc.device)
+        # ``task``: a policy, prompts and rewards of the caller's own; else the one ``model.name`` names
+        self.task: TaskSpec = build_task(cfg.model, acc.device) if task is None else task
         self.policy: Policy = self.task.policy
         self.train_prompts = self._prompts(cfg.prompts.train, self.task.train_prompts, "prompts.train")
         self.eval_prompts = self._prompts(cfg.prompts.eval, self.task.eval_prompts, "prompts.eval")

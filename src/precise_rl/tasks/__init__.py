@@ -1,6 +1,25 @@
-"""Built-in tasks: a model, its prompts and its rewards, small enough to train on a CPU."""
+"""Tasks: what a run trains on (a policy, its prompts and rewards), and the built-in ones.
 
-#: task name -> the module that implements it (``precise-rl pretrain TASK`` lists these)
-TASKS: dict[str, str] = {"digits": "precise_rl.tasks.digits"}
+:mod:`.registry` maps a config's ``model.name`` to a :class:`~.registry.TaskSpec`
+(``TaskSpec``, ``TASKS``, ``build_task`` and ``read_prompt_file`` are loaded from it on first use,
+so that this package imports no torch); :mod:`.digits` is the built-in digits task (data, model,
+prompts, rewards, pretraining), :mod:`.animals` the prompts of the diffusers models.
+"""
 
-__all__ = ["TASKS"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: pretrainable task name -> the module that implements it (``precise-rl pretrain TASK`` lists these)
+PRETRAIN_TASKS: dict[str, str] = {"digits": "precise_rl.tasks.digits"}
+
+_REGISTRY_NAMES = ("TaskSpec", "TASKS", "build_task", "digits_task", "read_prompt_file")
+
+__all__ = ["PRETRAIN_TASKS", *_REGISTRY_NAMES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REGISTRY_NAMES:
+        return getattr(importlib.import_module(".registry", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from . import TASKS
+from . import PRETRAIN_TASKS
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``precise-rl pretrain``."""
-    parser.add_argument("task", choices=sorted(TASKS), help="the built-in task whose weights to regenerate")
+    parser.add_argument("task", choices=sorted(PRETRAIN_TASKS), help="the built-in task whose weights to regenerate")
     parser.add_argument("--output", "-o", default="pretrained-digits", help="output directory (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split and of training (default: 0)")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps of the flow model (default: 2000)")

@@ -2,19 +2,15 @@
 
 Prompts ask for a digit and a stroke style (``"a bold handwritten 7"``); the shipped model is a
 real starting point (its ODE samples are recognisable digits with the asked-for ink), small
-enough that GRPO runs on a CPU. Regenerate every shipped file with ``precise-rl pretrain digits``.
+enough that GRPO runs on a CPU. Its rewards (:mod:`.rewards`) register by name on import.
+Regenerate every shipped file with ``precise-rl pretrain digits``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-from torch import nn
-
 from .data import DIGIT_WORDS, STYLES, ink, ink_statistics, load_digit_data, split_indices, style_labels
-from .models import ConvClassifier, DigitsFlowNet, FlowNetConfig, MLPClassifier, load_module
-from .policy import DigitsPolicy, assets_dir, resolve_weights
+from .models import ConvClassifier, DigitsFlowNet, FlowNetConfig, MLPClassifier
+from .policy import DigitsPolicy, assets_dir
 from .pretrain import (
     EVAL_CLASSIFIER_FILE,
     FLOW_FILE,
@@ -32,6 +28,7 @@ from .prompts import (
     prompt_metadata,
     train_prompts,
 )
+from .rewards import DigitAlignment, DigitRecognised, InkStyle, load_classifier, prompt_targets
 
 __all__ = [
     "DEFAULT_REWARD_WEIGHTS",
@@ -48,6 +45,10 @@ __all__ = [
     "PretrainSettings",
     "pretrain_digits",
     "load_classifier",
+    "DigitAlignment",
+    "DigitRecognised",
+    "InkStyle",
+    "prompt_targets",
     "parse_prompt",
     "encode_prompts",
     "prompt_metadata",
@@ -70,14 +71,3 @@ __all__ = [
 DEFAULT_REWARD_WEIGHTS: dict[str, float] = {"ink_style": 1.0, "digit_alignment": 1.0}
 #: what evaluation logs: the training components plus recognition by the held-out classifier
 EVAL_REWARD_WEIGHTS: dict[str, float] = {"ink_style": 1.0, "digit_alignment": 1.0, "digit_recognised": 0.0}
-
-_CLASSIFIER_FILES = {"reward": REWARD_CLASSIFIER_FILE, "eval": EVAL_CLASSIFIER_FILE}
-
-
-def load_classifier(which: str, path: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """The shipped ``"reward"`` or held-out ``"eval"`` classifier, or the one in ``path``: images -> logits."""
-    if which not in _CLASSIFIER_FILES:
-        raise ValueError(f"which must be 'reward' or 'eval', got {which!r}")
-    net = load_module(resolve_weights(path, _CLASSIFIER_FILES[which]), "digits_classifier", device)
-    net.requires_grad_(False)
-    return net

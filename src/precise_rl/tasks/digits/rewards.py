@@ -1,7 +1,8 @@
 """Offline rewards of the built-in ``digits`` task (images ``(B, 1, 8, 8)`` in [0, 1]).
 
 Each reads the asked-for digit and style from the metadata (``{"digit": int, "style": str}``,
-see ``precise_rl.tasks.digits.prompt_metadata``), or parses the prompt where they are missing.
+see :func:`~.prompts.prompt_metadata`), or parses the prompt where they are missing. They register
+by name (``digit_alignment``, ``ink_style``, ``digit_recognised``) when the task is imported.
 """
 
 from __future__ import annotations
@@ -11,12 +12,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from ..errors import UserError
-from ..tasks.digits import STYLES, ink, ink_statistics, load_classifier, parse_prompt
-from .base import Reward, register_reward
+from ...errors import UserError
+from ...rewards.base import Reward, register_reward
+from .data import STYLES, ink, ink_statistics
+from .models import load_module
+from .policy import resolve_weights
+from .pretrain import EVAL_CLASSIFIER_FILE, REWARD_CLASSIFIER_FILE
+from .prompts import parse_prompt
 
-__all__ = ["DigitAlignment", "InkStyle", "DigitRecognised", "prompt_targets"]
+__all__ = ["DigitAlignment", "InkStyle", "DigitRecognised", "load_classifier", "prompt_targets"]
+
+_CLASSIFIER_FILES = {"reward": REWARD_CLASSIFIER_FILE, "eval": EVAL_CLASSIFIER_FILE}
+
+
+def load_classifier(which: str, path: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """The shipped ``"reward"`` or held-out ``"eval"`` classifier, or the one in ``path``: images -> logits."""
+    if which not in _CLASSIFIER_FILES:
+        raise ValueError(f"which must be 'reward' or 'eval', got {which!r}")
+    net = load_module(resolve_weights(path, _CLASSIFIER_FILES[which]), "digits_classifier", device)
+    net.requires_grad_(False)
+    return net
 
 
 def prompt_targets(prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[str]]:

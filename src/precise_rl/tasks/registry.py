@@ -1,0 +1,115 @@
+"""Task registry: a config's ``model.name`` becomes a policy plus its task (prompts, rewards).
+
+``digits`` is the built-in task; every adapter of :data:`precise_rl.policies.registry.ADAPTERS`
+(``@register_policy``) is a model name with the animal prompts, and ``diffusers`` picks the adapter
+from the pipeline's ``model_index.json``. Adding a model is one builder function and one line in
+``TASKS``; a task passed to ``GRPOTrainer(..., task=TaskSpec(...))`` needs neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..policies import Policy
+from ..policies.diffusers_base import detect_adapter
+from ..policies.registry import ADAPTERS
+from . import animals, digits  # digits: its rewards register by name on import
+
+__all__ = ["TaskSpec", "TASKS", "build_task", "digits_task", "read_prompt_file"]
+
+
+@dataclass
+class TaskSpec:
+    """A policy and what training it needs besides the model."""
+
+    policy: Policy
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    metadata: Callable[[list[str]], list[dict]] = lambda prompts: [{} for _ in prompts]
+    default_rewards: dict[str, float] = field(default_factory=dict)
+    #: rewards scored at evaluation only (e.g. a held-out classifier)
+    eval_rewards: dict[str, float] = field(default_factory=dict)
+
+
+def _digits(model_cfg: Any, device: torch.device) -> TaskSpec:
+    return digits_task(digits.DigitsPolicy.from_pretrained(model_cfg.path, device=device, **model_cfg.options))
+
+
+def digits_task(policy: Policy) -> TaskSpec:
+    """The built-in digits task (prompts, metadata, rewards) around a digits velocity network."""
+    return TaskSpec(
+        policy=policy,
+        train_prompts=list(digits.train_prompts()),
+        eval_prompts=list(digits.eval_prompts()),
+        metadata=digits.prompt_metadata,
+        default_rewards=dict(digits.DEFAULT_REWARD_WEIGHTS),
+        eval_rewards={"digit_recognised": 1.0},
+    )
+
+
+def _diffusers_builder(adapter: str | None) -> Callable[[Any, torch.device], TaskSpec]:
+    """A builder for a diffusers-pipeline adapter (``None``: chosen from the pipeline's model_index.json)."""
+
+    def build(model_cfg: Any, device: torch.device) -> TaskSpec:
+        name = adapter
+        if name is None:
+            if not model_cfg.path:
+                raise UserError("model 'diffusers' needs config key 'model.path' (a pipeline directory or hub id)")
+            name = detect_adapter(model_cfg.path, model_cfg.revision)
+        policy = ADAPTERS[name].from_pretrained(
+            model_cfg.path, model_cfg.revision, model_cfg.dtype, device, **model_cfg.options
+        )
+        return TaskSpec(
+            policy=policy,
+            train_prompts=animals.train_prompts(),
+            eval_prompts=animals.eval_prompts(),
+        )
+
+    return build
+
+
+#: model name -> builder(model_cfg, device) -> TaskSpec
+TASKS: dict[str, Callable[[Any, torch.device], TaskSpec]] = {
+    "digits": _digits,
+    # flux2_klein (Flux2KleinPipeline), sd3 (SD3 / SD3.5), flux1 (FLUX.1 dev / schnell), ...
+    **{name: _diffusers_builder(name) for name in ADAPTERS},
+    "diffusers": _diffusers_builder(None),  # any registered adapter, from the pipeline's model_index.json
+}
+
+
+def build_task(model_cfg: Any, device: torch.device | str) -> TaskSpec:
+    """Build the task named by ``model_cfg.name`` on ``device``."""
+    builder = TASKS.get(model_cfg.name)
+    if builder is None:
+        raise UserError(f"unknown model {model_cfg.name!r} in config key 'model.name'; choose one of {sorted(TASKS)}")
+    try:
+        return builder(model_cfg, torch.device(device))
+    except TypeError as exc:
+        raise UserError(f"config key 'model.options' does not fit model {model_cfg.name!r}: {exc}") from None
+
+
+def read_prompt_file(path: str | Path, key: str = "prompts") -> list[str]:
+    """Prompts from a text file, one per line (blank lines and lines starting with '#' skipped)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(
+            f"prompt file {str(p)!r} (config key '{key}') is a directory; give a text file, one prompt per line"
+        )
+    if not p.is_file():
+        raise UserError(f"prompt file {str(p)!r} (config key '{key}') does not exist")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {str(p)!r} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"prompt file {str(p)!r} cannot be read: {exc.strerror or exc}") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"prompt file {str(p)!r} holds no prompts")
+    return prompts
