@@ -35,13 +35,11 @@ def _toy(**sections: dict) -> object:
 # ----------------------------------------------------------------------------- float32 trainable weights
 
 
-def test_lora_weights_and_adam_state_are_float32_under_a_bf16_model_and_every_entry_moves(tmp_path: Path) -> None:
-    """With ``model.dtype: bfloat16`` every trainable weight is float32, the frozen ones stay bf16, and one
-    AdamW step at the reference's lr 8e-5 changes every LoRA entry (in bf16 most of them would round away)."""
-    path = tp.save_pipeline("flux2_klein", tmp_path / "pipe", seed=int(torch.randint(0, 1000, ())))
-    cfg = config_from_dict(
+def _bf16_flux2(path: Path, train: dict, **top: object) -> object:
+    """A one-epoch config of the tiny FLUX.2 Klein pipeline at ``path`` with bf16 weights."""
+    return config_from_dict(
         {
-            "seed": random.randrange(1000),
+            **top,
             "model": {
                 "name": "flux2_klein",
                 "path": str(path),
@@ -50,22 +48,28 @@ def test_lora_weights_and_adam_state_are_float32_under_a_bf16_model_and_every_en
             },
             "sampler": {"num_steps": 3},
             "reward": {"weights": {"jpeg_incompressibility": 1.0}},
-            "train": {
-                "epochs": 1,
-                "groups_per_epoch": 2,
-                "group_size": 4,
-                "batch_size": 8,  # every sample in one micro-batch: exactly one optimizer step
-                "lr": 8e-5,
-                "weight_decay": 1e-4,
-                "clip_range": 0.2,
-                "mixed_precision": "bf16",
-                "lora": {"enabled": True, "rank": 4, "alpha": 4},
-                "ema": {"enabled": False},
-            },
+            "train": {"epochs": 1, "groups_per_epoch": 2, **train},
             "eval": {"every": 0},
             "logging": {"tensorboard": False, "progress": False},
         }
     )
+
+
+def test_lora_weights_and_adam_state_are_float32_under_a_bf16_model_and_every_entry_moves(tmp_path: Path) -> None:
+    """With ``model.dtype: bfloat16`` every trainable weight is float32, the frozen ones stay bf16, and one
+    AdamW step at the reference's lr 8e-5 changes every LoRA entry (in bf16 most of them would round away)."""
+    path = tp.save_pipeline("flux2_klein", tmp_path / "pipe", seed=int(torch.randint(0, 1000, ())))
+    train = {
+        "group_size": 4,
+        "batch_size": 8,  # every sample in one micro-batch: exactly one optimizer step
+        "lr": 8e-5,
+        "weight_decay": 1e-4,
+        "clip_range": 0.2,
+        "mixed_precision": "bf16",
+        "lora": {"enabled": True, "rank": 4, "alpha": 4},
+        "ema": {"enabled": False},
+    }
+    cfg = _bf16_flux2(path, train, seed=random.randrange(1000))
     trainer = GRPOTrainer(cfg, tmp_path / "run")
     named = dict(zip(trainer.param_names, trainer.params, strict=True))
     assert named and all(("lora_A" in n or "lora_B" in n) for n in named)
@@ -298,21 +302,7 @@ def test_metrics_count_updates_per_epoch_and_optimizer_steps_since_the_start(tmp
 def test_full_fine_tuning_of_a_bf16_model_with_kl_and_no_autocast_trains_in_float32(tmp_path: Path) -> None:
     """Every weight trained: the whole transformer and its frozen KL copy run in float32, without autocast too."""
     path = tp.save_pipeline("flux2_klein", tmp_path / "pipe")
-    cfg = config_from_dict(
-        {
-            "model": {
-                "name": "flux2_klein",
-                "path": str(path),
-                "dtype": "bfloat16",
-                "options": tp.adapter_options("flux2_klein"),
-            },
-            "sampler": {"num_steps": 3},
-            "reward": {"weights": {"jpeg_incompressibility": 1.0}},
-            "train": {"epochs": 1, "groups_per_epoch": 2, "group_size": 2, "kl_beta": 0.01, "lr": 1e-4},
-            "eval": {"every": 0},
-            "logging": {"tensorboard": False, "progress": False},
-        }
-    )
+    cfg = _bf16_flux2(path, {"group_size": 2, "kl_beta": 0.01, "lr": 1e-4})
     trainer = GRPOTrainer(cfg, tmp_path / "run")
     assert all(p.dtype == torch.float32 for p in trainer.policy.transformer.parameters())
     assert all(p.dtype == torch.float32 for p in trainer.ref_module.parameters())

@@ -25,16 +25,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 
 from precise_rl.rewards import Reward
 from precise_rl.rewards import server as server_mod
 from precise_rl.rewards.protocol import ProtocolError, decode_images, parse_request
-from precise_rl.rewards.server import create_app
 from precise_rl.rewards.server import main as server_main
 
-from .test_reward_server import start_server_process
+from .test_reward_server import start_server_process, thread_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,21 +54,9 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _thread_server(reward: Reward, **kwargs: Any) -> Iterator[int]:
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(reward, **kwargs), host="127.0.0.1", port=port, log_level="error")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    """The reward-server tests' in-thread server, by port."""
+    with thread_server(reward, **kwargs) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 def _post(port: int, body: bytes, headers: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, dict]:
