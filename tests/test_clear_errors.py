@@ -340,7 +340,7 @@ def _expected_levels(
     weights: dict[str, torch.Tensor] | None, prompt: str, seed: int, lora_dir: Path | None
 ) -> torch.Tensor:
     """The ODE sample of the toy policy with the given weights, drawn here, as the 8-bit grey PNG sample writes."""
-    from precise_rl.rl.lora import load_adapter
+    from precise_rl.policies.lora import load_adapter
     from precise_rl.sde import kernel, rollout, uniform_sigmas
 
     policy = toy_task.ToyPolicy()

@@ -85,8 +85,8 @@ def _parse_option(item: str) -> tuple[str, Any]:
 
 def resolve_lora_dir(path: Path) -> Path:
     """An adapter directory from an adapter, checkpoint or run directory."""
+    from .policies.lora import ADAPTER_CONFIG
     from .rl.checkpoint import latest_checkpoint
-    from .rl.lora import ADAPTER_CONFIG
 
     if not path.exists():
         raise UserError(f"--lora {str(path)!r} does not exist")
@@ -122,8 +122,8 @@ def policy_from_run(args: argparse.Namespace, device: torch.device) -> tuple[Any
     from safetensors.torch import load_file
 
     from .config import config_from_dict
+    from .policies.lora import ADAPTER_CONFIG, load_adapter
     from .rl.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
-    from .rl.lora import ADAPTER_CONFIG, load_adapter
     from .tasks.registry import build_task
 
     for flag in ("adapter", "revision", "lora"):
@@ -276,8 +276,8 @@ def _save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from .policies.lora import load_adapter
     from .rl.logging import labelled_grid
-    from .rl.lora import load_adapter
     from .sde import shifted_sigmas, uniform_sigmas
     from .tasks.registry import read_prompt_file
 

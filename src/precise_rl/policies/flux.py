@@ -17,6 +17,7 @@ import torch
 
 from ..sde import flux1_mu
 from .diffusers_base import DiffusersPolicy
+from .lora_targets import FLUX1_FEED_FORWARD, JOINT_ATTENTION
 from .registry import register_policy
 
 __all__ = ["Flux1Policy"]
@@ -30,20 +31,7 @@ class Flux1Policy(DiffusersPolicy):
     default_guidance_scale = 3.5
     default_max_sequence_length = 512
     #: attention and feed-forward projections of the double-stream blocks and the single-stream q/k/v
-    default_lora_suffixes = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "ff.net.0.proj",
-        "ff.net.2",
-        "ff_context.net.0.proj",
-        "ff_context.net.2",
-    )
+    default_lora_suffixes = (*JOINT_ATTENTION, *FLUX1_FEED_FORWARD)
 
     def __init__(self, pipe: Any, **kw: Any) -> None:
         super().__init__(pipe, **kw)

@@ -15,6 +15,7 @@ import torch
 
 from ..sde import flux1_mu
 from .diffusers_base import DiffusersPolicy
+from .lora_targets import JOINT_ATTENTION
 from .registry import register_policy
 
 __all__ = ["SD3Policy"]
@@ -28,16 +29,7 @@ class SD3Policy(DiffusersPolicy):
     default_guidance_scale = 4.5
     default_max_sequence_length = 256
     #: the joint-attention projections (Flow-GRPO's SD3.5 targets)
-    default_lora_suffixes = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    )
+    default_lora_suffixes = JOINT_ATTENTION
 
     @property
     def patch_size(self) -> int:

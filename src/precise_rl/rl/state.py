@@ -22,6 +22,7 @@ import torch
 
 from ..config import config_from_dict, config_to_dict
 from ..errors import UserError
+from ..policies.lora import save_adapter
 from . import dist
 from .checkpoint import (
     MANIFEST,
@@ -33,7 +34,6 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .evaluate import eval_weights
-from .lora import save_adapter
 
 if TYPE_CHECKING:
     from .trainer import GRPOTrainer

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..config import ExperimentConfig
 from ..errors import UserError
 from ..policies import Policy
+from ..policies.lora import apply_lora
 from ..rewards.base import RewardSet
 from ..rewards.failures import RewardUnavailable
 from ..sde import Kernel, StepOutput, kernel, shifted_sigmas, uniform_sigmas
@@ -35,7 +36,6 @@ from .checkpoint import check_writable, remove_leftovers
 from .ema import EMA
 from .evaluate import Evaluator
 from .logging import RunLogger
-from .lora import apply_lora
 from .rollouts import RolloutBatch, _seed_for, epoch_prompt_indices
 from .update import count_nonfinite, train_step_indices
 

@@ -26,9 +26,9 @@ from accelerate import Accelerator
 
 from ..errors import UserError
 from ..policies import index_cond
+from ..policies.lora import adapters_disabled
 from ..sde import Kernel, StepOutput, step
 from .checkpoint import list_checkpoints
-from .lora import adapters_disabled
 from .losses import guard_loss, kl_penalty, ppo_clip_loss
 from .rollouts import RolloutBatch
 
