@@ -174,6 +174,10 @@ class DiffusersPolicy(Policy):
     display_name: ClassVar[str]
     default_guidance_scale: ClassVar[float] = 1.0
     default_max_sequence_length: ClassVar[int] = 512
+    #: how the model guides, in words (``precise-rl models`` and the README's models table)
+    guidance_rule: ClassVar[str] = "classifier-free guidance against the negative prompt"
+    #: the pipeline's time grid rule, in words (the grid itself comes from :meth:`time_grid`)
+    time_grid_rule: ClassVar[str] = "the scheduler's sigmas"
 
     def __init__(
         self,

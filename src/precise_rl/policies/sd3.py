@@ -28,6 +28,11 @@ class SD3Policy(DiffusersPolicy):
     display_name = "SD3"
     default_guidance_scale = 4.5
     default_max_sequence_length = 256
+    guidance_rule = "classifier-free guidance against the negative prompt"
+    time_grid_rule = (
+        "uniform, shifted by the scheduler's shift (3.0 for SD3.5; "
+        "a resolution-dependent mu when the scheduler shifts dynamically)"
+    )
     #: the joint-attention projections (Flow-GRPO's SD3.5 targets)
     default_lora_suffixes = JOINT_ATTENTION
 
