@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..rewards.base import RewardSet, weighted_raw
-from ..sde import kernel
+from ..sde import SAMPLER_TABLE, kernel
 from . import dist
 from .ema import EMA
 from .rollouts import _seed_for, sample
@@ -77,7 +77,7 @@ class Evaluator:
             for key in e.samplers:
                 sampler = cfg.sampler.name if key == "own" else key
                 eta = cfg.sampler.eta if sampler == cfg.sampler.name else None
-                sched = cfg.sampler.schedule if sampler == "precise" else None
+                sched = cfg.sampler.schedule if SAMPLER_TABLE[sampler].takes_schedule else None
                 _, latents, _, _ = sample(tr, mine, kernel(sampler, sigmas, eta, sched), seeds, store=False)
                 with torch.no_grad():
                     images = tr.policy.decode(latents)

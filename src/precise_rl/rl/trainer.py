@@ -29,7 +29,7 @@ from ..policies import Policy
 from ..policies.lora import apply_lora
 from ..rewards.base import RewardSet
 from ..rewards.failures import RewardUnavailable
-from ..sde import Kernel, StepOutput, kernel, shifted_sigmas, uniform_sigmas
+from ..sde import SAMPLER_TABLE, Kernel, StepOutput, kernel, time_grid
 from ..tasks.registry import TaskSpec, build_task, read_prompt_file
 from . import advantages, dist, rollouts, state, update
 from .checkpoint import check_writable, remove_leftovers
@@ -107,7 +107,7 @@ class GRPOTrainer:
             cfg.sampler.name,
             self.sigmas,
             cfg.sampler.eta,
-            cfg.sampler.schedule if cfg.sampler.name == "precise" else None,
+            cfg.sampler.schedule if SAMPLER_TABLE[cfg.sampler.name].takes_schedule else None,
         )
         self.epoch = 0  # completed epochs
         self.global_step = 0
@@ -141,12 +141,7 @@ class GRPOTrainer:
         return prompts
 
     def _sigmas(self, num_steps: int) -> torch.Tensor:
-        grid = self.cfg.sampler.grid
-        if grid == "uniform":
-            return uniform_sigmas(num_steps)
-        if grid == "shifted":
-            return shifted_sigmas(num_steps, self.cfg.sampler.shift)
-        return self.policy.time_grid(num_steps)
+        return time_grid(num_steps, self.cfg.sampler.grid, shift=self.cfg.sampler.shift, model=self.policy.time_grid)
 
     def _setup_model(self) -> None:
         cfg, acc = self.cfg, self.accelerator

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
-from .sde import DEFAULT_ETA, SAMPLERS
+from ..errors import UserError
+from ..sde import DEFAULT_ETA, SAMPLERS
 
 __all__ = ["add_arguments", "run", "generate", "resolve_lora_dir", "build_policy"]
 
@@ -85,8 +85,8 @@ def _parse_option(item: str) -> tuple[str, Any]:
 
 def resolve_lora_dir(path: Path) -> Path:
     """An adapter directory from an adapter, checkpoint or run directory."""
-    from .policies.lora import ADAPTER_CONFIG
-    from .rl.checkpoint import latest_checkpoint
+    from ..policies.lora import ADAPTER_CONFIG
+    from ..rl.checkpoint import latest_checkpoint
 
     if not path.exists():
         raise UserError(f"--lora {str(path)!r} does not exist")
@@ -105,7 +105,7 @@ def resolve_lora_dir(path: Path) -> Path:
 
 def is_run_dir(path: str) -> bool:
     """Whether ``--model`` names a training run (or one of its checkpoints) rather than a model."""
-    from .rl.checkpoint import MANIFEST, list_checkpoints
+    from ..rl.checkpoint import MANIFEST, list_checkpoints
 
     p = Path(path)
     return p.is_dir() and (bool(list_checkpoints(p / "checkpoints")) or (p / MANIFEST).is_file())
@@ -121,10 +121,10 @@ def policy_from_run(args: argparse.Namespace, device: torch.device) -> tuple[Any
     """
     from safetensors.torch import load_file
 
-    from .config import config_from_dict
-    from .policies.lora import ADAPTER_CONFIG, load_adapter
-    from .rl.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
-    from .tasks.registry import build_task
+    from ..config import config_from_dict
+    from ..policies.lora import ADAPTER_CONFIG, load_adapter
+    from ..rl.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+    from ..tasks.registry import build_task
 
     for flag in ("adapter", "revision", "lora"):
         if getattr(args, flag) is not None:
@@ -159,9 +159,9 @@ def policy_from_run(args: argparse.Namespace, device: torch.device) -> tuple[Any
 
 def build_policy(args: argparse.Namespace, device: torch.device) -> tuple[Any, str]:
     """The policy named by ``--model`` / ``--adapter`` with the model options; returns (policy, adapter name)."""
-    from .config import ModelConfig
-    from .policies.diffusers_base import detect_adapter
-    from .tasks.registry import TASKS, build_task
+    from ..config import ModelConfig
+    from ..policies.diffusers_base import detect_adapter
+    from ..tasks.registry import TASKS, build_task
 
     model = args.model
     if args.adapter is not None and args.adapter not in TASKS:
@@ -240,9 +240,9 @@ def generate(
     schedule: str | None = None,
 ) -> torch.Tensor:
     """Images ``(len(seeds), C, H, W)`` in [0, 1] for one prompt; row ``i`` depends only on ``seeds[i]``."""
-    from .sde import kernel, rollout
+    from ..sde import SAMPLER_TABLE, kernel, rollout
 
-    kern = kernel(sampler, sigmas, eta, schedule if sampler == "precise" else None)
+    kern = kernel(sampler, sigmas, eta, schedule if SAMPLER_TABLE[sampler].takes_schedule else None)
     device = policy.device
     # A half-precision model runs under autocast, as the recipes train it (train.mixed_precision: bf16):
     # the float32 LoRA weights mix with it, and FLUX.2's timestep is not rounded.
@@ -276,10 +276,10 @@ def _save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .policies.lora import load_adapter
-    from .rl.logging import labelled_grid
-    from .sde import shifted_sigmas, uniform_sigmas
-    from .tasks.registry import read_prompt_file
+    from ..policies.lora import load_adapter
+    from ..rl.logging import labelled_grid
+    from ..sde import time_grid
+    from ..tasks.registry import read_prompt_file
 
     prompts = list(args.prompt)
     if args.prompt_file is not None:
@@ -315,14 +315,9 @@ def run(args: argparse.Namespace) -> int:
     if lora_dir is not None:
         policy.transformer = load_adapter(policy.transformer, lora_dir)
     policy.transformer.eval()
-    if args.sigmas == "model":
-        sigmas = policy.time_grid(args.steps)
-    elif args.sigmas == "uniform":
-        sigmas = uniform_sigmas(args.steps)
-    else:
-        if args.shift <= 0:
-            raise UserError(f"--shift must be > 0, got {args.shift}")
-        sigmas = shifted_sigmas(args.steps, args.shift)
+    if args.sigmas == "shifted" and args.shift <= 0:
+        raise UserError(f"--shift must be > 0, got {args.shift}")
+    sigmas = time_grid(args.steps, args.sigmas, shift=args.shift, model=policy.time_grid)
 
     samplers = [args.sampler]
     if args.grid:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .kernels import Kernel, kernel
-from .step import Generators, step
+from .transition import Generators, step
 
 __all__ = ["Trajectory", "NonFiniteRollout", "rollout", "sde_window", "sliding_window"]
 

@@ -83,7 +83,7 @@ def write_json_atomically(out: Path, data: object) -> None:
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
-    from .rundir import command_line, is_main_launch_process, lock_run_dir
+    from ..rl.rundir import command_line, is_main_launch_process, lock_run_dir
 
     if not args.samplers:
         raise UserError("--samplers names no sampler; give a comma-separated list such as ode,train")
@@ -104,10 +104,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_locked(args: argparse.Namespace, out: Path) -> int:
+    from ..rl.checkpoint import latest_checkpoint
+    from ..rl.run_config import resolve_config
+    from ..rl.trainer import GRPOTrainer
     from ..sde import SAMPLERS
-    from .checkpoint import latest_checkpoint
-    from .train_cli import resolve_config
-    from .trainer import GRPOTrainer
 
     args.samplers = ["own" if s == "train" else s for s in args.samplers]  # 'train': the former name of 'own'
     for s in args.samplers:
