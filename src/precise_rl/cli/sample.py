@@ -247,24 +247,11 @@ def generate(
 HALF = (torch.bfloat16, torch.float16)
 
 
-def _save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
-    """One ``(C, H, W)`` image in [0, 1] as PNG, enlarged ``scale`` times (nearest neighbour)."""
-    from PIL import Image
-
-    img = image.detach().float().clamp(0, 1).cpu()
-    if img.shape[0] == 1:
-        img = img.expand(3, -1, -1)
-    arr = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    if scale > 1:
-        arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
-    Image.fromarray(arr).save(path)
-
-
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from ..images import labelled_grid, save_png
     from ..policies.lora import load_adapter
-    from ..rl.logging import labelled_grid
     from ..sde import time_grid
     from ..tasks.registry import read_prompt_file
 
@@ -348,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
             scale = max(1, 64 // min(imgs.shape[-2:]))
             for seed, img in zip(seeds, imgs, strict=True):
                 path = folder / f"{s}_seed{seed}.png"
-                _save_png(img, path, scale)
+                save_png(img, path, scale)
                 files.append(str(path))
                 written += 1
             rows.append(imgs)
