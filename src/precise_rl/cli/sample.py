@@ -141,12 +141,13 @@ def build_policy(args: argparse.Namespace, device: torch.device) -> tuple[Any, s
     """The policy named by ``--model`` / ``--adapter`` with the model options; returns (policy, adapter name)."""
     from ..config import ModelConfig
     from ..policies.diffusers_base import detect_adapter
-    from ..tasks.registry import TASKS, build_task
+    from ..tasks.registry import build_task, model_names
 
     model = args.model
-    if args.adapter is not None and args.adapter not in TASKS:
-        raise UserError(f"--adapter {args.adapter!r} is unknown; choose one of {sorted(TASKS)}")
-    if args.adapter is None and model in TASKS and not Path(model).exists():
+    names = model_names()
+    if args.adapter is not None and args.adapter not in names:
+        raise UserError(f"--adapter {args.adapter!r} is unknown; choose one of {names}")
+    if args.adapter is None and model in names and not Path(model).exists():
         name, path = model, None
     else:
         name = args.adapter or detect_adapter(model, args.revision)

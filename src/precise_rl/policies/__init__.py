@@ -4,7 +4,7 @@
 ``Flux2KleinPolicy`` (FLUX.2 Klein), ``SD3Policy`` (SD3 / SD3.5) and ``Flux1Policy`` (FLUX.1).
 """
 
-from .base import Policy, cat_cond, index_cond
+from .base import Policy, index_cond
 from .diffusers_base import DiffusersPolicy
 from .flux import Flux1Policy
 from .flux2 import Flux2KleinPolicy
@@ -16,6 +16,5 @@ __all__ = [
     "Flux1Policy",
     "Flux2KleinPolicy",
     "SD3Policy",
-    "cat_cond",
     "index_cond",
 ]
