@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..registries import add_entry
+
 if TYPE_CHECKING:
     import torch
 
@@ -90,13 +92,9 @@ def register_sampler(sampler: Sampler) -> Sampler:
         raise ValueError(f"a sampler name must be an identifier, got {sampler.name!r}")
     if sampler.name in ("own",):  # ``own`` names the training sampler in eval.samplers
         raise ValueError(f"{sampler.name!r} is reserved")
-    known = SAMPLER_TABLE.get(sampler.name)
-    if known is not None and known != sampler:
-        raise ValueError(f"a sampler named {sampler.name!r} is already registered")
     if not (math.isfinite(sampler.default_eta) and 0 <= sampler.default_eta <= sampler.eta_max):
         raise ValueError(f"sampler {sampler.name!r}: default eta {sampler.default_eta!r} is outside [0, eta_max]")
-    SAMPLER_TABLE[sampler.name] = sampler
-    return sampler
+    return add_entry(SAMPLER_TABLE, sampler.name, sampler, "a sampler")
 
 
 def get_sampler(name: str) -> Sampler:

@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..policies import Policy
 from ..policies.diffusers_base import detect_adapter
 from ..policies.registry import ADAPTERS
+from ..registries import add_entry, check_name
 from . import animals, digits  # digits: its rewards register by name on import
 
 __all__ = ["TaskSpec", "TASKS", "build_task", "digits_task", "model_names", "read_prompt_file", "register_task"]
@@ -83,14 +84,10 @@ B = TypeVar("B", bound=Callable[[Any, torch.device], TaskSpec])
 
 def register_task(name: str) -> Callable[[B], B]:
     """Decorator: make ``builder(model_cfg, device) -> TaskSpec`` the task of model name ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a task name must be a non-empty string, got {name!r}")
+    check_name(name, "a task")
 
     def decorate(builder: B) -> B:
-        if name in TASKS and TASKS[name] is not builder:
-            raise ValueError(f"a task named {name!r} is already registered ({TASKS[name]!r})")
-        TASKS[name] = builder
-        return builder
+        return add_entry(TASKS, name, builder, "a task")
 
     return decorate
 
