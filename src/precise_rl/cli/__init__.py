@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "precise_rl.cli.study",
         "sampler study over step counts and time grids: where precise reaches the target faster, with fidelity",
     ),
+    "models": (
+        "precise_rl.cli.models",
+        "list the models (built-in and diffusers adapters) with pipeline, guidance and time grid",
+    ),
     "sample": ("precise_rl.cli.sample", "generate images with any sampler (diffusers pipeline or built-in model)"),
     "serve-reward": (
         "precise_rl.cli.serve_reward",
