@@ -33,7 +33,7 @@ from . import tiny_t2i_pipelines as tp
 diffusers_logging.disable_progress_bar()
 
 #: tiny pipelines (see tiny_t2i_pipelines.py); ``flux2_klein_9b`` is the Klein adapter on the 9B's shape
-KINDS = ["flux2_dev", "flux2_klein_9b"]
+KINDS = ["flux2_dev", "flux2_klein_9b", "qwen_image"]
 STOCHASTIC = [s for s in SAMPLERS if s != "ode"]
 HEIGHT, WIDTH = tp.HEIGHT, tp.WIDTH
 FROZEN = ("vae", "text_encoder")
@@ -63,6 +63,10 @@ def pipeline_call_kwargs(kind: str, policy) -> dict:
     kw = {"height": HEIGHT, "width": WIDTH, "max_sequence_length": policy.max_sequence_length}
     if kind in ("flux2_dev", "flux2_klein_9b"):
         kw.update(guidance_scale=policy.guidance_scale, text_encoder_out_layers=tuple(policy.text_encoder_out_layers))
+    elif kind == "qwen_image":  # true CFG needs a negative prompt; without one the pipeline runs no CFG
+        kw.update(
+            true_cfg_scale=policy.guidance_scale, negative_prompt=policy.negative_prompt if policy.do_cfg else None
+        )
     return kw
 
 
@@ -107,6 +111,9 @@ PARITY = {
     "flux2_klein_9b": ("flux2_klein_9b", {}, None),
     "flux2_klein_9b-cfg4": ("flux2_klein_9b", {"guidance_scale": 4.0}, None),
     "flux2_klein_9b-distilled": ("flux2_klein_9b", {}, {"is_distilled": True}),
+    "qwen_image-true-cfg4": ("qwen_image", {}, None),
+    "qwen_image-true-cfg2.5-negative": ("qwen_image", {"guidance_scale": 2.5, "negative_prompt": "blurry, dark"}, None),
+    "qwen_image-nocfg": ("qwen_image", {"guidance_scale": 1.0}, None),
 }
 
 
@@ -156,6 +163,66 @@ def test_flux2_dev_guidance_reaches_the_embedding_in_one_pass(policies) -> None:
     torch.testing.assert_close(calls[0][1], torch.full((3,), 4.0))
     other = Flux2DevPolicy(policy.pipe, **options("flux2_dev", guidance_scale=1.5)).velocity(x, t, cond)
     assert (v - other).abs().max() > 1e-4  # the embedding really uses the scale
+
+
+def test_qwen_image_grid_is_the_sequence_length_shift_stretched_to_the_terminal_sigma(policies) -> None:
+    """mu linear in the image tokens between (256, 0.5) and (8192, 0.9), exp(mu) shift, then 1 - sigma scaled
+    so that the last sigma is shift_terminal (0.02): the pipeline's grid, from the closed form."""
+    policy = policies["qwen_image"]
+    cfg = policy.pipe.scheduler.config
+    mu = 0.5 + (0.9 - 0.5) / (8192 - 256) * (policy.image_seq_len - 256)
+    for n in (2, 7):
+        t = np.linspace(1.0, 1.0 / n, n)
+        shifted = np.exp(mu) * t / (1 + (np.exp(mu) - 1) * t)
+        stretched = 1 - (1 - shifted) / ((1 - shifted[-1]) / (1 - cfg.shift_terminal))
+        np.testing.assert_allclose(policy.time_grid(n).numpy(), np.append(stretched, 0.0), rtol=0, atol=1e-6)
+
+
+def test_qwen_image_true_cfg_keeps_each_tokens_conditional_norm_in_one_pass(policies) -> None:
+    """The guided velocity is v_u + w (v_c - v_u) rescaled to |v_c| token by token (the pipeline's 2x2 patch
+    tokens): one forward of 2B rows, negative and positive texts of different lengths padded under the mask."""
+    from diffusers import QwenImagePipeline
+
+    guided = policies["qwen_image"]
+    plain = type(guided)(guided.pipe, **options("qwen_image", guidance_scale=1.0))
+    prompts = ["a cat", "a dog on a long red sofa", "a cat"]
+    x, t = torch.randn(3, *guided.latent_shape), torch.rand(3)
+    rows: list[int] = []
+    handle = guided.transformer.register_forward_pre_hook(
+        lambda m, a, kw: rows.append(kw["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        v = guided.velocity(x, t, guided.encode_prompts(prompts))
+    finally:
+        handle.remove()
+    assert rows == [6]
+    v_c = plain.velocity(x, t, plain.encode_prompts(prompts))
+    v_u = plain.velocity(x, t, plain.encode_prompts([guided.negative_prompt] * 3))
+
+    def tokens(z: torch.Tensor) -> torch.Tensor:
+        c, h, w = guided.latent_shape
+        return QwenImagePipeline._pack_latents(z, 3, c, h, w)
+
+    w = guided.guidance_scale
+    combined = tokens(v_u) + w * (tokens(v_c) - tokens(v_u))
+    expected = combined * tokens(v_c).norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(tokens(v), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tokens(v).norm(dim=-1), tokens(v_c).norm(dim=-1), rtol=1e-5, atol=1e-5)
+    assert (v - v_c).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_velocity_equals_row_by_row(kind: str, policies) -> None:
+    """A whole group in one forward gives each row's own velocity (text padding under the mask, packing and
+    guidance are per row)."""
+    policy = policies[kind]
+    prompts = ["a red fox", "two cats on a mat", "a red fox", "x"]
+    x, t = torch.randn(4, *policy.latent_shape), torch.rand(4)
+    batched = policy.velocity(x, t, policy.encode_prompts(prompts))
+    for i, p in enumerate(prompts):
+        row = policy.velocity(x[i : i + 1], t[i : i + 1], policy.encode_prompts([p]))
+        torch.testing.assert_close(batched[i : i + 1], row, rtol=0, atol=1e-5)
+    assert (batched[0] - batched[2]).abs().max() > 1e-4  # same prompt, other x and t
 
 
 # ---------------------------------------------------------------------------------------- consistency
@@ -282,3 +349,8 @@ def test_flux2_text_layers_that_do_not_make_the_transformers_text_width_are_one_
     distilled = tp.BUILDERS["flux2_klein_9b"](is_distilled=True)
     with pytest.raises(UserError, match="step-distilled"):
         Flux2KleinPolicy(distilled, **options("flux2_klein_9b", guidance_scale=4.0))
+
+
+def test_qwen_image_text_longer_than_the_pipeline_takes_is_one_sentence(policies) -> None:
+    with pytest.raises(UserError, match="'max_sequence_length' must be at most 1024 for Qwen-Image, got 2048"):
+        type(policies["qwen_image"])(policies["qwen_image"].pipe, **options("qwen_image", max_sequence_length=2048))

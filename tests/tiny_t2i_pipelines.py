@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny_pipelines import HEIGHT, WIDTH, _vae_blocks, flux2_klein_pipeline
+from .tiny_pipelines import HEIGHT, WIDTH, _vae_blocks, flux2_klein_pipeline, qwen_tokenizer
 
 __all__ = [
     "BUILDERS",
@@ -22,6 +22,7 @@ __all__ = [
     "flux2_dev_pipeline",
     "flux2_klein_9b_pipeline",
     "mistral_tokenizer",
+    "qwen_image_pipeline",
     "save_pipeline",
 ]
 
@@ -164,6 +165,68 @@ def flux2_klein_9b_pipeline(is_distilled: bool = False, seed: int = 0):
     return pipe
 
 
+def qwen_image_pipeline(seed: int = 0):
+    """Qwen-Image in miniature: a Qwen2.5-VL text encoder (2 layers of 16), the Qwen-Image transformer
+    (2x2 patches of 4 latent channels), the Qwen-Image video VAE with per-channel statistics, and
+    Qwen-Image's scheduler config (dynamic shift from 0.5 to 0.9, stretched to end at 0.02)."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    ids = {
+        "bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
+    }
+    text = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text.update(num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=512, rope_theta=1e6, **ids)
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2, "out_hidden_size": 16}
+    vision.update(patch_size=4, spatial_merge_size=1, temporal_patch_size=1)
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    ).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLQwenImage(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1],  # one spatial downsampling: a VAE factor of 2
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.7, 1.2, 2.0],
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=8192,
+        max_shift=0.9,
+        shift=1.0,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+        use_dynamic_shifting=True,
+    )
+    return QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer
+    )
+
+
 def adapter_options(kind: str, **extra) -> dict:
     """Model options that fit the tiny pipelines (the tiny text encoders' layers, text lengths that keep
     the prompt after each model's template)."""
@@ -172,14 +235,20 @@ def adapter_options(kind: str, **extra) -> dict:
         opts.update(text_encoder_out_layers=[1, 2, 3], max_sequence_length=200)
     elif kind == "flux2_klein_9b":
         opts.update(text_encoder_out_layers=[1, 2, 3], max_sequence_length=40)
+    elif kind == "qwen_image":  # the template's system part is longer in bytes than the 34 tokens it drops
+        opts.update(max_sequence_length=160)
     opts.update(extra)
     return opts
 
 
 #: builder of each tiny pipeline, by the adapter name that drives it (``flux2_klein_9b``: Klein's adapter)
-BUILDERS = {"flux2_dev": flux2_dev_pipeline, "flux2_klein_9b": flux2_klein_9b_pipeline}
+BUILDERS = {
+    "flux2_dev": flux2_dev_pipeline,
+    "flux2_klein_9b": flux2_klein_9b_pipeline,
+    "qwen_image": qwen_image_pipeline,
+}
 #: the adapter that drives each tiny pipeline
-ADAPTER = {"flux2_dev": "flux2_dev", "flux2_klein_9b": "flux2_klein"}
+ADAPTER = {"flux2_dev": "flux2_dev", "flux2_klein_9b": "flux2_klein", "qwen_image": "qwen_image"}
 
 
 def save_pipeline(kind: str, directory: str | Path, **kwargs) -> Path:
