@@ -33,7 +33,7 @@ from . import tiny_t2i_pipelines as tp
 diffusers_logging.disable_progress_bar()
 
 #: tiny pipelines (see tiny_t2i_pipelines.py); ``flux2_klein_9b`` is the Klein adapter on the 9B's shape
-KINDS = ["flux2_dev", "flux2_klein_9b", "qwen_image"]
+KINDS = ["flux2_dev", "flux2_klein_9b", "qwen_image", "z_image", "z_image_turbo"]
 STOCHASTIC = [s for s in SAMPLERS if s != "ode"]
 HEIGHT, WIDTH = tp.HEIGHT, tp.WIDTH
 FROZEN = ("vae", "text_encoder")
@@ -58,7 +58,7 @@ def policies(pipeline_dirs: dict[str, Path]) -> dict:
     return {kind: adapter(kind).from_pretrained(str(pipeline_dirs[kind]), **options(kind)) for kind in KINDS}
 
 
-def pipeline_call_kwargs(kind: str, policy) -> dict:
+def pipeline_call_kwargs(kind: str, policy, prompts: list[str]) -> dict:
     """The diffusers ``__call__`` arguments that match the policy's options."""
     kw = {"height": HEIGHT, "width": WIDTH, "max_sequence_length": policy.max_sequence_length}
     if kind in ("flux2_dev", "flux2_klein_9b"):
@@ -67,6 +67,9 @@ def pipeline_call_kwargs(kind: str, policy) -> dict:
         kw.update(
             true_cfg_scale=policy.guidance_scale, negative_prompt=policy.negative_prompt if policy.do_cfg else None
         )
+    elif kind in ("z_image", "z_image_turbo"):  # one negative prompt per prompt, as the pipeline asks
+        kw.update(guidance_scale=policy.guidance_scale, negative_prompt=[policy.negative_prompt] * len(prompts))
+        kw.update(cfg_normalization=policy.cfg_normalization, cfg_truncation=policy.cfg_truncation)
     return kw
 
 
@@ -114,6 +117,13 @@ PARITY = {
     "qwen_image-true-cfg4": ("qwen_image", {}, None),
     "qwen_image-true-cfg2.5-negative": ("qwen_image", {"guidance_scale": 2.5, "negative_prompt": "blurry, dark"}, None),
     "qwen_image-nocfg": ("qwen_image", {"guidance_scale": 1.0}, None),
+    "z_image-cfg5": ("z_image", {}, None),
+    "z_image-cfg3-negative-normalised-truncated": (
+        "z_image",
+        {"guidance_scale": 3.0, "negative_prompt": "blurry", "cfg_normalization": 1.0, "cfg_truncation": 0.5},
+        None,
+    ),
+    "z_image_turbo": ("z_image_turbo", {}, None),
 }
 
 
@@ -136,7 +146,7 @@ def test_ode_rollout_reproduces_the_diffusers_pipeline(case: str, policies) -> N
         num_inference_steps=steps,
         generator=torch.Generator().manual_seed(seed),
         output_type="pt",
-        **pipeline_call_kwargs(kind, policy),
+        **pipeline_call_kwargs(kind, policy, list(prompts)),
     ).images
     assert ours.shape == theirs.shape == (2, 3, HEIGHT, WIDTH)
     torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-5)
@@ -209,6 +219,31 @@ def test_qwen_image_true_cfg_keeps_each_tokens_conditional_norm_in_one_pass(poli
     torch.testing.assert_close(tokens(v), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tokens(v).norm(dim=-1), tokens(v_c).norm(dim=-1), rtol=1e-5, atol=1e-5)
     assert (v - v_c).abs().max() > 1e-3
+
+
+def test_z_image_turbo_grid_is_the_static_shift_of_a_float32_linspace(policies) -> None:
+    """Z-Image-Turbo's scheduler shifts the pipeline's float32 linspace(1, 1/N, N) by 3: 3t / (1 + 2t)."""
+    policy = policies["z_image_turbo"]
+    for n in (3, 8):
+        t = torch.linspace(1.0, 1.0 / n, n).double().numpy()
+        np.testing.assert_allclose(policy.time_grid(n).numpy(), np.append(3 * t / (1 + 2 * t), 0.0), atol=1e-6)
+    assert (policies["z_image"].time_grid(4) - policy.time_grid(4)).abs().max() > 1e-2  # the dynamic one differs
+
+
+@pytest.mark.parametrize("kind", ["z_image", "z_image_turbo"])
+def test_z_image_guides_in_one_forward_of_2b_rows_and_turbo_in_one_of_b(kind: str, policies) -> None:
+    """Z-Image (guidance 5): each row with its negative prompt, one transformer call of 2B samples; the
+    distilled Turbo (guidance 0): no negative prompt, B samples."""
+    policy = policies[kind]
+    calls: list[int] = []
+    handle = policy.transformer.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
+    cond = policy.encode_prompts(["a cat", "a dog", "a cat"])
+    try:
+        policy.velocity(torch.randn(3, *policy.latent_shape), torch.rand(3), cond)
+    finally:
+        handle.remove()
+    assert any(k.startswith("negative_") for k in cond) == (kind == "z_image")
+    assert calls == [6 if kind == "z_image" else 3]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -354,3 +389,11 @@ def test_flux2_text_layers_that_do_not_make_the_transformers_text_width_are_one_
 def test_qwen_image_text_longer_than_the_pipeline_takes_is_one_sentence(policies) -> None:
     with pytest.raises(UserError, match="'max_sequence_length' must be at most 1024 for Qwen-Image, got 2048"):
         type(policies["qwen_image"])(policies["qwen_image"].pipe, **options("qwen_image", max_sequence_length=2048))
+
+
+def test_z_image_guidance_options_are_checked(policies) -> None:
+    pipe = policies["z_image"].pipe
+    with pytest.raises(UserError, match="'cfg_normalization' must be a finite number >= 0, got -1"):
+        type(policies["z_image"])(pipe, **options("z_image", cfg_normalization=-1))
+    with pytest.raises(UserError, match="'cfg_truncation' must be a finite number >= 0"):
+        type(policies["z_image"])(pipe, **options("z_image", cfg_truncation="late"))

@@ -23,6 +23,7 @@ __all__ = [
     "flux2_klein_9b_pipeline",
     "mistral_tokenizer",
     "qwen_image_pipeline",
+    "z_image_pipeline",
     "save_pipeline",
 ]
 
@@ -227,6 +228,69 @@ def qwen_image_pipeline(seed: int = 0):
     )
 
 
+def z_image_pipeline(turbo: bool = False, seed: int = 0):
+    """Z-Image in miniature: a Qwen3 text encoder (3 layers of 16), the Z-Image transformer (one main
+    layer, one noise and one caption refiner), AutoencoderKL with a shift and a scale. ``turbo``:
+    Z-Image-Turbo's scheduler (a static shift of 3); otherwise a dynamic shift, so that the pipeline's
+    ``mu`` matters."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tok = qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[4, 6, 6],  # head dim 16
+        axes_lens=[512, 32, 32],
+    ).eval()
+    qcfg = Qwen3Config(
+        intermediate_size=24,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen3Model(qcfg).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+        **_vae_blocks(2),
+    ).eval()
+    if turbo:  # Z-Image-Turbo's scheduler_config.json
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=4,
+            max_image_seq_len=64,
+        )
+    return ZImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer
+    )
+
+
 def adapter_options(kind: str, **extra) -> dict:
     """Model options that fit the tiny pipelines (the tiny text encoders' layers, text lengths that keep
     the prompt after each model's template)."""
@@ -237,6 +301,10 @@ def adapter_options(kind: str, **extra) -> dict:
         opts.update(text_encoder_out_layers=[1, 2, 3], max_sequence_length=40)
     elif kind == "qwen_image":  # the template's system part is longer in bytes than the 34 tokens it drops
         opts.update(max_sequence_length=160)
+    elif kind == "z_image":  # the chat template takes 34 of the byte tokens
+        opts.update(max_sequence_length=64)
+    elif kind == "z_image_turbo":  # distilled: no guidance
+        opts.update(max_sequence_length=64, guidance_scale=0.0)
     opts.update(extra)
     return opts
 
@@ -246,9 +314,12 @@ BUILDERS = {
     "flux2_dev": flux2_dev_pipeline,
     "flux2_klein_9b": flux2_klein_9b_pipeline,
     "qwen_image": qwen_image_pipeline,
+    "z_image": z_image_pipeline,
+    "z_image_turbo": lambda **kw: z_image_pipeline(turbo=True, **kw),
 }
 #: the adapter that drives each tiny pipeline
 ADAPTER = {"flux2_dev": "flux2_dev", "flux2_klein_9b": "flux2_klein", "qwen_image": "qwen_image"}
+ADAPTER.update(z_image="z_image", z_image_turbo="z_image")
 
 
 def save_pipeline(kind: str, directory: str | Path, **kwargs) -> Path:

@@ -2,7 +2,8 @@
 
 ``Policy`` is the interface; ``DiffusersPolicy`` the shared base of the diffusers adapters
 ``Flux2KleinPolicy`` (FLUX.2 Klein 4B and 9B), ``Flux2DevPolicy`` (FLUX.2 dev), ``QwenImagePolicy``
-(Qwen-Image), ``SD3Policy`` (SD3 / SD3.5) and ``Flux1Policy`` (FLUX.1).
+(Qwen-Image), ``SD3Policy`` (SD3 / SD3.5), ``Flux1Policy``
+(FLUX.1) and ``ZImagePolicy`` (Z-Image, Z-Image-Turbo).
 """
 
 from .base import Policy, cat_cond, index_cond
@@ -12,6 +13,7 @@ from .flux2 import Flux2KleinPolicy
 from .flux2_dev import Flux2DevPolicy
 from .qwen_image import QwenImagePolicy
 from .sd3 import SD3Policy
+from .z_image import ZImagePolicy
 
 __all__ = [
     "Policy",
@@ -21,6 +23,7 @@ __all__ = [
     "Flux2KleinPolicy",
     "QwenImagePolicy",
     "SD3Policy",
+    "ZImagePolicy",
     "cat_cond",
     "index_cond",
 ]
