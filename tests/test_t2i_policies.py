@@ -9,6 +9,7 @@ resolution the model cannot take is one sentence and exit code 2; ``model_index.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from PIL import Image
 
 from precise_rl import sample_cli
 from precise_rl.cli import main
-from precise_rl.config import config_from_dict
+from precise_rl.config import config_from_dict, load_config
 from precise_rl.errors import UserError
 from precise_rl.policies.diffusers_base import detect_adapter
 from precise_rl.policies.flux2 import Flux2KleinPolicy
@@ -397,3 +398,44 @@ def test_z_image_guidance_options_are_checked(policies) -> None:
         type(policies["z_image"])(pipe, **options("z_image", cfg_normalization=-1))
     with pytest.raises(UserError, match="'cfg_truncation' must be a finite number >= 0"):
         type(policies["z_image"])(pipe, **options("z_image", cfg_truncation="late"))
+
+
+# ---------------------------------------------------------------------------------------- recipes
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = [
+    p for p in sorted((ROOT / "configs").glob("*.yaml")) if p.name.startswith(("flux2_dev_", "qwen_image_", "z_image_"))
+]
+
+
+def test_each_new_model_has_a_recipe() -> None:
+    assert {load_config(p).model.name for p in RECIPES} == {"flux2_dev", "qwen_image", "z_image"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_runs_on_a_tiny_pipeline_with_its_own_rewards(path: Path, pipeline_dirs, tmp_path: Path) -> None:
+    """The recipe as shipped (its sampler and window, LoRA targets, guidance, rewards), on the model's tiny
+    pipeline and tiny reward models, one epoch with evaluation under both protocols and a checkpoint."""
+    from .test_diffusers_training import TINY
+
+    text = path.read_text()
+    assert "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes" in text
+    assert f"-m precise_rl.cli train configs/{path.name} --output runs/{path.stem}" in text
+    cfg = load_config(path)
+    kind = cfg.model.name
+    overrides = [f"model.path={pipeline_dirs[kind]}", "model.dtype=float32", "train.mixed_precision='no'"]
+    overrides += ["train.epochs=1", "train.groups_per_epoch=2", "train.group_size=2", "train.batch_size=4"]
+    overrides += ["train.grad_accum=1", "sampler.num_steps=4", "eval.num_steps=2", "eval.max_prompts=1"]
+    overrides += ["eval.samples_per_prompt=2", "logging.tensorboard=false", "logging.progress=false"]
+    overrides += ["prompts.train=builtin", "prompts.eval=builtin", "reward.options={}"]
+    overrides += [f"model.options.{k}={v}" for k, v in options(kind).items() if k != "guidance_scale"]
+    for reward in cfg.reward.weights:
+        overrides += [f"reward.options.{reward}.{k}={v}" for k, v in TINY[reward](tmp_path / reward).items()]
+    summary = GRPOTrainer(load_config(path, overrides), tmp_path / "run").run()
+    assert summary["epochs"] == 1
+    record = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    for reward in cfg.reward.weights:
+        assert np.isfinite(record[f"reward/{reward}"]) and np.isfinite(record[f"eval_ode/{reward}"])
+        assert np.isfinite(record[f"eval_own/{reward}"])
+    assert (tmp_path / "run" / "checkpoints" / "epoch_000001" / "adapter" / "adapter_config.json").is_file()
