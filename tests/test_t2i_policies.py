@@ -112,6 +112,7 @@ def test_flux2_dev_and_klein_9b_follow_the_flux2_klein_layout(policies) -> None:
 PARITY = {
     "flux2_dev": ("flux2_dev", {}, None),
     "flux2_dev-guidance2.5": ("flux2_dev", {"guidance_scale": 2.5}, None),
+    "flux2_dev-no-guidance-embedding": ("flux2_dev", {}, {"guidance_embeds": False}),
     "flux2_klein_9b": ("flux2_klein_9b", {}, None),
     "flux2_klein_9b-cfg4": ("flux2_klein_9b", {"guidance_scale": 4.0}, None),
     "flux2_klein_9b-distilled": ("flux2_klein_9b", {}, {"is_distilled": True}),
@@ -355,6 +356,45 @@ def test_grpo_epoch_trains_only_lora_and_the_adapter_reloads_into_sample(
         ref = expected[k].permute(1, 2, 0).numpy()
         assert png[::4, ::4].shape == ref.shape  # small images are written enlarged 4 times
         assert np.abs(png[::4, ::4] - ref).max() <= 1.0 / 255 + 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_weights_with_checkpointing_train_an_epoch(kind: str, tmp_path: Path) -> None:
+    """bf16 weights under bf16 autocast with gradient checkpointing and a KL term: finite log-probs, images in
+    [0, 1], the recomputed ratio within bf16 rounding of 1."""
+    path = tp.save_pipeline(kind, tmp_path / "pipe")
+    cfg = config_from_dict(
+        {
+            "model": {
+                "name": tp.ADAPTER[kind],
+                "path": str(path),
+                "dtype": "bfloat16",
+                "options": options(kind, gradient_checkpointing=True),
+            },
+            "sampler": {"num_steps": 3},
+            "reward": {"weights": {"jpeg_compressibility": 1.0}},
+            "train": {
+                "epochs": 1,
+                "groups_per_epoch": 2,
+                "group_size": 2,
+                "mixed_precision": "bf16",
+                "kl_beta": 0.01,
+                "lora": {"enabled": True, "rank": 2, "alpha": 2},
+            },
+            "eval": {"every": 0},
+            "logging": {"tensorboard": False, "progress": False},
+        }
+    )
+    trainer = GRPOTrainer(cfg, tmp_path / "run")
+    assert (
+        trainer.policy.pipe.transformer.dtype == torch.bfloat16 and trainer.policy.transformer.is_gradient_checkpointing
+    )
+    batch = trainer.collect(epoch=0)
+    assert torch.isfinite(batch.log_probs[:, :2]).all() and batch.images.min() >= 0 and batch.images.max() <= 1
+    trainer.run()
+    record = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert np.isfinite(record["loss"]) and record["kl_ref"] >= 0 and record["ratio_max_dev"] < 1e-3
 
 
 # ---------------------------------------------------------------------------------------- bad input
