@@ -18,8 +18,8 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
-from precise_rl import sample_cli
 from precise_rl.cli import main
+from precise_rl.cli import sample as sample_cli
 from precise_rl.config import config_from_dict, load_config
 from precise_rl.errors import UserError
 from precise_rl.policies.diffusers_base import detect_adapter

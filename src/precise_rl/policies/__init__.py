@@ -6,7 +6,7 @@
 (FLUX.1) and ``ZImagePolicy`` (Z-Image, Z-Image-Turbo).
 """
 
-from .base import Policy, cat_cond, index_cond
+from .base import Policy, index_cond
 from .diffusers_base import DiffusersPolicy
 from .flux import Flux1Policy
 from .flux2 import Flux2KleinPolicy
@@ -24,6 +24,5 @@ __all__ = [
     "QwenImagePolicy",
     "SD3Policy",
     "ZImagePolicy",
-    "cat_cond",
     "index_cond",
 ]
