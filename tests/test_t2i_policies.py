@@ -249,6 +249,29 @@ def test_z_image_guides_in_one_forward_of_2b_rows_and_turbo_in_one_of_b(kind: st
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_repeated_prompts_are_encoded_once(kind: str, policies) -> None:
+    """Each distinct prompt of a batch goes through the text encoder once; the negative prompt once per policy."""
+    policy = adapter(kind)(policies[kind].pipe, **options(kind))  # a fresh policy: nothing cached yet
+    seen: list[list[str]] = []
+    original = policy.pipe.encode_prompt
+
+    def spy(prompt, **kw):
+        seen.append(list(prompt))
+        return original(prompt=prompt, **kw)
+
+    policy.pipe.encode_prompt = spy
+    try:
+        cond = policy.encode_prompts(["b", "a", "b", "b", "a"])
+        policy.encode_prompts(["a"])
+    finally:
+        del policy.pipe.encode_prompt
+    assert seen == ([["b", "a"], [policy.negative_prompt], ["a"]] if policy.do_cfg else [["b", "a"], ["a"]])
+    for v in cond.values():
+        assert v.shape[0] == 5 and torch.equal(v[0], v[3]) and torch.equal(v[1], v[4])
+    assert (cond["prompt_embeds"][0] - cond["prompt_embeds"][1]).abs().max() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_batched_velocity_equals_row_by_row(kind: str, policies) -> None:
     """A whole group in one forward gives each row's own velocity (text padding under the mask, packing and
     guidance are per row)."""
