@@ -382,7 +382,7 @@ def test_grpo_epoch_trains_only_lora_and_the_adapter_reloads_into_sample(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["flux2_dev", "qwen_image", "z_image"])  # one per new adapter
 def test_bf16_weights_with_checkpointing_train_an_epoch(kind: str, tmp_path: Path) -> None:
     """bf16 weights under bf16 autocast with gradient checkpointing and a KL term: finite log-probs, images in
     [0, 1], the recomputed ratio within bf16 rounding of 1."""
