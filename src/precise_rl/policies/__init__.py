@@ -1,20 +1,28 @@
 """Model adapters: each turns a model into a policy the trainer can roll out and train.
 
 ``Policy`` is the interface; ``DiffusersPolicy`` the shared base of the diffusers adapters
-``Flux2KleinPolicy`` (FLUX.2 Klein), ``SD3Policy`` (SD3 / SD3.5) and ``Flux1Policy`` (FLUX.1).
+``Flux2KleinPolicy`` (FLUX.2 Klein 4B and 9B), ``Flux2DevPolicy`` (FLUX.2 dev), ``QwenImagePolicy``
+(Qwen-Image), ``SD3Policy`` (SD3 / SD3.5), ``Flux1Policy``
+(FLUX.1) and ``ZImagePolicy`` (Z-Image, Z-Image-Turbo).
 """
 
 from .base import Policy, index_cond
 from .diffusers_base import DiffusersPolicy
 from .flux import Flux1Policy
 from .flux2 import Flux2KleinPolicy
+from .flux2_dev import Flux2DevPolicy
+from .qwen_image import QwenImagePolicy
 from .sd3 import SD3Policy
+from .z_image import ZImagePolicy
 
 __all__ = [
     "Policy",
     "DiffusersPolicy",
     "Flux1Policy",
+    "Flux2DevPolicy",
     "Flux2KleinPolicy",
+    "QwenImagePolicy",
     "SD3Policy",
+    "ZImagePolicy",
     "index_cond",
 ]

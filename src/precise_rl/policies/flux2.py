@@ -1,4 +1,9 @@
-"""FLUX.2 Klein (``Flux2KleinPipeline``) as a policy.
+"""FLUX.2 Klein (``Flux2KleinPipeline``: the 4B and 9B checkpoints, base or distilled) as a policy.
+
+The 9B checkpoints differ from the 4B in sizes only (Qwen3-8B's hidden width 4096 against Qwen3-4B's
+2560, so a ``joint_attention_dim`` of 12288 against 7680; 8 double-stream and 24 single-stream blocks
+against 5 and 20; 32 heads against 24), all read from the configs; the distilled ones set
+``is_distilled`` in ``model_index.json`` and take no classifier-free guidance.
 
 Latents are the pipeline's noise layout ``(4C, H/16, W/16)`` (VAE latents already folded into
 2x2 patches); the transformer sees them as a token sequence. The timestep is the sigma itself
@@ -90,11 +95,22 @@ class Flux2KleinPolicy(DiffusersPolicy):
         **kw: Any,
     ):
         layers = tuple(int(i) for i in text_encoder_out_layers)
-        n_layers = pipe.text_encoder.config.num_hidden_layers
+        text = self._text_config(pipe)
+        n_layers = int(text.num_hidden_layers)
         if not layers or any(not 0 <= i <= n_layers for i in layers):
             raise UserError(
                 f"model option 'text_encoder_out_layers' must name hidden states 0..{n_layers} of the text "
                 f"encoder, got {list(text_encoder_out_layers)}"
+            )
+        # The stacked hidden states are the transformer's text input: their width must be its
+        # ``joint_attention_dim`` (3 x 2560 = 7680 for Klein 4B's Qwen3-4B, 3 x 4096 = 12288 for Klein 9B's
+        # Qwen3-8B, 3 x 5120 = 15360 for FLUX.2 dev's Mistral Small 3).
+        hidden, joint = int(text.hidden_size), int(pipe.transformer.config.joint_attention_dim)
+        if len(layers) * hidden != joint:
+            raise UserError(
+                f"model option 'text_encoder_out_layers' names {len(layers)} hidden states of width {hidden}, "
+                f"but the {self.display_name} transformer takes text of width {joint} (its joint_attention_dim): "
+                f"name {joint / hidden:g} layers"
             )
         self.text_encoder_out_layers = layers
         super().__init__(pipe, lora_targets=expand_lora_targets(lora_targets), **kw)
@@ -104,6 +120,15 @@ class Flux2KleinPolicy(DiffusersPolicy):
                 "set model option 'guidance_scale' to 1"
             )
         self._img_ids: torch.Tensor | None = None
+
+    @staticmethod
+    def _text_config(pipe: Any) -> Any:
+        """The text encoder's language-model config (layer count and hidden width)."""
+        return pipe.text_encoder.config
+
+    def _guidance(self, t: torch.Tensor) -> torch.Tensor | None:
+        """What the transformer's guidance embedding gets: nothing, as in Flux2KleinPipeline."""
+        return None
 
     # ------------------------------------------------------------------ layout
 
@@ -155,7 +180,7 @@ class Flux2KleinPolicy(DiffusersPolicy):
         out = self.transformer(
             hidden_states=self._pack(x).to(self._hidden_dtype(x)),
             timestep=t,
-            guidance=None,  # as Flux2KleinPipeline: a guidance embedding, where a checkpoint has one, gets none
+            guidance=self._guidance(t),
             encoder_hidden_states=embeds,
             txt_ids=txt_ids,
             img_ids=self._ids(x.device),

@@ -1,0 +1,193 @@
+"""Qwen-Image (``QwenImagePipeline``) as a policy.
+
+Latents are the pipeline's noise ``(C, H/8, W/8)`` (its ``(1, C, H/8, W/8)`` with the frame axis
+dropped: the same numbers for the same seed); the velocity packs them into 2x2 patch tokens and
+back. The timestep is the sigma itself (the transformer scales it by 1000). The text is the last
+hidden state of Qwen2.5-VL over the pipeline's prompt template, its first 34 tokens (the template's
+system part) dropped, each prompt as long as it is, padded with a mask to the longest of the batch.
+
+Guidance is the pipeline's "true CFG": ``guidance_scale`` is its ``true_cfg_scale`` (4.0 by default,
+against ``negative_prompt``, " " by default as in the model card); the combined prediction
+``v_u + w (v_c - v_u)`` is rescaled, token by token, to the norm of the conditional one, in
+rollouts and training alike. The time grid is ``linspace(1, 1/N, N)`` shifted by ``exp(mu)``,
+``mu`` linear in the number of image tokens between the scheduler's ``base_shift`` (at
+``base_image_seq_len``) and ``max_shift`` (at ``max_image_seq_len``), then stretched by the
+scheduler so that the last sigma is its ``shift_terminal`` (0.02 for Qwen-Image).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..sde import flux1_mu
+from .diffusers_base import DiffusersPolicy
+from .lora_targets import JOINT_ATTENTION, QWEN_IMAGE_FEED_FORWARD
+from .registry import register_policy
+
+__all__ = ["QwenImagePolicy"]
+
+#: the longest text the pipeline takes (its ``check_inputs``)
+MAX_TEXT = 1024
+
+
+@register_policy("qwen_image")
+class QwenImagePolicy(DiffusersPolicy):
+    pipeline_class = "QwenImagePipeline"
+    default_model = "Qwen/Qwen-Image"
+    display_name = "Qwen-Image"
+    default_guidance_scale = 4.0
+    default_max_sequence_length = 512
+    guidance_rule = (
+        "the pipeline's true CFG: `guidance_scale` is its `true_cfg_scale` (4.0) against `negative_prompt` "
+        '(`" "`), the combination rescaled token by token to the conditional prediction\'s norm, in rollouts and '
+        "training alike"
+    )
+    time_grid_rule = (
+        "`linspace(1, 1/N, N)` shifted by `exp(mu)`, `mu` linear in the image tokens (0.5 to 0.9), stretched to "
+        "end at the scheduler's `shift_terminal` (0.02)"
+    )
+    #: both streams' attention projections and feed-forwards
+    default_lora_suffixes = (*JOINT_ATTENTION, *QWEN_IMAGE_FEED_FORWARD)
+
+    def __init__(self, pipe: Any, *, negative_prompt: str = " ", **kw: Any) -> None:
+        super().__init__(pipe, negative_prompt=negative_prompt, **kw)
+        if self.max_sequence_length > MAX_TEXT:
+            raise UserError(
+                f"model option 'max_sequence_length' must be at most {MAX_TEXT} for {self.display_name}, "
+                f"got {self.max_sequence_length}"
+            )
+        if self.model_config.get("guidance_embeds", False):
+            raise UserError(
+                f"this {self.display_name} checkpoint has a guidance embedding, which this adapter does not feed; "
+                "use a checkpoint without one (Qwen/Qwen-Image has none)"
+            )
+
+    # ------------------------------------------------------------------ layout
+
+    def _pixel_multiple(self) -> int:
+        return self.vae_scale_factor * 2
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        return (int(self.model_config.in_channels) // 4, self.height // f, self.width // f)
+
+    @property
+    def image_seq_len(self) -> int:
+        _, h, w = self.latent_shape
+        return (h // 2) * (w // 2)
+
+    def _pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)`` (the pipeline's ``_pack_latents``)."""
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    def _unpack(self, tokens: torch.Tensor) -> torch.Tensor:
+        c, h, w = self.latent_shape
+        x = tokens.reshape(tokens.shape[0], h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(tokens.shape[0], c, h, w)
+
+    # ------------------------------------------------------------------ conditioning and forward
+
+    def _encode_unique(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, mask = self.pipe.encode_prompt(
+            prompt=prompts, device=self.pipe.text_encoder.device, max_sequence_length=self.max_sequence_length
+        )
+        if mask is None:  # the pipeline drops an all-ones mask; rows of the cache keep theirs
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return {
+            "prompt_embeds": embeds.to(device=self.device, dtype=self.model_dtype),
+            "prompt_embeds_mask": mask.to(device=self.device, dtype=torch.long),
+        }
+
+    @staticmethod
+    def _trimmed(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text up to the batch's longest prompt, and its mask (None when nothing is padding, as the
+        pipeline passes it)."""
+        length = int(mask.sum(1).max())
+        embeds, mask = embeds[:, :length], mask[:, :length]
+        return embeds, (None if bool(mask.all()) else mask)
+
+    def _tokens(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The transformer's prediction as packed tokens ``(B, h/2 * w/2, 4C)``."""
+        embeds, mask = self._trimmed(embeds, mask)
+        _, h, w = self.latent_shape
+        return self.transformer(
+            hidden_states=self._pack(x).to(self._hidden_dtype(x)),
+            timestep=t,
+            guidance=None,
+            encoder_hidden_states_mask=mask,
+            encoder_hidden_states=embeds,
+            img_shapes=[[(1, h // 2, w // 2)]] * x.shape[0],
+            return_dict=False,
+        )[0]
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._unpack(self._tokens(x, t, cond["prompt_embeds"], cond["prompt_embeds_mask"]))
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``v = eps - x0`` in float32; with true CFG, the pipeline's norm-rescaled combination.
+
+        Both branches run in one forward of 2B rows: the negative and positive texts are padded to a
+        common length under the mask, which leaves each row's prediction as its own pass gives it.
+        """
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if not self.do_cfg:
+            return self._forward(x, t, cond).float()
+        if "negative_prompt_embeds" not in cond:
+            raise ValueError("guidance_scale > 1 needs the negative_* conditioning from encode_prompts")
+        pos, neg = cond["prompt_embeds"], cond["negative_prompt_embeds"]
+        pos_mask, neg_mask = cond["prompt_embeds_mask"], cond["negative_prompt_embeds_mask"]
+        length = max(pos.shape[1], neg.shape[1])
+
+        def pad(e: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            extra = length - e.shape[1]
+            return torch.nn.functional.pad(e, (0, 0, 0, extra)), torch.nn.functional.pad(m, (0, extra))
+
+        (pos, pos_mask), (neg, neg_mask) = pad(pos, pos_mask), pad(neg, neg_mask)
+        out = self._tokens(torch.cat([x, x]), torch.cat([t, t]), torch.cat([pos, neg]), torch.cat([pos_mask, neg_mask]))
+        v_cond, v_uncond = out.float().chunk(2)
+        combined = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+        combined = combined * (torch.norm(v_cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+        return self._unpack(combined)
+
+    def _scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
+        cfg = self._scheduler.config
+        mu = flux1_mu(
+            self.image_seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        # QwenImagePipeline passes these sigmas whatever the scheduler's use_flow_sigmas says
+        return {"sigmas": np.linspace(1.0, 1.0 / num_steps, num_steps), "mu": mu}
+
+    # ------------------------------------------------------------------ decoding
+
+    def _latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        """Undo the VAE's per-channel standardisation (as the pipeline computes it) and add the frame axis."""
+        vae = self.pipe.vae
+        z = latents[:, :, None].to(vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
+        return z / inv_std + mean
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [0, 1], float32: the video VAE's single frame, ``decode_batch`` at a time."""
+        vae = self.pipe.vae
+        outs = []
+        with torch.no_grad():
+            for lo in range(0, latents.shape[0], self.decode_batch):
+                z = self._latents_to_vae(latents[lo : lo + self.decode_batch].float())
+                img = vae.decode(z.to(device=vae.device), return_dict=False)[0][:, :, 0]
+                outs.append((img.float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(outs)
