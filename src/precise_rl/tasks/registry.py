@@ -8,6 +8,7 @@ from the pipeline's ``model_index.json``. Adding a model is one builder function
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +19,11 @@ import torch
 from ..errors import UserError
 from ..policies import Policy
 from ..policies.diffusers_base import detect_adapter
+from ..policies.edit import EditPrompt, check_image_file, with_source_metadata
 from ..policies.registry import ADAPTERS
 from . import animals, digits  # digits: its rewards register by name on import
 
-__all__ = ["TaskSpec", "TASKS", "build_task", "digits_task", "read_prompt_file"]
+__all__ = ["TaskSpec", "TASKS", "build_task", "digits_task", "read_prompt_file", "read_edit_prompts"]
 
 
 @dataclass
@@ -35,6 +37,10 @@ class TaskSpec:
     default_rewards: dict[str, float] = field(default_factory=dict)
     #: rewards scored at evaluation only (e.g. a held-out classifier)
     eval_rewards: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # an editing prompt's source image reaches the rewards whatever the task's own metadata holds
+        self.metadata = with_source_metadata(self.metadata)
 
 
 def _digits(model_cfg: Any, device: torch.device) -> TaskSpec:
@@ -95,7 +101,8 @@ def build_task(model_cfg: Any, device: torch.device | str) -> TaskSpec:
 
 
 def read_prompt_file(path: str | Path, key: str = "prompts") -> list[str]:
-    """Prompts from a text file, one per line (blank lines and lines starting with '#' skipped)."""
+    """Prompts from a file: a text file, one prompt per line (blank lines and lines starting with '#'
+    skipped), or, for a name ending in ``.jsonl``, editing prompts in JSON lines (:func:`read_edit_prompts`)."""
     p = Path(path)
     if p.is_dir():
         raise UserError(
@@ -109,7 +116,44 @@ def read_prompt_file(path: str | Path, key: str = "prompts") -> list[str]:
         raise UserError(f"prompt file {str(p)!r} is not UTF-8 text") from None
     except OSError as exc:
         raise UserError(f"prompt file {str(p)!r} cannot be read: {exc.strerror or exc}") from None
+    if p.suffix.lower() == ".jsonl":
+        return read_edit_prompts(p, lines)
     prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         raise UserError(f"prompt file {str(p)!r} holds no prompts")
+    return prompts
+
+
+def read_edit_prompts(path: Path, lines: list[str]) -> list[str]:
+    """Editing prompts from the lines of a JSON-lines file: one object a line, ``{"prompt": ..., "image": ...}``.
+
+    ``image`` is the source image's path, relative to the file's directory (or absolute); every image
+    is checked to be readable here, so that a bad line fails before any work. Other keys of a line
+    reach the rewards in the prompt's metadata. Blank lines are skipped.
+    """
+    prompts: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            raise UserError(f"line {number} of prompt file {str(path)!r} is not JSON ({exc.args[0]})") from None
+        if not isinstance(entry, dict):
+            raise UserError(f"line {number} of prompt file {str(path)!r} is not a JSON object")
+        prompt, image = entry.get("prompt"), entry.get("image")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(f"line {number} of prompt file {str(path)!r} has no 'prompt' (a non-empty string)")
+        if not isinstance(image, str) or not image.strip():
+            raise UserError(
+                f"line {number} of prompt file {str(path)!r} has no 'image' (the source image's path, relative "
+                "to the file)"
+            )
+        image_path = (path.parent / Path(image).expanduser()).resolve()
+        check_image_file(image_path, f"line {number} of prompt file {str(path)!r}")
+        extra = {k: v for k, v in entry.items() if k not in ("prompt", "image")}
+        prompts.append(EditPrompt(prompt.strip(), image_path, where, extra))
+    if not prompts:
+        raise UserError(f"prompt file {str(path)!r} holds no prompts")
     return prompts
