@@ -10,8 +10,8 @@ from .base import Policy, cat_cond, index_cond
 from .diffusers_base import DiffusersPolicy
 from .edit import EditPrompt
 from .flux import Flux1Policy
-from .flux_kontext import FluxKontextPolicy
 from .flux2 import Flux2KleinPolicy
+from .flux_kontext import FluxKontextPolicy
 from .sd3 import SD3Policy
 
 __all__ = [

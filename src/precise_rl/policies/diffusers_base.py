@@ -337,7 +337,7 @@ class DiffusersPolicy(Policy):
             if self.edits_images and image is None:
                 raise UserError(
                     f"{self.display_name} edits a source image but prompt {str(p)!r} comes without one: give the "
-                    "prompts as a JSON-lines file (.jsonl, a line {\"prompt\": ..., \"image\": ...}), or an --image"
+                    'prompts as a JSON-lines file (.jsonl, a line {"prompt": ..., "image": ...}), or an --image'
                 )
             if not self.edits_images and image is not None:
                 raise UserError(

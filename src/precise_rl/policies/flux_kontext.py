@@ -137,21 +137,20 @@ class FluxKontextPolicy(Flux1Policy):
         outs, order = [], []
         for grid in torch.unique(grids, dim=0).tolist():
             rows = (grids == grids.new_tensor(grid)).all(dim=1).nonzero().flatten()
-            every = rows.numel() == x.shape[0]
-            pick = (lambda v: v) if every else (lambda v: v.index_select(0, rows))  # noqa: E731
-            h, w = grid
-            embeds = pick(cond["prompt_embeds"])
+            part = {k: v.index_select(0, rows) for k, v in cond.items()} if rows.numel() < x.shape[0] else cond
+            embeds = part["prompt_embeds"]
             guidance = None
             if self.model_config.guidance_embeds:
                 guidance = torch.full((rows.numel(),), self.guidance_scale, device=x.device, dtype=torch.float32)
+            ids = [self._ids(x.device, self.model_dtype), self._source_ids(grid, x.device, self.model_dtype)]
             out = self.transformer(
-                hidden_states=torch.cat([pick(tokens), pick(cond["image_latents"])[:, : h * w]], dim=1),
-                timestep=pick(t),
+                hidden_states=torch.cat([tokens[rows], part["image_latents"][:, : grid[0] * grid[1]]], dim=1),
+                timestep=t[rows],
                 guidance=guidance,
-                pooled_projections=pick(cond["pooled_prompt_embeds"]),
+                pooled_projections=part["pooled_prompt_embeds"],
                 encoder_hidden_states=embeds,
                 txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=self.model_dtype),
-                img_ids=torch.cat([self._ids(x.device, self.model_dtype), self._source_ids(grid, x.device, self.model_dtype)]),
+                img_ids=torch.cat(ids),
                 return_dict=False,
             )[0][:, :n]
             outs.append(out)

@@ -1,9 +1,10 @@
 """Task registry: a config's ``model.name`` becomes a policy plus its task (prompts, rewards).
 
 ``digits`` is the built-in task; every adapter of :data:`precise_rl.policies.registry.ADAPTERS`
-(``@register_policy``) is a model name with the animal prompts, and ``diffusers`` picks the adapter
-from the pipeline's ``model_index.json``. Adding a model is one builder function and one line in
-``TASKS``; a task passed to ``GRPOTrainer(..., task=TaskSpec(...))`` needs neither.
+(``@register_policy``) is a model name with the animal prompts (an editing model: the drawn scenes of
+:mod:`.edits`), and ``diffusers`` picks the adapter from the pipeline's ``model_index.json``. Adding a
+model is one builder function and one line in ``TASKS``; a task passed to
+``GRPOTrainer(..., task=TaskSpec(...))`` needs neither.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..policies import Policy
 from ..policies.diffusers_base import detect_adapter
 from ..policies.edit import EditPrompt, check_image_file, with_source_metadata
 from ..policies.registry import ADAPTERS
-from . import animals, digits  # digits: its rewards register by name on import
+from . import animals, digits, edits  # digits: its rewards register by name on import
 
 __all__ = ["TaskSpec", "TASKS", "build_task", "digits_task", "read_prompt_file", "read_edit_prompts"]
 
@@ -71,10 +72,11 @@ def _diffusers_builder(adapter: str | None) -> Callable[[Any, torch.device], Tas
         policy = ADAPTERS[name].from_pretrained(
             model_cfg.path, model_cfg.revision, model_cfg.dtype, device, **model_cfg.options
         )
+        prompts = edits if getattr(policy, "edits_images", False) else animals  # editing models: drawn scenes
         return TaskSpec(
             policy=policy,
-            train_prompts=animals.train_prompts(),
-            eval_prompts=animals.eval_prompts(),
+            train_prompts=prompts.train_prompts(),
+            eval_prompts=prompts.eval_prompts(),
         )
 
     return build
