@@ -1,0 +1,186 @@
+"""One GRPO epoch with LoRA on each tiny editing pipeline, the saved adapter in ``precise-rl sample --image``, and
+bad editing input through ``precise-rl train`` and ``precise-rl sample``: one sentence, exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image
+
+from precise_rl import sample_cli
+from precise_rl.cli import main
+from precise_rl.config import config_from_dict
+from precise_rl.policies.edit import EditPrompt
+from precise_rl.rl.trainer import GRPOTrainer
+
+from . import tiny_edit_pipelines as te
+from . import tiny_pipelines as tp
+
+diffusers_logging.disable_progress_bar()
+
+KINDS = ["flux1_kontext"]
+FROZEN = ("vae", "text_encoder", "text_encoder_2")
+
+
+def _state(module: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    return {} if module is None else {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _option_flags(opts: dict) -> list[str]:
+    flags = ["--height", str(opts["height"]), "--width", str(opts["width"])]
+    return flags + [f"--option={k}={v}" for k, v in opts.items() if k not in ("height", "width")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_grpo_step_trains_only_lora_and_the_adapter_reloads_into_sample(kind: str, tmp_path: Path) -> None:
+    path = te.save_pipeline(kind, tmp_path / "pipe")
+    edits = te.write_edit_prompts(tmp_path / "data", [("make it red", (32, 16)), ("make it blue", (16, 16))])
+    opts = te.adapter_options(kind)
+    cfg = config_from_dict(
+        {
+            "seed": int(torch.randint(0, 1000, ())),
+            "model": {"name": kind, "path": str(path), "options": opts},
+            "prompts": {"train": str(edits), "eval": str(edits)},
+            "sampler": {"name": "precise", "num_steps": 3},
+            "reward": {"weights": {"jpeg_incompressibility": 1.0}},
+            "train": {
+                "epochs": 1,
+                "groups_per_epoch": 2,
+                "group_size": 4,
+                "batch_size": 4,
+                "lr": 1e-2,
+                "clip_range": 0.2,
+                "lora": {"enabled": True, "rank": 2, "alpha": 2},
+                "ema": {"enabled": False},
+            },
+            "eval": {"every": 0},
+            "checkpoint": {"every": 1},
+            "logging": {"tensorboard": False, "progress": False},
+        }
+    )
+    trainer = GRPOTrainer(cfg, tmp_path / "run")
+    pipe = trainer.policy.pipe
+    params_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    frozen_before = {name: _state(getattr(pipe, name, None)) for name in FROZEN}
+    trainer.run()
+    assert trainer.global_step >= 1
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(params_before[n], p.detach())]
+    assert changed and all(".lora_A." in n or ".lora_B." in n for n in changed), changed[:3]
+    assert any(".lora_B." in n for n in changed)
+    for name in FROZEN:
+        after = _state(getattr(pipe, name, None))
+        assert after.keys() == frozen_before[name].keys()
+        assert all(torch.equal(after[k], frozen_before[name][k]) for k in after), name
+
+    # The adapter saved with the checkpoint reloads into `precise-rl sample`, the source image given by --image.
+    image = tmp_path / "data" / "images" / "source1.png"
+    out = tmp_path / "samples"
+    argv = ["sample", "--model", str(path), "--lora", str(tmp_path / "run"), "--prompt", "make it blue"]
+    argv += ["--image", str(image), "--steps", "3", "--num-images", "2", "--seed", "5", "-o", str(out)]
+    argv += ["--device", "cpu", *_option_flags(opts)]
+    assert main(argv) == 0
+    record = json.loads((out / "samples.json").read_text())
+    assert record["prompts"][0]["image"] == str(image.resolve())
+    # ... with the trained weights: its images are those of the trained policy in memory, on that source.
+    trainer.model.eval()
+    prompt = EditPrompt("make it blue", image.resolve())
+    expected = sample_cli.generate(trainer.policy, prompt, "precise", trainer.policy.time_grid(3), None, [5, 6])
+    for k, seed in enumerate((5, 6)):
+        png = np.asarray(Image.open(out / "make_it_blue" / f"precise_seed{seed}.png")).astype(np.float32) / 255.0
+        png = png[::4, ::4]  # small images are written enlarged 4 times
+        ref = expected[k].permute(1, 2, 0).numpy()
+        assert png.shape == ref.shape
+        assert np.abs(png - ref).max() <= 1.0 / 255 + 1e-6
+    # A JSON-lines --prompt-file samples every edit of the file, each on its own source.
+    out2 = tmp_path / "samples2"
+    argv = ["sample", "--model", str(path), "--prompt-file", str(edits), "--steps", "2", "--num-images", "1"]
+    assert main([*argv, "-o", str(out2), "--device", "cpu", *_option_flags(opts)]) == 0
+    record = json.loads((out2 / "samples.json").read_text())
+    assert [(e["prompt"], Path(e["image"]).name) for e in record["prompts"]] == [
+        ("make it red", "source0.png"),
+        ("make it blue", "source1.png"),
+    ]
+
+
+def _config_file(tmp_path: Path, kind: str, path: Path, prompts: str, **options) -> Path:
+    small = te.adapter_options(kind) if kind in te.BUILDERS else tp.adapter_options(kind)
+    cfg = {
+        "model": {"name": kind, "path": str(path), "options": {**small, **options}},
+        "prompts": {"train": prompts, "eval": prompts},
+        "sampler": {"num_steps": 2},
+        "reward": {"weights": {"jpeg_compressibility": 1.0}},
+        "train": {"epochs": 1, "groups_per_epoch": 1, "group_size": 2, "lora": {"enabled": True, "rank": 2}},
+        "eval": {"every": 0},
+        "logging": {"tensorboard": False, "progress": False},
+    }
+    out = tmp_path / f"config_{len(list(tmp_path.glob('config_*')))}.yaml"
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+def _one_error_line(capsys: pytest.CaptureFixture, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith(f"precise-rl {command}: error: "), err[-3:]
+    assert sum("error" in line for line in err) == 1, err  # one line, no traceback
+    return err[-1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_command_ends_bad_editing_input_in_one_sentence(kind: str, tmp_path: Path, capsys) -> None:
+    """A source image missing or unreadable, a plain prompt file for an editing model, a JSON-lines file for a
+    text-to-image model and a resolution the model cannot take: exit code 2 and one error line each."""
+    path = te.save_pipeline(kind, tmp_path / "pipe")
+    t2i = tp.save_pipeline("flux1", tmp_path / "t2i")
+    good = te.write_edit_prompts(tmp_path / "good", [("make it red", (16, 16))])
+    missing = good.parent / "missing.jsonl"
+    missing.write_text(good.read_text() + json.dumps({"prompt": "x", "image": "images/nope.png"}) + "\n")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "broken.png").write_bytes(b"not an image")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"prompt": "x", "image": "images/broken.png"}) + "\n")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a cat\n")
+    cases = [
+        (
+            _config_file(tmp_path, kind, path, str(missing)),
+            f"line 2 of prompt file '{missing}': source image '{good.parent / 'images' / 'nope.png'}' does not exist",
+        ),
+        (_config_file(tmp_path, kind, path, str(broken)), "line 1 of prompt file"),
+        (_config_file(tmp_path, kind, path, str(plain)), "edits a source image but prompt 'a cat' comes without one"),
+        (_config_file(tmp_path, kind, path, "builtin", height=30), "cannot take a 30x16 image"),
+        (
+            _config_file(tmp_path, "flux1", t2i, str(good)),
+            f"generates from text alone but prompt 'make it red' ({good}:1) comes with a source image",
+        ),
+    ]
+    for k, (config, message) in enumerate(cases):
+        capsys.readouterr()
+        assert main(["train", str(config), "--output", str(tmp_path / f"run{k}")]) == 2, message
+        line = _one_error_line(capsys, "train")
+        assert message in line, line
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sample_command_ends_bad_editing_input_in_one_sentence(kind: str, tmp_path: Path, capsys) -> None:
+    path = te.save_pipeline(kind, tmp_path / "pipe")
+    image = tmp_path / "src.png"
+    te.source_image(16, 16, seed=0).save(image)
+    base = ["sample", "--model", str(path), "--device", "cpu", "--steps", "1", "-o", str(tmp_path / "out")]
+    base += _option_flags(te.adapter_options(kind))
+    cases = [
+        (["--prompt", "x", "--image", str(tmp_path / "nope.png")], "--image: source image"),
+        (["--image", str(image)], "--image needs a --prompt"),
+        (["--prompt", "x"], "edits a source image but prompt 'x' comes without one"),
+        (["--prompt", "x", "--image", str(image), "--height", "30"], "cannot take a 30x16 image"),
+    ]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main([*base, *extra]) == 2, message
+        assert message in _one_error_line(capsys, "sample")
+    assert not (tmp_path / "out").exists()  # nothing written
