@@ -18,6 +18,7 @@ from precise_rl.policies.diffusers_base import detect_adapter
 from precise_rl.policies.edit import EditPrompt, source_image
 from precise_rl.policies.flux import Flux1Policy
 from precise_rl.policies.flux_kontext import FluxKontextPolicy
+from precise_rl.policies.qwen_image_edit import QwenImageEditPlusPolicy
 from precise_rl.rewards.base import register_reward
 from precise_rl.rl.trainer import GRPOTrainer, train_step_indices
 from precise_rl.sde import SAMPLERS, rollout
@@ -28,13 +29,29 @@ from . import tiny_pipelines as tp
 
 diffusers_logging.disable_progress_bar()
 
-KINDS = ["flux1_kontext"]
-CLASSES = {"flux1_kontext": FluxKontextPolicy}
+KINDS = ["flux1_kontext", "qwen_image_edit"]
+CLASSES = {"flux1_kontext": FluxKontextPolicy, "qwen_image_edit": QwenImageEditPlusPolicy}
 STOCHASTIC = [s for s in SAMPLERS if s != "ode"]
 HEIGHT, WIDTH = te.HEIGHT, te.WIDTH
 options = te.adapter_options
 #: source images of three sizes (one the output's, one transposed, one square): one batch, three token grids
 SOURCES = [("make it red", (32, 16)), ("make it blue", (16, 32)), ("make it red", (24, 24))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _qwen_processor_loads():
+    with te.processor_without_video():
+        yield
+
+
+@pytest.fixture
+def qwen_pipeline_areas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny tests' source areas in diffusers' Qwen-Image-Edit pipeline module (the adapter takes them as
+    model options; the pipeline reads them from its module)."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as module
+
+    monkeypatch.setattr(module, "CONDITION_IMAGE_SIZE", te.QWEN_EDIT_AREAS["condition_area"])
+    monkeypatch.setattr(module, "VAE_IMAGE_SIZE", te.QWEN_EDIT_AREAS["vae_area"])
 
 
 @pytest.fixture(scope="module")
@@ -73,27 +90,38 @@ def test_loading_detects_the_adapter_and_builds_the_task(kind: str, pipeline_dir
     policy = task.policy
     assert not any(p.requires_grad for p in policy.pipe.vae.parameters())
     names = policy.lora_target_modules()
-    assert "transformer_blocks.0.attn.to_q" in names and "single_transformer_blocks.0.attn.to_q" in names
+    assert "transformer_blocks.0.attn.to_q" in names and "transformer_blocks.0.attn.add_k_proj" in names
+    assert ("single_transformer_blocks.0.attn.to_q" in names) == (kind == "flux1_kontext")
+    assert ("transformer_blocks.0.img_mlp.net.2" in names) == (kind == "qwen_image_edit")
 
 
 # ---------------------------------------------------------------------------------------- parity
 
 #: (adapter, model options, pipeline variant): FLUX.1 Kontext dev (guidance embedding), with true CFG against a
-#: negative prompt, and without a guidance embedding
+#: negative prompt, and without a guidance embedding; Qwen-Image-Edit with its true CFG (4 against " "), without,
+#: and a 2511-style transformer (``zero_cond_t``: the source tokens at timestep 0)
 PARITY = {
     "flux1_kontext": ("flux1_kontext", {}, None),
     "flux1_kontext-true-cfg": ("flux1_kontext", {"true_cfg_scale": 3.0, "negative_prompt": "blurry"}, None),
     "flux1_kontext-no-guidance-embeds": ("flux1_kontext", {}, {"guidance_embeds": False}),
+    "qwen_image_edit-cfg4": ("qwen_image_edit", {}, None),
+    "qwen_image_edit-nocfg": ("qwen_image_edit", {"guidance_scale": 1.0}, None),
+    "qwen_image_edit-2511-zero-cond-t": ("qwen_image_edit", {"negative_prompt": "blurry"}, {"zero_cond_t": True}),
 }
 
 
 def _pipeline_edit(kind: str, policy, prompt: EditPrompt, seed: int, steps: int) -> torch.Tensor:
     """One edit by diffusers' own pipeline (which takes one source image per call)."""
-    kw = {"height": HEIGHT, "width": WIDTH, "max_sequence_length": policy.max_sequence_length}
+    kw: dict = {"height": HEIGHT, "width": WIDTH}
     if kind == "flux1_kontext":
         kw.update(max_area=HEIGHT * WIDTH, _auto_resize=policy.auto_resize, guidance_scale=policy.guidance_scale)
+        kw.update(max_sequence_length=policy.max_sequence_length)
         if policy.do_cfg:
             kw.update(true_cfg_scale=policy.true_cfg_scale, negative_prompt=policy.negative_prompt)
+    else:  # Qwen-Image-Edit: guidance_scale is its true CFG weight
+        kw.update(
+            true_cfg_scale=policy.guidance_scale, negative_prompt=policy.negative_prompt if policy.do_cfg else None
+        )
     return policy.pipe(
         image=source_image(prompt),
         prompt=str(prompt),
@@ -105,14 +133,16 @@ def _pipeline_edit(kind: str, policy, prompt: EditPrompt, seed: int, steps: int)
 
 
 @pytest.mark.parametrize("case", list(PARITY))
-def test_ode_rollout_reproduces_the_diffusers_editing_pipeline(case: str, policies, prompts) -> None:
+def test_ode_rollout_reproduces_the_diffusers_editing_pipeline(
+    case: str, policies, prompts, qwen_pipeline_areas
+) -> None:
     """Same seed, steps and source image: our batched Euler rollout (three source sizes in one batch) gives
     diffusers' edits, each made by the pipeline alone."""
     kind, opts, variant = PARITY[case]
     pipe = policies[kind].pipe if variant is None else te.BUILDERS[kind](**variant)
     policy = CLASSES[kind](pipe, **options(kind, **opts))
-    assert policy.do_cfg == ("true_cfg_scale" in opts)
-    seed, steps = int(torch.randint(0, 2**31 - 8, ())), 4
+    assert policy.do_cfg == ("true_cfg_scale" in opts or kind == "qwen_image_edit" and "guidance_scale" not in opts)
+    seed, steps = int(torch.randint(0, 2**31 - 8, ())), 3
     x1 = torch.cat([policy.sample_noise(1, generator=torch.Generator().manual_seed(seed + i)) for i in range(3)])
     traj = rollout(policy.velocity, x1, policy.time_grid(steps), "ode", cond=policy.encode_prompts(prompts))
     ours = policy.decode(traj.sample)
@@ -158,12 +188,44 @@ def test_kontext_source_size_is_the_pipelines_resize(policies) -> None:
     assert FluxKontextPolicy(pipe, **options("flux1_kontext", auto_resize=True)).source_size(image) == (1024, 1024)
 
 
-def test_kontext_grid_is_flux1s_on_the_output_tokens(policies) -> None:
-    """The time grid is FLUX.1's, its shift from the output image's tokens alone (not the source's)."""
-    policy = policies["flux1_kontext"]
-    plain = Flux1Policy(tp.flux1_pipeline(), **tp.adapter_options("flux1"))
-    for n in (2, 6):
-        torch.testing.assert_close(policy.time_grid(n), plain.time_grid(n), rtol=0, atol=0)
+def test_qwen_source_sizes_are_the_pipelines_resizes(policies, qwen_pipeline_areas) -> None:
+    """The condition image (text encoder) and the VAE image take the pipeline's sizes for each aspect ratio, read
+    off the pipeline's own call (stopped before any denoising)."""
+    pipe = policies["qwen_image_edit"].pipe
+
+    class Seen(Exception):
+        pass
+
+    for h, w in ((32, 16), (20, 50), (40, 40)):
+        image = te.source_image(h, w, seed=h)
+        seen: dict[str, tuple[int, int]] = {}
+        original = pipe.encode_prompt
+
+        def encode(image, _seen=seen, _original=original, **kw):
+            _seen["condition"] = (image[0].height, image[0].width)
+            return _original(image=image, **kw)
+
+        def latents(images, *args, _seen=seen, **kw):
+            _seen["vae"] = tuple(images[0].shape[-2:])
+            raise Seen
+
+        pipe.encode_prompt, pipe.prepare_latents = encode, latents
+        try:
+            with pytest.raises(Seen):
+                pipe(image=image, prompt="x", height=HEIGHT, width=WIDTH, true_cfg_scale=1.0)
+        finally:
+            del pipe.encode_prompt, pipe.prepare_latents
+        assert policies["qwen_image_edit"].source_sizes(image) == (seen["condition"], seen["vae"]), (h, w)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_time_grid_is_the_pipelines_on_the_output_tokens(kind: str, policies, prompts, qwen_pipeline_areas) -> None:
+    """The sigmas are those the pipeline's scheduler steps through (its shift from the output tokens alone,
+    not the source's), read off the pipeline after a call."""
+    policy = policies[kind]
+    for n in (2, 5):
+        _pipeline_edit(kind, policy, prompts[2], seed=0, steps=n)
+        torch.testing.assert_close(policy.time_grid(n), policy.pipe.scheduler.sigmas.double(), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------- consistency
@@ -190,7 +252,11 @@ def test_importance_ratio_is_one_for_every_sampler(kind: str, pipeline_dirs, edi
     """The trainer's recompute (all (sample, step) pairs, mixed source sizes, in one batch) reproduces the
     rollout's log-probs; with true CFG too."""
     for k, sampler in enumerate(STOCHASTIC):
-        extra = {"true_cfg_scale": 2.0} if k == 0 else {}
+        # CFG (two branches in one pass) with the first sampler, one branch with the others
+        if kind == "flux1_kontext":
+            extra = {"true_cfg_scale": 2.0} if k == 0 else {}
+        else:
+            extra = {} if k == 0 else {"guidance_scale": 1.0}
         trainer = _trainer(kind, pipeline_dirs[kind], edit_file, sampler, tmp_path / sampler, **extra)
         with torch.no_grad():  # LoRA B starts at zero: give the adapter a non-trivial effect
             for n, p in trainer.model.named_parameters():
@@ -210,15 +276,17 @@ def test_importance_ratio_is_one_for_every_sampler(kind: str, pipeline_dirs, edi
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_distinct_instruction_and_source_image_is_encoded_once(kind: str, policies, prompts) -> None:
-    """A batch repeating prompts runs the text encoders once per distinct instruction and the VAE once per
-    distinct image; the same instruction on two images stays two conditionings (not one cached by its text)."""
+    """A batch repeating prompts runs the text encoders once per distinct instruction (Qwen-Image-Edit: per
+    distinct instruction and image, the image being part of its text, and with CFG the negative prompt once
+    per image) and the VAE once per distinct image; the same instruction on two images stays two
+    conditionings (not one cached by its text)."""
     policy = CLASSES[kind](policies[kind].pipe, **options(kind))  # a fresh policy: nothing cached yet
     texts: list[list[str]] = []
     encoded: list[tuple[int, ...]] = []
     original_text, original_vae = policy.pipe.encode_prompt, policy.pipe._encode_vae_image
 
     def spy_text(prompt, **kw):
-        texts.append(list(prompt))
+        texts.append(list(prompt) + ([hash(kw["image"][0].tobytes())] if "image" in kw else []))
         return original_text(prompt=prompt, **kw)
 
     def spy_vae(image, generator):
@@ -232,7 +300,15 @@ def test_each_distinct_instruction_and_source_image_is_encoded_once(kind: str, p
         single = policy.encode_prompts([c])
     finally:
         del policy.pipe.encode_prompt, policy.pipe._encode_vae_image
-    assert texts == [["make it red", "make it blue"], ["make it red"]]
+    if kind == "flux1_kontext":
+        assert texts == [["make it red", "make it blue"], ["make it red"]]
+    else:  # each text with its source's condition image (told apart by their pixels)
+        im = [t[1] for t in texts[:3]]
+        assert len(set(im)) == 3
+        assert texts == [
+            ["make it red", im[0]], ["make it blue", im[1]], ["make it red", im[2]],
+            [" ", im[0]], [" ", im[1]], [" ", im[2]], ["make it red", im[2]],
+        ]  # fmt: skip
     assert len(encoded) == 3  # each image once, and not again for the second call
     for v in cond.values():
         assert v.shape[0] == 6
@@ -240,13 +316,16 @@ def test_each_distinct_instruction_and_source_image_is_encoded_once(kind: str, p
         torch.testing.assert_close(v[0], v[5])
     n = int(cond["image_grid"][3].prod())
     torch.testing.assert_close(cond["image_latents"][3, :n], single["image_latents"][0, :n])
-    torch.testing.assert_close(cond["prompt_embeds"][0], cond["prompt_embeds"][3])  # same instruction
+    if kind == "flux1_kontext":  # the same instruction, the same text embeddings
+        torch.testing.assert_close(cond["prompt_embeds"][0], cond["prompt_embeds"][3])
     assert cond["image_grid"][0].tolist() != cond["image_grid"][3].tolist()  # other image, other tokens
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_batched_velocity_equals_row_by_row(kind: str, policies, prompts) -> None:
-    policy = CLASSES[kind](policies[kind].pipe, **options(kind, true_cfg_scale=2.5))
+    """A batch mixing source sizes (and text lengths, under the mask) gives each row's own velocity, with CFG."""
+    cfg = {"true_cfg_scale": 2.5} if kind == "flux1_kontext" else {"guidance_scale": 2.5}
+    policy = CLASSES[kind](policies[kind].pipe, **options(kind, **cfg))
     batch = [prompts[0], prompts[1], prompts[2], prompts[0]]
     x = torch.randn(4, *policy.latent_shape)
     t = torch.rand(4)
@@ -304,9 +383,15 @@ def test_resolution_and_options_the_model_cannot_take_are_user_errors(kind: str,
     pipe = policies[kind].pipe
     with pytest.raises(UserError, match="cannot take a 30x16 image: .* multiples of 4 pixels"):
         CLASSES[kind](pipe, **options(kind, height=30))
-    with pytest.raises(UserError, match="true_cfg_scale"):
-        CLASSES[kind](pipe, **options(kind, true_cfg_scale=-1))
-    with pytest.raises(UserError, match="auto_resize"):
-        CLASSES[kind](pipe, **options(kind, auto_resize="yes"))
-    with pytest.raises(UserError, match="cannot take a source image of 2x40 pixels: it must be at least 4"):
-        CLASSES[kind](pipe, **options(kind)).source_size(te.source_image(2, 40, seed=0))
+    if kind == "flux1_kontext":
+        with pytest.raises(UserError, match="true_cfg_scale"):
+            CLASSES[kind](pipe, **options(kind, true_cfg_scale=-1))
+        with pytest.raises(UserError, match="auto_resize"):
+            CLASSES[kind](pipe, **options(kind, auto_resize="yes"))
+        with pytest.raises(UserError, match="cannot take a source image of 2x40 pixels: it must be at least 4"):
+            CLASSES[kind](pipe, **options(kind)).source_size(te.source_image(2, 40, seed=0))
+    else:
+        with pytest.raises(UserError, match="'vae_area' must be a number of pixels"):
+            CLASSES[kind](pipe, **options(kind, vae_area=100))
+        with pytest.raises(UserError, match="cannot take a source image of 4x64 pixels: its aspect ratio"):
+            CLASSES[kind](pipe, **options(kind)).source_sizes(te.source_image(4, 64, seed=0))

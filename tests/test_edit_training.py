@@ -24,8 +24,14 @@ from . import tiny_pipelines as tp
 
 diffusers_logging.disable_progress_bar()
 
-KINDS = ["flux1_kontext"]
+KINDS = ["flux1_kontext", "qwen_image_edit"]
 FROZEN = ("vae", "text_encoder", "text_encoder_2")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _qwen_processor_loads():
+    with te.processor_without_video():
+        yield
 
 
 def _state(module: torch.nn.Module | None) -> dict[str, torch.Tensor]:

@@ -119,6 +119,6 @@ def test_the_pipeline_class_table_is_derived_from_the_adapter_registry() -> None
     from precise_rl.policies.registry import ADAPTERS, PIPELINE_ADAPTERS
     from precise_rl.tasks.registry import TASKS
 
-    assert set(ADAPTERS) == {"flux2_klein", "sd3", "flux1"}
+    assert set(ADAPTERS) == {"flux2_klein", "sd3", "flux1", "flux1_kontext", "qwen_image_edit"}
     assert PIPELINE_ADAPTERS == {cls.pipeline_class: name for name, cls in ADAPTERS.items()}
     assert set(ADAPTERS) <= set(TASKS)  # each adapter is a model name

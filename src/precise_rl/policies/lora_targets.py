@@ -7,7 +7,7 @@ attention alike: the image stream's ``attn.to_q/k/v/out.0`` and the text stream'
 
 from __future__ import annotations
 
-__all__ = ["JOINT_ATTENTION", "IMAGE_ATTENTION", "TEXT_ATTENTION", "FLUX1_FEED_FORWARD"]
+__all__ = ["JOINT_ATTENTION", "IMAGE_ATTENTION", "TEXT_ATTENTION", "FLUX1_FEED_FORWARD", "QWEN_IMAGE_FEED_FORWARD"]
 
 #: the image stream's attention projections (``attn.to_out`` is a ModuleList: ``.0`` is its Linear)
 IMAGE_ATTENTION: tuple[str, ...] = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
@@ -17,3 +17,11 @@ TEXT_ATTENTION: tuple[str, ...] = ("attn.add_q_proj", "attn.add_k_proj", "attn.a
 JOINT_ATTENTION: tuple[str, ...] = (*IMAGE_ATTENTION, *TEXT_ATTENTION)
 #: the GELU feed-forward of both streams in diffusers' ``FeedForward`` (FLUX.1, SD3)
 FLUX1_FEED_FORWARD: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+#: the GELU feed-forward of both streams of a Qwen-Image block (``img_mlp``, ``txt_mlp``: Qwen-Image and its
+#: editing models share the transformer)
+QWEN_IMAGE_FEED_FORWARD: tuple[str, ...] = (
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+)
