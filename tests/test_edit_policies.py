@@ -395,3 +395,33 @@ def test_resolution_and_options_the_model_cannot_take_are_user_errors(kind: str,
             CLASSES[kind](pipe, **options(kind, vae_area=100))
         with pytest.raises(UserError, match="cannot take a source image of 4x64 pixels: its aspect ratio"):
             CLASSES[kind](pipe, **options(kind)).source_sizes(te.source_image(4, 64, seed=0))
+
+
+def test_image_similarity_scores_an_edit_against_its_source(tmp_path: Path) -> None:
+    """The CLIP cosine of each image and its own source (sources of several sizes in one batch): 1 for the source
+    itself, as CLIP's own ``get_image_features`` gives it otherwise; one sentence without a source."""
+    from transformers import CLIPModel
+
+    from precise_rl.rewards.base import build_reward
+    from precise_rl.rewards.clip_models import load_clip_preprocess
+
+    opts = te.tiny_clip(tmp_path)
+    reward = build_reward("image_similarity", **opts)
+    sources = [torch.rand(3, 40, 24), torch.rand(3, 16, 16), torch.rand(3, 30, 30)]
+    images = torch.rand(3, 3, HEIGHT, WIDTH)
+    images[1] = torch.nn.functional.interpolate(sources[1][None], size=(HEIGHT, WIDTH), mode="nearest")[0]
+    meta = [{"source_image": s} for s in sources]
+    score = reward(images, ["a", "b", "c"], meta)["image_similarity"]
+    itself = reward(sources[2][None], ["c"], meta[2:])["image_similarity"]
+    torch.testing.assert_close(itself, torch.ones(1), rtol=0, atol=1e-5)
+    clip = CLIPModel.from_pretrained(opts["model"]).eval()
+    prep = load_clip_preprocess(Path(opts["model"]))
+    with torch.no_grad():
+        for i in range(3):
+            a = clip.get_image_features(pixel_values=prep(images[i : i + 1]))
+            b = clip.get_image_features(pixel_values=prep(sources[i][None]))
+            a, b = getattr(a, "pooler_output", a), getattr(b, "pooler_output", b)
+            want = torch.nn.functional.cosine_similarity(a, b)[0]
+            torch.testing.assert_close(score[i], want, rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="scores an edit against its source image, but an image came without one"):
+        reward(images, ["a", "b", "c"], [{}, *meta[1:]])
