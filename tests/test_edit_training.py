@@ -227,3 +227,42 @@ def test_recipe_runs_on_a_tiny_pipeline(path: Path, tmp_path: Path) -> None:
     record = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert np.isfinite(record["reward/image_similarity"]) and np.isfinite(record["eval_ode/image_similarity"])
     assert (tmp_path / "run" / "checkpoints" / "epoch_000001" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_weights_with_checkpointing_and_kl_train(kind: str, tmp_path: Path) -> None:
+    """bf16 weights under bf16 autocast, gradient checkpointing and a KL term (adapters off) run an epoch on
+    editing prompts, with CFG (two branches sharing the source tokens)."""
+    path = te.save_pipeline(kind, tmp_path / "pipe")
+    edits = te.write_edit_prompts(tmp_path / "data", [("make it red", (32, 16)), ("make it blue", (16, 16))])
+    cfg_option = {"true_cfg_scale": 2.0} if kind == "flux1_kontext" else {}
+    cfg = config_from_dict(
+        {
+            "model": {
+                "name": kind,
+                "path": str(path),
+                "dtype": "bfloat16",
+                "options": te.adapter_options(kind, gradient_checkpointing=True, **cfg_option),
+            },
+            "prompts": {"train": str(edits), "eval": str(edits)},
+            "sampler": {"num_steps": 3},
+            "reward": {"weights": {"jpeg_compressibility": 1.0}},
+            "train": {
+                "epochs": 1,
+                "groups_per_epoch": 2,
+                "group_size": 2,
+                "mixed_precision": "bf16",
+                "kl_beta": 0.01,
+                "lora": {"enabled": True, "rank": 2, "alpha": 2},
+            },
+            "eval": {"every": 0},
+            "logging": {"tensorboard": False, "progress": False},
+        }
+    )
+    trainer = GRPOTrainer(cfg, tmp_path / "run")
+    assert trainer.policy.pipe.transformer.dtype == torch.bfloat16 and trainer.policy.do_cfg
+    trainer.run()
+    assert trainer.global_step == 1
+    record = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert np.isfinite(record["loss"]) and record["kl_ref"] >= 0 and record["ratio_max_dev"] < 1e-3

@@ -58,7 +58,8 @@ class FluxKontextPolicy(Flux1Policy):
         self.true_cfg_scale = float(true_cfg_scale)
         self.auto_resize = auto_resize
         super().__init__(pipe, **kw)
-        #: source image path -> (packed latent tokens (n, 4C), token grid (h, w)), encoded once per policy
+        #: source image path -> (packed latent tokens (n, 4C), token grid (h, w)), encoded once per policy and
+        #: kept in host memory (a prompt set's sources need not all fit beside the model)
         self._sources: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}
 
     @property
@@ -99,7 +100,7 @@ class FluxKontextPolicy(Flux1Policy):
                 latents = pipe._encode_vae_image(pixels.to(device=vae.device, dtype=self.model_dtype), generator=None)
             _, c, h, w = latents.shape
             tokens = pipe._pack_latents(latents, 1, c, h, w)[0]
-            self._sources[key] = (tokens.to(device=self.device, dtype=self.model_dtype), (h // 2, w // 2))
+            self._sources[key] = (tokens.to(device="cpu", dtype=self.model_dtype), (h // 2, w // 2))
         return self._sources[key]
 
     def _encode_unique(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -114,7 +115,7 @@ class FluxKontextPolicy(Flux1Policy):
         longest = max(tokens.shape[0] for tokens, _ in sources)
         padded = torch.zeros(len(prompts), longest, sources[0][0].shape[1], device=self.device, dtype=self.model_dtype)
         for i, (tokens, _) in enumerate(sources):
-            padded[i, : tokens.shape[0]] = tokens
+            padded[i, : tokens.shape[0]] = tokens.to(device=self.device, dtype=self.model_dtype)
         cond["image_latents"] = padded
         cond["image_grid"] = torch.tensor([grid for _, grid in sources], device=self.device, dtype=torch.long)
         return cond
@@ -144,7 +145,9 @@ class FluxKontextPolicy(Flux1Policy):
                 guidance = torch.full((rows.numel(),), self.guidance_scale, device=x.device, dtype=torch.float32)
             ids = [self._ids(x.device, self.model_dtype), self._source_ids(grid, x.device, self.model_dtype)]
             out = self.transformer(
-                hidden_states=torch.cat([tokens[rows], part["image_latents"][:, : grid[0] * grid[1]]], dim=1),
+                hidden_states=torch.cat(
+                    [tokens[rows], part["image_latents"][:, : grid[0] * grid[1]].to(tokens.dtype)], dim=1
+                ),
                 timestep=t[rows],
                 guidance=guidance,
                 pooled_projections=part["pooled_prompt_embeds"],

@@ -79,7 +79,8 @@ class QwenImageEditPlusPolicy(DiffusersPolicy):
                 f"this {self.display_name} checkpoint has a guidance embedding, which this adapter does not feed; "
                 "use a checkpoint without one"
             )
-        #: source image path -> (the text encoder's resized image, VAE tokens (n, 4C), token grid (h, w))
+        #: source image path -> (the text encoder's resized image, VAE tokens (n, 4C), token grid (h, w)); this
+        #: cache and the next are kept in host memory (a prompt set's sources need not fit beside the model)
         self._sources: dict[str, tuple[Any, torch.Tensor, tuple[int, int]]] = {}
         #: source image path -> the negative prompt's embeddings with that image
         self._negatives: dict[str, torch.Tensor] = {}
@@ -166,7 +167,7 @@ class QwenImageEditPlusPolicy(DiffusersPolicy):
                 latents = pipe._encode_vae_image(pixels.to(device=pipe.vae.device, dtype=self.model_dtype), None)
             _, c, _, h, w = latents.shape
             tokens = pipe._pack_latents(latents, 1, c, h, w)[0]
-            self._sources[key] = (condition, tokens.to(device=self.device, dtype=self.model_dtype), (h // 2, w // 2))
+            self._sources[key] = (condition, tokens.to(device="cpu", dtype=self.model_dtype), (h // 2, w // 2))
         return self._sources[key]
 
     def _text(self, text: str, condition: Any) -> torch.Tensor:
@@ -179,14 +180,13 @@ class QwenImageEditPlusPolicy(DiffusersPolicy):
     def _encode_unique(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError("encode_prompts encodes each (instruction, image) pair with its image")
 
-    @staticmethod
-    def _padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``(L_i, D)`` zero-padded to the longest, and the mask of their real entries."""
+    def _padded(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``(L_i, D)`` zero-padded to the longest, on the policy's device, and the mask of their real entries."""
         longest = max(r.shape[0] for r in rows)
-        out = rows[0].new_zeros(len(rows), longest, rows[0].shape[1])
-        mask = torch.zeros(len(rows), longest, dtype=torch.long, device=rows[0].device)
+        out = torch.zeros(len(rows), longest, rows[0].shape[1], device=self.device, dtype=self.model_dtype)
+        mask = torch.zeros(len(rows), longest, dtype=torch.long, device=self.device)
         for i, r in enumerate(rows):
-            out[i, : r.shape[0]] = r
+            out[i, : r.shape[0]] = r.to(device=self.device, dtype=self.model_dtype)
             mask[i, : r.shape[0]] = 1
         return out, mask
 
@@ -217,7 +217,7 @@ class QwenImageEditPlusPolicy(DiffusersPolicy):
                 for p in prompts:
                     key = str(p.image)
                     if key not in self._negatives:
-                        self._negatives[key] = self._text(self.negative_prompt, self._source(p)[0])
+                        self._negatives[key] = self._text(self.negative_prompt, self._source(p)[0]).cpu()
                 neg, neg_mask = self._padded([self._negatives[str(p.image)] for p in prompts])
                 cond.update(negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask)
         return cond
@@ -237,7 +237,9 @@ class QwenImageEditPlusPolicy(DiffusersPolicy):
             length = int(m.sum(1).max())  # the text up to the group's longest, its mask None without padding
             m = m[:, :length]
             out = self.transformer(
-                hidden_states=torch.cat([tokens[rows], cond["image_latents"][rows, : grid[0] * grid[1]]], dim=1),
+                hidden_states=torch.cat(
+                    [tokens[rows], cond["image_latents"][rows, : grid[0] * grid[1]].to(tokens.dtype)], dim=1
+                ),
                 timestep=t[rows],
                 guidance=None,
                 encoder_hidden_states_mask=None if bool(m.all()) else m,
