@@ -113,3 +113,18 @@ def test_the_builtin_edit_examples_are_the_drawn_scenes(tmp_path: Path) -> None:
     assert train and held_out and all(isinstance(p, EditPrompt) for p in [*train, *held_out])
     assert not {p.image for p in train} & {p.image for p in held_out}
     assert Image.open(train[0].image).size == (512, 512)
+
+
+def test_a_remote_reward_receives_the_source_image_as_a_png(tmp_path: Path) -> None:
+    """The metadata a reward server gets is JSON: an edit's source pixels go as a base64 PNG, as the images do,
+    decoding to the same 8-bit pixels; the other keys pass unchanged."""
+    from precise_rl.rewards.protocol import decode_images
+    from precise_rl.rewards.remote import _images_as_png
+
+    path = te.write_edit_prompts(tmp_path, [("make it red", (12, 20))])
+    (meta,) = source_metadata(read_prompt_file(path))
+    sent = _images_as_png({**meta, "tag": "colors"})
+    json.dumps(sent)  # JSON as it stands
+    assert sent["tag"] == "colors" and sent["source_image_path"] == meta["source_image_path"]
+    back = decode_images([sent["source_image"]])[0]
+    torch.testing.assert_close(back, meta["source_image"], rtol=0, atol=0.5 / 255)
