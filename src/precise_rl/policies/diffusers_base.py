@@ -392,10 +392,6 @@ class DiffusersPolicy(Policy):
         feeds that to a guidance embedding and takes its CFG weight apart)."""
         return self.guidance_scale
 
-    def _guide(self, v_uncond: torch.Tensor, v_cond: torch.Tensor) -> torch.Tensor:
-        """The guided velocity from the two branches: ``v_u + w (v_c - v_u)``."""
-        return v_uncond + self.cfg_scale * (v_cond - v_uncond)
-
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """``v = eps - x0`` in float32, with classifier-free guidance when :attr:`do_cfg`.
 
@@ -410,11 +406,11 @@ class DiffusersPolicy(Policy):
         pos = {k: v for k, v in cond.items() if not k.startswith("negative_")}
         neg = {k.removeprefix("negative_"): v for k, v in cond.items() if k.startswith("negative_")}
         if not neg:
-            raise ValueError("guidance needs the negative_* conditioning from encode_prompts")
+            raise ValueError("guidance_scale > 1 needs the negative_* conditioning from encode_prompts")
         both = {k: torch.cat([neg.get(k, pos[k]), pos[k]]) for k in pos}
         out = self._forward(torch.cat([x, x]), torch.cat([t, t]), both).float()
         v_uncond, v_cond = out.chunk(2)
-        return self._guide(v_uncond, v_cond)
+        return v_uncond + self.cfg_scale * (v_cond - v_uncond)
 
     def time_grid(self, num_steps: int) -> torch.Tensor:
         """The sigmas the diffusers pipeline itself uses for ``num_steps`` steps (shift included), float64."""
