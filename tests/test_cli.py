@@ -12,6 +12,8 @@ from precise_rl.cli import COMMANDS, main
 
 from . import toy_task
 
+ROOT = Path(__file__).resolve().parents[1]
+
 toy_task.register()
 
 
@@ -182,3 +184,19 @@ def test_malformed_input_is_one_sentence_and_exit_code_2(
     assert lines[0].startswith(f"precise-rl{' ' + argv[0] if argv[0] in COMMANDS else ''}: error: "), lines[0]
     assert fragment.format(**files) in lines[0], lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_models_lists_every_registered_adapter_and_is_the_readmes_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from precise_rl.cli.models import model_rows, models_table
+    from precise_rl.policies.registry import ADAPTERS
+
+    assert main(["models"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == models_table()
+    assert printed in (ROOT / "README.md").read_text()
+    rows = {r["name"]: r for r in model_rows()}
+    assert set(ADAPTERS) | {"digits", "diffusers"} == set(rows)
+    for name, cls in ADAPTERS.items():
+        assert rows[name]["pipeline"] == cls.pipeline_class and rows[name]["default_model"] == cls.default_model
+    assert main(["models", "--json"]) == 0
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == [r["name"] for r in model_rows()]

@@ -13,8 +13,8 @@ import yaml
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
-from precise_rl import sample_cli
 from precise_rl.cli import main
+from precise_rl.cli import sample as sample_cli
 from precise_rl.config import config_from_dict
 from precise_rl.policies.edit import EditPrompt
 from precise_rl.rl.trainer import GRPOTrainer

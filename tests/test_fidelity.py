@@ -22,7 +22,7 @@ from precise_rl.fidelity import (
     residual_noise,
     weight_error,
 )
-from precise_rl.fidelity.report import ETA_MAX
+from precise_rl.fidelity.report import sweep_eta_max
 from precise_rl.sde import DEFAULT_ETA, SAMPLERS, kernel, rollout, shifted_sigmas, time_grid, uniform_sigmas
 
 STOCHASTIC = tuple(s for s in SAMPLERS if s != "ode")
@@ -40,7 +40,7 @@ def test_exact_propagation_matches_monte_carlo_rollout(sampler: str, seed: int) 
     """The lab's exact mean/std equal those of real rollouts with the exact Gaussian velocity."""
     rng = np.random.default_rng(seed)
     target, sigmas = _random_case(rng)
-    eta = DEFAULT_ETA[sampler] if sampler == "ode" else float(rng.uniform(0.05, ETA_MAX[sampler]))
+    eta = DEFAULT_ETA[sampler] if sampler == "ode" else float(rng.uniform(0.05, sweep_eta_max()[sampler]))
     kern = kernel(sampler, sigmas, eta)
     exact = propagate_gaussian(kern, target)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from precise_rl.rl.logging import image_grid, labelled_grid
+from precise_rl.images import image_grid, labelled_grid
 
 
 def test_labelled_grid_keeps_the_tiles_and_writes_each_label_in_its_row() -> None:
@@ -27,7 +27,7 @@ def test_labelled_grid_keeps_the_tiles_and_writes_each_label_in_its_row() -> Non
 
 
 def test_long_labels_are_cut_so_the_grid_stays_narrow() -> None:
-    from precise_rl.rl.logging import MAX_LABEL
+    from precise_rl.images import MAX_LABEL
 
     images = torch.rand(2, 3, 8, 8)
     cut = labelled_grid(images, ["x" * 300, "short"], 1, scale=2)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from precise_rl.rl.logging import image_grid, labelled_grid, plot_reward_curves
+from precise_rl.images import image_grid, labelled_grid
+from precise_rl.rl.logging import plot_reward_curves
 
 
 def _figure_of(records: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> Any:

@@ -318,7 +318,7 @@ def test_a_saved_adapter_samples_with_float32_lora_weights_and_an_unrounded_time
 ) -> None:
     """``precise-rl sample --lora`` on a bf16 model: the adapter keeps its float32 weights and the rollout runs
     under autocast as training does, so FLUX.2 sees its timestep unrounded."""
-    from precise_rl import sample_cli
+    from precise_rl.cli import sample as sample_cli
     from precise_rl.policies.lora import apply_lora, load_adapter, save_adapter
     from precise_rl.sde import uniform_sigmas
 

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from precise_rl.cli.serve_reward import main as server_main
 from precise_rl.config import config_from_dict
 from precise_rl.errors import UserError
 from precise_rl.rewards import Reward, RewardSet, build_reward, concat_components, jpeg_sizes_kb
@@ -41,7 +42,6 @@ from precise_rl.rewards.failures import RewardServerDown, RewardServerRejected
 from precise_rl.rewards.geneval import evaluate_clauses, relative_position, select_detections
 from precise_rl.rewards.protocol import ProtocolError, decode_images, encode_images, parse_request
 from precise_rl.rewards.server import TOKEN_ENV, create_app, read_token, serve
-from precise_rl.rewards.server import main as server_main
 from precise_rl.rl.logging import read_metrics
 from precise_rl.rl.trainer import GRPOTrainer
 
@@ -312,7 +312,7 @@ def test_token_is_required_and_a_wrong_one_stops_cleanly(tmp_path: Path) -> None
 def test_the_server_command_refuses_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # as a program: one line on stderr (no warning from running a module of an imported package)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"}
-    cmd = [sys.executable, "-m", "precise_rl.rewards.server", "no_such_reward"]
+    cmd = [sys.executable, "-m", "precise_rl.cli.serve_reward", "no_such_reward"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
@@ -667,7 +667,7 @@ def test_a_chunk_is_scored_by_the_server_while_the_next_chunk_is_rolled_out(tmp_
 def start_server_process(port: int, reward: str, *options: str) -> subprocess.Popen:
     """``python -m precise_rl.rewards.server REWARD --port PORT OPTIONS`` in a process, once /health answers."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"}
-    cmd = [sys.executable, "-m", "precise_rl.rewards.server", reward, "--port", str(port), *options]
+    cmd = [sys.executable, "-m", "precise_rl.cli.serve_reward", reward, "--port", str(port), *options]
     cmd += ["--log-level", "error"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 90

@@ -27,10 +27,10 @@ import pytest
 import torch
 from PIL import Image
 
+from precise_rl.cli.serve_reward import main as server_main
 from precise_rl.rewards import Reward
 from precise_rl.rewards import server as server_mod
 from precise_rl.rewards.protocol import ProtocolError, decode_images, parse_request
-from precise_rl.rewards.server import main as server_main
 
 from .test_reward_server import start_server_process, thread_server
 

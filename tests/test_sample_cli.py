@@ -11,8 +11,8 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
-from precise_rl import sample_cli
 from precise_rl.cli import main
+from precise_rl.cli import sample as sample_cli
 from precise_rl.sde import SAMPLERS, kernel, rollout
 from precise_rl.tasks.digits import DigitsPolicy
 

@@ -168,11 +168,11 @@ def test_rollout_window_uses_ode_outside_and_kernel_inside(name: str, rng) -> No
         v = toy_velocity(traj.latents[:, i], sigmas[i].float().expand(3), None).double()
         d = float(sigmas[i] - sigmas[i + 1])
         if window[i]:
-            assert float(traj.stds[i]) == pytest.approx(float(full.std[i]), rel=1e-6)
+            assert float(traj.std[i]) == pytest.approx(float(full.std[i]), rel=1e-6)
             mean = float(full.a[i]) * x_t + float(full.b[i]) * v
             torch.testing.assert_close(traj.means[:, i].double(), mean, rtol=1e-5, atol=1e-5)
         else:
-            assert float(traj.stds[i]) == 0.0
+            assert float(traj.std[i]) == 0.0
             torch.testing.assert_close(x_s, x_t - d * v, rtol=1e-5, atol=1e-5)  # Euler, no noise
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from precise_rl.cli import main
+from precise_rl.cli import study as study_cli
 from precise_rl.rl import study
 from precise_rl.rl.compare import PROTOCOLS, summarise
 from precise_rl.rl.logging import read_metrics
@@ -173,13 +174,13 @@ def test_bad_flags_are_one_sentence_and_exit_2(
 
 
 def test_grid_and_step_parsing() -> None:
-    assert study.parse_grids("uniform,shift3,shift2.5,model,shift3.0") == [
+    assert study_cli.parse_grids("uniform,shift3,shift2.5,model,shift3.0") == [
         ("uniform", None),
         ("shift3", 3.0),
         ("shift2.5", 2.5),
         ("model", None),
     ]
-    assert study.parse_steps("6, 10,6,20") == [6, 10, 20]
+    assert study_cli.parse_steps("6, 10,6,20") == [6, 10, 20]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from torch import nn
 
 from precise_rl.policies import Policy
 from precise_rl.rewards import register_reward
-from precise_rl.tasks.registry import TASKS, TaskSpec
+from precise_rl.tasks.registry import TaskSpec, register_task
 
 PROMPTS = [f"prompt {k}" for k in range(4)]
 
@@ -70,7 +70,7 @@ def toy_brightness(images: torch.Tensor, prompts: Sequence[str], metadata: Seque
 
 def register() -> None:
     """Add the toy model and its reward to the registries (idempotent)."""
-    TASKS["toy"] = _toy_task
+    register_task("toy")(_toy_task)
     register_reward("toy_brightness")(toy_brightness)
 
 

@@ -4,9 +4,12 @@ The public face::
 
     from precise_rl import GRPOTrainer, ExperimentConfig, TaskSpec, load_config
     from precise_rl import kernel, rollout, step, shifted_sigmas
+    from precise_rl import register_sampler, register_policy, register_reward, register_task
 
 ``GRPOTrainer(config, output_dir, task=TaskSpec(...))`` trains any :class:`~precise_rl.policies.Policy`
-on any prompts and rewards without a registry entry. The names are loaded on first use (PEP 562):
+on any prompts and rewards without a registry entry; ``register_sampler`` and the decorators
+``register_policy``, ``register_reward`` and ``register_task`` make a sampler, a model, a reward or a
+task a name that the config and every command take. The names are loaded on first use (PEP 562):
 ``import precise_rl`` and ``precise-rl --help`` import no torch.
 """
 
@@ -21,11 +24,13 @@ _SDE = [
     "DEFAULT_ETA",
     "SAMPLERS",
     "Kernel",
+    "Sampler",
     "StepOutput",
     "Trajectory",
     "flux_sigmas",
     "kernel",
     "log_prob",
+    "register_sampler",
     "rollout",
     "shift_sigmas",
     "shifted_sigmas",
@@ -41,6 +46,8 @@ _HOME: dict[str, str] = {
     "load_config": "precise_rl.config",
     "config_from_dict": "precise_rl.config",
     "TaskSpec": "precise_rl.tasks.registry",
+    "register_task": "precise_rl.tasks.registry",
+    "register_policy": "precise_rl.policies.registry",
     "Policy": "precise_rl.policies.base",
     "Reward": "precise_rl.rewards.base",
     "register_reward": "precise_rl.rewards.base",

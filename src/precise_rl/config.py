@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import UserError
+from .sde.samplers import SAMPLER_TABLE, trainable_samplers  # the table only: no torch
 
 __all__ = [
     "ModelConfig",
@@ -67,7 +68,8 @@ class WindowConfig:
 
 @dataclass
 class SamplerConfig:
-    name: Literal["precise", "flow_grpo", "dance_grpo", "cps", "dance_precise"] = "precise"
+    #: a stochastic sampler of the sampler table (``precise_rl.sde.samplers``)
+    name: str = "precise"
     eta: float | None = None  #: None = the sampler's reference default
     num_steps: int = 10
     grid: Literal["model", "uniform", "shifted"] = "model"  #: ``model`` = the adapter's own sigmas
@@ -323,11 +325,15 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"config key 'train.ema.decay' must be in [0, 1), got {t.ema.decay!r}")
     _positive("train.ema.every", t.ema.every)
     s = cfg.sampler
+    trainable = trainable_samplers()
+    if s.name not in trainable:
+        raise UserError(f"config key 'sampler.name' must be one of {', '.join(map(repr, trainable))}, got {s.name!r}")
     _positive("sampler.num_steps", s.num_steps)
     if s.eta is not None:
         _positive("sampler.eta", s.eta, allow_zero=True)
-        if s.name == "cps" and s.eta > 1:
-            raise UserError(f"config key 'sampler.eta' must be in [0, 1] for cps, got {s.eta!r}")
+        bound = SAMPLER_TABLE[s.name].eta_max
+        if s.eta > bound:
+            raise UserError(f"config key 'sampler.eta' must be in [0, {bound:g}] for {s.name}, got {s.eta!r}")
     _positive("sampler.shift", s.shift)
     w = s.window
     _positive("sampler.window.size", w.size, allow_zero=True)
@@ -347,7 +353,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _positive("eval.samples_per_prompt", e.samples_per_prompt)
     _positive("eval.max_prompts", e.max_prompts)
     _positive("eval.grid_prompts", e.grid_prompts, allow_zero=True)
-    allowed = {"ode", "own", "precise", "flow_grpo", "dance_grpo", "cps", "dance_precise"}
+    allowed = ["own", *SAMPLER_TABLE]
     if not e.samplers:
         raise UserError(
             "config key 'eval.samplers' names no sampler; give e.g. [ode, own] (eval.every=0 turns evaluation off)"
@@ -356,7 +362,9 @@ def validate(cfg: ExperimentConfig) -> None:
     e.samplers = list(dict.fromkeys("own" if name == "train" else name for name in e.samplers))
     for name in e.samplers:
         if name not in allowed:
-            raise UserError(f"config key 'eval.samplers' has unknown sampler {name!r}; choose from {sorted(allowed)}")
+            raise UserError(
+                f"config key 'eval.samplers' has unknown sampler {name!r}; choose from {', '.join(allowed)}"
+            )
     overlap = sorted(set(cfg.reward.eval_only) & set(cfg.reward.weights))
     if overlap:
         raise UserError(

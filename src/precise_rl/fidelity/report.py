@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..sde import DEFAULT_ETA, SAMPLERS, kernel, rollout, time_grid
+from ..sde import DEFAULT_ETA, SAMPLER_TABLE, SAMPLERS, kernel, rollout, time_grid, trainable_samplers
 from .gaussian import GaussianTarget, propagate_gaussian
 from .mixture import (
     GaussianMixture,
@@ -32,16 +32,14 @@ from .mixture import (
     weight_error,
 )
 
-__all__ = ["ETA_MAX", "LabConfig", "eta_values", "grid_label", "run_lab", "format_tables", "write_report"]
+__all__ = ["sweep_eta_max", "LabConfig", "eta_values", "grid_label", "run_lab", "format_tables", "write_report"]
 
-#: Upper end of each sampler's eta sweep (the sweep runs from 0, which is deterministic for all).
-ETA_MAX: dict[str, float] = {
-    "flow_grpo": 1.2,
-    "dance_grpo": 1.0,
-    "cps": 1.0,
-    "precise": 3.0,
-    "dance_precise": 1.0,
-}
+
+def sweep_eta_max() -> dict[str, float]:
+    """Upper end of each stochastic sampler's eta sweep, from the sampler table (the sweep runs from 0)."""
+    return {name: SAMPLER_TABLE[name].sweep_eta_max for name in trainable_samplers()}
+
+
 GRIDS: tuple[str, ...] = ("uniform", "shifted")
 
 
@@ -54,9 +52,9 @@ class LabConfig:
     shift: float = 3.0
     target_mean: float = 0.5
     target_stds: tuple[float, ...] = (0.02, 2.0)
-    samplers: tuple[str, ...] = SAMPLERS
+    samplers: tuple[str, ...] = field(default_factory=lambda: tuple(SAMPLERS))
     eta_points: int = 13
-    eta_max: Mapping[str, float] = field(default_factory=lambda: dict(ETA_MAX))
+    eta_max: Mapping[str, float] = field(default_factory=sweep_eta_max)
     samples: int = 1500
     modes: int = 5
     seed: int = 0
@@ -108,7 +106,7 @@ def grid_label(grid: str, shift: float) -> str:
 
 def eta_values(sampler: str, points: int, eta_max: Mapping[str, float]) -> list[float]:
     """The sweep of ``sampler``: ``points`` values evenly from 0 to its maximum, plus its default eta."""
-    if sampler == "ode":
+    if not SAMPLER_TABLE[sampler].stochastic:
         return [0.0]
     values = set(np.round(np.linspace(0.0, eta_max[sampler], points), 10).tolist())
     values.add(DEFAULT_ETA[sampler])

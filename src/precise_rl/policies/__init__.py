@@ -6,7 +6,7 @@ instruction-editing ``FluxKontextPolicy`` (FLUX.1 Kontext) and ``QwenImageEditPl
 whose prompts are ``EditPrompt``s (an instruction with its source image, :mod:`.edit`).
 """
 
-from .base import Policy, cat_cond, index_cond
+from .base import Policy, index_cond
 from .diffusers_base import DiffusersPolicy
 from .edit import EditPrompt
 from .flux import Flux1Policy
@@ -24,6 +24,5 @@ __all__ = [
     "EditPrompt",
     "Flux2KleinPolicy",
     "SD3Policy",
-    "cat_cond",
     "index_cond",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Policy", "index_cond", "cat_cond"]
+__all__ = ["Policy", "index_cond"]
 
 
 class Policy(ABC):
@@ -81,17 +81,3 @@ def index_cond(cond: Any, index: torch.Tensor | slice) -> Any:
     if isinstance(cond, tuple | list):
         return type(cond)(index_cond(v, index) for v in cond)
     return cond
-
-
-def cat_cond(conds: Sequence[Any]) -> Any:
-    """Concatenate conditioning batches along the batch dimension."""
-    first = conds[0]
-    if first is None:
-        return None
-    if isinstance(first, torch.Tensor):
-        return torch.cat(list(conds))
-    if isinstance(first, Mapping):
-        return {k: cat_cond([c[k] for c in conds]) for k in first}
-    if isinstance(first, tuple | list):
-        return type(first)(cat_cond([c[i] for c in conds]) for i in range(len(first)))
-    return first

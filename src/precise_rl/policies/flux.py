@@ -30,8 +30,8 @@ class Flux1Policy(DiffusersPolicy):
     display_name = "FLUX.1"
     default_guidance_scale = 3.5
     default_max_sequence_length = 512
-    guidance_rule = "guidance embedding (distilled guidance, one pass, no negative prompt)"
-    time_grid_rule = "linspace(1, 1/N, N) shifted by exp(mu), mu linear in the image sequence length"
+    guidance_rule = 'guidance embedding (3.5), one pass; the pipeline\'s "true CFG" is not offered'
+    time_grid_rule = "`mu` linear in the number of image tokens"
     #: attention and feed-forward projections of the double-stream blocks and the single-stream q/k/v
     default_lora_suffixes = (*JOINT_ATTENTION, *FLUX1_FEED_FORWARD)
 

@@ -69,10 +69,11 @@ class Flux2KleinPolicy(DiffusersPolicy):
     display_name = "FLUX.2 Klein"
     default_guidance_scale = 1.0
     default_max_sequence_length = 512
-    guidance_rule = 'none by default (guidance 1); above 1, classifier-free guidance against ""'
-    time_grid_rule = (
-        "linspace(1, 1/N, N) shifted by exp(mu), mu from FLUX.2's empirical fit to sequence length and steps"
+    guidance_rule = (
+        "none (the base model is trained without CFG in the reference recipe); `guidance_scale > 1` applies "
+        'the pipeline\'s CFG against `""`'
     )
+    time_grid_rule = "`linspace(1, 1/N, N)` shifted by FLUX.2's empirical `mu` (image tokens and steps)"
     #: the reference recipe's LoRA targets (Tencent-Hunyuan/Precise, ``precise_sde/train/adapters.py``):
     #: the attention and MLP projections of the double-stream blocks and the fused QKV/MLP input
     #: projection of the single-stream blocks (not their output projection, modulation or embedders)

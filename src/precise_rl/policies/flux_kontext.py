@@ -40,10 +40,10 @@ class FluxKontextPolicy(Flux1Policy):
     default_guidance_scale = 3.5  # the pipeline's default (recipes use 2.5, as Flow-GRPO's Kontext config)
     default_max_sequence_length = 512
     guidance_rule = (
-        "guidance embedding (distilled guidance, one pass); true CFG against the negative prompt when "
-        "true_cfg_scale > 1"
+        "guidance embedding (3.5), one pass; `true_cfg_scale > 1` adds the pipeline's true CFG against "
+        "`negative_prompt`"
     )
-    time_grid_rule = "linspace(1, 1/N, N) shifted by exp(mu), mu linear in the output image sequence length"
+    time_grid_rule = "FLUX.1's: `mu` linear in the number of output image tokens"
     #: FLUX.1's targets: the double-stream attention and feed-forward projections and the single-stream q/k/v
     default_lora_suffixes = (*JOINT_ATTENTION, *FLUX1_FEED_FORWARD)
     edits_images = True

@@ -50,12 +50,11 @@ class QwenImageEditPlusPolicy(DiffusersPolicy):
     display_name = "Qwen-Image-Edit"
     default_guidance_scale = 4.0
     guidance_rule = (
-        'true CFG 4.0 against the negative prompt (" ", with the source image), the combination rescaled token '
-        "by token to the conditional prediction's norm"
+        'true CFG 4.0 against `" "` (with the source image), the combination rescaled token by token to the '
+        "conditional prediction's norm"
     )
     time_grid_rule = (
-        "linspace(1, 1/N, N) shifted by exp(mu), mu linear in the output image sequence length, stretched to end "
-        "at the scheduler's shift_terminal"
+        "`mu` linear in the number of output image tokens, stretched to end at the scheduler's `shift_terminal`"
     )
     #: both streams' attention projections and feed-forwards
     default_lora_suffixes = (*JOINT_ATTENTION, *QWEN_IMAGE_FEED_FORWARD)

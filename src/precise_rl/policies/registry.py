@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+from ..registries import add_entry, check_name
 from .base import Policy
 
 __all__ = ["ADAPTERS", "PIPELINE_ADAPTERS", "register_policy"]
@@ -24,13 +25,10 @@ P = TypeVar("P", bound=type[Policy])
 
 def register_policy(name: str) -> Callable[[P], P]:
     """Class decorator: make a policy adapter buildable as model ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"an adapter name must be a non-empty string, got {name!r}")
+    check_name(name, "an adapter")
 
     def decorate(cls: P) -> P:
-        if name in ADAPTERS and ADAPTERS[name] is not cls:
-            raise ValueError(f"an adapter named {name!r} is already registered ({ADAPTERS[name]!r})")
-        ADAPTERS[name] = cls
+        add_entry(ADAPTERS, name, cls, "an adapter")
         pipeline = getattr(cls, "pipeline_class", None)
         if pipeline:
             PIPELINE_ADAPTERS[pipeline] = name

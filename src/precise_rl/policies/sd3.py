@@ -28,10 +28,10 @@ class SD3Policy(DiffusersPolicy):
     display_name = "SD3"
     default_guidance_scale = 4.5
     default_max_sequence_length = 256
-    guidance_rule = "classifier-free guidance against the negative prompt"
+    guidance_rule = "CFG 4.5 by default: the velocity is `v_u + w (v_c - v_u)` in rollouts and in training alike"
     time_grid_rule = (
-        "uniform, shifted by the scheduler's shift (3.0 for SD3.5; "
-        "a resolution-dependent mu when the scheduler shifts dynamically)"
+        "the scheduler's static shift (3.0 for SD3.5), or its resolution-dependent one where the scheduler sets "
+        "dynamic shifting"
     )
     #: the joint-attention projections (Flow-GRPO's SD3.5 targets)
     default_lora_suffixes = JOINT_ATTENTION

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..registries import add_entry, check_name
 from .failures import RewardUnavailable
 
 __all__ = [
@@ -90,14 +91,10 @@ _REGISTRY: dict[str, Any] = {}
 
 def register_reward(name: str) -> Callable[[Any], Any]:
     """Class or function decorator: make a reward buildable by ``name``."""
-    if not isinstance(name, str) or not name or ":" in name or "@" in name:
-        raise ValueError(f"a reward name must be a non-empty string without ':' or '@', got {name!r}")
+    check_name(name, "a reward", forbidden=":@")  # ':' marks an import path, '@' a label
 
     def decorate(obj: Any) -> Any:
-        if name in _REGISTRY and _REGISTRY[name] is not obj:
-            raise ValueError(f"a reward named {name!r} is already registered ({_REGISTRY[name]!r})")
-        _REGISTRY[name] = obj
-        return obj
+        return add_entry(_REGISTRY, name, obj, "a reward")
 
     return decorate
 

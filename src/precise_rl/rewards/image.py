@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from PIL import Image
 from ..errors import UserError
 from .base import Reward, register_reward
 
-__all__ = ["jpeg_sizes_kb", "JpegCompressibility", "JpegIncompressibility"]
+__all__ = ["jpeg_sizes_kb", "JpegSize", "JpegCompressibility", "JpegIncompressibility"]
 
 
 def jpeg_sizes_kb(images: torch.Tensor, quality: int = 95, min_side: int = 64) -> torch.Tensor:
@@ -43,36 +43,38 @@ def jpeg_sizes_kb(images: torch.Tensor, quality: int = 95, min_side: int = 64) -
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 
 
-def _check_quality(quality: int, min_side: int) -> None:
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
-        raise UserError(f"JPEG quality must be an integer in [1, 95], got {quality!r}")
-    if isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1:
-        raise UserError(f"min_side must be a positive integer, got {min_side!r}")
+class JpegSize(Reward):
+    """The JPEG file size in kB as a reward, signed by :attr:`sign` and named :attr:`key`.
+
+    The registered variants only choose the sign: ``jpeg_compressibility`` scores minus the size
+    (higher for smooth, flat images), ``jpeg_incompressibility`` the size (higher for edges and texture).
+    """
+
+    key: ClassVar[str]
+    sign: ClassVar[float]
+
+    def __init__(self, quality: int = 95, min_side: int = 64) -> None:
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
+            raise UserError(f"JPEG quality must be an integer in [1, 95], got {quality!r}")
+        if isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1:
+            raise UserError(f"min_side must be a positive integer, got {min_side!r}")
+        self.quality, self.min_side = quality, min_side
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        return {self.key: self.sign * jpeg_sizes_kb(images, self.quality, self.min_side)}
 
 
 @register_reward("jpeg_compressibility")
-class JpegCompressibility(Reward):
+class JpegCompressibility(JpegSize):
     """Minus the JPEG file size in kB: higher for images that compress well (smooth, flat)."""
 
-    def __init__(self, quality: int = 95, min_side: int = 64) -> None:
-        _check_quality(quality, min_side)
-        self.quality, self.min_side = quality, min_side
-
-    def __call__(
-        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
-    ) -> dict[str, torch.Tensor]:
-        return {"jpeg_compressibility": -jpeg_sizes_kb(images, self.quality, self.min_side)}
+    key, sign = "jpeg_compressibility", -1.0
 
 
 @register_reward("jpeg_incompressibility")
-class JpegIncompressibility(Reward):
+class JpegIncompressibility(JpegSize):
     """The JPEG file size in kB: higher for images with more edges and texture."""
 
-    def __init__(self, quality: int = 95, min_side: int = 64) -> None:
-        _check_quality(quality, min_side)
-        self.quality, self.min_side = quality, min_side
-
-    def __call__(
-        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
-    ) -> dict[str, torch.Tensor]:
-        return {"jpeg_incompressibility": jpeg_sizes_kb(images, self.quality, self.min_side)}
+    key, sign = "jpeg_incompressibility", 1.0

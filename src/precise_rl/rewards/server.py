@@ -1,23 +1,13 @@
-"""Serve a registered reward over HTTP: ``precise-rl serve-reward NAME [--set key=value ...]``.
+"""A registered reward served over HTTP (``POST /score``, ``GET /health``) for ``remote`` reward clients.
 
-Any reward the registry builds (``pickscore``, ``hpsv2``, ``imagereward``, ``geneval_detector``, an
-import path ``package.module:Name``...) answers ``POST /score`` (protocol in
-:mod:`precise_rl.rewards.protocol`) for the ``remote`` reward client of a training run. The server
-binds to 127.0.0.1 unless told otherwise; with a token (``--token-file`` or the
-``PRECISE_RL_REWARD_TOKEN`` environment variable) every scoring request must carry
-``Authorization: Bearer TOKEN`` (the scheme in any case); bodies over ``--max-request-mb`` are refused
-with 413 before they are read whole, and so are requests of more than ``--max-images`` images or of
-images over ``--max-image-pixels`` each or ``--max-request-pixels`` together (checked from the PNG
-headers, before decoding). A request is parsed and decoded in a worker thread, never on the event
-loop, so ``/health`` answers while large requests are read; at most ``--max-decoding`` requests are
-decoded or scored at once, which bounds the memory they take. Requests are scored one at a time (the
-model is loaded once, on the first request or at start with ``--preload``). Needs the ``serve`` extra:
-``pip install 'precise-rl[serve]'``.
+``create_app`` builds the FastAPI app: bearer-token check, request-size and pixel limits read before
+decoding, decoding and scoring off the event loop with a bound on concurrent requests; ``serve``
+runs it with uvicorn. The command line is ``precise-rl serve-reward`` (:mod:`precise_rl.cli.serve_reward`,
+whose help says the limits); the protocol is :mod:`precise_rl.rewards.protocol`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hmac
 import ipaddress
@@ -27,10 +17,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import yaml
 
 from ..errors import UserError
-from .base import Reward, build_reward
+from .base import Reward
 from .protocol import (
     DEFAULT_PORT,
     PROTOCOL,
@@ -43,7 +32,7 @@ from .protocol import (
     read_token,
 )
 
-__all__ = ["create_app", "serve", "read_token", "add_arguments", "run", "TOKEN_ENV", "DEFAULT_PORT"]
+__all__ = ["create_app", "serve", "read_token", "TOKEN_ENV", "DEFAULT_PORT", "DEFAULT_MAX_MB", "DEFAULT_MAX_IMAGES"]
 
 DEFAULT_MAX_MB = 64.0
 #: images per request (the client sends 16 by default and splits a request answered 413)
@@ -233,116 +222,3 @@ def serve(
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-def _parse_sets(items: list[str]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set takes key=value, got {item!r}")
-        try:
-            options[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise UserError(f"--set {key}: cannot read the value {value!r}") from None
-    return options
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("reward", help="registered reward name (e.g. hpsv2, pickscore) or import path package.module:Name")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the reward (repeatable), e.g. --set dtype=float16 --set checkpoint=/models/hps",
-    )
-    p.add_argument("--device", default=None, help="device for rewards that take one (default: cuda if available)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    p.add_argument("--token-file", default=None, help=f"file holding the bearer token (else ${TOKEN_ENV}, if set)")
-    p.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_MB, help="largest request body accepted")
-    p.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, help="most images in one request")
-    p.add_argument(
-        "--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="most pixels (w x h) of one image"
-    )
-    p.add_argument(
-        "--max-request-pixels",
-        type=int,
-        default=DEFAULT_MAX_REQUEST_PIXELS,
-        help="most pixels of one request's images together",
-    )
-    p.add_argument(
-        "--max-decoding", type=int, default=None, help="requests decoded or scored at once (default 2; 8 concurrent)"
-    )
-    p.add_argument("--preload", action="store_true", help="load the model before accepting requests")
-    p.add_argument("--allow-open", action="store_true", help="allow a non-loopback address without a token")
-    p.add_argument("--concurrent", action="store_true", help="score requests in parallel (thread-safe rewards only)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-
-
-def run(args: argparse.Namespace) -> int:
-    _require_fastapi()
-    options = _parse_sets(args.sets)
-    from .base import _accepts, _resolve
-
-    if "device" not in options and _accepts(_resolve(args.reward), "device"):
-        options["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    elif args.device is not None and "device" not in options:
-        raise UserError(f"reward {args.reward!r} takes no device")
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port must be in 1..65535, got {args.port}")
-    if not args.max_request_mb > 0:
-        raise UserError(f"--max-request-mb must be positive, got {args.max_request_mb}")
-    for flag in ("max_images", "max_image_pixels", "max_request_pixels", "max_decoding"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
-    token = read_token(args.token_file)
-    reward = build_reward(args.reward, **options)
-    if args.preload and hasattr(reward, "model"):
-        reward.model  # noqa: B018 - loads it now
-
-    def announce() -> None:  # only once the address is bound: a refused bind prints nothing but the error
-        print(
-            f"serving reward {reward.name!r} on http://{args.host}:{args.port} "
-            f"({'bearer token required' if token else 'no token'}; limit {args.max_request_mb:g} MB, "
-            f"{args.max_images} images and {args.max_request_pixels} pixels per request)",
-            flush=True,
-        )
-
-    serve(
-        reward,
-        args.host,
-        args.port,
-        token,
-        int(args.max_request_mb * 2**20),
-        allow_open=args.allow_open,
-        log_level=args.log_level,
-        concurrent=args.concurrent,
-        limits=Limits(args.max_images, args.max_image_pixels, args.max_request_pixels),
-        max_decoding=args.max_decoding,
-        on_ready=announce,
-    )
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m precise_rl.rewards.server NAME ...``: the same as ``precise-rl serve-reward``."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="precise-rl serve-reward", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"precise-rl serve-reward: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

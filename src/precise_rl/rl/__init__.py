@@ -2,12 +2,12 @@
 
 ``trainer`` (set-up and the loop) -> ``rollouts`` (sampling) -> ``advantages`` (scores to the update
 plan, on global rows) -> ``update`` (the training pass) -> ``evaluate`` -> ``state`` (checkpoints);
-``dist`` agrees on errors and reward fields across processes; ``losses``, ``ema``, ``lora``,
-``checkpoint`` (the file format) and ``logging`` serve them; ``compare`` and ``study`` run many
-trainings side by side.
+``dist`` agrees on errors and reward fields across processes; ``losses``, ``ema``,
+``checkpoint`` (the file format), ``logging``, ``rundir`` (run directories) and ``run_config`` (which
+config a run uses) serve them; ``compare`` and ``study`` run many trainings side by side.
 
 The names below are loaded on first use (PEP 562): importing a submodule such as
-``precise_rl.rl.train_cli`` must not import torch, so that ``--help`` and config errors answer at once.
+``precise_rl.rl.run_config`` must not import torch, so that ``--help`` and config errors answer at once.
 """
 
 from __future__ import annotations

@@ -1,25 +1,12 @@
-"""Train one recipe with every sampler side by side: ``precise-rl compare [CONFIG] [key=value ...] --seeds N``.
+"""Every sampler trained on one recipe over seeds, and the summary: reward against epochs, steps and wall-clock.
 
-Each sampler runs at its reference eta over N seeds, one after another in this process, on the
-same prompts, rewards and evaluation noise. Every evaluation scores the held-out prompts (EMA
-weights, fixed noise) under both protocols:
-
-* ``own``: each sampler's own stochastic rollouts at its training eta, the reference's
-  "in-domain reward" (excess noise a sampler leaves lowers its own score);
-* ``ode``: the deterministic ODE sampler on the same weights.
-
-For each protocol the target is the best final reward among the prior samplers (flow_grpo,
-dance_grpo, cps), and each sampler's time to reach it is read off its seed-mean curve (linear
-between evaluations) in epochs, optimizer steps and training wall-clock. The samplers' step costs
-are equal, so the wall-clock used for the ratios is the robust one: epochs times the median
-training seconds per epoch over the epochs of every sampler and seed (on a shared machine the
-per-sampler medians differ by noise alone); each sampler's own median and the measured cumulative
-wall-clock are reported beside it. Writes ``compare.json`` and ``compare.png``.
+``compare_runs`` trains them one after another in this process; ``summarise`` reads each sampler's
+seed-mean curve off its evaluations, for both protocols, and finds the time to the prior samplers'
+best final reward. The method is said in ``precise-rl compare --help`` (:mod:`precise_rl.cli.compare`).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -29,11 +16,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..sde.samplers import prior_samplers, trainable_samplers
 
-__all__ = ["add_arguments", "run", "compare_runs", "summarise", "time_to_target", "PROTOCOLS"]
+__all__ = ["compare_runs", "parse_samplers", "print_summary", "summarise", "time_to_target", "PROTOCOLS"]
 
-ALL_SAMPLERS = ["precise", "flow_grpo", "dance_grpo", "cps", "dance_precise"]
-PRIOR_SAMPLERS = ["flow_grpo", "dance_grpo", "cps"]
 #: evaluation protocol -> the metric of its weighted held-out reward
 PROTOCOLS = {"own": "eval_own_reward", "ode": "eval_ode_reward"}
 #: what the wall-clock ratios use, said in every summary
@@ -45,30 +31,15 @@ RATIO_BASIS = (
 MIN_EVALS = 20
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("items", nargs="*", metavar="CONFIG | key=value", help="an optional YAML file, then overrides")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per sampler (default 3)")
-    p.add_argument(
-        "--samplers",
-        default=",".join(ALL_SAMPLERS),
-        help=f"comma-separated samplers (default: {','.join(ALL_SAMPLERS)})",
-    )
-    p.add_argument("--output", "-o", type=Path, default=Path("runs/compare"), help="directory for runs and results")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace the runs an earlier compare left in the output directory"
-    )
-
-
 def parse_samplers(text: str) -> list[str]:
     """``--samplers``: known names, each once; UserError naming the unknown ones."""
     samplers = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
-    unknown = [s for s in samplers if s not in ALL_SAMPLERS]
+    known = trainable_samplers()
+    unknown = [s for s in samplers if s not in known]
     if unknown:
-        raise UserError(
-            f"--samplers: unknown sampler {', '.join(map(repr, unknown))}; choose from {', '.join(ALL_SAMPLERS)}"
-        )
+        raise UserError(f"--samplers: unknown sampler {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
     if not samplers:
-        raise UserError(f"--samplers names no sampler; choose from {', '.join(ALL_SAMPLERS)}")
+        raise UserError(f"--samplers names no sampler; choose from {', '.join(known)}")
     return samplers
 
 
@@ -141,7 +112,7 @@ def summarise(runs: dict[str, list[list[dict[str, Any]]]], key: str = "eval_ode_
             "reward_ceiling": float(np.mean(ceilings)) if ceilings else None,
         }
     pooled_cost = _median([c for seeds in runs.values() for rec in seeds for c in epoch_costs(rec)])
-    priors = [s for s in PRIOR_SAMPLERS if s in curves]
+    priors = [s for s in prior_samplers() if s in curves]
     target = max((curves[s]["final_reward_mean"] for s in priors), default=None)
     best_prior = max(priors, key=lambda s: curves[s]["final_reward_mean"]) if priors else None
     for c in curves.values():
@@ -269,8 +240,8 @@ def compare_runs(
 
     from .logging import read_metrics
     from .preflight import check_config
+    from .run_config import resolve_config
     from .rundir import check_fresh_run_dir, command_line, lock_run_dir, prepare_run_dir
-    from .train_cli import resolve_config
     from .trainer import GRPOTrainer
 
     base = resolve_config(items, None)
@@ -353,15 +324,3 @@ def print_summary(summary: dict[str, Any], protocol: str, seeds: int) -> None:
                 f"precise does not reach the target within {p['epochs'][-1]} epochs "
                 f"(final {p['final_reward_mean']:.4f} against {summary['target']:.4f})"
             )
-
-
-def run(args: argparse.Namespace) -> int:
-    samplers = parse_samplers(args.samplers)
-    if args.seeds < 1:
-        raise UserError(f"--seeds must be a positive integer, got {args.seeds}")
-    result = compare_runs(args.items, args.seeds, samplers, args.output, args.overwrite)
-    print(f"evaluations every {result['eval_every']} epochs; wall-clock ratios use {RATIO_BASIS}")
-    for protocol, summary in result["protocols"].items():
-        print_summary(summary, protocol, args.seeds)
-    print(f"\nwrote {args.output / 'compare.json'} and {args.output / 'compare.png'}")
-    return 0

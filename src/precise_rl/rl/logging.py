@@ -9,13 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..config import ExperimentConfig, config_to_dict
 from ..errors import UserError
+from ..images import labelled_grid
 
-__all__ = ["RunLogger", "plot_reward_curves", "image_grid", "labelled_grid", "read_metrics"]
+__all__ = ["RunLogger", "plot_reward_curves", "read_metrics"]
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -33,61 +33,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
                 break
             raise UserError(f"metrics file {str(p)!r} has an unreadable line {k + 1}") from None
     return records
-
-
-def image_grid(images: torch.Tensor, rows: int, cols: int, scale: int = 1) -> np.ndarray:
-    """Tile ``(B, C, H, W)`` images in [0, 1] into one ``(rows*H, cols*W, 3)`` uint8 array."""
-    imgs = images.detach().float().clamp(0, 1).cpu()
-    if imgs.shape[1] == 1:
-        imgs = imgs.expand(-1, 3, -1, -1)
-    b, _, h, w = imgs.shape
-    pad = 1
-    grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), dtype=np.float32) * 0.5
-    for k in range(min(b, rows * cols)):
-        r, c = divmod(k, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y : y + h, x : x + w] = imgs[k].permute(1, 2, 0).numpy()
-    out = (grid * 255).round().astype(np.uint8)
-    if scale > 1:
-        out = out.repeat(scale, axis=0).repeat(scale, axis=1)
-    return out
-
-
-#: the longest row label of a sample grid, in characters
-MAX_LABEL = 48
-
-
-def labelled_grid(
-    images: torch.Tensor,
-    labels: Sequence[str],
-    cols: int,
-    scale: int = 1,
-    col_labels: Sequence[str] | None = None,
-) -> np.ndarray:
-    """``image_grid`` with one row per label and the label written at the left of its row (uint8 RGB).
-
-    Labels longer than ``MAX_LABEL`` characters are cut there, ending in an ellipsis. With
-    ``col_labels`` (e.g. each column's seed) a band above the grid names every column.
-    """
-    from PIL import Image, ImageDraw
-
-    rows = len(labels)
-    labels = [lb if len(lb) <= MAX_LABEL else lb[: MAX_LABEL - 3] + "..." for lb in labels]
-    grid = Image.fromarray(image_grid(images, rows, cols, scale=scale))
-    draw = ImageDraw.Draw(grid)
-    margin = 8 + max((int(draw.textlength(label)) for label in labels), default=0)
-    top = 16 if col_labels else 0
-    canvas = Image.new("RGB", (grid.width + margin, grid.height + top), (255, 255, 255))
-    canvas.paste(grid, (margin, top))
-    draw = ImageDraw.Draw(canvas)
-    row_h = grid.height / max(1, rows)
-    for k, label in enumerate(labels):
-        draw.text((4, top + row_h * (k + 0.5)), label, fill=(0, 0, 0), anchor="lm")
-    if col_labels:
-        col_w = grid.width / max(1, cols)
-        for k, label in enumerate(list(col_labels)[:cols]):
-            draw.text((margin + col_w * (k + 0.5), top / 2), label, fill=(0, 0, 0), anchor="mm")
-    return np.asarray(canvas)
 
 
 def _is_reward(name: str, reward_names: Sequence[str] | None) -> bool:

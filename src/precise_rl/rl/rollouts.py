@@ -11,12 +11,13 @@ rolled out.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
-from ..policies import index_cond
+from ..policies import Policy, index_cond
 from ..rewards.base import concat_components
 from ..sde import Kernel, rollout, sde_window, sliding_window
 
@@ -103,31 +104,33 @@ class _FailedSubmit:
 
 
 def sample(
-    trainer: GRPOTrainer,
+    policy: Policy,
     prompts: list[str],
     kern: Kernel,
     seeds: Sequence[int],
+    *,
+    chunk: int,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
     store: bool = True,
     on_chunk: Callable[[slice, torch.Tensor], None] | None = None,
 ) -> tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Roll out ``prompts`` in chunks of ``train.rollout_batch_size``; returns (cond, latents, means, log_probs).
+    """Roll out ``prompts`` in chunks of ``chunk``; returns (cond, latents, means, log_probs).
 
     Row ``i`` draws all its noise (initial latent, then every step) from a generator of its
     own seeded with ``seeds[i]``: a sample is the same whichever process or chunk computes it.
+    ``autocast()`` is entered around each chunk's model calls (the run's mixed precision).
     ``on_chunk(rows, final_latents)`` is called after each chunk, before the next one is rolled out.
+    Used by training, evaluation and ``precise-rl sample``.
     """
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-    policy, acc = trainer.policy, trainer.accelerator
     cond = policy.encode_prompts(prompts)
-    gens = [torch.Generator(device=acc.device).manual_seed(int(s)) for s in seeds]
+    gens = [torch.Generator(device=policy.device).manual_seed(int(s)) for s in seeds]
     x1 = torch.cat([policy.sample_noise(1, generator=g) for g in gens])
-    chunk = trainer.cfg.train.rollout_batch_size
     lat, means, lps = [], [], []
-    trainer.model.eval()
     for lo in range(0, len(prompts), chunk):
         sl = slice(lo, min(lo + chunk, len(prompts)))
-        with acc.autocast():
+        with autocast():
             traj = rollout(
                 policy.velocity, x1[sl], None, kern, cond=index_cond(cond, sl), generator=gens[sl], store_means=store
             )
@@ -172,7 +175,16 @@ def collect(trainer: GRPOTrainer, epoch: int) -> RolloutBatch:
         except Exception as exc:  # any failure of a reward stops the run after a checkpoint (see score)
             pending.append(_FailedSubmit(exc))
 
-    cond, latents, means, log_probs = sample(trainer, prompts, kern, seeds, on_chunk=submit)
+    trainer.model.eval()
+    cond, latents, means, log_probs = sample(
+        trainer.policy,
+        prompts,
+        kern,
+        seeds,
+        chunk=cfg.rollout_batch_size,
+        autocast=trainer.accelerator.autocast,
+        on_chunk=submit,
+    )
     return RolloutBatch(
         prompts, metadata, group_ids, row_ids, cond, latents, means, log_probs, kern, torch.cat(images), pending
     )

@@ -44,6 +44,8 @@ __all__ = [
     "clear_run_dir",
     "prepare_run_dir",
     "is_main_launch_process",
+    "resume_hint",
+    "discard_unresumable",
 ]
 
 LOCK_NAME = ".precise-rl.lock"
@@ -237,3 +239,29 @@ def command_line() -> str:
     """This process's command, short enough to name in a message."""
     text = " ".join(["precise-rl", *sys.argv[1:]]) if sys.argv else "precise-rl"
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def resume_hint(out: Path) -> str:
+    """Where training can go on from: the newest checkpoint and the command, or that there is none."""
+    from .checkpoint import list_checkpoints
+
+    ckpts = list_checkpoints(Path(out) / "checkpoints")
+    if not ckpts:
+        return "no checkpoint was written yet"
+    return f"the last checkpoint is {str(ckpts[-1])!r}; continue with: precise-rl train --resume {out}"
+
+
+def discard_unresumable(out: Path, existed: bool) -> None:
+    """After a failed start in a directory this command made: remove it when it holds no run.
+
+    A start that stopped before it trained anything left only its config and empty folders; the
+    directory would otherwise stay behind half-made. A directory that was there before is left as
+    it is (its leftovers are cleared by the next start), and so is any run with something to keep.
+    """
+    if existed:
+        return
+    try:
+        if not holds_run(out):
+            shutil.rmtree(out, ignore_errors=True)
+    except (OSError, UserError):
+        pass  # best effort: the error being raised matters more

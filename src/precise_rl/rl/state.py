@@ -38,7 +38,7 @@ from .evaluate import eval_weights
 if TYPE_CHECKING:
     from .trainer import GRPOTrainer
 
-__all__ = ["is_sharded", "load_checkpoint", "resume", "save_checkpoint", "trainable_state"]
+__all__ = ["is_sharded", "load_checkpoint", "load_evaluated_weights", "resume", "save_checkpoint", "trainable_state"]
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -214,3 +214,28 @@ def load_checkpoint(trainer: GRPOTrainer, ckpt: Path) -> str:
     tr.first_eval = state.get("first_eval")
     tr.resumed_from = ckpt
     return hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()
+
+
+def load_evaluated_weights(
+    ckpt: Path, names: Sequence[str], params: Sequence[torch.Tensor], use_ema: bool
+) -> dict[str, Any]:
+    """Copy into ``params`` the weights the run's evaluations used: the EMA shadow when it kept one.
+
+    For ``precise-rl eval``, which needs the weights and nothing else of the training state
+    (no optimizer, no logs). Returns the checkpoint's ``state.json``.
+    """
+    try:
+        tensors, _, saved = read_checkpoint(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}{older_checkpoint_hint(ckpt)}") from None
+    if saved.get("param_names") != list(names):
+        raise UserError(f"checkpoint {str(ckpt)!r} does not hold this model's trainable parameters")
+    if use_ema and "ema" not in tensors:
+        raise UserError(f"checkpoint {str(ckpt)!r} has no EMA weights but train.ema.enabled is true")
+    source = tensors["ema"] if use_ema else tensors.get("trainable", {})
+    if any(n not in source or tuple(source[n].shape) != tuple(p.shape) for n, p in zip(names, params, strict=True)):
+        raise UserError(f"checkpoint {str(ckpt)!r} does not hold this model's trainable parameters")
+    with torch.no_grad():
+        for n, p in zip(names, params, strict=True):
+            p.copy_(source[n].to(p.dtype))
+    return saved

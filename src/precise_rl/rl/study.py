@@ -1,45 +1,15 @@
-"""Map where Precise wins: ``precise-rl study [CONFIG] [key=value ...]`` trains every sampler over a grid of cells.
+"""The sampler study: every sampler trained over a grid of cells (step count x time grid), with fidelity.
 
-A cell is a step count N and a time grid (``uniform``; ``shiftA``, the SD3 shift with ``a = A``; ``model``,
-the policy's own grid). In each cell every sampler of ``--samplers`` trains at its reference eta over
-``--seeds`` seeds, with ``sampler.num_steps`` and ``eval.num_steps`` both N and the evaluations of
-``precise-rl compare`` (both protocols, ``own`` and ``ode``; at least 20 evaluations per run). Cells whose
-time grids are identical (for the built-in digits model, ``model`` is the uniform grid) are run once.
-
-Per cell and protocol the study reports what ``compare`` does (the target: the best final prior reward;
-each sampler's final reward and epochs to target; precise's epoch ratio against the best prior sampler,
-with its per-seed spread) and the headroom the target leaves below the reward's ceiling; a cell with
-headroom under 0.1 is marked saturated (its ratio says little). Beside it stands the fidelity lab's
-number for the same grid: each sampler's output std over the target std on sharp Gaussian data
-(std 0.02), exact, the excess noise the sampler leaves. Jobs run in a pool of ``--workers`` processes
-(one torch thread each); a job whose run directory holds a finished run is not run again, so a killed
-study resumes where it stopped. Writes ``study.json``, ``study.md``, ``study_heatmap.png`` and
-``study_curves.png``.
-
-Defaults and their cost, measured on the 2-core machine the project is developed on while other jobs
-shared it (load 4-8): one digits run of the default recipe (100 epochs, 10 steps, 21 evaluations of the 36
-held-out prompts x 4 samples under both protocols) took 18 s on one torch thread, about 70% of it
-training, and a run's training cost grows linearly with the step count. The default study is 3 seeds x
-steps 6, 10, 20 x grids uniform, shift3, model (``model`` is the digits model's own grid, shift 3 by
-default, so merged with shift3: 2 distinct grids) x 5 samplers = 90 runs of 100 epochs; from the
-per-run times of a first quick study under that load it came out at 28-33 minutes on two workers with the
-recipe's evaluation, too close to the 30-minute budget. The study therefore keeps the 100 epochs, the 3
-seeds and compare's evaluation frequency (every 5 epochs) and halves the evaluation cost instead:
-``eval.samples_per_prompt=2`` (144 evaluation images per protocol instead of 288), with
-``checkpoint.every=0 checkpoint.keep=1`` (one checkpoint at the end, no effect on the results). These go
-before your overrides, which win. Measured: the full default study took 19 min 11 s (1144 s in the
-study, load 5-6 for most of it), ``--quick`` 2 min 14 s (load 2-3; an earlier 40-epoch variant took 5 min
-16 s at load 7-8, hence 30 epochs). ``--quick`` is 30 epochs (an evaluation every epoch), steps 6 and 10,
-2 seeds, 16 held-out prompts x 2 samples: 40 runs.
+``run_study`` runs the jobs (a pool of processes; finished runs are not run again), summarises each cell
+as ``compare`` does and writes ``study.json``, ``study.md`` and the two plots. What a cell is, what is
+reported and what the defaults cost is said in ``precise-rl study --help`` (:mod:`precise_rl.cli.study`).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -48,14 +18,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .compare import ALL_SAMPLERS, PRIOR_SAMPLERS, PROTOCOLS, eval_every_for, parse_samplers, summarise
+from ..sde.samplers import prior_samplers
+from .compare import PROTOCOLS, eval_every_for, summarise
 
 __all__ = [
-    "add_arguments",
-    "run",
     "run_study",
-    "parse_steps",
-    "parse_grids",
+    "format_markdown",
     "fidelity_std_ratios",
     "SATURATED_HEADROOM",
 ]
@@ -71,91 +39,6 @@ SATURATED_HEADROOM = 0.1
 #: the fidelity lab's sharp data: N(FIDELITY_MEAN, FIDELITY_STD^2), the thin manifold of clean images
 FIDELITY_MEAN = 0.5
 FIDELITY_STD = 0.02
-
-
-def _default_workers() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("items", nargs="*", metavar="CONFIG | key=value", help="an optional YAML file, then overrides")
-    p.add_argument("--seeds", type=int, default=None, help=f"seeds per sampler and cell (default {DEFAULT_SEEDS})")
-    p.add_argument(
-        "--steps",
-        default=None,
-        help=f"comma-separated step counts N (default {','.join(map(str, DEFAULT_STEPS))})",
-    )
-    p.add_argument(
-        "--grids",
-        default=DEFAULT_GRIDS,
-        help=f"comma-separated time grids: uniform, model, shiftA for any A > 0 (default {DEFAULT_GRIDS})",
-    )
-    p.add_argument(
-        "--samplers",
-        default=",".join(ALL_SAMPLERS),
-        help=f"comma-separated samplers (default: {','.join(ALL_SAMPLERS)})",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=_default_workers(),
-        help="training processes at once, one torch thread each; 1 runs in this process (default: 2, or the CPU "
-        "count if smaller)",
-    )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"a short study: --steps {','.join(map(str, QUICK['steps']))}, --seeds {QUICK['seeds']}, "
-        f"{' '.join(QUICK['overrides'])} (each unless given): 40 runs, 2-5 minutes on 2 cores depending on their load",
-    )
-    p.add_argument("--output", "-o", type=Path, default=Path("runs/study"), help="directory for runs and results")
-
-
-# --------------------------------------------------------------------------- flags
-
-
-def parse_steps(text: str) -> list[int]:
-    """``--steps``: positive integers, each once, in the order given."""
-    out: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            n = int(part)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise UserError(f"--steps takes comma-separated positive integers, got {part!r}")
-        if n not in out:
-            out.append(n)
-    if not out:
-        raise UserError("--steps names no step count; give comma-separated positive integers such as 6,10,20")
-    return out
-
-
-def parse_grids(text: str) -> list[tuple[str, float | None]]:
-    """``--grids``: ``(label, shift)`` pairs; ``uniform`` and ``model`` have no shift, ``shiftA`` has ``A``."""
-    out: list[tuple[str, float | None]] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        if part in ("uniform", "model"):
-            grid: tuple[str, float | None] = (part, None)
-        else:
-            shift = None
-            if part.startswith("shift"):
-                try:
-                    shift = float(part[len("shift") :])
-                except ValueError:
-                    shift = None
-            if shift is None or not (math.isfinite(shift) and shift > 0):
-                raise UserError(f"--grids: unknown grid {part!r}; choose from uniform, model, shiftA with A > 0")
-            grid = (f"shift{shift:g}", shift)
-        if grid[0] not in [g for g, _ in out]:
-            out.append(grid)
-    if not out:
-        raise UserError("--grids names no grid; choose from uniform, model, shiftA with A > 0")
-    return out
 
 
 # --------------------------------------------------------------------------- fidelity
@@ -335,7 +218,7 @@ def run_study(
     from ..tasks.registry import build_task
     from .logging import read_metrics
     from .preflight import check_config
-    from .train_cli import resolve_config
+    from .run_config import resolve_config
 
     start = time.perf_counter()
     base = resolve_config(items, None)
@@ -486,7 +369,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         "",
         "- protocol `own`: each sampler's own stochastic rollouts at its eta; `ode`: the deterministic ODE on the "
         "same weights.",
-        "- target: the best final reward among the prior samplers (" + ", ".join(PRIOR_SAMPLERS) + "), seed mean; "
+        "- target: the best final reward among the prior samplers (" + ", ".join(prior_samplers()) + "), seed mean; "
         "precise epochs / best prior's: epochs to reach it on the seed-mean curves (linear between evaluations), "
         "then each seed pair's ratio (precise's seed k against the best prior's seed k, where both reach the "
         "target). The target is the best prior's own seed-mean final reward, which its seed-mean curve usually "
@@ -602,37 +485,3 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def run(args: argparse.Namespace) -> int:
-    samplers = parse_samplers(args.samplers)
-    steps = parse_steps(args.steps) if args.steps is not None else None
-    grids = parse_grids(args.grids)
-    seeds = args.seeds
-    if seeds is not None and seeds < 1:
-        raise UserError(f"--seeds must be a positive integer, got {seeds}")
-    if args.workers < 1:
-        raise UserError(f"--workers must be a positive integer, got {args.workers}")
-    from .train_cli import split_config_and_overrides
-
-    config, overrides = split_config_and_overrides(args.items)
-    extra = list(STUDY_OVERRIDES)
-    if args.quick:
-        steps = steps or list(QUICK["steps"])
-        seeds = seeds or QUICK["seeds"]
-        extra += QUICK["overrides"]
-    steps = steps or list(DEFAULT_STEPS)
-    seeds = seeds or DEFAULT_SEEDS
-    items = ([config] if config else []) + extra + overrides  # the user's overrides come last and win
-    from .rundir import command_line, lock_run_dir
-
-    with lock_run_dir(args.output, command_line()):  # one study at a time writes the output directory
-        result = run_study(items, seeds, steps, grids, samplers, args.workers, args.output)
-    print()
-    print(format_markdown(result))
-    out = args.output
-    print(
-        f"wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study_heatmap.png'} and {out / 'study_curves.png'} "
-        f"({result['timings']['wall_s']:.0f} s)"
-    )
-    return 0

@@ -10,12 +10,12 @@ with faults.
 
 from __future__ import annotations
 
-import copy
+import functools
 import math
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,15 +26,13 @@ from tqdm.auto import tqdm
 from ..config import ExperimentConfig
 from ..errors import UserError
 from ..policies import Policy
-from ..policies.lora import apply_lora
-from ..rewards.base import RewardSet
 from ..rewards.failures import RewardUnavailable
-from ..sde import Kernel, StepOutput, kernel, shifted_sigmas, uniform_sigmas
-from ..tasks.registry import TaskSpec, build_task, read_prompt_file
-from . import advantages, dist, rollouts, state, update
+from ..sde import SAMPLER_TABLE, Kernel, StepOutput, kernel, time_grid
+from ..tasks.registry import TaskSpec, build_task
+from . import advantages, dist, rollouts, setup, state, update
 from .checkpoint import check_writable, remove_leftovers
 from .ema import EMA
-from .evaluate import Evaluator
+from .evaluate import EvalInputs, eval_weights, evaluate
 from .logging import RunLogger
 from .rollouts import RolloutBatch, _seed_for, epoch_prompt_indices
 from .update import count_nonfinite, train_step_indices
@@ -84,22 +82,14 @@ class GRPOTrainer:
         # ``task``: a policy, prompts and rewards of the caller's own; else the one ``model.name`` names
         self.task: TaskSpec = build_task(cfg.model, acc.device) if task is None else task
         self.policy: Policy = self.task.policy
-        self.train_prompts = self._prompts(cfg.prompts.train, self.task.train_prompts, "prompts.train")
-        self.eval_prompts = self._prompts(cfg.prompts.eval, self.task.eval_prompts, "prompts.eval")
-        weights = dict(cfg.reward.weights) or dict(self.task.default_rewards)
-        self.reward_weights = weights
-        options = dict(cfg.reward.options)
-        stray = sorted(set(options) - set(weights) - set(cfg.reward.eval_only))
-        if stray:
-            raise UserError(
-                f"options given for rewards {stray} that are neither trained on (reward.weights: {sorted(weights)}) "
-                f"nor evaluated (reward.eval_only: {cfg.reward.eval_only})"
-            )
-        self.rewards = RewardSet(weights, device=acc.device, **{k: v for k, v in options.items() if k in weights})
-        # Held-out rewards: the task's own and the config's, scored at evaluation only (weight 1 each, only logged).
-        eval_only = {k: 1.0 for k in [*self.task.eval_rewards, *cfg.reward.eval_only] if k not in weights}
-        eval_opts = {k: v for k, v in options.items() if k in eval_only}
-        self.eval_rewards = RewardSet(eval_only, device=acc.device, **eval_opts) if eval_only else None
+        self.train_prompts = setup.read_prompts(
+            self.policy, cfg.prompts.train, self.task.train_prompts, "prompts.train"
+        )
+        self.eval_prompts = setup.read_prompts(self.policy, cfg.prompts.eval, self.task.eval_prompts, "prompts.eval")
+        self.run_rewards = setup.build_rewards(cfg, self.task, acc.device)
+        self.reward_weights = self.run_rewards.weights
+        self.rewards = self.run_rewards.train
+        self.eval_rewards = self.run_rewards.held_out
 
         self._setup_model()
         self.sigmas = self._sigmas(cfg.sampler.num_steps)
@@ -107,7 +97,7 @@ class GRPOTrainer:
             cfg.sampler.name,
             self.sigmas,
             cfg.sampler.eta,
-            cfg.sampler.schedule if cfg.sampler.name == "precise" else None,
+            cfg.sampler.schedule if SAMPLER_TABLE[cfg.sampler.name].takes_schedule else None,
         )
         self.epoch = 0  # completed epochs
         self.global_step = 0
@@ -133,55 +123,14 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ set-up
 
-    def _prompts(self, source: str, builtin: Sequence[str], key: str) -> list[str]:
-        prompts = list(builtin) if source == "builtin" else read_prompt_file(source, key)
-        if not prompts:
-            raise UserError(f"config key '{key}' gives no prompts")
-        self.policy.check_prompts(prompts)  # a bad prompt fails before any work
-        return prompts
-
     def _sigmas(self, num_steps: int) -> torch.Tensor:
-        grid = self.cfg.sampler.grid
-        if grid == "uniform":
-            return uniform_sigmas(num_steps)
-        if grid == "shifted":
-            return shifted_sigmas(num_steps, self.cfg.sampler.shift)
-        return self.policy.time_grid(num_steps)
+        return time_grid(num_steps, self.cfg.sampler.grid, shift=self.cfg.sampler.shift, model=self.policy.time_grid)
 
     def _setup_model(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        module = self.policy.transformer
-        lcfg = cfg.train.lora
-        if lcfg.enabled:
-            module = apply_lora(
-                module, self.policy.lora_target_modules(), lcfg.rank, lcfg.alpha, lcfg.init, lcfg.dropout
-            )
-            self.policy.transformer = module
-            self.ref_module = None  # the reference policy is the model with adapters off
-        else:
-            if not cfg.train.full_finetune:
-                raise UserError("nothing to train: set train.lora.enabled=true or train.full_finetune=true")
-            for p in module.parameters():
-                p.requires_grad_(True)
-            # The KL term needs the initial weights: a frozen copy (see update.reference_policy).
-            self.ref_module = copy.deepcopy(module).requires_grad_(False).eval() if cfg.train.kl_beta > 0 else None
-        self.param_names = [n for n, p in module.named_parameters() if p.requires_grad]
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        if not self.params:
-            raise UserError("the model has no trainable parameters")
-        # Trainable weights, their gradients and the optimizer state in float32 whatever model.dtype is
-        # (the frozen weights stay in it): in bf16, AdamW updates of ~lr = 8e-5 round away on weights
-        # of size ~0.1, whose bf16 spacing is ~5e-4. The reference keeps them in float32 too.
-        with torch.no_grad():
-            for p in self.params:
-                if p.is_floating_point() and p.dtype != torch.float32:
-                    p.data = p.data.float()
-        if getattr(self.policy, "model_dtype", torch.float32) != torch.float32 and all(
-            p.dtype == torch.float32 for p in module.parameters()
-        ):
-            self.policy.model_dtype = torch.float32  # every weight is trained: the whole model now runs in float32
-        if self.ref_module is not None:  # the frozen copy runs with the same inputs as the trained model
-            self.ref_module.float()
+        trainable = setup.trainable_module(self.policy, cfg)
+        module, self.param_names, self.params = trainable.module, trainable.names, trainable.params
+        self.ref_module = trainable.reference
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
@@ -239,9 +188,31 @@ class GRPOTrainer:
         """Mean and log-prob of the stored transitions ``(sample, step)`` under the current parameters."""
         return update.recompute(self, batch, sample_idx, step_idx)
 
+    def eval_inputs(self) -> EvalInputs:
+        """What :func:`.evaluate.evaluate` reads of this run, the EMA weights swapped in (made per call, not kept)."""
+        cfg = self.cfg
+        return EvalInputs(
+            self.policy,
+            self.model,
+            self.run_rewards,
+            self.eval_prompts,
+            self.task.metadata,
+            self.accelerator,
+            cfg.sampler,
+            self._sigmas,
+            cfg.seed,
+            cfg.train.rollout_batch_size,
+            weights=functools.partial(eval_weights, self.ema),
+        )
+
     def evaluate(self, epoch: int, write_grid: bool = True) -> dict[str, float]:
-        """Score held-out prompts with the EMA weights, for each evaluation sampler (see :mod:`.evaluate`)."""
-        return Evaluator(self)(epoch, write_grid)
+        """Score held-out prompts with the EMA weights, for each evaluation protocol; log the sample grid."""
+        e = self.cfg.eval
+        result = evaluate(self.eval_inputs(), e, with_grid=write_grid)
+        if result.grid is not None and self.is_main:
+            images, shown, key = result.grid
+            self.logger.sample_grid(images, shown, epoch, key, e.grid_prompts, e.samples_per_prompt)
+        return result.metrics()
 
     @property
     def _sharded(self) -> bool:

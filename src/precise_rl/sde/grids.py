@@ -6,7 +6,7 @@ A grid of N steps is a 1-D float64 tensor of N + 1 points ``t_0 > t_1 > ... > t_
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -17,6 +17,7 @@ __all__ = [
     "shift_sigmas",
     "validate_sigmas",
     "time_grid",
+    "GRID_KINDS",
     "flux2_empirical_mu",
     "flux1_mu",
 ]
@@ -110,6 +111,10 @@ def validate_sigmas(sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
     return s
 
 
+#: the kinds of :func:`time_grid`
+GRID_KINDS: tuple[str, ...] = ("model", "uniform", "shifted", "flux", "custom")
+
+
 def time_grid(
     num_steps: int,
     kind: str = "uniform",
@@ -117,8 +122,18 @@ def time_grid(
     shift: float = 3.0,
     mu: float | None = None,
     sigmas: Sequence[float] | None = None,
+    model: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One entry point for every grid: ``kind`` is ``uniform``, ``shifted``, ``flux`` or ``custom``."""
+    """The one resolver of time grids, for the trainer, evaluation, ``sample`` and the fidelity lab.
+
+    ``kind`` is ``model`` (the model's own grid: ``model(num_steps)``, e.g. ``policy.time_grid``),
+    ``uniform``, ``shifted`` (by ``shift``), ``flux`` (shifted by ``exp(mu)``) or ``custom``
+    (``sigmas``, checked).
+    """
+    if kind == "model":
+        if model is None:
+            raise ValueError("the 'model' time grid needs the model's grid function")
+        return validate_sigmas(model(num_steps))
     if kind == "uniform":
         return uniform_sigmas(num_steps)
     if kind == "shifted":
@@ -134,4 +149,4 @@ def time_grid(
         if s.numel() - 1 != num_steps:
             raise ValueError(f"custom sigmas have {s.numel() - 1} steps but num_steps={num_steps}")
         return s
-    raise ValueError(f"unknown time grid {kind!r}; choose one of uniform, shifted, flux, custom")
+    raise ValueError(f"unknown time grid {kind!r}; choose one of {', '.join(GRID_KINDS)}")

@@ -15,7 +15,7 @@ from typing import Any
 #: pretrainable task name -> the module that implements it (``precise-rl pretrain TASK`` lists these)
 PRETRAIN_TASKS: dict[str, str] = {"digits": "precise_rl.tasks.digits"}
 
-_REGISTRY_NAMES = ("TaskSpec", "TASKS", "build_task", "digits_task", "read_prompt_file")
+_REGISTRY_NAMES = ("TaskSpec", "TASKS", "build_task", "digits_task", "model_names", "read_prompt_file", "register_task")
 
 __all__ = ["PRETRAIN_TASKS", *_REGISTRY_NAMES]
 

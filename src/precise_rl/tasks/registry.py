@@ -2,8 +2,8 @@
 
 ``digits`` is the built-in task; every adapter of :data:`precise_rl.policies.registry.ADAPTERS`
 (``@register_policy``) is a model name with the animal prompts (an editing model: the drawn scenes of
-:mod:`.edits`), and ``diffusers`` picks the adapter from the pipeline's ``model_index.json``. Adding a
-model is one builder function and one line in ``TASKS``; a task passed to
+:mod:`.edits`), and ``diffusers`` picks the adapter from the pipeline's ``model_index.json``. A model
+with prompts and rewards of its own is one builder function under ``@register_task``; a task passed to
 ``GRPOTrainer(..., task=TaskSpec(...))`` needs neither.
 """
 
@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,9 +22,19 @@ from ..policies import Policy
 from ..policies.diffusers_base import detect_adapter
 from ..policies.edit import EditPrompt, check_image_file, with_source_metadata
 from ..policies.registry import ADAPTERS
+from ..registries import add_entry, check_name
 from . import animals, digits, edits  # digits: its rewards register by name on import
 
-__all__ = ["TaskSpec", "TASKS", "build_task", "digits_task", "read_prompt_file", "read_edit_prompts"]
+__all__ = [
+    "TaskSpec",
+    "TASKS",
+    "build_task",
+    "digits_task",
+    "model_names",
+    "read_prompt_file",
+    "read_edit_prompts",
+    "register_task",
+]
 
 
 @dataclass
@@ -82,20 +92,41 @@ def _diffusers_builder(adapter: str | None) -> Callable[[Any, torch.device], Tas
     return build
 
 
-#: model name -> builder(model_cfg, device) -> TaskSpec
-TASKS: dict[str, Callable[[Any, torch.device], TaskSpec]] = {
-    "digits": _digits,
-    # flux2_klein (Flux2KleinPipeline), sd3 (SD3 / SD3.5), flux1 (FLUX.1 dev / schnell), ...
-    **{name: _diffusers_builder(name) for name in ADAPTERS},
-    "diffusers": _diffusers_builder(None),  # any registered adapter, from the pipeline's model_index.json
-}
+#: task name -> builder(model_cfg, device) -> TaskSpec, filled by :func:`register_task`. Every adapter of
+#: ``ADAPTERS`` is a model name besides these (with the animal prompts, an editing model with the drawn scenes),
+#: looked up when a run is built.
+TASKS: dict[str, Callable[[Any, torch.device], TaskSpec]] = {}
+
+B = TypeVar("B", bound=Callable[[Any, torch.device], TaskSpec])
+
+
+def register_task(name: str) -> Callable[[B], B]:
+    """Decorator: make ``builder(model_cfg, device) -> TaskSpec`` the task of model name ``name``."""
+    check_name(name, "a task")
+
+    def decorate(builder: B) -> B:
+        return add_entry(TASKS, name, builder, "a task")
+
+    return decorate
+
+
+register_task("digits")(_digits)
+# any registered adapter, chosen from the pipeline's model_index.json
+register_task("diffusers")(_diffusers_builder(None))
+
+
+def model_names() -> list[str]:
+    """Every value config key ``model.name`` takes: the registered tasks and adapters."""
+    return sorted(set(TASKS) | set(ADAPTERS))
 
 
 def build_task(model_cfg: Any, device: torch.device | str) -> TaskSpec:
     """Build the task named by ``model_cfg.name`` on ``device``."""
     builder = TASKS.get(model_cfg.name)
+    if builder is None and model_cfg.name in ADAPTERS:
+        builder = _diffusers_builder(model_cfg.name)
     if builder is None:
-        raise UserError(f"unknown model {model_cfg.name!r} in config key 'model.name'; choose one of {sorted(TASKS)}")
+        raise UserError(f"unknown model {model_cfg.name!r} in config key 'model.name'; choose one of {model_names()}")
     try:
         return builder(model_cfg, torch.device(device))
     except TypeError as exc:

@@ -45,6 +45,12 @@ class DigitsPolicy(Policy):
     ``time_shift`` (model option) shifts its own time grid SD3-style (1 = the uniform grid).
     """
 
+    # what ``precise-rl models`` lists (as the diffusers adapters state it)
+    display_name = "digits"
+    default_model = "the shipped weights (`assets/digits_flow.safetensors`)"
+    guidance_rule = "none: the digit and style are the conditioning"
+    time_grid_rule = "uniform, shifted SD3-style by model option `time_shift` (3 by default)"
+
     def __init__(
         self, transformer: DigitsFlowNet, device: str | torch.device = "cpu", time_shift: float = DEFAULT_TIME_SHIFT
     ) -> None:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from . import PRETRAIN_TASKS
+from ..tasks import PRETRAIN_TASKS
 
 __all__ = ["add_arguments", "run"]
 
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train, write the files and print the headline metrics."""
-    from .digits import pretrain_digits
+    from ..tasks.digits import pretrain_digits
 
     if args.task != "digits":
         raise UserError(f"no pretraining recipe for task {args.task!r}")

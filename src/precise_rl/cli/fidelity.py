@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..fidelity.report import GRIDS, LabConfig, format_tables, run_lab, write_report
 from ..sde import SAMPLERS
-from .report import GRIDS, LabConfig, format_tables, run_lab, write_report
 
 _QUICK = {"nfe": (6, 10, 30), "samples": 500, "eta_points": 7}
 

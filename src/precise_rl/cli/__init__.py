@@ -11,34 +11,38 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from .errors import UserError
+from ..errors import UserError
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "fidelity": (
-        "precise_rl.fidelity.cli",
+        "precise_rl.cli.fidelity",
         "exact and Monte Carlo fidelity report of every sampler (tables, JSON, PNG plots)",
     ),
     "train": (
-        "precise_rl.rl.train_cli",
+        "precise_rl.cli.train",
         "GRPO post-training with any sampler (default: the built-in digits task, offline)",
     ),
-    "eval": ("precise_rl.rl.eval_cli", "score a trained run on held-out prompts with chosen samplers and steps"),
+    "eval": ("precise_rl.cli.eval", "score a trained run on held-out prompts with chosen samplers and steps"),
     "compare": (
-        "precise_rl.rl.compare",
+        "precise_rl.cli.compare",
         "train one recipe with every sampler and several seeds; reward against wall-clock",
     ),
     "study": (
-        "precise_rl.rl.study",
+        "precise_rl.cli.study",
         "sampler study over step counts and time grids: where precise reaches the target faster, with fidelity",
     ),
-    "sample": ("precise_rl.sample_cli", "generate images with any sampler (diffusers pipeline or built-in model)"),
+    "models": (
+        "precise_rl.cli.models",
+        "list the models (built-in and diffusers adapters) with pipeline, guidance and time grid",
+    ),
+    "sample": ("precise_rl.cli.sample", "generate images with any sampler (diffusers pipeline or built-in model)"),
     "serve-reward": (
-        "precise_rl.rewards.server",
+        "precise_rl.cli.serve_reward",
         "serve a registered reward over HTTP for 'remote' rewards (needs the 'serve' extra)",
     ),
     "pretrain": (
-        "precise_rl.tasks.pretrain_cli",
+        "precise_rl.cli.pretrain",
         "regenerate the built-in task's shipped weights (model and reward classifier)",
     ),
 }
@@ -61,7 +65,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="precise-rl",
         description="RL post-training of flow-matching image generators with SDE-consistent stochastic samplers.",
     )
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"precise-rl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -120,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = ""
         run_dir = getattr(args, "_run_dir", None)  # set by train once it knows its directory
         if run_dir is not None:
-            from .rl.train_cli import resume_hint
+            from ..rl.rundir import resume_hint
 
             where = f"; {resume_hint(run_dir)}"
         print(f"precise-rl {args.command}: interrupted{where}", file=sys.stderr)

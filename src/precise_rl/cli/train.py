@@ -8,13 +8,13 @@ newest checkpoint (or a given checkpoint directory) exactly where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ..config import ExperimentConfig, apply_overrides, config_from_dict, load_config
 from ..errors import UserError
+from ..rl.run_config import resolve_config
+from ..rl.rundir import discard_unresumable, resume_hint
 
-__all__ = ["add_arguments", "run", "split_config_and_overrides", "resolve_config"]
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,45 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
-    """The first item without '=' is the config file; the rest are overrides."""
-    config = None
-    overrides = []
-    for item in items:
-        if "=" in item:
-            overrides.append(item)
-        elif config is None:
-            config = item
-        else:
-            raise UserError(f"unexpected argument {item!r}: give one config file, then key.path=value overrides")
-    return config, overrides
-
-
-def resolve_config(items: list[str], resume: Path | None) -> ExperimentConfig:
-    """The experiment config from a file (or the default, or the resumed run's own) plus overrides."""
-    config_path, overrides = split_config_and_overrides(items)
-    if config_path is None and resume is not None:
-        from .checkpoint import CheckpointError, latest_checkpoint, older_checkpoint_hint, verify_checkpoint
-
-        ckpt = latest_checkpoint(resume)
-        try:
-            verify_checkpoint(ckpt, only=["state.json"])  # the trainer checks every file before loading
-        except CheckpointError as exc:
-            raise CheckpointError(f"{exc}{older_checkpoint_hint(ckpt)}") from None
-        try:
-            saved = json.loads((ckpt / "state.json").read_text())["config"]
-            if not isinstance(saved, dict):
-                raise TypeError
-        except (OSError, ValueError, KeyError, TypeError):
-            raise CheckpointError(
-                f"checkpoint {str(ckpt)!r} holds no readable config in state.json{older_checkpoint_hint(ckpt)}"
-            ) from None
-        return config_from_dict(apply_overrides(saved, overrides))
-    return load_config(config_path, overrides)
-
-
 def _run_dir_of(resume: Path) -> Path:
-    from .checkpoint import latest_checkpoint
+    from ..rl.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(resume)
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
@@ -90,14 +53,14 @@ def _same_dir(a: Path, b: Path) -> bool:
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
-    from .rundir import command_line, is_main_launch_process, lock_run_dir, prepare_run_dir
+    from ..rl.rundir import command_line, is_main_launch_process, lock_run_dir, prepare_run_dir
 
     cfg = resolve_config(args.items, args.resume)  # config errors come before torch is even imported
-    from .preflight import check_config
+    from ..rl.preflight import check_config
 
     check_config(cfg)
-    from ..sde.rollout import NonFiniteRollout
-    from .trainer import GRPOTrainer, default_output_dir
+    from ..rl.trainer import GRPOTrainer, default_output_dir
+    from ..sde.trajectory import NonFiniteRollout
 
     own_dir = _run_dir_of(args.resume) if args.resume else None
     out = args.output or own_dir or default_output_dir(cfg)
@@ -152,33 +115,3 @@ def run(args: argparse.Namespace) -> int:
             f"plots: {summary['reward_curve']} and {summary['samples_dir']}/"
         )
     return 0
-
-
-def resume_hint(out: Path) -> str:
-    """Where training can go on from: the newest checkpoint and the command, or that there is none."""
-    from .checkpoint import list_checkpoints
-
-    ckpts = list_checkpoints(Path(out) / "checkpoints")
-    if not ckpts:
-        return "no checkpoint was written yet"
-    return f"the last checkpoint is {str(ckpts[-1])!r}; continue with: precise-rl train --resume {out}"
-
-
-def discard_unresumable(out: Path, existed: bool) -> None:
-    """After a failed start in a directory this command made: remove it when it holds no run.
-
-    A start that stopped before it trained anything left only its config and empty folders; the
-    directory would otherwise stay behind half-made. A directory that was there before is left as
-    it is (its leftovers are cleared by the next start), and so is any run with something to keep.
-    """
-    import shutil
-
-    from .rundir import holds_run
-
-    if existed:
-        return
-    try:
-        if not holds_run(out):
-            shutil.rmtree(out, ignore_errors=True)
-    except (OSError, UserError):
-        pass  # best effort: the error being raised matters more

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
-from .sde import DEFAULT_ETA, SAMPLERS
+from ..errors import UserError
+from ..sde import DEFAULT_ETA, SAMPLERS
 
 __all__ = ["add_arguments", "run", "generate", "resolve_lora_dir", "build_policy"]
 
@@ -90,8 +90,8 @@ def _parse_option(item: str) -> tuple[str, Any]:
 
 def resolve_lora_dir(path: Path) -> Path:
     """An adapter directory from an adapter, checkpoint or run directory."""
-    from .policies.lora import ADAPTER_CONFIG
-    from .rl.checkpoint import latest_checkpoint
+    from ..policies.lora import ADAPTER_CONFIG
+    from ..rl.checkpoint import latest_checkpoint
 
     if not path.exists():
         raise UserError(f"--lora {str(path)!r} does not exist")
@@ -110,68 +110,49 @@ def resolve_lora_dir(path: Path) -> Path:
 
 def is_run_dir(path: str) -> bool:
     """Whether ``--model`` names a training run (or one of its checkpoints) rather than a model."""
-    from .rl.checkpoint import MANIFEST, list_checkpoints
+    from ..rl.checkpoint import MANIFEST, list_checkpoints
 
     p = Path(path)
     return p.is_dir() and (bool(list_checkpoints(p / "checkpoints")) or (p / MANIFEST).is_file())
 
 
 def policy_from_run(args: argparse.Namespace, device: torch.device) -> tuple[Any, str, Path]:
-    """The policy of a run's newest checkpoint with its EMA weights in place; (policy, adapter, checkpoint).
+    """The policy of a run's newest checkpoint with the weights its evaluations used; (policy, adapter, checkpoint).
 
-    The model is rebuilt from the run's own config (name, path, revision, options), so a run is
-    sampled as it was trained; the LoRA adapter of a checkpoint is saved with the EMA weights, and
-    a fully fine-tuned run's ``ema.safetensors`` (``trainable.safetensors`` without EMA) is loaded
-    by parameter name.
+    The model is rebuilt from the run's own config (name, path, revision, options) and made
+    trainable as the run made it (LoRA adapters or every weight, float32), then the EMA weights
+    (the trained ones without EMA) are loaded by parameter name: a run is sampled as it was evaluated.
     """
-    from safetensors.torch import load_file
-
-    from .config import config_from_dict
-    from .policies.lora import ADAPTER_CONFIG, load_adapter
-    from .rl.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
-    from .tasks.registry import build_task
+    from ..rl import setup, state
+    from ..rl.checkpoint import latest_checkpoint
+    from ..rl.run_config import resolve_config
+    from ..tasks.registry import build_task
 
     for flag in ("adapter", "revision", "lora"):
         if getattr(args, flag) is not None:
             raise UserError(f"--{flag} does not apply to --model RUN_DIR: the run's checkpoint decides the model")
     ckpt = latest_checkpoint(args.model)
-    try:
-        _, _, state = read_checkpoint(ckpt)  # checks every file against the manifest first
-        cfg = config_from_dict(state["config"])
-        names = list(state["param_names"])
-    except (KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} has a state.json without this version's fields") from None
-    model_cfg = cfg.model
+    cfg = resolve_config([], ckpt)
     if args.dtype is not None:
-        model_cfg.dtype = args.dtype
-    policy = build_task(model_cfg, device).policy
-    if (ckpt / "adapter" / ADAPTER_CONFIG).is_file():
-        policy.transformer = load_adapter(policy.transformer, ckpt / "adapter")
-    else:
-        stem = "ema" if (ckpt / "ema.safetensors").is_file() else "trainable"
-        weights = load_file(str(ckpt / f"{stem}.safetensors"))
-        params = dict(policy.transformer.named_parameters())
-        missing = [n for n in names if n not in params or n not in weights]
-        if missing:
-            raise UserError(f"checkpoint {str(ckpt)!r} does not fit model {model_cfg.name!r} ({missing[:2]} ...)")
-        with torch.no_grad():
-            for n in names:
-                if params[n].shape != weights[n].shape:
-                    raise UserError(f"checkpoint {str(ckpt)!r} has {n} of another shape than the model's")
-                params[n].copy_(weights[n].to(device=params[n].device, dtype=params[n].dtype))
-    return policy, model_cfg.name, ckpt
+        cfg.model.dtype = args.dtype
+    policy = build_task(cfg.model, device).policy
+    trainable = setup.trainable_module(policy, cfg)
+    state.load_evaluated_weights(ckpt, trainable.names, trainable.params, cfg.train.ema.enabled)
+    trainable.module.requires_grad_(False)
+    return policy, cfg.model.name, ckpt
 
 
 def build_policy(args: argparse.Namespace, device: torch.device) -> tuple[Any, str]:
     """The policy named by ``--model`` / ``--adapter`` with the model options; returns (policy, adapter name)."""
-    from .config import ModelConfig
-    from .policies.diffusers_base import detect_adapter
-    from .tasks.registry import TASKS, build_task
+    from ..config import ModelConfig
+    from ..policies.diffusers_base import detect_adapter
+    from ..tasks.registry import build_task, model_names
 
     model = args.model
-    if args.adapter is not None and args.adapter not in TASKS:
-        raise UserError(f"--adapter {args.adapter!r} is unknown; choose one of {sorted(TASKS)}")
-    if args.adapter is None and model in TASKS and not Path(model).exists():
+    names = model_names()
+    if args.adapter is not None and args.adapter not in names:
+        raise UserError(f"--adapter {args.adapter!r} is unknown; choose one of {names}")
+    if args.adapter is None and model in names and not Path(model).exists():
         name, path = model, None
     else:
         name = args.adapter or detect_adapter(model, args.revision)
@@ -244,51 +225,45 @@ def generate(
     batch_size: int = 8,
     schedule: str | None = None,
 ) -> torch.Tensor:
-    """Images ``(len(seeds), C, H, W)`` in [0, 1] for one prompt; row ``i`` depends only on ``seeds[i]``."""
-    from .sde import kernel, rollout
+    """Images ``(len(seeds), C, H, W)`` in [0, 1] for one prompt; row ``i`` depends only on ``seeds[i]``.
 
-    kern = kernel(sampler, sigmas, eta, schedule if sampler == "precise" else None)
+    The rollouts are training's (:func:`precise_rl.rl.rollouts.sample`): the same seed gives the same image.
+    """
+    import functools
+
+    from ..rl.rollouts import sample
+    from ..sde import SAMPLER_TABLE, kernel
+
+    kern = kernel(sampler, sigmas, eta, schedule if SAMPLER_TABLE[sampler].takes_schedule else None)
     device = policy.device
     # A half-precision model runs under autocast, as the recipes train it (train.mixed_precision: bf16):
     # the float32 LoRA weights mix with it, and FLUX.2's timestep is not rounded.
     dtype = getattr(policy, "model_dtype", torch.float32)
-    half = dtype in (torch.bfloat16, torch.float16)
-    images = []
-    for lo in range(0, len(seeds), batch_size):
-        chunk = seeds[lo : lo + batch_size]
-        gens = [torch.Generator(device=device).manual_seed(s) for s in chunk]
-        x1 = torch.cat([policy.sample_noise(1, generator=g) for g in gens])
-        cond = policy.encode_prompts([prompt] * len(chunk))
-        with torch.autocast(device.type, dtype=dtype, enabled=half):
-            traj = rollout(policy.velocity, x1, None, kern, cond=cond, generator=gens, store_means=False)
-        images.append(policy.decode(traj.sample).float().cpu())
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype in HALF)
+    images: list[torch.Tensor] = []
+
+    def decode(rows: slice, final: torch.Tensor) -> None:
+        images.append(policy.decode(final).float().cpu())
+
+    prompts = [prompt] * len(seeds)
+    sample(policy, prompts, kern, seeds, chunk=batch_size, autocast=autocast, store=False, on_chunk=decode)
     return torch.cat(images)
 
 
-def _save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
-    """One ``(C, H, W)`` image in [0, 1] as PNG, enlarged ``scale`` times (nearest neighbour)."""
-    from PIL import Image
-
-    img = image.detach().float().clamp(0, 1).cpu()
-    if img.shape[0] == 1:
-        img = img.expand(3, -1, -1)
-    arr = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    if scale > 1:
-        arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
-    Image.fromarray(arr).save(path)
+HALF = (torch.bfloat16, torch.float16)
 
 
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .policies.lora import load_adapter
-    from .rl.logging import labelled_grid
-    from .sde import shifted_sigmas, uniform_sigmas
-    from .tasks.registry import read_prompt_file
+    from ..images import labelled_grid, save_png
+    from ..policies.lora import load_adapter
+    from ..sde import time_grid
+    from ..tasks.registry import read_prompt_file
 
     prompts = list(args.prompt)
     if args.image is not None:  # an editing model's instructions, all on this image
-        from .policies.edit import EditPrompt, check_image_file
+        from ..policies.edit import EditPrompt, check_image_file
 
         if not prompts:
             raise UserError("--image needs a --prompt: the edit to make")
@@ -327,14 +302,9 @@ def run(args: argparse.Namespace) -> int:
     if lora_dir is not None:
         policy.transformer = load_adapter(policy.transformer, lora_dir)
     policy.transformer.eval()
-    if args.sigmas == "model":
-        sigmas = policy.time_grid(args.steps)
-    elif args.sigmas == "uniform":
-        sigmas = uniform_sigmas(args.steps)
-    else:
-        if args.shift <= 0:
-            raise UserError(f"--shift must be > 0, got {args.shift}")
-        sigmas = shifted_sigmas(args.steps, args.shift)
+    if args.sigmas == "shifted" and args.shift <= 0:
+        raise UserError(f"--shift must be > 0, got {args.shift}")
+    sigmas = time_grid(args.steps, args.sigmas, shift=args.shift, model=policy.time_grid)
 
     samplers = [args.sampler]
     if args.grid:
@@ -378,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
             scale = max(1, 64 // min(imgs.shape[-2:]))
             for seed, img in zip(seeds, imgs, strict=True):
                 path = folder / f"{s}_seed{seed}.png"
-                _save_png(img, path, scale)
+                save_png(img, path, scale)
                 files.append(str(path))
                 written += 1
             rows.append(imgs)

@@ -83,7 +83,7 @@ def write_json_atomically(out: Path, data: object) -> None:
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
-    from .rundir import command_line, is_main_launch_process, lock_run_dir
+    from ..rl.rundir import command_line, is_main_launch_process, lock_run_dir
 
     if not args.samplers:
         raise UserError("--samplers names no sampler; give a comma-separated list such as ode,train")
@@ -104,10 +104,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_locked(args: argparse.Namespace, out: Path) -> int:
-    from ..sde import SAMPLERS
-    from .checkpoint import latest_checkpoint
-    from .train_cli import resolve_config
-    from .trainer import GRPOTrainer
+    from tqdm.auto import tqdm
+
+    from ..rl import dist, setup, state
+    from ..rl.checkpoint import latest_checkpoint
+    from ..rl.evaluate import EvalInputs, evaluate
+    from ..rl.run_config import resolve_config
+    from ..sde import SAMPLERS, time_grid
+    from ..tasks.registry import build_task
 
     args.samplers = ["own" if s == "train" else s for s in args.samplers]  # 'train': the former name of 'own'
     for s in args.samplers:
@@ -122,15 +126,31 @@ def _run_locked(args: argparse.Namespace, out: Path) -> int:
     ckpt = latest_checkpoint(args.checkpoint or args.run_dir)
     check_output_file(out)
     cfg = resolve_config([], ckpt)
-    cfg.logging.tensorboard = False
-    cfg.logging.progress = False
-    trainer = GRPOTrainer(cfg, args.run_dir, resume=ckpt, read_only=True)
-    from tqdm.auto import tqdm
-
+    # The run's model, rewards and held-out prompts, with the weights its evaluations used (EMA).
+    acc = dist.make_accelerator(cfg.train.mixed_precision)
+    task = build_task(cfg.model, acc.device)
+    policy = task.policy
+    prompts = setup.read_prompts(policy, cfg.prompts.eval, task.eval_prompts, "prompts.eval")
+    rewards = setup.build_rewards(cfg, task, acc.device)
+    trainable = setup.trainable_module(policy, cfg)
+    saved = state.load_evaluated_weights(ckpt, trainable.names, trainable.params, cfg.train.ema.enabled)
+    s = cfg.sampler
+    inputs = EvalInputs(
+        policy,
+        trainable.module,
+        rewards,
+        prompts,
+        task.metadata,
+        acc,
+        s,
+        lambda n: time_grid(n, s.grid, shift=s.shift, model=policy.time_grid),
+        cfg.seed,
+        cfg.train.rollout_batch_size,
+    )
     results = []
     step_counts = args.steps or [cfg.eval.num_steps]
     # on a terminal only (disable=None); each step count is one full evaluation
-    for n in tqdm(step_counts, desc="evaluating", unit="step count", disable=None if trainer.is_main else True):
+    for n in tqdm(step_counts, desc="evaluating", unit="step count", disable=None if acc.is_main_process else True):
         ecfg = copy.deepcopy(cfg.eval)
         ecfg.samplers = list(args.samplers)
         ecfg.num_steps = n
@@ -138,21 +158,12 @@ def _run_locked(args: argparse.Namespace, out: Path) -> int:
             ecfg.samples_per_prompt = args.samples_per_prompt
         if args.max_prompts:
             ecfg.max_prompts = args.max_prompts
-        trainer.cfg.eval = ecfg
-        scores = trainer.evaluate(trainer.epoch, write_grid=False)
-        for s in args.samplers:
-            key = s
-            row = {"sampler": cfg.sampler.name if s == "own" else s, "protocol": s, "steps": n}
-            row.update(
-                {
-                    k.split("/", 1)[1] if "/" in k else "reward": v
-                    for k, v in scores.items()
-                    if k.startswith(f"eval_{key}")
-                }
-            )
+        result = evaluate(inputs, ecfg, with_grid=False)
+        for key, r in result.protocols.items():
+            row = {"sampler": r.sampler, "protocol": key, "steps": n, "reward": r.reward, **r.components}
             results.append(row)
             print(f"{row['sampler']:>14} {n:>5} steps  reward {row['reward']:.4f}")
-    if trainer.is_main:
-        write_json_atomically(out, {"checkpoint": str(ckpt), "epoch": trainer.epoch, "results": results})
+    if acc.is_main_process:
+        write_json_atomically(out, {"checkpoint": str(ckpt), "epoch": int(saved["epoch"]), "results": results})
         print(f"wrote {out}")
     return 0

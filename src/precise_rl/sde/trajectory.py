@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .kernels import Kernel, kernel
-from .step import Generators, step
+from .transition import Generators, step
 
 __all__ = ["Trajectory", "NonFiniteRollout", "rollout", "sde_window", "sliding_window"]
 
@@ -35,14 +35,14 @@ class Trajectory:
 
     ``latents`` is ``(B, N + 1, ...)`` (``latents[:, 0]`` is the initial noise, ``latents[:, -1]``
     the sample); ``means`` is ``(B, N, ...)`` (``None`` when not stored); ``log_probs`` is
-    ``(B, N)``, NaN on the steps that draw no noise; ``stds`` is ``(N,)``; ``stochastic`` is the
-    ``(N,)`` mask of steps with a log-prob. ``kernel`` holds the coefficients that produced it.
+    ``(B, N)``, NaN on the steps that draw no noise; ``std`` is the kernel's ``(N,)`` std in float32;
+    ``stochastic`` is the ``(N,)`` mask of steps with a log-prob. ``kernel`` holds the coefficients that produced it.
     """
 
     latents: torch.Tensor
     means: torch.Tensor | None
     log_probs: torch.Tensor
-    stds: torch.Tensor
+    std: torch.Tensor
     stochastic: torch.Tensor
     kernel: Kernel
 
@@ -157,7 +157,7 @@ def rollout(
         latents=latents,
         means=means,
         log_probs=log_probs,
-        stds=kern.std.to(torch.float32),
+        std=kern.std.to(torch.float32),
         stochastic=stochastic,
         kernel=kern,
     )
