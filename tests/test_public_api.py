@@ -119,6 +119,15 @@ def test_the_pipeline_class_table_is_derived_from_the_adapter_registry() -> None
     from precise_rl.policies.registry import ADAPTERS, PIPELINE_ADAPTERS
     from precise_rl.tasks.registry import model_names
 
-    assert {"flux2_klein", "flux2_dev", "qwen_image", "z_image", "sd3", "flux1"} <= set(ADAPTERS)
+    assert {
+        "flux2_klein",
+        "flux2_dev",
+        "qwen_image",
+        "z_image",
+        "sd3",
+        "flux1",
+        "flux1_kontext",
+        "qwen_image_edit",
+    } <= set(ADAPTERS)
     assert PIPELINE_ADAPTERS == {cls.pipeline_class: name for name, cls in ADAPTERS.items()}
     assert set(ADAPTERS) <= set(model_names())  # each adapter is a model name

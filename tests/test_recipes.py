@@ -21,7 +21,17 @@ from precise_rl.config import config_to_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "reproduction.md"
-DIFFUSERS_MODELS = {"flux2_klein", "flux2_dev", "qwen_image", "z_image", "sd3", "flux1", "diffusers"}
+DIFFUSERS_MODELS = {
+    "flux2_klein",
+    "flux2_dev",
+    "qwen_image",
+    "z_image",
+    "sd3",
+    "flux1",
+    "flux1_kontext",
+    "qwen_image_edit",
+    "diffusers",
+}
 #: the knob table that applies to the recipes of each model
 FAMILY = {
     "flux2_klein": "flux2_klein",
@@ -29,6 +39,8 @@ FAMILY = {
     "flux2_dev": "flux2_dev",
     "qwen_image": "qwen_image",
     "z_image": "z_image",
+    "flux1_kontext": "flux1_kontext",
+    "qwen_image_edit": "qwen_image_edit",
 }
 #: the columns of the per-recipe table
 PER_RECIPE_KEYS = ("sampler.name", "sampler.eta", "reward.weights", "reward.eval_only")

@@ -2,6 +2,8 @@
 
 ``--model`` is a diffusers pipeline directory or hub id (FLUX.2 Klein, SD3/SD3.5, FLUX.1; the
 adapter is read from its model_index.json) or a built-in model name such as ``digits``.
+An editing model (FLUX.1 Kontext) takes each prompt with a source image: ``--image PATH`` for the
+``--prompt`` values, or a JSON-lines ``--prompt-file``.
 ``--model RUN_DIR`` (a run directory of ``precise-rl train``, or one of its checkpoints) draws from
 the run's newest EMA weights (its LoRA adapter, or its fully fine-tuned weights), with the run's own
 model settings. ``--lora`` loads a LoRA adapter saved by training (an adapter directory, a checkpoint
@@ -48,7 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="other model option (repeatable)")
     s = p.add_argument_group("sampling")
     s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    s.add_argument("--prompt-file", type=Path, default=None, help="text file, one prompt per line")
+    s.add_argument(
+        "--prompt-file", type=Path, default=None, help="text file, one prompt per line (.jsonl: prompts with images)"
+    )
+    s.add_argument("--image", type=Path, default=None, help="source image of every --prompt (editing models)")
     s.add_argument("--sampler", default="precise", choices=list(SAMPLERS))
     s.add_argument("--eta", type=float, default=None, help="noise level (default: the sampler's reference value)")
     s.add_argument("--schedule", default="logsnr", choices=["logsnr", "constant"], help="precise's schedule")
@@ -257,6 +262,13 @@ def run(args: argparse.Namespace) -> int:
     from ..tasks.registry import read_prompt_file
 
     prompts = list(args.prompt)
+    if args.image is not None:  # an editing model's instructions, all on this image
+        from ..policies.edit import EditPrompt, check_image_file
+
+        if not prompts:
+            raise UserError("--image needs a --prompt: the edit to make")
+        check_image_file(args.image.resolve(), "--image")
+        prompts = [EditPrompt(p, args.image.resolve(), "--image") for p in prompts]
     if args.prompt_file is not None:
         prompts += read_prompt_file(args.prompt_file, "--prompt-file")
     if not prompts:
@@ -342,6 +354,8 @@ def run(args: argparse.Namespace) -> int:
             rows.append(imgs)
             bar.update(1)
         entry: dict[str, Any] = {"prompt": prompt, "files": files}
+        if getattr(prompt, "image", None) is not None:
+            entry["image"] = str(prompt.image)
         if args.grid:
             grid_path = folder / "grid.png"
             scale = max(1, 64 // min(rows[0].shape[-2:]))

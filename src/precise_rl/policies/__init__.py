@@ -2,16 +2,21 @@
 
 ``Policy`` is the interface; ``DiffusersPolicy`` the shared base of the diffusers adapters
 ``Flux2KleinPolicy`` (FLUX.2 Klein 4B and 9B), ``Flux2DevPolicy`` (FLUX.2 dev), ``QwenImagePolicy``
-(Qwen-Image), ``SD3Policy`` (SD3 / SD3.5), ``Flux1Policy``
-(FLUX.1) and ``ZImagePolicy`` (Z-Image, Z-Image-Turbo).
+(Qwen-Image), ``SD3Policy`` (SD3 / SD3.5), ``Flux1Policy`` (FLUX.1), ``ZImagePolicy`` (Z-Image,
+Z-Image-Turbo), and the instruction-editing ``FluxKontextPolicy`` (FLUX.1 Kontext) and
+``QwenImageEditPlusPolicy`` (Qwen-Image-Edit), whose prompts are ``EditPrompt``s (an instruction with
+its source image, :mod:`.edit`).
 """
 
 from .base import Policy, index_cond
 from .diffusers_base import DiffusersPolicy
+from .edit import EditPrompt
 from .flux import Flux1Policy
 from .flux2 import Flux2KleinPolicy
 from .flux2_dev import Flux2DevPolicy
+from .flux_kontext import FluxKontextPolicy
 from .qwen_image import QwenImagePolicy
+from .qwen_image_edit import QwenImageEditPlusPolicy
 from .sd3 import SD3Policy
 from .z_image import ZImagePolicy
 
@@ -20,6 +25,9 @@ __all__ = [
     "DiffusersPolicy",
     "Flux1Policy",
     "Flux2DevPolicy",
+    "FluxKontextPolicy",
+    "QwenImageEditPlusPolicy",
+    "EditPrompt",
     "Flux2KleinPolicy",
     "QwenImagePolicy",
     "SD3Policy",

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import UserError
 from .base import Policy
+from .edit import edit_key
 from .registry import PIPELINE_ADAPTERS  # pipeline class -> adapter name, filled by @register_policy
 
 __all__ = [
@@ -178,6 +179,8 @@ class DiffusersPolicy(Policy):
     guidance_rule: ClassVar[str] = "classifier-free guidance against the negative prompt"
     #: the pipeline's time grid rule, in words (the grid itself comes from :meth:`time_grid`)
     time_grid_rule: ClassVar[str] = "the scheduler's sigmas"
+    #: True for an instruction-editing model: every prompt comes with a source image (an ``EditPrompt``)
+    edits_images: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -325,10 +328,23 @@ class DiffusersPolicy(Policy):
         return self.guidance_scale > 1.0
 
     def check_prompts(self, prompts: Sequence[str]) -> None:
-        """Prompts must be strings; checked without running the text encoders."""
+        """Prompts must be strings, with a source image for an editing model and without one for any other;
+        checked without running the text encoders."""
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise UserError(f"prompt {i} must be a string, got {type(p).__name__}")
+            image = getattr(p, "image", None)
+            if self.edits_images and image is None:
+                raise UserError(
+                    f"{self.display_name} edits a source image but prompt {str(p)!r} comes without one: give the "
+                    'prompts as a JSON-lines file (.jsonl, a line {"prompt": ..., "image": ...}), or an --image'
+                )
+            if not self.edits_images and image is not None:
+                raise UserError(
+                    f"{self.display_name} generates from text alone but prompt {str(p)!r} "
+                    f"({getattr(p, 'origin', image)}) comes with a source image: use an editing model or a "
+                    "prompt file without images"
+                )
 
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Conditioning ``(B, ...)``: each distinct prompt goes through the text encoders once."""
@@ -338,8 +354,13 @@ class DiffusersPolicy(Policy):
         if not prompts:
             raise UserError("no prompts to encode")
         self.check_prompts(prompts)
-        unique = list(dict.fromkeys(prompts))
-        index = torch.tensor([unique.index(p) for p in prompts], device=self.device)
+        # distinct by text and source image: one instruction on two images is two prompts
+        slots: dict[tuple[str, str], int] = {}
+        unique: list[str] = []
+        for p in prompts:
+            if slots.setdefault(edit_key(p), len(unique)) == len(unique):
+                unique.append(p)
+        index = torch.tensor([slots[edit_key(p)] for p in prompts], device=self.device)
         with torch.no_grad():
             table = self._encode_unique(unique)
             cond = {k: v.index_select(0, index) for k, v in table.items()}
@@ -365,8 +386,18 @@ class DiffusersPolicy(Policy):
         """
         return torch.float32 if torch.is_autocast_enabled(x.device.type) else self.model_dtype
 
+    @property
+    def cfg_scale(self) -> float:
+        """The classifier-free guidance weight ``w`` of :meth:`velocity` (``guidance_scale`` unless the model
+        feeds that to a guidance embedding and takes its CFG weight apart)."""
+        return self.guidance_scale
+
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``v = eps - x0`` in float32, with classifier-free guidance when ``guidance_scale > 1``."""
+        """``v = eps - x0`` in float32, with classifier-free guidance when :attr:`do_cfg`.
+
+        Both branches run in one pass of ``2B`` rows; a conditioning key without a ``negative_`` twin (a
+        source image's latents) is the same in both.
+        """
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -376,10 +407,10 @@ class DiffusersPolicy(Policy):
         neg = {k.removeprefix("negative_"): v for k, v in cond.items() if k.startswith("negative_")}
         if not neg:
             raise ValueError("guidance_scale > 1 needs the negative_* conditioning from encode_prompts")
-        both = {k: torch.cat([neg[k], pos[k]]) for k in pos}
+        both = {k: torch.cat([neg.get(k, pos[k]), pos[k]]) for k in pos}
         out = self._forward(torch.cat([x, x]), torch.cat([t, t]), both).float()
         v_uncond, v_cond = out.chunk(2)
-        return v_uncond + self.guidance_scale * (v_cond - v_uncond)
+        return v_uncond + self.cfg_scale * (v_cond - v_uncond)
 
     def time_grid(self, num_steps: int) -> torch.Tensor:
         """The sigmas the diffusers pipeline itself uses for ``num_steps`` steps (shift included), float64."""

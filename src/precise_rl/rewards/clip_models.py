@@ -38,6 +38,7 @@ __all__ = [
     "ClipPreprocess",
     "PickScore",
     "CLIPScore",
+    "ImageSimilarity",
     "AestheticScore",
     "AestheticMLP",
     "HPSv2",
@@ -284,6 +285,46 @@ class CLIPScore(ModelReward):
 
     def _score(self, model: _ClipPair, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         return {self.name or "clipscore": (100.0 * model.cosine(images, prompts)).clamp_min(0.0)}
+
+
+# ----------------------------------------------------------------------------- image similarity (edits)
+
+
+@register_reward("image_similarity")
+class ImageSimilarity(CLIPScore):
+    """For an edit: the cosine of the CLIP image embeddings of the image and its source image.
+
+    The source comes in each image's metadata (``source_image``, a ``(3, H, W)`` tensor in [0, 1], as
+    the editing models' prompts hand it on); each source is preprocessed at its own size. 1 for an
+    image its source's CLIP cannot tell apart, lower the further the edit departs from it: Flow-GRPO's
+    ``image_similarity`` reward of its editing recipes (``flow_grpo/rewards.py``, a CLIP scorer's
+    image-to-image similarity). Weights and image pipeline: ``openai/clip-vit-large-patch14``, as
+    CLIPScore's.
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise UserError(f"reward {self.name!r} needs images shaped (B, 1 or 3, H, W), got {tuple(images.shape)}")
+        if len(metadata) != images.shape[0]:
+            raise UserError(f"reward {self.name!r} got {images.shape[0]} images and {len(metadata)} metadata")
+        sources = [m.get("source_image") for m in metadata]
+        if any(not isinstance(s, torch.Tensor) for s in sources):
+            raise UserError(
+                f"reward {self.name or 'image_similarity'!r} scores an edit against its source image, but an image "
+                "came without one: train an editing model on a JSON-lines prompt file (prompt and image a line)"
+            )
+        model = self.model
+        scores = []
+        for lo in range(0, images.shape[0], self.batch_size):
+            chunk = images[lo : lo + self.batch_size].to(self.device)
+            src = torch.cat([model.preprocess(s[None].to(self.device)) for s in sources[lo : lo + self.batch_size]])
+            a = _unit(_image_embeds(model.model, model.preprocess(chunk)))
+            b = _unit(_image_embeds(model.model, src))
+            scores.append((a * b).sum(dim=-1).float())
+        return {self.name or "image_similarity": torch.cat(scores).to(images.device)}
 
 
 # ----------------------------------------------------------------------------- LAION aesthetic predictor

@@ -35,7 +35,15 @@ import torch
 from ..errors import UserError
 from .base import Reward, register_reward
 from .failures import RewardServerDown, RewardServerRejected
-from .protocol import DEFAULT_PORT, TOKEN_ENV, ProtocolError, build_request, parse_response, read_token
+from .protocol import (
+    DEFAULT_PORT,
+    TOKEN_ENV,
+    ProtocolError,
+    build_request,
+    encode_images,
+    parse_response,
+    read_token,
+)
 
 __all__ = ["RemoteReward", "GenEvalRemote", "PendingScores", "UNSCORED", "read_prompt_metadata"]
 
@@ -231,6 +239,7 @@ class RemoteReward(Reward):
             )
         if self._by_prompt:  # the file's entry of each prompt, under what the batch's own metadata says
             metadata = [{**self._by_prompt.get(p, {}), **dict(m)} for p, m in zip(prompts, metadata, strict=True)]
+        metadata = [_images_as_png(m) for m in metadata]
         self._check_metadata(metadata)
         cpu = images.detach().cpu()
         pool = self._executor()
@@ -319,6 +328,14 @@ def _merge(first: _Outcome, second: _Outcome, n1: int, n2: int) -> _Outcome:
         b = (second.scores or {}).get(key, [math.nan] * n2)
         scores[key] = list(a) + list(b)
     return _Outcome(scores=scores, reward=reward)
+
+
+def _images_as_png(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """An image tensor ``(C, H, W)`` in the metadata (an edit's ``source_image``) as a base64 PNG, as the images go."""
+    return {
+        k: encode_images(v[None])[0] if isinstance(v, torch.Tensor) and v.ndim == 3 and v.shape[0] in (1, 3) else v
+        for k, v in meta.items()
+    }
 
 
 def read_prompt_metadata(path: str | Path) -> dict[str, dict]:

@@ -3,7 +3,8 @@
 :mod:`.registry` maps a config's ``model.name`` to a :class:`~.registry.TaskSpec`
 (``TaskSpec``, ``TASKS``, ``build_task`` and ``read_prompt_file`` are loaded from it on first use,
 so that this package imports no torch); :mod:`.digits` is the built-in digits task (data, model,
-prompts, rewards, pretraining), :mod:`.animals` the prompts of the diffusers models.
+prompts, rewards, pretraining), :mod:`.animals` the prompts of the diffusers models, :mod:`.edits` those
+of the editing models (drawn scenes with an edit each).
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """Task registry: a config's ``model.name`` becomes a policy plus its task (prompts, rewards).
 
 ``digits`` is the built-in task; every adapter of :data:`precise_rl.policies.registry.ADAPTERS`
-(``@register_policy``) is a model name with the animal prompts, and ``diffusers`` picks the adapter
-from the pipeline's ``model_index.json``. A model with prompts and rewards of its own is one builder
-function under ``@register_task``; a task passed to ``GRPOTrainer(..., task=TaskSpec(...))`` needs neither.
+(``@register_policy``) is a model name with the animal prompts (an editing model: the drawn scenes of
+:mod:`.edits`), and ``diffusers`` picks the adapter from the pipeline's ``model_index.json``. A model
+with prompts and rewards of its own is one builder function under ``@register_task``; a task passed to
+``GRPOTrainer(..., task=TaskSpec(...))`` needs neither.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +20,21 @@ import torch
 from ..errors import UserError
 from ..policies import Policy
 from ..policies.diffusers_base import detect_adapter
+from ..policies.edit import EditPrompt, check_image_file, with_source_metadata
 from ..policies.registry import ADAPTERS
 from ..registries import add_entry, check_name
-from . import animals, digits  # digits: its rewards register by name on import
+from . import animals, digits, edits  # digits: its rewards register by name on import
 
-__all__ = ["TaskSpec", "TASKS", "build_task", "digits_task", "model_names", "read_prompt_file", "register_task"]
+__all__ = [
+    "TaskSpec",
+    "TASKS",
+    "build_task",
+    "digits_task",
+    "model_names",
+    "read_prompt_file",
+    "read_edit_prompts",
+    "register_task",
+]
 
 
 @dataclass
@@ -36,6 +48,10 @@ class TaskSpec:
     default_rewards: dict[str, float] = field(default_factory=dict)
     #: rewards scored at evaluation only (e.g. a held-out classifier)
     eval_rewards: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # an editing prompt's source image reaches the rewards whatever the task's own metadata holds
+        self.metadata = with_source_metadata(self.metadata)
 
 
 def _digits(model_cfg: Any, device: torch.device) -> TaskSpec:
@@ -66,17 +82,19 @@ def _diffusers_builder(adapter: str | None) -> Callable[[Any, torch.device], Tas
         policy = ADAPTERS[name].from_pretrained(
             model_cfg.path, model_cfg.revision, model_cfg.dtype, device, **model_cfg.options
         )
+        prompts = edits if getattr(policy, "edits_images", False) else animals  # editing models: drawn scenes
         return TaskSpec(
             policy=policy,
-            train_prompts=animals.train_prompts(),
-            eval_prompts=animals.eval_prompts(),
+            train_prompts=prompts.train_prompts(),
+            eval_prompts=prompts.eval_prompts(),
         )
 
     return build
 
 
 #: task name -> builder(model_cfg, device) -> TaskSpec, filled by :func:`register_task`. Every adapter of
-#: ``ADAPTERS`` is a model name besides these (with the animal prompts), looked up when a run is built.
+#: ``ADAPTERS`` is a model name besides these (with the animal prompts, an editing model with the drawn scenes),
+#: looked up when a run is built.
 TASKS: dict[str, Callable[[Any, torch.device], TaskSpec]] = {}
 
 B = TypeVar("B", bound=Callable[[Any, torch.device], TaskSpec])
@@ -116,7 +134,8 @@ def build_task(model_cfg: Any, device: torch.device | str) -> TaskSpec:
 
 
 def read_prompt_file(path: str | Path, key: str = "prompts") -> list[str]:
-    """Prompts from a text file, one per line (blank lines and lines starting with '#' skipped)."""
+    """Prompts from a file: a text file, one prompt per line (blank lines and lines starting with '#'
+    skipped), or, for a name ending in ``.jsonl``, editing prompts in JSON lines (:func:`read_edit_prompts`)."""
     p = Path(path)
     if p.is_dir():
         raise UserError(
@@ -130,7 +149,44 @@ def read_prompt_file(path: str | Path, key: str = "prompts") -> list[str]:
         raise UserError(f"prompt file {str(p)!r} is not UTF-8 text") from None
     except OSError as exc:
         raise UserError(f"prompt file {str(p)!r} cannot be read: {exc.strerror or exc}") from None
+    if p.suffix.lower() == ".jsonl":
+        return read_edit_prompts(p, lines)
     prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         raise UserError(f"prompt file {str(p)!r} holds no prompts")
+    return prompts
+
+
+def read_edit_prompts(path: Path, lines: list[str]) -> list[str]:
+    """Editing prompts from the lines of a JSON-lines file: one object a line, ``{"prompt": ..., "image": ...}``.
+
+    ``image`` is the source image's path, relative to the file's directory (or absolute); every image
+    is checked to be readable here, so that a bad line fails before any work. Other keys of a line
+    reach the rewards in the prompt's metadata. Blank lines are skipped.
+    """
+    prompts: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            raise UserError(f"line {number} of prompt file {str(path)!r} is not JSON ({exc.args[0]})") from None
+        if not isinstance(entry, dict):
+            raise UserError(f"line {number} of prompt file {str(path)!r} is not a JSON object")
+        prompt, image = entry.get("prompt"), entry.get("image")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(f"line {number} of prompt file {str(path)!r} has no 'prompt' (a non-empty string)")
+        if not isinstance(image, str) or not image.strip():
+            raise UserError(
+                f"line {number} of prompt file {str(path)!r} has no 'image' (the source image's path, relative "
+                "to the file)"
+            )
+        image_path = (path.parent / Path(image).expanduser()).resolve()
+        check_image_file(image_path, f"line {number} of prompt file {str(path)!r}")
+        extra = {k: v for k, v in entry.items() if k not in ("prompt", "image")}
+        prompts.append(EditPrompt(prompt.strip(), image_path, where, extra))
+    if not prompts:
+        raise UserError(f"prompt file {str(path)!r} holds no prompts")
     return prompts

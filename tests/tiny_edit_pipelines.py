@@ -1,0 +1,216 @@
+"""Tiny instruction-editing pipelines built offline from config classes, and small source images.
+
+The components come from :mod:`tests.tiny_pipelines` where the model shares them (FLUX.1 Kontext is
+FLUX.1's transformer, text encoders and VAE under another pipeline class); Qwen-Image-Edit's are built
+here (a Qwen2.5-VL with a vision tower and its processor). ``processor_without_video`` must wrap any
+loading of a saved Qwen-Image-Edit pipeline (see there). ``source_images`` draws
+small RGB images (no download) and ``write_edit_prompts`` a JSON-lines prompt file pairing them with
+instructions, as a user's would be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import tiny_pipelines as tp
+
+#: the output size of the tests (tiny_pipelines' 32x16: not square, so a transposed layout would show)
+HEIGHT, WIDTH = tp.HEIGHT, tp.WIDTH
+
+
+def flux_kontext_pipeline(vae_scale: int = 2, guidance_embeds: bool = True, seed: int = 0):
+    """FLUX.1 Kontext in miniature: the tiny FLUX.1's components in a ``FluxKontextPipeline``."""
+    from diffusers import FluxKontextPipeline
+
+    flux = tp.flux1_pipeline(vae_scale=vae_scale, guidance_embeds=guidance_embeds, seed=seed)
+    return FluxKontextPipeline(**{k: v for k, v in flux.components.items() if v is not None})
+
+
+def save_pipeline(kind: str, directory: str | Path, **kwargs) -> Path:
+    """Build the tiny editing pipeline ``kind`` and save it (safetensors) to ``directory``."""
+    directory = Path(directory)
+    with processor_without_video():
+        BUILDERS[kind](**kwargs).save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+def adapter_options(kind: str, **extra) -> dict:
+    """Model options that fit the tiny editing pipelines (short text, small source images)."""
+    opts: dict = {"height": HEIGHT, "width": WIDTH}
+    if kind == "flux1_kontext":  # the preferred Kontext resolutions (~1 megapixel) are too large here
+        opts.update(max_sequence_length=16, auto_resize=False)
+    elif kind == "qwen_image_edit":
+        opts.update(QWEN_EDIT_AREAS)
+    opts.update(extra)
+    return opts
+
+
+def source_image(height: int, width: int, seed: int) -> Image.Image:
+    """A smooth random RGB image: colour gradients plus a rectangle, so the VAE sees structure."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = rng.uniform(0, 1, 3)[None, None] + rng.uniform(-0.5, 0.5, 3)[None, None] * (yy / height)[..., None]
+    base = base + rng.uniform(-0.5, 0.5, 3)[None, None] * (xx / width)[..., None]
+    y0, x0 = rng.integers(0, height // 2), rng.integers(0, width // 2)
+    base[y0 : y0 + height // 3, x0 : x0 + width // 3] = rng.uniform(0, 1, 3)
+    return Image.fromarray((np.clip(base, 0, 1) * 255).round().astype(np.uint8), mode="RGB")
+
+
+def write_edit_prompts(directory: str | Path, entries: list[tuple[str, tuple[int, int]]], name: str = "edits.jsonl"):
+    """A JSON-lines prompt file in ``directory`` with one image per entry ``(instruction, (height, width))``.
+
+    Images go to ``directory/images/`` and the file names them relative to itself; returns its path.
+    """
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (prompt, (h, w)) in enumerate(entries):
+        path = directory / "images" / f"source{i}.png"
+        source_image(h, w, seed=i).save(path)
+        lines.append(json.dumps({"prompt": prompt, "image": f"images/{path.name}"}))
+    out = directory / name
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+#: the vision tokens of Qwen2.5-VL's vocabulary that the editing template uses
+QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+#: source-image areas of the tiny Qwen-Image-Edit tests (the pipeline's are 384^2 for the text encoder and
+#: 1024^2 for the VAE): both sizes round to 32-pixel multiples of the aspect ratio, as the pipeline rounds them
+QWEN_EDIT_AREAS = {"condition_area": 32 * 32, "vae_area": 64 * 64}
+
+
+@contextlib.contextmanager
+def processor_without_video():
+    """Build, save or load a ``Qwen2VLProcessor`` without its video processor, which the editing pipelines
+    never use.
+
+    transformers resolves every part of a processor, and the video processor's base class needs
+    torchvision, which this CPU environment lacks (its PyPI wheels are CUDA builds): inside this context
+    ``Qwen2VLProcessor`` has two parts, the image processor and the tokenizer, each checked as before.
+    """
+    from transformers import Qwen2VLProcessor
+
+    original = Qwen2VLProcessor.__dict__.get("get_attributes")
+
+    def parts(cls):
+        return ["image_processor", "tokenizer"]
+
+    Qwen2VLProcessor.get_attributes = classmethod(parts)
+    try:
+        yield
+    finally:
+        if original is None:
+            del Qwen2VLProcessor.get_attributes
+        else:
+            Qwen2VLProcessor.get_attributes = original
+
+
+def qwen_vl_tokenizer():
+    """Qwen's one-token-per-byte tokenizer (:func:`tiny_pipelines.qwen_tokenizer`) with the vision tokens."""
+    tok = tp.qwen_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *QWEN_VISION_TOKENS]})
+    return tok
+
+
+def qwen_image_edit_plus_pipeline(seed: int = 0, zero_cond_t: bool = False):
+    """Qwen-Image-Edit (2509/2511) in miniature: a Qwen2.5-VL with a vision tower of 4-pixel patches (its
+    image processor sized to match), the Qwen-Image transformer (2x2 patches of 4 latent channels), the
+    Qwen-Image video VAE with per-channel statistics, and Qwen-Image's scheduler config."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPlusPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = qwen_vl_tokenizer()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(4, 6, 6),
+        zero_cond_t=zero_cond_t,
+    ).eval()
+    ids = {
+        "bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
+    }
+    vision_ids = {
+        "image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>"),
+    }
+    text = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text.update(num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=1024, rope_theta=1e6, **ids)
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2, "out_hidden_size": 16}
+    vision.update(patch_size=4, spatial_merge_size=1, temporal_patch_size=1, window_size=16, fullatt_block_indexes=[0])
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids, **vision_ids)
+    ).eval()
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=4, temporal_patch_size=1, merge_size=1, size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64}
+    )
+    with processor_without_video():
+        processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok)
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLQwenImage(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1],  # one spatial downsampling: a VAE factor of 2
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.7, 1.2, 2.0],
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=8192,
+        max_shift=0.9,
+        shift=1.0,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+        use_dynamic_shifting=True,
+    )
+    return QwenImageEditPlusPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        processor=processor,
+        transformer=transformer,
+    )
+
+
+BUILDERS = {"flux1_kontext": flux_kontext_pipeline, "qwen_image_edit": qwen_image_edit_plus_pipeline}
+
+
+def tiny_clip(directory: str | Path, seed: int = 1) -> dict:
+    """A tiny CLIP model and its processor in one directory (as CLIPScore and image_similarity read them);
+    returns the reward's options."""
+    import shutil
+
+    directory = Path(directory)
+    parts = tp.tiny_pickscore(directory / "parts", seed=seed)
+    both = directory / "clip"
+    shutil.copytree(parts["model"], both)
+    for f in Path(parts["processor"]).iterdir():
+        shutil.copy(f, both / f.name)
+    return {"model": str(both)}
