@@ -51,7 +51,9 @@ class ModelConfig:
 
 @dataclass
 class PromptsConfig:
-    train: str = "builtin"  #: ``builtin`` (the task's prompts) or a text file, one prompt per line
+    #: ``builtin`` (the task's prompts), a text file (one prompt per line) or, for the editing models, a
+    #: JSON-lines file (``.jsonl``: ``{"prompt": ..., "image": ...}`` per line, paths relative to the file)
+    train: str = "builtin"
     eval: str = "builtin"
     #: ``shuffled``: each epoch takes the next prompts of a shuffled pass over the training set (without
     #: replacement, a new shuffle per pass, as the reference recipe draws them); ``random``: with replacement
