@@ -4,7 +4,7 @@ Launched exactly like the real command (``accelerate launch --config_file ... te
 train ...``); when training finishes, process ``k`` writes its own trainable weights and EMA to
 ``OUTPUT/rank{k}.safetensors`` (metadata: whether FSDP sharded the weights), so that a test can
 compare what each process holds; its metadata also says how the process holds each weight of the model
-(a shard or whole, how many of its elements, its dtype).
+(a shard or whole, how many of its elements, its dtype) and which modules FSDP sharded as units.
 
 ``PRECISE_RL_TEST_FAULTS`` (JSON) injects faults on one process only, to check that every process
 takes the same decision:
@@ -52,7 +52,11 @@ def _finish_and_dump(self: GRPOTrainer) -> dict[str, Any]:
         }
         for n, p in self.accelerator.unwrap_model(self.model).named_parameters()
     }
+    from torch.distributed.fsdp import FSDPModule
+
+    model = self.accelerator.unwrap_model(self.model)
     meta = {
+        "fsdp_units": json.dumps([n for n, m in model.named_modules() if isinstance(m, FSDPModule)]),
         "sharded": str(self._sharded),
         "distributed_type": str(self.accelerator.distributed_type),
         "layout": json.dumps(layout),

@@ -1,6 +1,6 @@
 """Sharded training (``train.fsdp``, FSDP2) on CPU processes (gloo), launched as the README says, against one process.
 
-The digits task (a full fine-tune with EMA, two micro-batches per update, uneven forward chunks):
+The digits task (a full fine-tune with EMA and a KL term, two micro-batches per update, uneven forward chunks):
 a one-process run's checkpoint of epoch 1 resumed on two sharded processes (1 -> 2) trains epochs
 2 and 3 to the one-process weights, every weight held as a half-sized shard on each process; that
 sharded run's checkpoint of epoch 2 resumed on two processes ends bit-identical to it, and resumed
@@ -39,7 +39,9 @@ from .test_distributed import (
 )
 from .test_distributed import ARGS as DDP_ARGS
 
-ARGS = [a for a in DDP_ARGS if not a.startswith("checkpoint.keep=")] + ["checkpoint.keep=3"]
+# The distributed tests' digits run, every checkpoint kept, with a KL term (whose frozen copy of the
+# initial weights is sharded too).
+ARGS = [a for a in DDP_ARGS if not a.startswith("checkpoint.keep=")] + ["checkpoint.keep=3", "train.kl_beta=0.05"]
 
 
 def _launch(*argv: str, processes: int = 2) -> None:
@@ -107,6 +109,8 @@ def test_two_sharded_processes_hold_half_of_every_weight_and_train_the_one_proce
 ) -> None:
     dumps = _rank_dumps(sharded)
     layout = _assert_sharded(dumps)
+    # each block (the model's _no_split_modules), then the root
+    assert [json.loads(meta["fsdp_units"]) for _, meta in dumps] == [["", "blocks.0", "blocks.1", "blocks.2"]] * 2
     assert all(w["trainable"] and w["dtype"] == "torch.float32" for w in layout.values())  # a full fine-tune
     assert all(meta["ema_dtensor"] == "True" for _, meta in dumps)  # the EMA is kept as shards too
     (rank0, _), (rank1, _) = dumps
@@ -180,7 +184,10 @@ def test_sharded_lora_on_a_tiny_flux2_klein_keeps_the_base_sharded_and_the_adapt
     (tmp_path / "lora.yaml").write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
     _launch("train", str(tmp_path / "lora.yaml"), "--output", str(run))
-    layout = _assert_sharded(_rank_dumps(run))
+    dumps = _rank_dumps(run)
+    layout = _assert_sharded(dumps)
+    units = ["", "transformer_blocks.0", "single_transformer_blocks.0"]  # Flux2's _no_split_modules, the root
+    assert [json.loads(meta["fsdp_units"]) for _, meta in dumps] == [units] * 2
     frozen = {n: w for n, w in layout.items() if not w["trainable"]}
     trained = {n: w for n, w in layout.items() if w["trainable"]}
     assert frozen and all(w["dtype"] == "torch.bfloat16" for w in frozen.values())
