@@ -40,8 +40,9 @@ from .test_distributed import (
 from .test_distributed import ARGS as DDP_ARGS
 
 # The distributed tests' digits run, every checkpoint kept, with a KL term (whose frozen copy of the
-# initial weights is sharded too).
-ARGS = [a for a in DDP_ARGS if not a.startswith("checkpoint.keep=")] + ["checkpoint.keep=3", "train.kl_beta=0.05"]
+# initial weights is sharded too) and a gradient clip that binds (the gradient norms are ~0.3).
+ARGS = [a for a in DDP_ARGS if not a.startswith("checkpoint.keep=")]
+ARGS += ["checkpoint.keep=3", "train.kl_beta=0.05", "train.grad_clip=0.1"]
 
 
 def _launch(*argv: str, processes: int = 2) -> None:
@@ -117,8 +118,9 @@ def test_two_sharded_processes_hold_half_of_every_weight_and_train_the_one_proce
     assert rank0.keys() == rank1.keys() and any(k.startswith("ema/") for k in rank0)
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
-    # The metrics of epochs 2 and 3 (grad_norm: the global norm over the shards) and the weights are the
-    # one-process run's up to float rounding; the checkpoint holds the whole weights.
+    # The metrics of epochs 2 and 3 (grad_norm: the global norm over the shards, clipped to 0.1) and the
+    # weights are the one-process run's up to float rounding; the checkpoint holds the whole weights.
+    assert all(r["grad_norm"] > 0.1 for r in _metrics(one_process) if "grad_norm" in r)
     _assert_metrics_close(_metrics(sharded), _metrics(one_process))
     got = _final_weights(sharded)
     _assert_same_training(got, _final_weights(one_process))
