@@ -133,23 +133,23 @@ class GRPOTrainer:
         module, self.param_names, self.params = trainable.module, trainable.names, trainable.params
         self.ref_module = trainable.reference
         t = cfg.train
+
+        def adamw(params: list[torch.Tensor]) -> torch.optim.AdamW:
+            return torch.optim.AdamW(
+                params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
+            )
+
         if t.fsdp and self.world > 1:
             # Sharded in place (the KL term's frozen copy too); fully_shard replaces the parameters by
             # their shards, so they are taken again and the optimizer is built on the shards. accelerate
-            # prepares the optimizer alone: it would wrap the module in DDP.
+            # prepares the optimizer alone: given the module, it would wrap it in DDP.
             modules = [module] if self.ref_module is None else [module, self.ref_module]
             sharding.shard(modules, acc.device, self.world, t.mixed_precision)
             named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
             self.param_names, self.params = [n for n, _ in named], [p for _, p in named]
-            optimizer = torch.optim.AdamW(
-                self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
-            )
-            self.model, self.optimizer = module, acc.prepare(optimizer)
+            self.model, self.optimizer = module, acc.prepare(adamw(self.params))
         else:
-            self.optimizer = torch.optim.AdamW(
-                self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
-            )
-            self.model, self.optimizer = acc.prepare(module, self.optimizer)
+            self.model, self.optimizer = acc.prepare(module, adamw(self.params))
         self.policy.transformer = self.model
         self.ema = EMA(self.params, t.ema.decay, t.ema.every, t.ema.mode, t.grad_accum) if t.ema.enabled else None
 
