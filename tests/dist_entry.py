@@ -3,7 +3,8 @@
 Launched exactly like the real command (``accelerate launch --config_file ... tests/dist_entry.py
 train ...``); when training finishes, process ``k`` writes its own trainable weights and EMA to
 ``OUTPUT/rank{k}.safetensors`` (metadata: whether FSDP sharded the weights), so that a test can
-compare what each process holds.
+compare what each process holds; its metadata also says how the process holds each weight of the model
+(a shard or whole, how many of its elements, its dtype) and which modules FSDP sharded as units.
 
 ``PRECISE_RL_TEST_FAULTS`` (JSON) injects faults on one process only, to check that every process
 takes the same decision:
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 
 from precise_rl.cli import main
 from precise_rl.rewards.base import Reward
+from precise_rl.rl.sharding import is_dtensor, whole
 from precise_rl.rl.trainer import GRPOTrainer
 
 _finish = GRPOTrainer.finish
@@ -38,8 +40,28 @@ def _finish_and_dump(self: GRPOTrainer) -> dict[str, Any]:
     tensors = {f"trainable/{n}": t.detach().contiguous().cpu() for n, t in self._trainable_state().items()}
     if self.ema is not None:
         for n, t in self.ema.state_tensors(self.param_names).items():
-            tensors[f"ema/{n}"] = t.detach().contiguous().cpu()
-    meta = {"sharded": str(self._sharded), "distributed_type": str(self.accelerator.distributed_type)}
+            tensors[f"ema/{n}"] = whole(t).contiguous().cpu()
+    # How this process holds every weight of the model (frozen ones too): a shard or not, its share, its dtype.
+    layout = {
+        n: {
+            "dtensor": is_dtensor(p),
+            "local": (p.to_local() if is_dtensor(p) else p).numel(),
+            "numel": p.numel(),
+            "dtype": str(p.dtype),
+            "trainable": p.requires_grad,
+        }
+        for n, p in self.accelerator.unwrap_model(self.model).named_parameters()
+    }
+    from torch.distributed.fsdp import FSDPModule
+
+    model = self.accelerator.unwrap_model(self.model)
+    meta = {
+        "fsdp_units": json.dumps([n for n, m in model.named_modules() if isinstance(m, FSDPModule)]),
+        "sharded": str(self._sharded),
+        "distributed_type": str(self.accelerator.distributed_type),
+        "layout": json.dumps(layout),
+        "ema_dtensor": str(self.ema is not None and all(is_dtensor(s) for s in self.ema.shadow)),
+    }
     save_file(tensors, str(self.out / f"rank{self.rank}.safetensors"), metadata=meta)
     return _finish(self)
 

@@ -268,7 +268,7 @@ def test_update_plan_is_global_and_skips_unusable_samples(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs this config runs FSDP; this checks machines without")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs this config trains; this checks machines without")
 def test_a_gpu_config_launched_without_gpus_stops_instead_of_training_n_separate_copies(tmp_path: Path) -> None:
     """accelerate falls back to one independent process per rank: each would write the same run directory."""
     run = tmp_path / "run"

@@ -132,6 +132,10 @@ class TrainConfig:
     forward_batch: int = 0  #: (sample, step) rows per training forward; 0 = a whole micro-batch at once
     max_nonfinite: int = 5  #: updates skipped in a row for a NaN/inf loss or gradient before the run stops
     full_finetune: bool = True  #: train every weight when LoRA is off
+    #: shard the transformer over the processes of a launch with FSDP2 (each block, then the root) instead
+    #: of a whole copy per process (DDP); for models too big for one device. On one process the model is
+    #: held whole, so the same config (and its checkpoints) runs on any number of processes. Not with fp16.
+    fsdp: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
 
@@ -317,6 +321,9 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"config key 'train.timestep_fraction' must be in (0, 1], got {t.timestep_fraction!r}")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise UserError(f"config key 'train.adam_betas' must be two numbers in [0, 1), got {t.adam_betas!r}")
+    if t.fsdp and t.mixed_precision == "fp16":
+        # fp16 needs a loss scaler over the sharded gradients, which the sharded path does not run
+        raise UserError("config key 'train.fsdp' takes train.mixed_precision 'no' or 'bf16', got 'fp16'")
     if t.group_size < 2:
         raise UserError(f"config key 'train.group_size' must be >= 2 for group advantages, got {t.group_size}")
     _positive("train.lora.rank", t.lora.rank)

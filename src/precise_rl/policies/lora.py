@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,15 +59,22 @@ def adapters_disabled(module: torch.nn.Module) -> Iterator[None]:
             layer.enable_adapters(True)
 
 
-def save_adapter(module: torch.nn.Module, directory: str | Path) -> Path:
-    """Save the LoRA weights and config in peft's format (``adapter_config.json``, safetensors)."""
+def save_adapter(
+    module: torch.nn.Module, directory: str | Path, weights: Mapping[str, torch.Tensor] | None = None
+) -> Path:
+    """Save the LoRA weights and config in peft's format (``adapter_config.json``, safetensors).
+
+    ``weights``: whole tensors by parameter name to save instead of the module's own (whose FSDP
+    shards hold a part of each weight only); it must hold every LoRA weight.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = getattr(module, "peft_config", {}).get("default")
     if config is None:
         raise UserError("the model has no LoRA adapter to save")
     config.save_pretrained(str(directory))
-    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(module).items()}
+    chosen = None if weights is None else dict(weights)
+    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(module, chosen).items()}
     save_file(state, str(directory / ADAPTER_WEIGHTS))
     return directory
 

@@ -2,10 +2,12 @@
 
 A checkpoint (written atomically by :mod:`.checkpoint`) holds the whole trainable weights, the
 EMA shadow, the optimizer state and ``state.json`` (epoch, step counts, timings, the first
-evaluation, the config, the parameter names), plus the LoRA adapter in diffusers' layout. FSDP
-shards (DTensors) are gathered whole before writing and sharded again when loading, so a
-checkpoint of an FSDP run resumes with or without FSDP. Every process calls save and load (they
-are collectives); only the main process writes. Before writing, the processes compare
+evaluation, the config, the parameter names), plus the LoRA adapter in diffusers' layout (the
+weights evaluated: the EMA's while it is on). FSDP shards (DTensors, :mod:`.sharding`) are gathered
+whole before writing and split again when loading, and the optimizer state keeps torch's own layout
+(by parameter index) with whole tensors, so a checkpoint is the same whether the run was sharded
+or not and resumes on any number of processes, sharded or not. Every process calls save and load
+(they are collectives); only the main process writes. Before writing, the processes compare
 fingerprints of their weights: copies that differ stop the run instead of being saved. On resume
 the main process names the checkpoint, every process loads it and they compare the SHA-256 of
 its manifest, so that a process reading other files (storage not shared) stops the run.
@@ -33,63 +35,51 @@ from .checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from .evaluate import eval_weights
+from .sharding import is_dtensor, shard_like, whole
 
 if TYPE_CHECKING:
     from .trainer import GRPOTrainer
 
-__all__ = ["is_sharded", "load_checkpoint", "load_evaluated_weights", "resume", "save_checkpoint", "trainable_state"]
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a parameter or EMA shadow, gathering FSDP shards (a collective then)."""
-    t = t.detach()
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``whole`` laid out like ``like``: sharded as ``like`` is when it is an FSDP DTensor, else on its device."""
-    if hasattr(like, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(whole.to(like.device_mesh.device_type), like.device_mesh, like.placements)
-    return whole.to(like.device)
-
-
-def is_sharded(params: Sequence[torch.Tensor]) -> bool:
-    """Whether the trainable parameters are FSDP shards (DTensors)."""
-    return any(_is_dtensor(p) for p in params)
+__all__ = ["load_checkpoint", "load_evaluated_weights", "resume", "save_checkpoint", "trainable_state"]
 
 
 def trainable_state(names: Sequence[str], params: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Whole trainable weights by name (a collective when FSDP shards them: every process calls it)."""
-    return {n: _whole(p) for n, p in zip(names, params, strict=True)}
+    return {n: whole(p) for n, p in zip(names, params, strict=True)}
 
 
 def _optimizer_state(trainer: GRPOTrainer) -> dict[str, Any]:
-    """The optimizer state to save (whole, on the main process; a collective when sharded)."""
-    if not trainer._sharded:
-        return trainer.optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    """The optimizer state to save, whole (a collective when sharded).
 
-    module = trainer.accelerator.unwrap_model(trainer.model)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(module, trainer.optimizer.optimizer, options=opts)
+    In torch's own layout (state by parameter index) with whole tensors in place of shards, the layout of
+    an unsharded run: a checkpoint loads on any number of processes, sharded or not.
+    """
+    saved = trainer.optimizer.state_dict()
+    if not trainer._sharded:
+        return saved
+    # state_dict() shares the per-parameter dicts with the optimizer: build new ones.
+    saved["state"] = {i: {k: whole(v) if is_dtensor(v) else v for k, v in s.items()} for i, s in saved["state"].items()}
+    return saved
 
 
 def _load_optimizer_state(trainer: GRPOTrainer, saved: dict[str, Any]) -> None:
-    if not trainer._sharded:
-        trainer.optimizer.load_state_dict(saved)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    """Load ``saved`` (whole tensors, see :func:`_optimizer_state`), split as the parameters are when sharded."""
+    if trainer._sharded:
+        # torch maps the saved indices to the parameters in the order of the param groups
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        ids = [i for g in saved["param_groups"] for i in g["params"]]
+        if len(ids) != len(params):
+            raise ValueError(f"it holds {len(ids)} parameters, the model {len(params)}")
+        by_id = dict(zip(ids, params, strict=True))
 
-    module = trainer.accelerator.unwrap_model(trainer.model)
-    opts = StateDictOptions(full_state_dict=True)
-    set_optimizer_state_dict(module, trainer.optimizer.optimizer, optim_state_dict=saved, options=opts)
+        def split(i: Any, k: str, v: Any) -> Any:
+            p = by_id.get(i)
+            if isinstance(v, torch.Tensor) and p is not None and tuple(v.shape) == tuple(p.shape) and v.ndim:
+                return shard_like(v, p)
+            return v
+
+        saved = {**saved, "state": {i: {k: split(i, k, v) for k, v in s.items()} for i, s in saved["state"].items()}}
+    trainer.optimizer.load_state_dict(saved)
 
 
 def save_checkpoint(trainer: GRPOTrainer) -> Path:
@@ -101,7 +91,7 @@ def save_checkpoint(trainer: GRPOTrainer) -> Path:
     tr = trainer
     tensors = {"trainable": tr._trainable_state()}
     if tr.ema is not None:
-        tensors["ema"] = {n: _whole(s) for n, s in tr.ema.state_tensors(tr.param_names).items()}
+        tensors["ema"] = {n: whole(s) for n, s in tr.ema.state_tensors(tr.param_names).items()}
     optimizer_state = _optimizer_state(tr)
     error, path = None, None
     if tr.world > 1:
@@ -128,9 +118,10 @@ def save_checkpoint(trainer: GRPOTrainer) -> Path:
         }
 
         def write_adapter(directory: Path) -> None:
-            if tr.cfg.train.lora.enabled and not tr._sharded:
-                with eval_weights(tr.ema):
-                    save_adapter(tr.accelerator.unwrap_model(tr.model), directory / "adapter")
+            # The weights evaluated (the EMA's while it is on), from the whole tensors gathered above.
+            if tr.cfg.train.lora.enabled:
+                weights = tensors["ema" if tr.ema is not None else "trainable"]
+                save_adapter(tr.accelerator.unwrap_model(tr.model), directory / "adapter", weights=weights)
 
         root = tr.out / "checkpoints"
         try:
@@ -193,7 +184,7 @@ def load_checkpoint(trainer: GRPOTrainer, ckpt: Path) -> str:
         raise UserError(f"checkpoint {str(ckpt)!r} does not hold this model's trainable parameters")
     with torch.no_grad():
         for n, p in zip(tr.param_names, tr.params, strict=True):
-            p.copy_(_shard_like(weights[n], p))
+            p.copy_(shard_like(weights[n], p))
     if tr.ema is not None:
         if "ema" not in tensors:
             raise UserError(f"checkpoint {str(ckpt)!r} has no EMA weights but train.ema.enabled is true")
@@ -201,7 +192,7 @@ def load_checkpoint(trainer: GRPOTrainer, ckpt: Path) -> str:
             tr.ema.load_state_tensors(tr.param_names, tensors["ema"], state.get("ema_steps", 0))
         except KeyError:
             raise UserError(f"checkpoint {str(ckpt)!r} has EMA weights of another model") from None
-        tr.ema.shadow = [_shard_like(s, p) for s, p in zip(tr.ema.shadow, tr.params, strict=True)]
+        tr.ema.shadow = [shard_like(s, p) for s, p in zip(tr.ema.shadow, tr.params, strict=True)]
     try:
         _load_optimizer_state(tr, objects["optimizer"])
     except (KeyError, ValueError, RuntimeError) as exc:

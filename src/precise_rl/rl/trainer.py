@@ -29,7 +29,7 @@ from ..policies import Policy
 from ..rewards.failures import RewardUnavailable
 from ..sde import SAMPLER_TABLE, Kernel, StepOutput, kernel, time_grid
 from ..tasks.registry import TaskSpec, build_task
-from . import advantages, dist, rollouts, setup, state, update
+from . import advantages, dist, rollouts, setup, sharding, state, update
 from .checkpoint import check_writable, remove_leftovers
 from .ema import EMA
 from .evaluate import EvalInputs, eval_weights, evaluate
@@ -60,6 +60,7 @@ class GRPOTrainer:
         self.cfg = cfg
         self.out = Path(output_dir)
         launched = dist.launched_processes()  # before accelerate, which would fail on it with a traceback
+        sharding.check_launch()
         self.accelerator = accelerator or dist.make_accelerator(cfg.train.mixed_precision)
         acc = self.accelerator
         self.is_main = acc.is_main_process
@@ -132,15 +133,24 @@ class GRPOTrainer:
         module, self.param_names, self.params = trainable.module, trainable.names, trainable.params
         self.ref_module = trainable.reference
         t = cfg.train
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
-        )
-        self.model, self.optimizer = acc.prepare(module, self.optimizer)
+
+        def adamw(params: list[torch.Tensor]) -> torch.optim.AdamW:
+            return torch.optim.AdamW(
+                params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
+            )
+
+        if t.fsdp and self.world > 1:
+            # Sharded in place (the KL term's frozen copy too); fully_shard replaces the parameters by
+            # their shards, so they are taken again and the optimizer is built on the shards. accelerate
+            # prepares the optimizer alone: given the module, it would wrap it in DDP.
+            modules = [module] if self.ref_module is None else [module, self.ref_module]
+            sharding.shard(modules, acc.device, self.world, t.mixed_precision)
+            named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+            self.param_names, self.params = [n for n, _ in named], [p for _, p in named]
+            self.model, self.optimizer = module, acc.prepare(adamw(self.params))
+        else:
+            self.model, self.optimizer = acc.prepare(module, adamw(self.params))
         self.policy.transformer = self.model
-        # FSDP replaces the parameters while it shards them: take them again from the prepared model.
-        named = [(n, p) for n, p in acc.unwrap_model(self.model).named_parameters() if p.requires_grad]
-        if [n for n, _ in named] == self.param_names:
-            self.params = [p for _, p in named]
         self.ema = EMA(self.params, t.ema.decay, t.ema.every, t.ema.mode, t.grad_accum) if t.ema.enabled else None
 
     # ------------------------------------------------------------------ the stages
@@ -217,7 +227,7 @@ class GRPOTrainer:
     @property
     def _sharded(self) -> bool:
         """Whether the trainable parameters are FSDP shards (DTensors)."""
-        return state.is_sharded(self.params)
+        return sharding.is_sharded(self.params)
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         """Whole trainable weights by name (a collective when FSDP shards them)."""

@@ -3,9 +3,11 @@
 Each process computes the (sample, trained step) pairs of its own samples, ``train.forward_batch``
 pairs per forward pass, recomputing each step's log-prob from the stored trajectory with the
 current parameters. Its loss is scaled by ``num_processes / pairs in the update`` so that the
-gradient DDP/FSDP average over processes is the mean over the whole update. Every process runs
-the same number of forward/backward passes per update (idle ones have weight 0), which FSDP's
-collectives need.
+gradient DDP/FSDP average over processes is the mean over the whole update; only the last pass of
+an update reduces the gradients (:func:`.sharding.gradient_sync`), the others accumulate. Every
+process runs the same number of forward/backward passes per update (idle ones have weight 0), which
+FSDP's collectives need. Under FSDP the gradients are shards and the clipping norm is the global one
+(the shards' norms combined over the processes).
 
 Faults: an update whose loss or gradient is NaN or infinite on any process is skipped on all of
 them and counted (``skipped_updates``); an epoch in which no image got a finite reward counts
@@ -31,6 +33,7 @@ from ..sde import Kernel, StepOutput, step
 from .checkpoint import list_checkpoints
 from .losses import guard_loss, kl_penalty, ppo_clip_loss
 from .rollouts import RolloutBatch
+from .sharding import gradient_sync
 
 if TYPE_CHECKING:
     from .trainer import GRPOTrainer
@@ -222,7 +225,7 @@ def train_on(trainer: GRPOTrainer, batch: RolloutBatch, adv: torch.Tensor, epoch
             finite = True
             for c in range(n_passes):
                 sync = c == n_passes - 1
-                ctx = acc.no_sync(trainer.model) if (world > 1 and not sync) else nullcontext()
+                ctx = gradient_sync(acc, trainer.model, sync) if world > 1 else nullcontext()
                 with ctx:
                     if c < len(mine):
                         rows_c, steps_c = mine[c]

@@ -93,6 +93,9 @@ class DigitsFlowNet(nn.Module):
     ``(B, 2)`` long tensor ``[digit, style]``; returns ``v = eps - x0`` shaped like ``x``.
     """
 
+    #: the blocks that are sharded one by one under ``train.fsdp`` (the attribute diffusers models declare)
+    _no_split_modules = ["FiLMBlock"]
+
     def __init__(self, config: FlowNetConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or FlowNetConfig()
