@@ -1,9 +1,10 @@
 """What every diffusers-pipeline adapter shares: loading, frozen encoders, prompt caching, grids, decoding.
 
 A concrete adapter (``flux2.py``, ``sd3.py``, ``flux.py``) adds the model's latent layout, its
-timestep convention, its conditioning and its resolution-dependent shift. Latents are kept in
-the shape of the noise the diffusers pipeline draws, so the same seed gives the same image;
-packing into tokens happens inside :meth:`velocity`.
+timestep convention, its conditioning and its resolution-dependent shift (most take it from
+:meth:`DiffusersPolicy._dynamic_shift_mu`). Latents are kept in the shape of the noise the
+diffusers pipeline draws, so the same seed gives the same image; packing into tokens happens
+inside :meth:`velocity`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..sde import flux1_mu
 from .base import Policy
 from .edit import edit_key
 from .registry import PIPELINE_ADAPTERS  # pipeline class -> adapter name, filled by @register_policy
@@ -428,6 +430,22 @@ class DiffusersPolicy(Policy):
             return validate_sigmas(sched.sigmas.double())
         except ValueError as exc:
             raise UserError(f"the pipeline's scheduler gives an unusable time grid: {exc}") from None
+
+    def _dynamic_shift_mu(self, image_seq_len: int, default_max_shift: float = 1.15) -> float:
+        """The pipelines' ``calculate_shift``: ``mu`` linear in ``image_seq_len``, from ``base_shift`` at
+        ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len`` of the scheduler's config.
+
+        A config without ``max_shift`` falls back to ``default_max_shift``, the pipeline's own default
+        (1.15; SD3's pipeline says 1.16).
+        """
+        cfg = self._scheduler.config
+        return flux1_mu(
+            image_seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", default_max_shift),
+        )
 
     @staticmethod
     def _flux_sigmas_arg(sched: Any, num_steps: int) -> np.ndarray | None:

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from ..sde import flux1_mu
 from .diffusers_base import DiffusersPolicy
 from .lora_targets import FLUX1_FEED_FORWARD, JOINT_ATTENTION
 from .registry import register_policy
@@ -108,15 +107,10 @@ class Flux1Policy(DiffusersPolicy):
         return self._unpack(out)
 
     def _scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
-        cfg = self._scheduler.config
-        mu = flux1_mu(
-            self.image_seq_len,
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
-        return {"sigmas": self._flux_sigmas_arg(self._scheduler, num_steps), "mu": mu}
+        return {
+            "sigmas": self._flux_sigmas_arg(self._scheduler, num_steps),
+            "mu": self._dynamic_shift_mu(self.image_seq_len),
+        }
 
     def _latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
         cfg = self.pipe.vae.config

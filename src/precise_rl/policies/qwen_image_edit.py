@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..sde import flux1_mu
 from .diffusers_base import DiffusersPolicy
 from .edit import edit_key, source_image
 from .lora_targets import JOINT_ATTENTION, QWEN_IMAGE_FEED_FORWARD
@@ -285,16 +284,9 @@ class QwenImageEditPlusPolicy(DiffusersPolicy):
         return self._unpack(combined)
 
     def _scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
-        cfg = self._scheduler.config
-        mu = flux1_mu(
-            self.image_seq_len,
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
         # the pipeline passes these sigmas whatever the scheduler's use_flow_sigmas says
-        return {"sigmas": np.linspace(1.0, 1.0 / num_steps, num_steps), "mu": mu}
+        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
+        return {"sigmas": sigmas, "mu": self._dynamic_shift_mu(self.image_seq_len)}
 
     # ------------------------------------------------------------------ decoding
 
