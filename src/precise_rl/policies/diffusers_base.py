@@ -4,7 +4,7 @@ A concrete adapter (``flux2.py``, ``sd3.py``, ``flux.py``) adds the model's late
 timestep convention, its conditioning and its resolution-dependent shift (most take it from
 :meth:`DiffusersPolicy._dynamic_shift_mu`). Latents are kept in the shape of the noise the
 diffusers pipeline draws, so the same seed gives the same image; packing into tokens happens
-inside :meth:`velocity`.
+inside :meth:`velocity` (FLUX.1's and Qwen-Image's 2x2 patches: :class:`PackedLatentsPolicy`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .registry import PIPELINE_ADAPTERS  # pipeline class -> adapter name, fille
 
 __all__ = [
     "DiffusersPolicy",
+    "PackedLatentsPolicy",
     "DTYPES",
     "PIPELINE_ADAPTERS",
     "read_model_index",
@@ -464,3 +465,34 @@ class DiffusersPolicy(Policy):
                 img = vae.decode(z.to(device=vae.device, dtype=vae.dtype), return_dict=False)[0]
                 outs.append((img.float() / 2 + 0.5).clamp(0, 1))
         return torch.cat(outs)
+
+
+class PackedLatentsPolicy(DiffusersPolicy):
+    """The layout of FLUX.1 and Qwen-Image: noise ``(C, H/8, W/8)``, ``C`` a quarter of the transformer's
+    ``in_channels``, which sees it as 2x2 patch tokens ``(h/2 * w/2, 4C)``."""
+
+    def _pixel_multiple(self) -> int:
+        return self.vae_scale_factor * 2
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        return (int(self.model_config.in_channels) // 4, self.height // f, self.width // f)
+
+    @property
+    def image_seq_len(self) -> int:
+        _, h, w = self.latent_shape
+        return (h // 2) * (w // 2)
+
+    def _pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)`` (the pipelines' ``_pack_latents``)."""
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    def _unpack(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, h/2 * w/2, 4C)`` -> ``(B, C, h, w)`` (the pipelines' ``_unpack_latents``)."""
+        c, h, w = self.latent_shape
+        b = tokens.shape[0]
+        x = tokens.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c, h, w)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .diffusers_base import DiffusersPolicy
+from .diffusers_base import PackedLatentsPolicy
 from .lora_targets import JOINT_ATTENTION, QWEN_IMAGE_FEED_FORWARD
 from .registry import register_policy
 
@@ -34,7 +34,7 @@ MAX_TEXT = 1024
 
 
 @register_policy("qwen_image")
-class QwenImagePolicy(DiffusersPolicy):
+class QwenImagePolicy(PackedLatentsPolicy):
     pipeline_class = "QwenImagePipeline"
     default_model = "Qwen/Qwen-Image"
     display_name = "Qwen-Image"
@@ -64,32 +64,6 @@ class QwenImagePolicy(DiffusersPolicy):
                 f"this {self.display_name} checkpoint has a guidance embedding, which this adapter does not feed; "
                 "use a checkpoint without one (Qwen/Qwen-Image has none)"
             )
-
-    # ------------------------------------------------------------------ layout
-
-    def _pixel_multiple(self) -> int:
-        return self.vae_scale_factor * 2
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        f = self.vae_scale_factor
-        return (int(self.model_config.in_channels) // 4, self.height // f, self.width // f)
-
-    @property
-    def image_seq_len(self) -> int:
-        _, h, w = self.latent_shape
-        return (h // 2) * (w // 2)
-
-    def _pack(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)`` (the pipeline's ``_pack_latents``)."""
-        b, c, h, w = x.shape
-        x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-    def _unpack(self, tokens: torch.Tensor) -> torch.Tensor:
-        c, h, w = self.latent_shape
-        x = tokens.reshape(tokens.shape[0], h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(tokens.shape[0], c, h, w)
 
     # ------------------------------------------------------------------ conditioning and forward
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .diffusers_base import DiffusersPolicy
+from .diffusers_base import PackedLatentsPolicy
 from .edit import edit_key, source_image
 from .lora_targets import JOINT_ATTENTION, QWEN_IMAGE_FEED_FORWARD
 from .registry import register_policy
@@ -43,7 +43,7 @@ def _pipeline_module() -> Any:
 
 
 @register_policy("qwen_image_edit")
-class QwenImageEditPlusPolicy(DiffusersPolicy):
+class QwenImageEditPlusPolicy(PackedLatentsPolicy):
     pipeline_class = "QwenImageEditPlusPipeline"
     default_model = "Qwen/Qwen-Image-Edit-2509"
     display_name = "Qwen-Image-Edit"
@@ -111,32 +111,6 @@ class QwenImageEditPlusPolicy(DiffusersPolicy):
         if isinstance(value, bool) or not isinstance(value, int) or value < 32 * 32:
             raise UserError(f"model option {name!r} must be a number of pixels >= 1024 (32 x 32), got {value!r}")
         return value
-
-    # ------------------------------------------------------------------ layout
-
-    def _pixel_multiple(self) -> int:
-        return self.vae_scale_factor * 2
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        f = self.vae_scale_factor
-        return (int(self.model_config.in_channels) // 4, self.height // f, self.width // f)
-
-    @property
-    def image_seq_len(self) -> int:
-        _, h, w = self.latent_shape
-        return (h // 2) * (w // 2)
-
-    def _pack(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)`` (the pipeline's ``_pack_latents``)."""
-        b, c, h, w = x.shape
-        x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-    def _unpack(self, tokens: torch.Tensor) -> torch.Tensor:
-        c, h, w = self.latent_shape
-        x = tokens.reshape(tokens.shape[0], h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(tokens.shape[0], c, h, w)
 
     # ------------------------------------------------------------------ the source image
 
