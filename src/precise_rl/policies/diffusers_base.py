@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import importlib.util
 import json
 import math
 import re
@@ -184,6 +185,9 @@ class DiffusersPolicy(Policy):
     time_grid_rule: ClassVar[str] = "the scheduler's sigmas"
     #: True for an instruction-editing model: every prompt comes with a source image (an ``EditPrompt``)
     edits_images: ClassVar[bool] = False
+    #: (module, what to tell the user) for each module the pipeline needs beyond diffusers that may be missing:
+    #: where loading fails and the module is not installed, the message says so
+    load_requires: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(
         self,
@@ -250,7 +254,13 @@ class DiffusersPolicy(Policy):
         **options: Any,
     ) -> DiffusersPolicy:
         """Load the pipeline (hub id with a pinned ``revision``, or a local directory) and wrap it."""
-        pipe = load_pipeline(path or cls.default_model, cls.pipeline_class, revision, dtype, device)
+        try:
+            pipe = load_pipeline(path or cls.default_model, cls.pipeline_class, revision, dtype, device)
+        except UserError as exc:
+            missing = [hint for module, hint in cls.load_requires if importlib.util.find_spec(module) is None]
+            if missing and "could not load" in str(exc):
+                raise UserError(f"{exc}; {'; '.join(missing)}") from None
+            raise
         return cls(pipe, **options)
 
     # ------------------------------------------------------------------ model-specific hooks
@@ -349,14 +359,19 @@ class DiffusersPolicy(Policy):
                     "prompt file without images"
                 )
 
-    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Conditioning ``(B, ...)``: each distinct prompt goes through the text encoders once."""
+    def _checked_prompts(self, prompts: str | Sequence[str]) -> list[str]:
+        """The prompts of an :meth:`encode_prompts` call as a list (one string is one prompt), checked."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:
             raise UserError("no prompts to encode")
         self.check_prompts(prompts)
+        return prompts
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Conditioning ``(B, ...)``: each distinct prompt goes through the text encoders once."""
+        prompts = self._checked_prompts(prompts)
         # distinct by text and source image: one instruction on two images is two prompts
         slots: dict[tuple[str, str], int] = {}
         unique: list[str] = []
@@ -463,6 +478,8 @@ class DiffusersPolicy(Policy):
             for lo in range(0, latents.shape[0], self.decode_batch):
                 z = self._latents_to_vae(latents[lo : lo + self.decode_batch].float())
                 img = vae.decode(z.to(device=vae.device, dtype=vae.dtype), return_dict=False)[0]
+                if img.ndim == 5:  # a video VAE's (B, 3, frames, H, W), Qwen-Image's: its single frame
+                    img = img[:, :, 0]
                 outs.append((img.float() / 2 + 0.5).clamp(0, 1))
         return torch.cat(outs)
 

@@ -13,11 +13,14 @@ rollouts and training alike. The time grid is ``linspace(1, 1/N, N)`` shifted by
 ``mu`` linear in the number of image tokens between the scheduler's ``base_shift`` (at
 ``base_image_seq_len``) and ``max_shift`` (at ``max_image_seq_len``), then stretched by the
 scheduler so that the last sigma is its ``shift_terminal`` (0.02 for Qwen-Image).
+
+Qwen-Image-Edit (:mod:`.qwen_image_edit`) is a subclass: the same layout, guidance, time grid and
+decoding, with a source image in the conditioning.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -51,18 +54,20 @@ class QwenImagePolicy(PackedLatentsPolicy):
     )
     #: both streams' attention projections and feed-forwards
     default_lora_suffixes = (*JOINT_ATTENTION, *QWEN_IMAGE_FEED_FORWARD)
+    #: the longest ``max_sequence_length`` the pipeline takes (None: the adapter does not cut the text)
+    max_text: ClassVar[int | None] = MAX_TEXT
 
     def __init__(self, pipe: Any, *, negative_prompt: str = " ", **kw: Any) -> None:
         super().__init__(pipe, negative_prompt=negative_prompt, **kw)
-        if self.max_sequence_length > MAX_TEXT:
+        if self.max_text is not None and self.max_sequence_length > self.max_text:
             raise UserError(
-                f"model option 'max_sequence_length' must be at most {MAX_TEXT} for {self.display_name}, "
+                f"model option 'max_sequence_length' must be at most {self.max_text} for {self.display_name}, "
                 f"got {self.max_sequence_length}"
             )
         if self.model_config.get("guidance_embeds", False):
             raise UserError(
                 f"this {self.display_name} checkpoint has a guidance embedding, which this adapter does not feed; "
-                "use a checkpoint without one (Qwen/Qwen-Image has none)"
+                f"use a checkpoint without one ({self.default_model} has none)"
             )
 
     # ------------------------------------------------------------------ conditioning and forward
@@ -86,8 +91,13 @@ class QwenImagePolicy(PackedLatentsPolicy):
         embeds, mask = embeds[:, :length], mask[:, :length]
         return embeds, (None if bool(mask.all()) else mask)
 
-    def _tokens(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The transformer's prediction as packed tokens ``(B, h/2 * w/2, 4C)``."""
+    def _tokens(
+        self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The transformer's prediction as packed tokens ``(B, h/2 * w/2, 4C)`` for text ``embeds`` under ``mask``.
+
+        ``cond`` holds the rest of the rows' conditioning (none here; an editing subclass's source image).
+        """
         embeds, mask = self._trimmed(embeds, mask)
         _, h, w = self.latent_shape
         return self.transformer(
@@ -101,13 +111,14 @@ class QwenImagePolicy(PackedLatentsPolicy):
         )[0]
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._unpack(self._tokens(x, t, cond["prompt_embeds"], cond["prompt_embeds_mask"]))
+        return self._unpack(self._tokens(x, t, cond["prompt_embeds"], cond["prompt_embeds_mask"], cond))
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """``v = eps - x0`` in float32; with true CFG, the pipeline's norm-rescaled combination.
 
         Both branches run in one forward of 2B rows: the negative and positive texts are padded to a
-        common length under the mask, which leaves each row's prediction as its own pass gives it.
+        common length under the mask, which leaves each row's prediction as its own pass gives it; a
+        conditioning key without a ``negative_`` twin (an edit's source image) is the same in both.
         """
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         if t.ndim == 0:
@@ -125,14 +136,18 @@ class QwenImagePolicy(PackedLatentsPolicy):
             return torch.nn.functional.pad(e, (0, 0, 0, extra)), torch.nn.functional.pad(m, (0, extra))
 
         (pos, pos_mask), (neg, neg_mask) = pad(pos, pos_mask), pad(neg, neg_mask)
-        out = self._tokens(torch.cat([x, x]), torch.cat([t, t]), torch.cat([pos, neg]), torch.cat([pos_mask, neg_mask]))
+        shared = {k: v for k, v in cond.items() if not k.startswith("negative_") and f"negative_{k}" not in cond}
+        both = {k: torch.cat([v, v]) for k, v in shared.items()}
+        out = self._tokens(
+            torch.cat([x, x]), torch.cat([t, t]), torch.cat([pos, neg]), torch.cat([pos_mask, neg_mask]), both
+        )
         v_cond, v_uncond = out.float().chunk(2)
-        combined = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+        combined = v_uncond + self.cfg_scale * (v_cond - v_uncond)
         combined = combined * (torch.norm(v_cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
         return self._unpack(combined)
 
     def _scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
-        # QwenImagePipeline passes these sigmas whatever the scheduler's use_flow_sigmas says
+        # the Qwen-Image pipelines pass these sigmas whatever the scheduler's use_flow_sigmas says
         sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
         return {"sigmas": sigmas, "mu": self._dynamic_shift_mu(self.image_seq_len)}
 
@@ -146,14 +161,3 @@ class QwenImagePolicy(PackedLatentsPolicy):
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
         return z / inv_std + mean
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` in [0, 1], float32: the video VAE's single frame, ``decode_batch`` at a time."""
-        vae = self.pipe.vae
-        outs = []
-        with torch.no_grad():
-            for lo in range(0, latents.shape[0], self.decode_batch):
-                z = self._latents_to_vae(latents[lo : lo + self.decode_batch].float())
-                img = vae.decode(z.to(device=vae.device), return_dict=False)[0][:, :, 0]
-                outs.append((img.float() / 2 + 0.5).clamp(0, 1))
-        return torch.cat(outs)

@@ -1,8 +1,9 @@
 """Qwen-Image-Edit (``QwenImageEditPlusPipeline``: Qwen-Image-Edit-2509 / 2511) as a policy.
 
-The layout is Qwen-Image's: the noise ``(C, H/8, W/8)`` (the pipeline's ``(1, C, H/8, W/8)`` with
-the frame axis dropped: the same numbers for the same seed), packed into 2x2 patch tokens inside
-the velocity; the timestep is the sigma itself. The source image conditions twice, as in the
+A subclass of Qwen-Image's adapter (:mod:`.qwen_image`), whose layout, guidance, time grid and
+decoding it keeps: the noise ``(C, H/8, W/8)`` (the pipeline's ``(1, C, H/8, W/8)`` with the frame
+axis dropped: the same numbers for the same seed), packed into 2x2 patch tokens inside the
+velocity; the timestep is the sigma itself. The source image conditions twice, as in the
 pipeline: resized to ``condition_area`` pixels (384^2 in the pipeline) at its aspect ratio, it goes
 to the Qwen2.5-VL text encoder with the instruction, in the pipeline's template ("Picture 1:
 <image>" before the instruction; the last hidden state, the template's first 64 tokens dropped);
@@ -24,13 +25,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import UserError
-from .diffusers_base import PackedLatentsPolicy
 from .edit import edit_key, source_image
-from .lora_targets import JOINT_ATTENTION, QWEN_IMAGE_FEED_FORWARD
+from .qwen_image import QwenImagePolicy
 from .registry import register_policy
 
 __all__ = ["QwenImageEditPlusPolicy"]
@@ -43,11 +42,10 @@ def _pipeline_module() -> Any:
 
 
 @register_policy("qwen_image_edit")
-class QwenImageEditPlusPolicy(PackedLatentsPolicy):
+class QwenImageEditPlusPolicy(QwenImagePolicy):
     pipeline_class = "QwenImageEditPlusPipeline"
     default_model = "Qwen/Qwen-Image-Edit-2509"
     display_name = "Qwen-Image-Edit"
-    default_guidance_scale = 4.0
     guidance_rule = (
         'true CFG 4.0 against `" "` (with the source image), the combination rescaled token by token to the '
         "conditional prediction's norm"
@@ -55,15 +53,17 @@ class QwenImageEditPlusPolicy(PackedLatentsPolicy):
     time_grid_rule = (
         "`mu` linear in the number of output image tokens, stretched to end at the scheduler's `shift_terminal`"
     )
-    #: both streams' attention projections and feed-forwards
-    default_lora_suffixes = (*JOINT_ATTENTION, *QWEN_IMAGE_FEED_FORWARD)
     edits_images = True
+    #: the pipeline's own text is not cut: ``max_sequence_length`` is not used, so not bounded either
+    max_text = None
+    load_requires = (
+        ("torchvision", "the pipeline's Qwen2VLProcessor needs torchvision here: pip install torchvision"),
+    )
 
     def __init__(
         self,
         pipe: Any,
         *,
-        negative_prompt: str = " ",
         condition_area: int | None = None,
         vae_area: int | None = None,
         **kw: Any,
@@ -71,38 +71,12 @@ class QwenImageEditPlusPolicy(PackedLatentsPolicy):
         module = _pipeline_module()
         self.condition_area = self._area("condition_area", condition_area, module.CONDITION_IMAGE_SIZE)
         self.vae_area = self._area("vae_area", vae_area, module.VAE_IMAGE_SIZE)
-        super().__init__(pipe, negative_prompt=negative_prompt, **kw)
-        if self.model_config.get("guidance_embeds", False):
-            raise UserError(
-                f"this {self.display_name} checkpoint has a guidance embedding, which this adapter does not feed; "
-                "use a checkpoint without one"
-            )
+        super().__init__(pipe, **kw)
         #: source image path -> (the text encoder's resized image, VAE tokens (n, 4C), token grid (h, w)); this
         #: cache and the next are kept in host memory (a prompt set's sources need not fit beside the model)
         self._sources: dict[str, tuple[Any, torch.Tensor, tuple[int, int]]] = {}
         #: source image path -> the negative prompt's embeddings with that image
         self._negatives: dict[str, torch.Tensor] = {}
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | None = None,
-        revision: str | None = None,
-        dtype: str = "float32",
-        device: str | torch.device = "cpu",
-        **options: Any,
-    ) -> QwenImageEditPlusPolicy:
-        """Load as every adapter does; where the pipeline's processor cannot load, say what it lacks."""
-        import importlib.util
-
-        try:
-            return super().from_pretrained(path, revision, dtype, device, **options)  # type: ignore[return-value]
-        except UserError as exc:
-            if importlib.util.find_spec("torchvision") is None and "could not load" in str(exc):
-                raise UserError(
-                    f"{exc}; the pipeline's Qwen2VLProcessor needs torchvision here: pip install torchvision"
-                ) from None
-            raise
 
     @staticmethod
     def _area(name: str, value: Any, default: int) -> int:
@@ -165,12 +139,7 @@ class QwenImageEditPlusPolicy(PackedLatentsPolicy):
     def encode_prompts(self, prompts: Any) -> dict[str, torch.Tensor]:
         """Conditioning ``(B, ...)``: each distinct (instruction, image) through the text encoder once, each
         distinct image through the VAE once (and, with CFG, with the negative prompt once)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise UserError("no prompts to encode")
-        self.check_prompts(prompts)
+        prompts = self._checked_prompts(prompts)
         texts: dict[tuple[str, str], torch.Tensor] = {}
         with torch.no_grad():
             for p in prompts:
@@ -196,8 +165,11 @@ class QwenImageEditPlusPolicy(PackedLatentsPolicy):
 
     # ------------------------------------------------------------------ forward
 
-    def _tokens(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, cond: dict):
-        """The transformer's prediction at the noisy tokens ``(B, n, 4C)``, one call per source grid size."""
+    def _tokens(
+        self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The transformer's prediction at the noisy tokens ``(B, n, 4C)``, one call per source grid size (the
+        source's tokens and grid from ``cond``)."""
         tokens = self._pack(x).to(self._hidden_dtype(x))
         n = tokens.shape[1]
         _, h, w = self.latent_shape
@@ -205,81 +177,18 @@ class QwenImageEditPlusPolicy(PackedLatentsPolicy):
         outs, order = [], []
         for grid in torch.unique(grids, dim=0).tolist():
             rows = (grids == grids.new_tensor(grid)).all(dim=1).nonzero().flatten()
-            m = mask[rows]
-            length = int(m.sum(1).max())  # the text up to the group's longest, its mask None without padding
-            m = m[:, :length]
+            text, text_mask = self._trimmed(embeds[rows], mask[rows])  # up to the group's longest prompt
             out = self.transformer(
                 hidden_states=torch.cat(
                     [tokens[rows], cond["image_latents"][rows, : grid[0] * grid[1]].to(tokens.dtype)], dim=1
                 ),
                 timestep=t[rows],
                 guidance=None,
-                encoder_hidden_states_mask=None if bool(m.all()) else m,
-                encoder_hidden_states=embeds[rows, :length],
+                encoder_hidden_states_mask=text_mask,
+                encoder_hidden_states=text,
                 img_shapes=[[(1, h // 2, w // 2), (1, *grid)]] * rows.numel(),
                 return_dict=False,
             )[0][:, :n]
             outs.append(out)
             order.append(rows)
         return outs[0] if len(outs) == 1 else torch.cat(outs).index_select(0, torch.cat(order).argsort())
-
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._unpack(self._tokens(x, t, cond["prompt_embeds"], cond["prompt_embeds_mask"], cond))
-
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``v = eps - x0`` in float32; with true CFG, the pipeline's norm-rescaled combination.
-
-        Both branches run in one pass of 2B rows (both with the source image's tokens): the negative and
-        positive texts are padded to a common length under the mask.
-        """
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if not self.do_cfg:
-            return self._forward(x, t, cond).float()
-        if "negative_prompt_embeds" not in cond:
-            raise ValueError("guidance needs the negative_* conditioning from encode_prompts")
-        pos, neg = cond["prompt_embeds"], cond["negative_prompt_embeds"]
-        pos_mask, neg_mask = cond["prompt_embeds_mask"], cond["negative_prompt_embeds_mask"]
-        length = max(pos.shape[1], neg.shape[1])
-
-        def pad(e: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            extra = length - e.shape[1]
-            return torch.nn.functional.pad(e, (0, 0, 0, extra)), torch.nn.functional.pad(m, (0, extra))
-
-        (pos, pos_mask), (neg, neg_mask) = pad(pos, pos_mask), pad(neg, neg_mask)
-        both = {k: torch.cat([cond[k], cond[k]]) for k in ("image_latents", "image_grid")}
-        out = self._tokens(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([pos, neg]), torch.cat([pos_mask, neg_mask]), both
-        )
-        v_cond, v_uncond = out.float().chunk(2)
-        combined = v_uncond + self.cfg_scale * (v_cond - v_uncond)
-        combined = combined * (torch.norm(v_cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
-        return self._unpack(combined)
-
-    def _scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
-        # the pipeline passes these sigmas whatever the scheduler's use_flow_sigmas says
-        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
-        return {"sigmas": sigmas, "mu": self._dynamic_shift_mu(self.image_seq_len)}
-
-    # ------------------------------------------------------------------ decoding
-
-    def _latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
-        """Undo the VAE's per-channel standardisation (as the pipeline computes it) and add the frame axis."""
-        vae = self.pipe.vae
-        z = latents[:, :, None].to(vae.dtype)
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
-        return z / inv_std + mean
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` in [0, 1], float32: the video VAE's single frame, ``decode_batch`` at a time."""
-        vae = self.pipe.vae
-        outs = []
-        with torch.no_grad():
-            for lo in range(0, latents.shape[0], self.decode_batch):
-                z = self._latents_to_vae(latents[lo : lo + self.decode_batch].float())
-                img = vae.decode(z.to(device=vae.device), return_dict=False)[0][:, :, 0]
-                outs.append((img.float() / 2 + 0.5).clamp(0, 1))
-        return torch.cat(outs)
