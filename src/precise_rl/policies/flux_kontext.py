@@ -26,7 +26,6 @@ import torch
 from ..errors import UserError
 from .edit import source_image
 from .flux import Flux1Policy
-from .lora_targets import FLUX1_FEED_FORWARD, JOINT_ATTENTION
 from .registry import register_policy
 
 __all__ = ["FluxKontextPolicy"]
@@ -38,14 +37,11 @@ class FluxKontextPolicy(Flux1Policy):
     default_model = "black-forest-labs/FLUX.1-Kontext-dev"
     display_name = "FLUX.1 Kontext"
     default_guidance_scale = 3.5  # the pipeline's default (recipes use 2.5, as Flow-GRPO's Kontext config)
-    default_max_sequence_length = 512
     guidance_rule = (
         "guidance embedding (3.5), one pass; `true_cfg_scale > 1` adds the pipeline's true CFG against "
         "`negative_prompt`"
     )
     time_grid_rule = "FLUX.1's: `mu` linear in the number of output image tokens"
-    #: FLUX.1's targets: the double-stream attention and feed-forward projections and the single-stream q/k/v
-    default_lora_suffixes = (*JOINT_ATTENTION, *FLUX1_FEED_FORWARD)
     edits_images = True
 
     def __init__(self, pipe: Any, *, true_cfg_scale: float = 1.0, auto_resize: bool = True, **kw: Any) -> None:
