@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .edit import source_image
+from .edit import by_source_grid, padded_rows, source_image
 from .flux import Flux1Policy
 from .registry import register_policy
 
@@ -108,11 +108,7 @@ class FluxKontextPolicy(Flux1Policy):
         if not any(getattr(p, "image", None) is not None for p in prompts):
             return cond  # the negative prompt: its branch shares the source image tokens
         sources = [self._source_tokens(p) for p in prompts]
-        longest = max(tokens.shape[0] for tokens, _ in sources)
-        padded = torch.zeros(len(prompts), longest, sources[0][0].shape[1], device=self.device, dtype=self.model_dtype)
-        for i, (tokens, _) in enumerate(sources):
-            padded[i, : tokens.shape[0]] = tokens.to(device=self.device, dtype=self.model_dtype)
-        cond["image_latents"] = padded
+        cond["image_latents"], _ = padded_rows([tokens for tokens, _ in sources], self.device, self.model_dtype)
         cond["image_grid"] = torch.tensor([grid for _, grid in sources], device=self.device, dtype=torch.long)
         return cond
 
@@ -130,17 +126,15 @@ class FluxKontextPolicy(Flux1Policy):
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens = self._pack(x).to(self.model_dtype)
         n = tokens.shape[1]
-        grids = cond["image_grid"]
-        outs, order = [], []
-        for grid in torch.unique(grids, dim=0).tolist():
-            rows = (grids == grids.new_tensor(grid)).all(dim=1).nonzero().flatten()
+
+        def run(grid: list[int], rows: torch.Tensor) -> torch.Tensor:
             part = {k: v.index_select(0, rows) for k, v in cond.items()} if rows.numel() < x.shape[0] else cond
             embeds = part["prompt_embeds"]
             guidance = None
             if self.model_config.guidance_embeds:
                 guidance = torch.full((rows.numel(),), self.guidance_scale, device=x.device, dtype=torch.float32)
             ids = [self._ids(x.device, self.model_dtype), self._source_ids(grid, x.device, self.model_dtype)]
-            out = self.transformer(
+            return self.transformer(
                 hidden_states=torch.cat(
                     [tokens[rows], part["image_latents"][:, : grid[0] * grid[1]].to(tokens.dtype)], dim=1
                 ),
@@ -152,7 +146,5 @@ class FluxKontextPolicy(Flux1Policy):
                 img_ids=torch.cat(ids),
                 return_dict=False,
             )[0][:, :n]
-            outs.append(out)
-            order.append(rows)
-        out = outs[0] if len(outs) == 1 else torch.cat(outs).index_select(0, torch.cat(order).argsort())
-        return self._unpack(out)
+
+        return self._unpack(by_source_grid(cond["image_grid"], run))

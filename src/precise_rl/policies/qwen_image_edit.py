@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .edit import edit_key, source_image
+from .edit import by_source_grid, edit_key, padded_rows, source_image
 from .qwen_image import QwenImagePolicy
 from .registry import register_policy
 
@@ -126,16 +126,6 @@ class QwenImageEditPlusPolicy(QwenImagePolicy):
     def _encode_unique(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError("encode_prompts encodes each (instruction, image) pair with its image")
 
-    def _padded(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``(L_i, D)`` zero-padded to the longest, on the policy's device, and the mask of their real entries."""
-        longest = max(r.shape[0] for r in rows)
-        out = torch.zeros(len(rows), longest, rows[0].shape[1], device=self.device, dtype=self.model_dtype)
-        mask = torch.zeros(len(rows), longest, dtype=torch.long, device=self.device)
-        for i, r in enumerate(rows):
-            out[i, : r.shape[0]] = r.to(device=self.device, dtype=self.model_dtype)
-            mask[i, : r.shape[0]] = 1
-        return out, mask
-
     def encode_prompts(self, prompts: Any) -> dict[str, torch.Tensor]:
         """Conditioning ``(B, ...)``: each distinct (instruction, image) through the text encoder once, each
         distinct image through the VAE once (and, with CFG, with the negative prompt once)."""
@@ -146,8 +136,8 @@ class QwenImageEditPlusPolicy(QwenImagePolicy):
                 if edit_key(p) not in texts:
                     texts[edit_key(p)] = self._text(str(p), self._source(p)[0])
             sources = [self._source(p) for p in prompts]
-            embeds, mask = self._padded([texts[edit_key(p)] for p in prompts])
-            tokens, _ = self._padded([tokens for _, tokens, _ in sources])
+            embeds, mask = padded_rows([texts[edit_key(p)] for p in prompts], self.device, self.model_dtype)
+            tokens, _ = padded_rows([tokens for _, tokens, _ in sources], self.device, self.model_dtype)
             cond = {
                 "prompt_embeds": embeds,
                 "prompt_embeds_mask": mask,
@@ -159,7 +149,9 @@ class QwenImageEditPlusPolicy(QwenImagePolicy):
                     key = str(p.image)
                     if key not in self._negatives:
                         self._negatives[key] = self._text(self.negative_prompt, self._source(p)[0]).cpu()
-                neg, neg_mask = self._padded([self._negatives[str(p.image)] for p in prompts])
+                neg, neg_mask = padded_rows(
+                    [self._negatives[str(p.image)] for p in prompts], self.device, self.model_dtype
+                )
                 cond.update(negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask)
         return cond
 
@@ -173,12 +165,10 @@ class QwenImageEditPlusPolicy(QwenImagePolicy):
         tokens = self._pack(x).to(self._hidden_dtype(x))
         n = tokens.shape[1]
         _, h, w = self.latent_shape
-        grids = cond["image_grid"]
-        outs, order = [], []
-        for grid in torch.unique(grids, dim=0).tolist():
-            rows = (grids == grids.new_tensor(grid)).all(dim=1).nonzero().flatten()
+
+        def run(grid: list[int], rows: torch.Tensor) -> torch.Tensor:
             text, text_mask = self._trimmed(embeds[rows], mask[rows])  # up to the group's longest prompt
-            out = self.transformer(
+            return self.transformer(
                 hidden_states=torch.cat(
                     [tokens[rows], cond["image_latents"][rows, : grid[0] * grid[1]].to(tokens.dtype)], dim=1
                 ),
@@ -189,6 +179,5 @@ class QwenImageEditPlusPolicy(QwenImagePolicy):
                 img_shapes=[[(1, h // 2, w // 2), (1, *grid)]] * rows.numel(),
                 return_dict=False,
             )[0][:, :n]
-            outs.append(out)
-            order.append(rows)
-        return outs[0] if len(outs) == 1 else torch.cat(outs).index_select(0, torch.cat(order).argsort())
+
+        return by_source_grid(cond["image_grid"], run)
