@@ -1,15 +1,17 @@
 """What every diffusers-pipeline adapter shares: loading, frozen encoders, prompt caching, grids, decoding.
 
 A concrete adapter (``flux2.py``, ``sd3.py``, ``flux.py``) adds the model's latent layout, its
-timestep convention, its conditioning and its resolution-dependent shift. Latents are kept in
-the shape of the noise the diffusers pipeline draws, so the same seed gives the same image;
-packing into tokens happens inside :meth:`velocity`.
+timestep convention, its conditioning and its resolution-dependent shift (most take it from
+:meth:`DiffusersPolicy._dynamic_shift_mu`). Latents are kept in the shape of the noise the
+diffusers pipeline draws, so the same seed gives the same image; packing into tokens happens
+inside :meth:`velocity` (FLUX.1's and Qwen-Image's 2x2 patches: :class:`PackedLatentsPolicy`).
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import importlib.util
 import json
 import math
 import re
@@ -23,12 +25,14 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..sde import flux1_mu
 from .base import Policy
 from .edit import edit_key
 from .registry import PIPELINE_ADAPTERS  # pipeline class -> adapter name, filled by @register_policy
 
 __all__ = [
     "DiffusersPolicy",
+    "PackedLatentsPolicy",
     "DTYPES",
     "PIPELINE_ADAPTERS",
     "read_model_index",
@@ -181,6 +185,9 @@ class DiffusersPolicy(Policy):
     time_grid_rule: ClassVar[str] = "the scheduler's sigmas"
     #: True for an instruction-editing model: every prompt comes with a source image (an ``EditPrompt``)
     edits_images: ClassVar[bool] = False
+    #: (module, what to tell the user) for each module the pipeline needs beyond diffusers that may be missing:
+    #: where loading fails and the module is not installed, the message says so
+    load_requires: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(
         self,
@@ -247,7 +254,13 @@ class DiffusersPolicy(Policy):
         **options: Any,
     ) -> DiffusersPolicy:
         """Load the pipeline (hub id with a pinned ``revision``, or a local directory) and wrap it."""
-        pipe = load_pipeline(path or cls.default_model, cls.pipeline_class, revision, dtype, device)
+        try:
+            pipe = load_pipeline(path or cls.default_model, cls.pipeline_class, revision, dtype, device)
+        except UserError as exc:
+            missing = [hint for module, hint in cls.load_requires if importlib.util.find_spec(module) is None]
+            if missing and "could not load" in str(exc):
+                raise UserError(f"{exc}; {'; '.join(missing)}") from None
+            raise
         return cls(pipe, **options)
 
     # ------------------------------------------------------------------ model-specific hooks
@@ -346,14 +359,19 @@ class DiffusersPolicy(Policy):
                     "prompt file without images"
                 )
 
-    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Conditioning ``(B, ...)``: each distinct prompt goes through the text encoders once."""
+    def _checked_prompts(self, prompts: str | Sequence[str]) -> list[str]:
+        """The prompts of an :meth:`encode_prompts` call as a list (one string is one prompt), checked."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:
             raise UserError("no prompts to encode")
         self.check_prompts(prompts)
+        return prompts
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Conditioning ``(B, ...)``: each distinct prompt goes through the text encoders once."""
+        prompts = self._checked_prompts(prompts)
         # distinct by text and source image: one instruction on two images is two prompts
         slots: dict[tuple[str, str], int] = {}
         unique: list[str] = []
@@ -429,6 +447,22 @@ class DiffusersPolicy(Policy):
         except ValueError as exc:
             raise UserError(f"the pipeline's scheduler gives an unusable time grid: {exc}") from None
 
+    def _dynamic_shift_mu(self, image_seq_len: int, default_max_shift: float = 1.15) -> float:
+        """The pipelines' ``calculate_shift``: ``mu`` linear in ``image_seq_len``, from ``base_shift`` at
+        ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len`` of the scheduler's config.
+
+        A config without ``max_shift`` falls back to ``default_max_shift``, the pipeline's own default
+        (1.15; SD3's pipeline says 1.16).
+        """
+        cfg = self._scheduler.config
+        return flux1_mu(
+            image_seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", default_max_shift),
+        )
+
     @staticmethod
     def _flux_sigmas_arg(sched: Any, num_steps: int) -> np.ndarray | None:
         """FLUX pipelines pass ``linspace(1, 1/N, N)`` unless the scheduler uses its own flow sigmas."""
@@ -444,5 +478,38 @@ class DiffusersPolicy(Policy):
             for lo in range(0, latents.shape[0], self.decode_batch):
                 z = self._latents_to_vae(latents[lo : lo + self.decode_batch].float())
                 img = vae.decode(z.to(device=vae.device, dtype=vae.dtype), return_dict=False)[0]
+                if img.ndim == 5:  # a video VAE's (B, 3, frames, H, W), Qwen-Image's: its single frame
+                    img = img[:, :, 0]
                 outs.append((img.float() / 2 + 0.5).clamp(0, 1))
         return torch.cat(outs)
+
+
+class PackedLatentsPolicy(DiffusersPolicy):
+    """The layout of FLUX.1 and Qwen-Image: noise ``(C, H/8, W/8)``, ``C`` a quarter of the transformer's
+    ``in_channels``, which sees it as 2x2 patch tokens ``(h/2 * w/2, 4C)``."""
+
+    def _pixel_multiple(self) -> int:
+        return self.vae_scale_factor * 2
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        return (int(self.model_config.in_channels) // 4, self.height // f, self.width // f)
+
+    @property
+    def image_seq_len(self) -> int:
+        _, h, w = self.latent_shape
+        return (h // 2) * (w // 2)
+
+    def _pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)`` (the pipelines' ``_pack_latents``)."""
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    def _unpack(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, h/2 * w/2, 4C)`` -> ``(B, C, h, w)`` (the pipelines' ``_unpack_latents``)."""
+        c, h, w = self.latent_shape
+        b = tokens.shape[0]
+        x = tokens.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c, h, w)

@@ -30,6 +30,8 @@ __all__ = [
     "source_metadata",
     "with_source_metadata",
     "check_image_file",
+    "padded_rows",
+    "by_source_grid",
 ]
 
 
@@ -126,3 +128,32 @@ def with_source_metadata(metadata: Callable[[list[str]], list[dict]]) -> Callabl
 
     merged.adds_source_images = True  # type: ignore[attr-defined]
     return merged
+
+
+def padded_rows(
+    rows: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``(L_i, D)`` (texts, source tokens of different lengths) zero-padded to the longest, as ``(B, L, D)``
+    in ``dtype`` on ``device``, and the ``(B, L)`` mask of their real entries."""
+    longest = max(r.shape[0] for r in rows)
+    out = torch.zeros(len(rows), longest, rows[0].shape[1], device=device, dtype=dtype)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r.to(device=device, dtype=dtype)
+        mask[i, : r.shape[0]] = 1
+    return out, mask
+
+
+def by_source_grid(grids: torch.Tensor, run: Callable[[list[int], torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``run(grid, rows)`` once per distinct source token grid ``[h, w]`` of ``grids`` ``(B, 2)``, ``rows`` the
+    indices of the rows with that grid, and the outputs put back in row order.
+
+    The editing adapters append a source image's tokens to the noisy ones: rows whose sources give grids of
+    another size make sequences of another length, so they go through the transformer in separate calls.
+    """
+    outs, order = [], []
+    for grid in torch.unique(grids, dim=0).tolist():
+        rows = (grids == grids.new_tensor(grid)).all(dim=1).nonzero().flatten()
+        outs.append(run(grid, rows))
+        order.append(rows)
+    return outs[0] if len(outs) == 1 else torch.cat(outs).index_select(0, torch.cat(order).argsort())

@@ -1,12 +1,13 @@
 """FLUX.1 (``FluxPipeline``: dev, schnell and fine-tunes) as a policy.
 
 Latents are the pipeline's noise layout ``(C, H/8, W/8)``; the velocity packs them into 2x2
-patch tokens and back. The timestep is the sigma itself (the transformer scales it by 1000).
-FLUX.1-dev is guidance-distilled: ``guidance_scale`` (3.5 by default) is fed to the guidance
-embedding, with no second (unconditional) pass; schnell has no guidance embedding. The
-pipeline's "true" CFG against a negative prompt (``true_cfg_scale``) is not offered. The time
-grid is the pipeline's: ``linspace(1, 1/N, N)`` shifted by ``exp(mu)``, ``mu`` linear in the
-number of image tokens (when the scheduler's dynamic shifting is on).
+patch tokens and back (the layout of :class:`.diffusers_base.PackedLatentsPolicy`). The timestep
+is the sigma itself (the transformer scales it by 1000). FLUX.1-dev is guidance-distilled:
+``guidance_scale`` (3.5 by default) is fed to the guidance embedding, with no second
+(unconditional) pass; schnell has no guidance embedding. The pipeline's "true" CFG against a
+negative prompt (``true_cfg_scale``) is not offered. The time grid is the pipeline's:
+``linspace(1, 1/N, N)`` shifted by ``exp(mu)``, ``mu`` linear in the number of image tokens
+(when the scheduler's dynamic shifting is on).
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from typing import Any
 
 import torch
 
-from ..sde import flux1_mu
-from .diffusers_base import DiffusersPolicy
+from .diffusers_base import PackedLatentsPolicy
 from .lora_targets import FLUX1_FEED_FORWARD, JOINT_ATTENTION
 from .registry import register_policy
 
@@ -24,7 +24,7 @@ __all__ = ["Flux1Policy"]
 
 
 @register_policy("flux1")
-class Flux1Policy(DiffusersPolicy):
+class Flux1Policy(PackedLatentsPolicy):
     pipeline_class = "FluxPipeline"
     default_model = "black-forest-labs/FLUX.1-dev"
     display_name = "FLUX.1"
@@ -43,31 +43,6 @@ class Flux1Policy(DiffusersPolicy):
     def do_cfg(self) -> bool:
         # FLUX.1's guidance goes through the guidance embedding: one pass, no negative prompt.
         return False
-
-    def _pixel_multiple(self) -> int:
-        return self.vae_scale_factor * 2
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        f = self.vae_scale_factor
-        return (int(self.model_config.in_channels) // 4, self.height // f, self.width // f)
-
-    @property
-    def image_seq_len(self) -> int:
-        _, h, w = self.latent_shape
-        return (h // 2) * (w // 2)
-
-    def _pack(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)`` (the pipeline's ``_pack_latents``)."""
-        b, c, h, w = x.shape
-        x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-    def _unpack(self, tokens: torch.Tensor) -> torch.Tensor:
-        c, h, w = self.latent_shape
-        b = tokens.shape[0]
-        x = tokens.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(b, c, h, w)
 
     def _ids(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if self._img_ids is None or self._img_ids.device != device or self._img_ids.dtype != dtype:
@@ -108,15 +83,10 @@ class Flux1Policy(DiffusersPolicy):
         return self._unpack(out)
 
     def _scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
-        cfg = self._scheduler.config
-        mu = flux1_mu(
-            self.image_seq_len,
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
-        return {"sigmas": self._flux_sigmas_arg(self._scheduler, num_steps), "mu": mu}
+        return {
+            "sigmas": self._flux_sigmas_arg(self._scheduler, num_steps),
+            "mu": self._dynamic_shift_mu(self.image_seq_len),
+        }
 
     def _latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
         cfg = self.pipe.vae.config

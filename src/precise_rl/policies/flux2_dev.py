@@ -27,7 +27,6 @@ class Flux2DevPolicy(Flux2KleinPolicy):
     default_model = "black-forest-labs/FLUX.2-dev"
     display_name = "FLUX.2 dev"
     default_guidance_scale = 4.0
-    default_max_sequence_length = 512
     guidance_rule = "guidance embedding (4.0), one pass, no negative prompt"
     #: the layers of the reference recipe's FLUX.2 Klein list: FLUX.2 dev has the same block types
     default_lora_suffixes = Flux2KleinPolicy.default_lora_suffixes

@@ -24,9 +24,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .edit import source_image
+from .edit import by_source_grid, padded_rows, source_image
 from .flux import Flux1Policy
-from .lora_targets import FLUX1_FEED_FORWARD, JOINT_ATTENTION
 from .registry import register_policy
 
 __all__ = ["FluxKontextPolicy"]
@@ -38,14 +37,11 @@ class FluxKontextPolicy(Flux1Policy):
     default_model = "black-forest-labs/FLUX.1-Kontext-dev"
     display_name = "FLUX.1 Kontext"
     default_guidance_scale = 3.5  # the pipeline's default (recipes use 2.5, as Flow-GRPO's Kontext config)
-    default_max_sequence_length = 512
     guidance_rule = (
         "guidance embedding (3.5), one pass; `true_cfg_scale > 1` adds the pipeline's true CFG against "
         "`negative_prompt`"
     )
     time_grid_rule = "FLUX.1's: `mu` linear in the number of output image tokens"
-    #: FLUX.1's targets: the double-stream attention and feed-forward projections and the single-stream q/k/v
-    default_lora_suffixes = (*JOINT_ATTENTION, *FLUX1_FEED_FORWARD)
     edits_images = True
 
     def __init__(self, pipe: Any, *, true_cfg_scale: float = 1.0, auto_resize: bool = True, **kw: Any) -> None:
@@ -112,11 +108,7 @@ class FluxKontextPolicy(Flux1Policy):
         if not any(getattr(p, "image", None) is not None for p in prompts):
             return cond  # the negative prompt: its branch shares the source image tokens
         sources = [self._source_tokens(p) for p in prompts]
-        longest = max(tokens.shape[0] for tokens, _ in sources)
-        padded = torch.zeros(len(prompts), longest, sources[0][0].shape[1], device=self.device, dtype=self.model_dtype)
-        for i, (tokens, _) in enumerate(sources):
-            padded[i, : tokens.shape[0]] = tokens.to(device=self.device, dtype=self.model_dtype)
-        cond["image_latents"] = padded
+        cond["image_latents"], _ = padded_rows([tokens for tokens, _ in sources], self.device, self.model_dtype)
         cond["image_grid"] = torch.tensor([grid for _, grid in sources], device=self.device, dtype=torch.long)
         return cond
 
@@ -134,17 +126,15 @@ class FluxKontextPolicy(Flux1Policy):
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens = self._pack(x).to(self.model_dtype)
         n = tokens.shape[1]
-        grids = cond["image_grid"]
-        outs, order = [], []
-        for grid in torch.unique(grids, dim=0).tolist():
-            rows = (grids == grids.new_tensor(grid)).all(dim=1).nonzero().flatten()
+
+        def run(grid: list[int], rows: torch.Tensor) -> torch.Tensor:
             part = {k: v.index_select(0, rows) for k, v in cond.items()} if rows.numel() < x.shape[0] else cond
             embeds = part["prompt_embeds"]
             guidance = None
             if self.model_config.guidance_embeds:
                 guidance = torch.full((rows.numel(),), self.guidance_scale, device=x.device, dtype=torch.float32)
             ids = [self._ids(x.device, self.model_dtype), self._source_ids(grid, x.device, self.model_dtype)]
-            out = self.transformer(
+            return self.transformer(
                 hidden_states=torch.cat(
                     [tokens[rows], part["image_latents"][:, : grid[0] * grid[1]].to(tokens.dtype)], dim=1
                 ),
@@ -156,7 +146,5 @@ class FluxKontextPolicy(Flux1Policy):
                 img_ids=torch.cat(ids),
                 return_dict=False,
             )[0][:, :n]
-            outs.append(out)
-            order.append(rows)
-        out = outs[0] if len(outs) == 1 else torch.cat(outs).index_select(0, torch.cat(order).argsort())
-        return self._unpack(out)
+
+        return self._unpack(by_source_grid(cond["image_grid"], run))

@@ -13,18 +13,20 @@ rollouts and training alike. The time grid is ``linspace(1, 1/N, N)`` shifted by
 ``mu`` linear in the number of image tokens between the scheduler's ``base_shift`` (at
 ``base_image_seq_len``) and ``max_shift`` (at ``max_image_seq_len``), then stretched by the
 scheduler so that the last sigma is its ``shift_terminal`` (0.02 for Qwen-Image).
+
+Qwen-Image-Edit (:mod:`.qwen_image_edit`) is a subclass: the same layout, guidance, time grid and
+decoding, with a source image in the conditioning.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ..errors import UserError
-from ..sde import flux1_mu
-from .diffusers_base import DiffusersPolicy
+from .diffusers_base import PackedLatentsPolicy
 from .lora_targets import JOINT_ATTENTION, QWEN_IMAGE_FEED_FORWARD
 from .registry import register_policy
 
@@ -35,7 +37,7 @@ MAX_TEXT = 1024
 
 
 @register_policy("qwen_image")
-class QwenImagePolicy(DiffusersPolicy):
+class QwenImagePolicy(PackedLatentsPolicy):
     pipeline_class = "QwenImagePipeline"
     default_model = "Qwen/Qwen-Image"
     display_name = "Qwen-Image"
@@ -52,45 +54,21 @@ class QwenImagePolicy(DiffusersPolicy):
     )
     #: both streams' attention projections and feed-forwards
     default_lora_suffixes = (*JOINT_ATTENTION, *QWEN_IMAGE_FEED_FORWARD)
+    #: the longest ``max_sequence_length`` the pipeline takes (None: the adapter does not cut the text)
+    max_text: ClassVar[int | None] = MAX_TEXT
 
     def __init__(self, pipe: Any, *, negative_prompt: str = " ", **kw: Any) -> None:
         super().__init__(pipe, negative_prompt=negative_prompt, **kw)
-        if self.max_sequence_length > MAX_TEXT:
+        if self.max_text is not None and self.max_sequence_length > self.max_text:
             raise UserError(
-                f"model option 'max_sequence_length' must be at most {MAX_TEXT} for {self.display_name}, "
+                f"model option 'max_sequence_length' must be at most {self.max_text} for {self.display_name}, "
                 f"got {self.max_sequence_length}"
             )
         if self.model_config.get("guidance_embeds", False):
             raise UserError(
                 f"this {self.display_name} checkpoint has a guidance embedding, which this adapter does not feed; "
-                "use a checkpoint without one (Qwen/Qwen-Image has none)"
+                f"use a checkpoint without one ({self.default_model} has none)"
             )
-
-    # ------------------------------------------------------------------ layout
-
-    def _pixel_multiple(self) -> int:
-        return self.vae_scale_factor * 2
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        f = self.vae_scale_factor
-        return (int(self.model_config.in_channels) // 4, self.height // f, self.width // f)
-
-    @property
-    def image_seq_len(self) -> int:
-        _, h, w = self.latent_shape
-        return (h // 2) * (w // 2)
-
-    def _pack(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)`` (the pipeline's ``_pack_latents``)."""
-        b, c, h, w = x.shape
-        x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-    def _unpack(self, tokens: torch.Tensor) -> torch.Tensor:
-        c, h, w = self.latent_shape
-        x = tokens.reshape(tokens.shape[0], h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(tokens.shape[0], c, h, w)
 
     # ------------------------------------------------------------------ conditioning and forward
 
@@ -113,8 +91,13 @@ class QwenImagePolicy(DiffusersPolicy):
         embeds, mask = embeds[:, :length], mask[:, :length]
         return embeds, (None if bool(mask.all()) else mask)
 
-    def _tokens(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The transformer's prediction as packed tokens ``(B, h/2 * w/2, 4C)``."""
+    def _tokens(
+        self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The transformer's prediction as packed tokens ``(B, h/2 * w/2, 4C)`` for text ``embeds`` under ``mask``.
+
+        ``cond`` holds the rest of the rows' conditioning (none here; an editing subclass's source image).
+        """
         embeds, mask = self._trimmed(embeds, mask)
         _, h, w = self.latent_shape
         return self.transformer(
@@ -128,13 +111,14 @@ class QwenImagePolicy(DiffusersPolicy):
         )[0]
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._unpack(self._tokens(x, t, cond["prompt_embeds"], cond["prompt_embeds_mask"]))
+        return self._unpack(self._tokens(x, t, cond["prompt_embeds"], cond["prompt_embeds_mask"], cond))
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """``v = eps - x0`` in float32; with true CFG, the pipeline's norm-rescaled combination.
 
         Both branches run in one forward of 2B rows: the negative and positive texts are padded to a
-        common length under the mask, which leaves each row's prediction as its own pass gives it.
+        common length under the mask, which leaves each row's prediction as its own pass gives it; a
+        conditioning key without a ``negative_`` twin (an edit's source image) is the same in both.
         """
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         if t.ndim == 0:
@@ -152,23 +136,20 @@ class QwenImagePolicy(DiffusersPolicy):
             return torch.nn.functional.pad(e, (0, 0, 0, extra)), torch.nn.functional.pad(m, (0, extra))
 
         (pos, pos_mask), (neg, neg_mask) = pad(pos, pos_mask), pad(neg, neg_mask)
-        out = self._tokens(torch.cat([x, x]), torch.cat([t, t]), torch.cat([pos, neg]), torch.cat([pos_mask, neg_mask]))
+        shared = {k: v for k, v in cond.items() if not k.startswith("negative_") and f"negative_{k}" not in cond}
+        both = {k: torch.cat([v, v]) for k, v in shared.items()}
+        out = self._tokens(
+            torch.cat([x, x]), torch.cat([t, t]), torch.cat([pos, neg]), torch.cat([pos_mask, neg_mask]), both
+        )
         v_cond, v_uncond = out.float().chunk(2)
-        combined = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+        combined = v_uncond + self.cfg_scale * (v_cond - v_uncond)
         combined = combined * (torch.norm(v_cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
         return self._unpack(combined)
 
     def _scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
-        cfg = self._scheduler.config
-        mu = flux1_mu(
-            self.image_seq_len,
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
-        # QwenImagePipeline passes these sigmas whatever the scheduler's use_flow_sigmas says
-        return {"sigmas": np.linspace(1.0, 1.0 / num_steps, num_steps), "mu": mu}
+        # the Qwen-Image pipelines pass these sigmas whatever the scheduler's use_flow_sigmas says
+        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
+        return {"sigmas": sigmas, "mu": self._dynamic_shift_mu(self.image_seq_len)}
 
     # ------------------------------------------------------------------ decoding
 
@@ -180,14 +161,3 @@ class QwenImagePolicy(DiffusersPolicy):
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
         return z / inv_std + mean
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` in [0, 1], float32: the video VAE's single frame, ``decode_batch`` at a time."""
-        vae = self.pipe.vae
-        outs = []
-        with torch.no_grad():
-            for lo in range(0, latents.shape[0], self.decode_batch):
-                z = self._latents_to_vae(latents[lo : lo + self.decode_batch].float())
-                img = vae.decode(z.to(device=vae.device), return_dict=False)[0][:, :, 0]
-                outs.append((img.float() / 2 + 0.5).clamp(0, 1))
-        return torch.cat(outs)

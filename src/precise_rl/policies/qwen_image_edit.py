@@ -1,8 +1,9 @@
 """Qwen-Image-Edit (``QwenImageEditPlusPipeline``: Qwen-Image-Edit-2509 / 2511) as a policy.
 
-The layout is Qwen-Image's: the noise ``(C, H/8, W/8)`` (the pipeline's ``(1, C, H/8, W/8)`` with
-the frame axis dropped: the same numbers for the same seed), packed into 2x2 patch tokens inside
-the velocity; the timestep is the sigma itself. The source image conditions twice, as in the
+A subclass of Qwen-Image's adapter (:mod:`.qwen_image`), whose layout, guidance, time grid and
+decoding it keeps: the noise ``(C, H/8, W/8)`` (the pipeline's ``(1, C, H/8, W/8)`` with the frame
+axis dropped: the same numbers for the same seed), packed into 2x2 patch tokens inside the
+velocity; the timestep is the sigma itself. The source image conditions twice, as in the
 pipeline: resized to ``condition_area`` pixels (384^2 in the pipeline) at its aspect ratio, it goes
 to the Qwen2.5-VL text encoder with the instruction, in the pipeline's template ("Picture 1:
 <image>" before the instruction; the last hidden state, the template's first 64 tokens dropped);
@@ -24,14 +25,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import UserError
-from ..sde import flux1_mu
-from .diffusers_base import DiffusersPolicy
-from .edit import edit_key, source_image
-from .lora_targets import JOINT_ATTENTION, QWEN_IMAGE_FEED_FORWARD
+from .edit import by_source_grid, edit_key, padded_rows, source_image
+from .qwen_image import QwenImagePolicy
 from .registry import register_policy
 
 __all__ = ["QwenImageEditPlusPolicy"]
@@ -44,11 +42,10 @@ def _pipeline_module() -> Any:
 
 
 @register_policy("qwen_image_edit")
-class QwenImageEditPlusPolicy(DiffusersPolicy):
+class QwenImageEditPlusPolicy(QwenImagePolicy):
     pipeline_class = "QwenImageEditPlusPipeline"
     default_model = "Qwen/Qwen-Image-Edit-2509"
     display_name = "Qwen-Image-Edit"
-    default_guidance_scale = 4.0
     guidance_rule = (
         'true CFG 4.0 against `" "` (with the source image), the combination rescaled token by token to the '
         "conditional prediction's norm"
@@ -56,15 +53,17 @@ class QwenImageEditPlusPolicy(DiffusersPolicy):
     time_grid_rule = (
         "`mu` linear in the number of output image tokens, stretched to end at the scheduler's `shift_terminal`"
     )
-    #: both streams' attention projections and feed-forwards
-    default_lora_suffixes = (*JOINT_ATTENTION, *QWEN_IMAGE_FEED_FORWARD)
     edits_images = True
+    #: the pipeline's own text is not cut: ``max_sequence_length`` is not used, so not bounded either
+    max_text = None
+    load_requires = (
+        ("torchvision", "the pipeline's Qwen2VLProcessor needs torchvision here: pip install torchvision"),
+    )
 
     def __init__(
         self,
         pipe: Any,
         *,
-        negative_prompt: str = " ",
         condition_area: int | None = None,
         vae_area: int | None = None,
         **kw: Any,
@@ -72,38 +71,12 @@ class QwenImageEditPlusPolicy(DiffusersPolicy):
         module = _pipeline_module()
         self.condition_area = self._area("condition_area", condition_area, module.CONDITION_IMAGE_SIZE)
         self.vae_area = self._area("vae_area", vae_area, module.VAE_IMAGE_SIZE)
-        super().__init__(pipe, negative_prompt=negative_prompt, **kw)
-        if self.model_config.get("guidance_embeds", False):
-            raise UserError(
-                f"this {self.display_name} checkpoint has a guidance embedding, which this adapter does not feed; "
-                "use a checkpoint without one"
-            )
+        super().__init__(pipe, **kw)
         #: source image path -> (the text encoder's resized image, VAE tokens (n, 4C), token grid (h, w)); this
         #: cache and the next are kept in host memory (a prompt set's sources need not fit beside the model)
         self._sources: dict[str, tuple[Any, torch.Tensor, tuple[int, int]]] = {}
         #: source image path -> the negative prompt's embeddings with that image
         self._negatives: dict[str, torch.Tensor] = {}
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | None = None,
-        revision: str | None = None,
-        dtype: str = "float32",
-        device: str | torch.device = "cpu",
-        **options: Any,
-    ) -> QwenImageEditPlusPolicy:
-        """Load as every adapter does; where the pipeline's processor cannot load, say what it lacks."""
-        import importlib.util
-
-        try:
-            return super().from_pretrained(path, revision, dtype, device, **options)  # type: ignore[return-value]
-        except UserError as exc:
-            if importlib.util.find_spec("torchvision") is None and "could not load" in str(exc):
-                raise UserError(
-                    f"{exc}; the pipeline's Qwen2VLProcessor needs torchvision here: pip install torchvision"
-                ) from None
-            raise
 
     @staticmethod
     def _area(name: str, value: Any, default: int) -> int:
@@ -112,32 +85,6 @@ class QwenImageEditPlusPolicy(DiffusersPolicy):
         if isinstance(value, bool) or not isinstance(value, int) or value < 32 * 32:
             raise UserError(f"model option {name!r} must be a number of pixels >= 1024 (32 x 32), got {value!r}")
         return value
-
-    # ------------------------------------------------------------------ layout
-
-    def _pixel_multiple(self) -> int:
-        return self.vae_scale_factor * 2
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        f = self.vae_scale_factor
-        return (int(self.model_config.in_channels) // 4, self.height // f, self.width // f)
-
-    @property
-    def image_seq_len(self) -> int:
-        _, h, w = self.latent_shape
-        return (h // 2) * (w // 2)
-
-    def _pack(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)`` (the pipeline's ``_pack_latents``)."""
-        b, c, h, w = x.shape
-        x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-    def _unpack(self, tokens: torch.Tensor) -> torch.Tensor:
-        c, h, w = self.latent_shape
-        x = tokens.reshape(tokens.shape[0], h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(tokens.shape[0], c, h, w)
 
     # ------------------------------------------------------------------ the source image
 
@@ -179,33 +126,18 @@ class QwenImageEditPlusPolicy(DiffusersPolicy):
     def _encode_unique(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError("encode_prompts encodes each (instruction, image) pair with its image")
 
-    def _padded(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``(L_i, D)`` zero-padded to the longest, on the policy's device, and the mask of their real entries."""
-        longest = max(r.shape[0] for r in rows)
-        out = torch.zeros(len(rows), longest, rows[0].shape[1], device=self.device, dtype=self.model_dtype)
-        mask = torch.zeros(len(rows), longest, dtype=torch.long, device=self.device)
-        for i, r in enumerate(rows):
-            out[i, : r.shape[0]] = r.to(device=self.device, dtype=self.model_dtype)
-            mask[i, : r.shape[0]] = 1
-        return out, mask
-
     def encode_prompts(self, prompts: Any) -> dict[str, torch.Tensor]:
         """Conditioning ``(B, ...)``: each distinct (instruction, image) through the text encoder once, each
         distinct image through the VAE once (and, with CFG, with the negative prompt once)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise UserError("no prompts to encode")
-        self.check_prompts(prompts)
+        prompts = self._checked_prompts(prompts)
         texts: dict[tuple[str, str], torch.Tensor] = {}
         with torch.no_grad():
             for p in prompts:
                 if edit_key(p) not in texts:
                     texts[edit_key(p)] = self._text(str(p), self._source(p)[0])
             sources = [self._source(p) for p in prompts]
-            embeds, mask = self._padded([texts[edit_key(p)] for p in prompts])
-            tokens, _ = self._padded([tokens for _, tokens, _ in sources])
+            embeds, mask = padded_rows([texts[edit_key(p)] for p in prompts], self.device, self.model_dtype)
+            tokens, _ = padded_rows([tokens for _, tokens, _ in sources], self.device, self.model_dtype)
             cond = {
                 "prompt_embeds": embeds,
                 "prompt_embeds_mask": mask,
@@ -217,103 +149,35 @@ class QwenImageEditPlusPolicy(DiffusersPolicy):
                     key = str(p.image)
                     if key not in self._negatives:
                         self._negatives[key] = self._text(self.negative_prompt, self._source(p)[0]).cpu()
-                neg, neg_mask = self._padded([self._negatives[str(p.image)] for p in prompts])
+                neg, neg_mask = padded_rows(
+                    [self._negatives[str(p.image)] for p in prompts], self.device, self.model_dtype
+                )
                 cond.update(negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask)
         return cond
 
     # ------------------------------------------------------------------ forward
 
-    def _tokens(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, cond: dict):
-        """The transformer's prediction at the noisy tokens ``(B, n, 4C)``, one call per source grid size."""
+    def _tokens(
+        self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The transformer's prediction at the noisy tokens ``(B, n, 4C)``, one call per source grid size (the
+        source's tokens and grid from ``cond``)."""
         tokens = self._pack(x).to(self._hidden_dtype(x))
         n = tokens.shape[1]
         _, h, w = self.latent_shape
-        grids = cond["image_grid"]
-        outs, order = [], []
-        for grid in torch.unique(grids, dim=0).tolist():
-            rows = (grids == grids.new_tensor(grid)).all(dim=1).nonzero().flatten()
-            m = mask[rows]
-            length = int(m.sum(1).max())  # the text up to the group's longest, its mask None without padding
-            m = m[:, :length]
-            out = self.transformer(
+
+        def run(grid: list[int], rows: torch.Tensor) -> torch.Tensor:
+            text, text_mask = self._trimmed(embeds[rows], mask[rows])  # up to the group's longest prompt
+            return self.transformer(
                 hidden_states=torch.cat(
                     [tokens[rows], cond["image_latents"][rows, : grid[0] * grid[1]].to(tokens.dtype)], dim=1
                 ),
                 timestep=t[rows],
                 guidance=None,
-                encoder_hidden_states_mask=None if bool(m.all()) else m,
-                encoder_hidden_states=embeds[rows, :length],
+                encoder_hidden_states_mask=text_mask,
+                encoder_hidden_states=text,
                 img_shapes=[[(1, h // 2, w // 2), (1, *grid)]] * rows.numel(),
                 return_dict=False,
             )[0][:, :n]
-            outs.append(out)
-            order.append(rows)
-        return outs[0] if len(outs) == 1 else torch.cat(outs).index_select(0, torch.cat(order).argsort())
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._unpack(self._tokens(x, t, cond["prompt_embeds"], cond["prompt_embeds_mask"], cond))
-
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``v = eps - x0`` in float32; with true CFG, the pipeline's norm-rescaled combination.
-
-        Both branches run in one pass of 2B rows (both with the source image's tokens): the negative and
-        positive texts are padded to a common length under the mask.
-        """
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if not self.do_cfg:
-            return self._forward(x, t, cond).float()
-        if "negative_prompt_embeds" not in cond:
-            raise ValueError("guidance needs the negative_* conditioning from encode_prompts")
-        pos, neg = cond["prompt_embeds"], cond["negative_prompt_embeds"]
-        pos_mask, neg_mask = cond["prompt_embeds_mask"], cond["negative_prompt_embeds_mask"]
-        length = max(pos.shape[1], neg.shape[1])
-
-        def pad(e: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            extra = length - e.shape[1]
-            return torch.nn.functional.pad(e, (0, 0, 0, extra)), torch.nn.functional.pad(m, (0, extra))
-
-        (pos, pos_mask), (neg, neg_mask) = pad(pos, pos_mask), pad(neg, neg_mask)
-        both = {k: torch.cat([cond[k], cond[k]]) for k in ("image_latents", "image_grid")}
-        out = self._tokens(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([pos, neg]), torch.cat([pos_mask, neg_mask]), both
-        )
-        v_cond, v_uncond = out.float().chunk(2)
-        combined = v_uncond + self.cfg_scale * (v_cond - v_uncond)
-        combined = combined * (torch.norm(v_cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
-        return self._unpack(combined)
-
-    def _scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
-        cfg = self._scheduler.config
-        mu = flux1_mu(
-            self.image_seq_len,
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
-        # the pipeline passes these sigmas whatever the scheduler's use_flow_sigmas says
-        return {"sigmas": np.linspace(1.0, 1.0 / num_steps, num_steps), "mu": mu}
-
-    # ------------------------------------------------------------------ decoding
-
-    def _latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
-        """Undo the VAE's per-channel standardisation (as the pipeline computes it) and add the frame axis."""
-        vae = self.pipe.vae
-        z = latents[:, :, None].to(vae.dtype)
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
-        return z / inv_std + mean
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` in [0, 1], float32: the video VAE's single frame, ``decode_batch`` at a time."""
-        vae = self.pipe.vae
-        outs = []
-        with torch.no_grad():
-            for lo in range(0, latents.shape[0], self.decode_batch):
-                z = self._latents_to_vae(latents[lo : lo + self.decode_batch].float())
-                img = vae.decode(z.to(device=vae.device), return_dict=False)[0][:, :, 0]
-                outs.append((img.float() / 2 + 0.5).clamp(0, 1))
-        return torch.cat(outs)
+        return by_source_grid(cond["image_grid"], run)

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from ..sde import flux1_mu
 from .diffusers_base import DiffusersPolicy
 from .lora_targets import JOINT_ATTENTION
 from .registry import register_policy
@@ -81,14 +80,7 @@ class SD3Policy(DiffusersPolicy):
             return {}
         _, h, w = self.latent_shape
         seq = (h // self.patch_size) * (w // self.patch_size)
-        mu = flux1_mu(
-            seq,
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.16),
-        )
-        return {"mu": mu}
+        return {"mu": self._dynamic_shift_mu(seq, default_max_shift=1.16)}
 
     def _latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
         cfg = self.pipe.vae.config

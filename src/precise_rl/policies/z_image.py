@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..sde import flux1_mu
 from .diffusers_base import DiffusersPolicy
 from .registry import register_policy
 
@@ -159,16 +158,9 @@ class ZImagePolicy(DiffusersPolicy):
         return -torch.stack(preds)
 
     def _scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
-        cfg = self._scheduler.config
-        mu = flux1_mu(
-            self.image_seq_len,
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
         # the pipeline's default sigmas come from a float32 linspace (get_default_z_image_sigmas)
-        return {"sigmas": torch.linspace(1.0, 1.0 / num_steps, num_steps).tolist(), "mu": mu}
+        sigmas = torch.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
+        return {"sigmas": sigmas, "mu": self._dynamic_shift_mu(self.image_seq_len)}
 
     def _latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
         cfg = self.pipe.vae.config
