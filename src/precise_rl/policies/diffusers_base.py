@@ -170,8 +170,8 @@ def _pad_cat(rows: list[torch.Tensor]) -> torch.Tensor:
     """``rows`` concatenated along dim 0, each first zero-padded at the end of every other dim to the largest.
 
     The adapters pad a batch's variable-length rows (text, source-image tokens, masks) with zeros up to the
-    batch's longest, so rows cached at their own lengths assemble into exactly the batch they would have
-    been encoded as.
+    batch's longest, so rows cached at their own lengths assemble into the shapes and padding the adapter
+    gives that batch.
     """
     shape = [max(r.shape[d] for r in rows) for d in range(1, rows[0].ndim)]
     out = rows[0].new_zeros((sum(r.shape[0] for r in rows), *shape))
@@ -197,11 +197,11 @@ class DiffusersPolicy(Policy):
     ``lora_targets`` overrides the layers LoRA adapts (name suffixes or ``*`` globs); ``decode_batch`` bounds the
     VAE's batch.
 
-    Memory options (each off by default; none changes a number): ``offload_text_encoders`` keeps the text
-    encoders on the CPU except while they encode, ``offload_vae`` the VAE except while it decodes or encodes
-    a source image; ``cache_prompts`` keeps each distinct prompt's conditioning so that it is encoded once
-    per run; ``free_text_encoders`` (with ``cache_prompts``) deletes the text encoders after
-    :meth:`precompute_prompts`.
+    Memory options (each off by default): ``offload_text_encoders`` keeps the text encoders on the CPU except
+    while they encode, ``offload_vae`` the VAE except while it decodes or encodes a source image (both exact:
+    moving weights copies them); ``cache_prompts`` keeps each distinct prompt's conditioning, encoded alone
+    the first time it is seen, for the run; ``free_text_encoders`` (with ``cache_prompts``) deletes the text
+    encoders after :meth:`precompute_prompts`.
     """
 
     #: diffusers pipeline class this adapter drives
