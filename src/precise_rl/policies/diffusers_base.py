@@ -9,14 +9,17 @@ inside :meth:`velocity` (FLUX.1's and Qwen-Image's 2x2 patches: :class:`PackedLa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
+import functools
+import gc
 import importlib.util
 import json
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -153,6 +156,32 @@ def load_pipeline(
     return pipe.to(device)
 
 
+#: the pipeline attributes that hold text encoders (those a pipeline has; FLUX.1 has two, SD3 three)
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"model option {name!r} must be true or false, got {value!r}")
+    return value
+
+
+def _pad_cat(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``rows`` concatenated along dim 0, each first zero-padded at the end of every other dim to the largest.
+
+    The adapters pad a batch's variable-length rows (text, source-image tokens, masks) with zeros up to the
+    batch's longest, so rows cached at their own lengths assemble into the shapes and padding the adapter
+    gives that batch.
+    """
+    shape = [max(r.shape[d] for r in rows) for d in range(1, rows[0].ndim)]
+    out = rows[0].new_zeros((sum(r.shape[0] for r in rows), *shape))
+    lo = 0
+    for r in rows:
+        out[(slice(lo, lo + r.shape[0]), *(slice(0, n) for n in r.shape[1:]))] = r
+        lo += r.shape[0]
+    return out
+
+
 def _frozen(module: nn.Module | None) -> nn.Module | None:
     if module is not None:
         module.requires_grad_(False).eval()
@@ -167,6 +196,12 @@ class DiffusersPolicy(Policy):
     the transformer; ``gradient_checkpointing`` trades compute for memory in training;
     ``lora_targets`` overrides the layers LoRA adapts (name suffixes or ``*`` globs); ``decode_batch`` bounds the
     VAE's batch.
+
+    Memory options (each off by default): ``offload_text_encoders`` keeps the text encoders on the CPU except
+    while they encode, ``offload_vae`` the VAE except while it decodes or encodes a source image (both exact:
+    moving weights copies them); ``cache_prompts`` keeps each distinct prompt's conditioning, encoded alone
+    the first time it is seen, for the run; ``free_text_encoders`` (with ``cache_prompts``) deletes the text
+    encoders after :meth:`precompute_prompts`.
     """
 
     #: diffusers pipeline class this adapter drives
@@ -201,6 +236,10 @@ class DiffusersPolicy(Policy):
         lora_targets: Sequence[str] | None = None,
         decode_batch: int = 8,
         negative_prompt: str = "",
+        offload_text_encoders: bool = False,
+        offload_vae: bool = False,
+        cache_prompts: bool = False,
+        free_text_encoders: bool = False,
     ) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -241,6 +280,7 @@ class DiffusersPolicy(Policy):
             if not getattr(transformer, "_supports_gradient_checkpointing", False):
                 raise UserError(f"the {type(transformer).__name__} does not support gradient checkpointing")
             transformer.enable_gradient_checkpointing()
+        self._setup_memory_options(offload_text_encoders, offload_vae, cache_prompts, free_text_encoders)
 
     # ------------------------------------------------------------------ construction
 
@@ -392,6 +432,119 @@ class DiffusersPolicy(Policy):
         if self._negative_cache is None:
             self._negative_cache = self._encode_unique([self.negative_prompt])
         return self._negative_cache
+
+    # ------------------------------------------------------------------ memory options
+
+    def _setup_memory_options(
+        self, offload_text_encoders: Any, offload_vae: Any, cache_prompts: Any, free_text_encoders: Any
+    ) -> None:
+        """Validate the memory options and install them around this adapter's own methods.
+
+        The adapter's ``encode_prompts`` and ``decode`` (its overrides included: the image-editing adapters
+        have their own) are wrapped on the instance, so every adapter gets the options without code of its own.
+        """
+        self.offload_text_encoders = _flag("offload_text_encoders", offload_text_encoders)
+        self.offload_vae = _flag("offload_vae", offload_vae)
+        self.cache_prompts = _flag("cache_prompts", cache_prompts)
+        self.free_text_encoders = _flag("free_text_encoders", free_text_encoders)
+        if self.free_text_encoders and not self.cache_prompts:
+            raise UserError("model option 'free_text_encoders' needs 'cache_prompts: true' to keep the embeddings")
+        #: conditioning rows ``(1, ...)`` of each prompt seen, by :func:`edit_key` (``cache_prompts``)
+        self._prompt_cache: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self._text_encoders_freed = False
+        if self.offload_text_encoders:
+            for module in self._text_encoders():
+                module.to("cpu")
+        if self.offload_vae:
+            self.pipe.vae.to("cpu")
+            self.decode = self._with_vae(self.decode)  # type: ignore[method-assign]
+        if self.offload_text_encoders or self.offload_vae or self.cache_prompts:
+            self._encode_batch = self.encode_prompts  # the adapter's own, bound before the wrapper replaces it
+            self.encode_prompts = self._encode_with_options  # type: ignore[method-assign]
+
+    def _text_encoders(self) -> list[nn.Module]:
+        return [m for m in (getattr(self.pipe, name, None) for name in _TEXT_ENCODERS) if m is not None]
+
+    @contextlib.contextmanager
+    def _on_device(self, modules: Sequence[nn.Module]) -> Iterator[None]:
+        """``modules`` on the compute device (the transformer's) inside the block, back on the CPU after it.
+
+        Moving weights between devices copies them exactly, so the numbers are those of modules kept on the
+        device.
+        """
+        device = self.device
+        for module in modules:
+            module.to(device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
+
+    @contextlib.contextmanager
+    def _encoding(self) -> Iterator[None]:
+        """What an encoding call needs on the device: the offloaded text encoders, and the offloaded VAE when
+        the adapter encodes source images with it (the editing adapters do, inside their encoding)."""
+        with contextlib.ExitStack() as stack:
+            if self.offload_text_encoders:
+                stack.enter_context(self._on_device(self._text_encoders()))
+            if self.offload_vae and self.edits_images:
+                stack.enter_context(self._on_device([self.pipe.vae]))
+            yield
+
+    def _with_vae(self, method: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        @functools.wraps(method)
+        def on_device(*args: Any, **kwargs: Any) -> torch.Tensor:
+            with self._on_device([self.pipe.vae]):
+                return method(*args, **kwargs)
+
+        return on_device
+
+    def _encode_with_options(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """:meth:`encode_prompts` under the memory options: offloaded modules on the device only for the
+        encoding, and with ``cache_prompts`` only prompts not seen before encoded."""
+        if not self.cache_prompts:
+            with self._encoding():
+                return self._encode_batch(prompts)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise UserError("no prompts to encode")
+        self.check_prompts(prompts)
+        missing = list({edit_key(p): p for p in prompts if edit_key(p) not in self._prompt_cache}.values())
+        if missing:
+            if self._text_encoders_freed:
+                raise UserError(
+                    f"prompt {str(missing[0])!r} was not precomputed before the text encoders were freed "
+                    "(model option 'free_text_encoders'): pass it to precompute_prompts or turn the option off"
+                )
+            with self._encoding():
+                # One at a time, so that each row keeps its own length: the adapters pad a batch to its
+                # longest row with zeros, which :func:`_pad_cat` redoes for whatever batch asks for the rows.
+                for p in missing:
+                    row = self._encode_batch([p])
+                    self._prompt_cache[edit_key(p)] = {
+                        k: v.to("cpu") if self.offload_text_encoders else v for k, v in row.items()
+                    }
+        rows = [self._prompt_cache[edit_key(p)] for p in prompts]
+        return {k: _pad_cat([r[k] for r in rows]).to(self.device) for k in rows[0]}
+
+    def precompute_prompts(self, prompts: Sequence[str]) -> None:
+        """Encode ``prompts`` into the prompt cache (``cache_prompts``; a no-op without it), then, with
+        ``free_text_encoders``, delete the text encoders: later only these prompts can be encoded."""
+        if not self.cache_prompts:
+            return
+        if len(prompts):
+            self.encode_prompts(prompts)
+        if self.free_text_encoders and not self._text_encoders_freed:
+            for name in _TEXT_ENCODERS:
+                if getattr(self.pipe, name, None) is not None:
+                    setattr(self.pipe, name, None)
+            self._text_encoders_freed = True
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def _hidden_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the latents enter the transformer in.

@@ -87,6 +87,8 @@ class GRPOTrainer:
             self.policy, cfg.prompts.train, self.task.train_prompts, "prompts.train"
         )
         self.eval_prompts = setup.read_prompts(self.policy, cfg.prompts.eval, self.task.eval_prompts, "prompts.eval")
+        if hasattr(self.policy, "precompute_prompts"):  # model.options cache_prompts / free_text_encoders
+            self.policy.precompute_prompts(self.train_prompts + self.eval_prompts)
         self.run_rewards = setup.build_rewards(cfg, self.task, acc.device)
         self.reward_weights = self.run_rewards.weights
         self.rewards = self.run_rewards.train
