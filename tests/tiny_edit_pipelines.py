@@ -145,17 +145,3 @@ def qwen_image_edit_plus_pipeline(seed: int = 0, zero_cond_t: bool = False):
 
 
 BUILDERS = {"flux1_kontext": flux_kontext_pipeline, "qwen_image_edit": qwen_image_edit_plus_pipeline}
-
-
-def tiny_clip(directory: str | Path, seed: int = 1) -> dict:
-    """A tiny CLIP model and its processor in one directory (as CLIPScore and image_similarity read them);
-    returns the reward's options."""
-    import shutil
-
-    directory = Path(directory)
-    parts = tp.tiny_pickscore(directory / "parts", seed=seed)
-    both = directory / "clip"
-    shutil.copytree(parts["model"], both)
-    for f in Path(parts["processor"]).iterdir():
-        shutil.copy(f, both / f.name)
-    return {"model": str(both)}

@@ -489,5 +489,20 @@ def tiny_hpsv2(directory: str | Path, seed: int = 0) -> dict:
     }
 
 
-#: the reward options of a tiny stand-in for each hub reward a recipe trains on
-TINY_REWARDS = {"pickscore": tiny_pickscore, "hpsv2": tiny_hpsv2}
+def tiny_clip(directory: str | Path, seed: int = 1) -> dict:
+    """A tiny CLIP model and its processor in one directory (as CLIPScore and image_similarity read them);
+    returns the reward's options."""
+    import shutil
+
+    directory = Path(directory)
+    parts = tiny_pickscore(directory / "parts", seed=seed)
+    both = directory / "clip"
+    shutil.copytree(parts["model"], both)
+    for f in Path(parts["processor"]).iterdir():
+        shutil.copy(f, both / f.name)
+    return {"model": str(both)}
+
+
+#: the reward options of a tiny stand-in for each hub reward a recipe trains on (ImageReward, evaluated
+#: only, has none here)
+TINY_REWARDS = {"pickscore": tiny_pickscore, "hpsv2": tiny_hpsv2, "clipscore": tiny_clip}
