@@ -1,11 +1,11 @@
 """Tiny instruction-editing pipelines built offline from config classes, and small source images.
 
-The components come from :mod:`tests.tiny_pipelines` where the model shares them (FLUX.1 Kontext is
-FLUX.1's transformer, text encoders and VAE under another pipeline class); Qwen-Image-Edit's are built
-here (a Qwen2.5-VL with a vision tower and its processor). ``processor_without_video`` must wrap any
-loading of a saved Qwen-Image-Edit pipeline (see there). ``source_images`` draws
-small RGB images (no download) and ``write_edit_prompts`` a JSON-lines prompt file pairing them with
-instructions, as a user's would be.
+The components come from :mod:`tests.tiny_pipelines` (FLUX.1 Kontext is FLUX.1's transformer, text
+encoders and VAE under another pipeline class; Qwen-Image-Edit has Qwen-Image's transformer, VAE and
+scheduler, and a Qwen2.5-VL with the vision tokens' ids); its tokenizer and processor are built here.
+``processor_without_video`` must wrap any loading of a saved Qwen-Image-Edit pipeline (see there).
+``source_image`` draws small RGB images (no download) and ``write_edit_prompts`` a JSON-lines prompt
+file pairing them with instructions, as a user's would be.
 """
 
 from __future__ import annotations

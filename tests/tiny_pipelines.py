@@ -1,7 +1,9 @@
 """Tiny diffusers pipelines built offline from config classes, for the adapter tests.
 
 Every component (transformer, VAE, text encoders, tokenizers) is constructed here from a
-config with random weights; tokenizers come from small in-memory vocabularies. ``save_*``
+config with random weights; tokenizers come from small in-memory vocabularies. The component
+builders (``autoencoder_kl``, ``qwen3_text_encoder``, ``flux2_*``, ``qwen_image_*`` ...) also build
+the pipelines of ``tiny_t2i_pipelines.py`` and ``tiny_edit_pipelines.py``. ``save_pipeline``
 writes a pipeline directory that loads back through ``from_pretrained`` like a real checkpoint.
 """
 
