@@ -24,9 +24,10 @@ from precise_rl.policies.flux import Flux1Policy
 from precise_rl.policies.flux2 import Flux2KleinPolicy
 from precise_rl.policies.sd3 import SD3Policy
 from precise_rl.rl.trainer import GRPOTrainer, train_step_indices
-from precise_rl.sde import SAMPLERS, rollout, shift_sigmas
+from precise_rl.sde import SAMPLERS, shift_sigmas
 from precise_rl.tasks.registry import build_task
 
+from . import diffusers_checks as dc
 from . import tiny_pipelines as tp
 
 diffusers_logging.disable_progress_bar()
@@ -46,15 +47,7 @@ def pipeline_call_kwargs(kind: str, policy) -> dict:
     return kw
 
 
-@pytest.fixture(scope="module")
-def pipeline_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pipelines")
-    return {kind: tp.save_pipeline(kind, root / kind) for kind in KINDS}
-
-
-@pytest.fixture(scope="module")
-def policies(pipeline_dirs: dict[str, Path]) -> dict:
-    return {kind: CLASSES[kind].from_pretrained(str(pipeline_dirs[kind]), **options(kind)) for kind in KINDS}
+pipeline_dirs, policies = dc.pipeline_fixtures("pipelines", tp.save_pipeline, KINDS, CLASSES.__getitem__, options)
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -207,17 +200,7 @@ def test_ode_rollout_reproduces_the_diffusers_pipeline(case: str, policies) -> N
         assert (policy.time_grid(4) - policies["sd3"].time_grid(4)).abs().max() > 1e-2
     prompts = ["a red fox", "two cats"]
     seed = int(torch.randint(0, 2**31, ()))
-    steps = 4
-    ours_x1 = policy.sample_noise(len(prompts), generator=torch.Generator().manual_seed(seed))
-    traj = rollout(policy.velocity, ours_x1, policy.time_grid(steps), "ode", cond=policy.encode_prompts(prompts))
-    ours = policy.decode(traj.sample)
-    theirs = policy.pipe(
-        prompt=prompts,
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-        **pipeline_call_kwargs(kind, policy),
-    ).images
+    ours, theirs = dc.ode_and_pipeline_images(policy, prompts, seed, 4, **pipeline_call_kwargs(kind, policy))
     assert ours.shape == theirs.shape == (2, 3, HEIGHT, WIDTH)
     assert ours.min() >= 0 and ours.max() <= 1
     torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-5)
@@ -247,19 +230,11 @@ def test_importance_ratio_is_one_for_every_sampler(kind: str, pipeline_dirs, tmp
     """The trainer's recompute (all (sample, step) pairs in one batch) reproduces the rollout's log-probs."""
     for sampler in STOCHASTIC:
         trainer = _trainer(kind, pipeline_dirs[kind], sampler, tmp_path / sampler)
-        with torch.no_grad():  # LoRA B starts at zero: give the adapter a non-trivial effect
-            for n, p in trainer.model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
+        dc.perturb_lora_b(trainer)
         batch = trainer.collect(epoch=0)
         steps = train_step_indices(batch.kernel, 0.99)
         assert steps
-        rows = torch.arange(len(batch.prompts)).repeat_interleave(len(steps))
-        idx = torch.tensor(steps).repeat(len(batch.prompts))
-        trainer.model.train()
-        with torch.no_grad():
-            out = trainer.recompute(batch, rows, idx)
-        ratio = torch.exp(out.log_prob - batch.log_probs[rows, idx])
+        out, ratio, rows, idx = dc.recompute_ratio(trainer, batch, steps)
         assert torch.isfinite(ratio).all(), sampler
         assert (ratio - 1).abs().max().item() < 1e-5, (sampler, (ratio - 1).abs().max().item())
         torch.testing.assert_close(out.mean, batch.means[rows, idx], rtol=0, atol=1e-5)
@@ -285,19 +260,7 @@ def test_sd3_velocity_is_the_cfg_combination(pipeline_dirs) -> None:
 def test_repeated_prompts_are_encoded_once(kind: str, policies) -> None:
     """Each distinct prompt of a batch goes through the text encoders once; CFG's negative prompt once per policy."""
     policy = CLASSES[kind](policies[kind].pipe, **options(kind))  # a fresh policy: nothing cached yet
-    seen: list[list[str]] = []
-    original = policy.pipe.encode_prompt
-
-    def spy(prompt, **kw):
-        seen.append(list(prompt))
-        return original(prompt=prompt, **kw)
-
-    policy.pipe.encode_prompt = spy
-    try:
-        cond = policy.encode_prompts(["b", "a", "b", "b", "a"])
-        single = policy.encode_prompts(["a"])
-    finally:
-        del policy.pipe.encode_prompt
+    seen, (cond, single) = dc.encode_with_spy(policy, ["b", "a", "b", "b", "a"], ["a"])
     assert seen == ([["b", "a"], [""], ["a"]] if policy.do_cfg else [["b", "a"], ["a"]])
     for k, v in cond.items():
         assert v.shape[0] == 5
@@ -337,12 +300,7 @@ def test_batched_velocity_equals_row_by_row(kind: str, policies) -> None:
     """A whole group in one forward gives each row's own velocity (padding, packing and CFG are per row)."""
     policy = policies[kind]
     prompts = ["a red fox", "two cats", "a red fox", "x"]
-    x = torch.randn(4, *policy.latent_shape)
-    t = torch.rand(4)
-    batched = policy.velocity(x, t, policy.encode_prompts(prompts))
-    for i, p in enumerate(prompts):
-        row = policy.velocity(x[i : i + 1], t[i : i + 1], policy.encode_prompts([p]))
-        torch.testing.assert_close(batched[i : i + 1], row, rtol=0, atol=1e-5)
+    batched = dc.check_batched_velocity_is_row_by_row(policy, prompts)
     assert (batched[0] - batched[2]).abs().max() > 1e-4  # same prompt, other x and t
 
 

@@ -10,13 +10,12 @@ import pytest
 import torch
 import yaml
 from diffusers.utils import logging as diffusers_logging
-from PIL import Image
 
 from precise_rl.cli import main
-from precise_rl.cli import sample as sample_cli
-from precise_rl.config import config_from_dict, load_config
+from precise_rl.config import load_config
 from precise_rl.rl.trainer import GRPOTrainer
 
+from . import diffusers_checks as dc
 from . import tiny_pipelines as tp
 
 diffusers_logging.disable_progress_bar()
@@ -25,69 +24,21 @@ KINDS = ["flux2_klein", "sd3", "flux1"]
 FROZEN = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
-def _state(module: torch.nn.Module | None) -> dict[str, torch.Tensor]:
-    return {} if module is None else {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_grpo_step_trains_only_lora_and_the_adapter_reloads_into_sample(kind: str, tmp_path: Path) -> None:
     path = tp.save_pipeline(kind, tmp_path / "pipe")
     opts = tp.adapter_options(kind)
-    cfg = config_from_dict(
-        {
-            "seed": int(torch.randint(0, 1000, ())),
-            "model": {"name": kind, "path": str(path), "options": opts},
-            "sampler": {"name": "precise", "num_steps": 3},
-            "reward": {"weights": {"jpeg_incompressibility": 1.0}},
-            "train": {
-                "epochs": 1,
-                "groups_per_epoch": 2,
-                "group_size": 4,
-                "batch_size": 4,
-                "lr": 1e-2,
-                "clip_range": 0.2,
-                "lora": {"enabled": True, "rank": 2, "alpha": 2},
-                "ema": {"enabled": False},
-            },
-            "eval": {"every": 0},
-            "checkpoint": {"every": 1},
-            "logging": {"tensorboard": False, "progress": False},
-        }
-    )
-    trainer = GRPOTrainer(cfg, tmp_path / "run")
-    pipe = trainer.policy.pipe
-    params_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    frozen_before = {name: _state(getattr(pipe, name, None)) for name in FROZEN}
-    trainer.run()
+    trainer = dc.lora_trainer({"name": kind, "path": str(path), "options": opts}, tmp_path / "run", **dc.LORA_EPOCH)
+    dc.run_and_check_only_lora_trains(trainer, FROZEN)
     assert trainer.global_step >= 1
-    params_after = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    changed = [n for n in params_before if not torch.equal(params_before[n], params_after[n])]
-    assert changed, "the update changed no parameter"
-    assert all(".lora_A." in n or ".lora_B." in n for n in changed), [n for n in changed if "lora" not in n][:3]
-    assert any(".lora_B." in n for n in changed)
-    for name in FROZEN:
-        after = _state(getattr(pipe, name, None))
-        assert after.keys() == frozen_before[name].keys()
-        assert all(torch.equal(after[k], frozen_before[name][k]) for k in after), name
 
     # The adapter saved with the checkpoint reloads into `precise-rl sample` (given the run directory).
     out = tmp_path / "samples"
     argv = ["sample", "--model", str(path), "--lora", str(tmp_path / "run"), "--prompt", "a cat"]
     argv += ["--steps", "3", "--num-images", "2", "--seed", "5", "-o", str(out), "--device", "cpu"]
-    argv += ["--height", str(opts["height"]), "--width", str(opts["width"])]
-    argv += [f"--option=max_sequence_length={opts['max_sequence_length']}"]
-    if kind == "flux2_klein":
-        argv += ["--option=text_encoder_out_layers=[1, 2, 3]"]
-    assert main(argv) == 0
+    assert main([*argv, *dc.option_flags(opts)]) == 0
     # ... with the trained weights: its images are those of the trained policy in memory.
-    trainer.model.eval()
-    expected = sample_cli.generate(trainer.policy, "a cat", "precise", trainer.policy.time_grid(3), None, [5, 6])
-    for k, seed in enumerate((5, 6)):
-        png = np.asarray(Image.open(out / "a_cat" / f"precise_seed{seed}.png")).astype(np.float32) / 255.0
-        png = png[::4, ::4]  # small images are written enlarged 4 times
-        ref = expected[k].permute(1, 2, 0).numpy()
-        assert png.shape == ref.shape
-        assert np.abs(png - ref).max() <= 1.0 / 255 + 1e-6
+    dc.check_samples_are_the_policys(trainer, "a cat", out / "a_cat")
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,22 +84,6 @@ def test_sd35_precise_and_flow_grpo_recipes_differ_only_in_the_sampler() -> None
     assert precise == flow
 
 
-def _tiny_clipscore(directory: Path) -> dict:
-    """A tiny CLIPScore: the tiny PickScore's CLIP model and processor in one directory, as the reward reads them."""
-    import shutil
-
-    parts = tp.tiny_pickscore(directory / "parts", seed=1)
-    both = directory / "clip"
-    shutil.copytree(parts["model"], both)
-    for f in Path(parts["processor"]).iterdir():
-        shutil.copy(f, both / f.name)
-    return {"model": str(both)}
-
-
-#: tiny stand-ins for the hub rewards the recipes train on (ImageReward, evaluated only, has none here)
-TINY = {**tp.TINY_REWARDS, "clipscore": _tiny_clipscore}
-
-
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_runs_on_a_tiny_pipeline_with_its_own_rewards(path: Path, tmp_path: Path) -> None:
     cfg = load_config(path)
@@ -169,8 +104,8 @@ def test_recipe_runs_on_a_tiny_pipeline_with_its_own_rewards(path: Path, tmp_pat
     # the recipe's own trained rewards, on tiny models instead of the hub weights
     overrides += ["reward.options={}", "reward.eval_only=[]"]
     for reward in cfg.reward.weights:
-        if reward in TINY:
-            tiny = TINY[reward](tmp_path / reward)
+        if reward in tp.TINY_REWARDS:
+            tiny = tp.TINY_REWARDS[reward](tmp_path / reward)
             overrides += [f"reward.options.{reward}.{k}={v}" for k, v in tiny.items()]
     summary = GRPOTrainer(load_config(path, overrides), tmp_path / "run").run()
     assert summary["epochs"] == 1
@@ -186,29 +121,8 @@ def test_recipe_runs_on_a_tiny_pipeline_with_its_own_rewards(path: Path, tmp_pat
 def test_bf16_weights_with_checkpointing_and_kl_train(kind: str, tmp_path: Path) -> None:
     """bf16 weights under bf16 autocast, gradient checkpointing and a KL term (adapters off) run an epoch."""
     path = tp.save_pipeline(kind, tmp_path / "pipe")
-    cfg = config_from_dict(
-        {
-            "model": {
-                "name": kind,
-                "path": str(path),
-                "dtype": "bfloat16",
-                "options": tp.adapter_options(kind, gradient_checkpointing=True),
-            },
-            "sampler": {"num_steps": 3},
-            "reward": {"weights": {"jpeg_compressibility": 1.0}},
-            "train": {
-                "epochs": 1,
-                "groups_per_epoch": 2,
-                "group_size": 2,
-                "mixed_precision": "bf16",
-                "kl_beta": 0.01,
-                "lora": {"enabled": True, "rank": 2, "alpha": 2},
-            },
-            "eval": {"every": 0},
-            "logging": {"tensorboard": False, "progress": False},
-        }
-    )
-    trainer = GRPOTrainer(cfg, tmp_path / "run")
+    model = {"name": kind, "path": str(path), "options": tp.adapter_options(kind, gradient_checkpointing=True)}
+    trainer = dc.bf16_kl_trainer(model, tmp_path / "run")
     assert trainer.policy.pipe.transformer.dtype == torch.bfloat16
     assert trainer.policy.transformer.is_gradient_checkpointing
     batch = trainer.collect(epoch=0)
@@ -237,9 +151,8 @@ def test_train_command_ends_bad_models_in_one_sentence(tmp_path: Path, capsys: p
     for k, (overrides, message) in enumerate(cases):
         capsys.readouterr()
         assert main(["train", recipe, "--output", str(tmp_path / f"run{k}"), *overrides]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith("precise-rl train: error: ") and message in err[-1], err[-1]
-        assert sum("error" in line for line in err) == 1
+        line = dc.one_error_line(capsys, "train")
+        assert message in line, line
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from precise_rl.rl.trainer import GRPOTrainer, train_step_indices
 from precise_rl.sde import SAMPLERS, rollout
 from precise_rl.tasks.registry import build_task, read_prompt_file
 
+from . import diffusers_checks as dc
 from . import tiny_edit_pipelines as te
 from . import tiny_pipelines as tp
 
@@ -54,15 +55,7 @@ def qwen_pipeline_areas(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(module, "VAE_IMAGE_SIZE", te.QWEN_EDIT_AREAS["vae_area"])
 
 
-@pytest.fixture(scope="module")
-def pipeline_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("edit_pipelines")
-    return {kind: te.save_pipeline(kind, root / kind) for kind in KINDS}
-
-
-@pytest.fixture(scope="module")
-def policies(pipeline_dirs: dict[str, Path]) -> dict:
-    return {kind: CLASSES[kind].from_pretrained(str(pipeline_dirs[kind]), **options(kind)) for kind in KINDS}
+pipeline_dirs, policies = dc.pipeline_fixtures("edit_pipelines", te.save_pipeline, KINDS, CLASSES.__getitem__, options)
 
 
 @pytest.fixture(scope="module")
@@ -258,18 +251,10 @@ def test_importance_ratio_is_one_for_every_sampler(kind: str, pipeline_dirs, edi
         else:
             extra = {} if k == 0 else {"guidance_scale": 1.0}
         trainer = _trainer(kind, pipeline_dirs[kind], edit_file, sampler, tmp_path / sampler, **extra)
-        with torch.no_grad():  # LoRA B starts at zero: give the adapter a non-trivial effect
-            for n, p in trainer.model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
+        dc.perturb_lora_b(trainer)
         batch = trainer.collect(epoch=0)
         steps = train_step_indices(batch.kernel, 0.99)
-        rows = torch.arange(len(batch.prompts)).repeat_interleave(len(steps))
-        idx = torch.tensor(steps).repeat(len(batch.prompts))
-        trainer.model.train()
-        with torch.no_grad():
-            out = trainer.recompute(batch, rows, idx)
-        ratio = torch.exp(out.log_prob - batch.log_probs[rows, idx])
+        _, ratio, _, _ = dc.recompute_ratio(trainer, batch, steps)
         assert torch.isfinite(ratio).all(), sampler
         assert (ratio - 1).abs().max().item() < 1e-5, (sampler, (ratio - 1).abs().max().item())
 
@@ -327,12 +312,7 @@ def test_batched_velocity_equals_row_by_row(kind: str, policies, prompts) -> Non
     cfg = {"true_cfg_scale": 2.5} if kind == "flux1_kontext" else {"guidance_scale": 2.5}
     policy = CLASSES[kind](policies[kind].pipe, **options(kind, **cfg))
     batch = [prompts[0], prompts[1], prompts[2], prompts[0]]
-    x = torch.randn(4, *policy.latent_shape)
-    t = torch.rand(4)
-    batched = policy.velocity(x, t, policy.encode_prompts(batch))
-    for i, p in enumerate(batch):
-        row = policy.velocity(x[i : i + 1], t[i : i + 1], policy.encode_prompts([p]))
-        torch.testing.assert_close(batched[i : i + 1], row, rtol=0, atol=1e-5)
+    dc.check_batched_velocity_is_row_by_row(policy, batch)
 
 
 _SEEN: list[list[dict]] = []
@@ -405,7 +385,7 @@ def test_image_similarity_scores_an_edit_against_its_source(tmp_path: Path) -> N
     from precise_rl.rewards.base import build_reward
     from precise_rl.rewards.clip_models import load_clip_preprocess
 
-    opts = te.tiny_clip(tmp_path)
+    opts = tp.tiny_clip(tmp_path)
     reward = build_reward("image_similarity", **opts)
     sources = [torch.rand(3, 40, 24), torch.rand(3, 16, 16), torch.rand(3, 30, 30)]
     images = torch.rand(3, 3, HEIGHT, WIDTH)

@@ -11,14 +11,12 @@ import pytest
 import torch
 import yaml
 from diffusers.utils import logging as diffusers_logging
-from PIL import Image
 
 from precise_rl.cli import main
-from precise_rl.cli import sample as sample_cli
-from precise_rl.config import config_from_dict
 from precise_rl.policies.edit import EditPrompt
 from precise_rl.rl.trainer import GRPOTrainer
 
+from . import diffusers_checks as dc
 from . import tiny_edit_pipelines as te
 from . import tiny_pipelines as tp
 
@@ -34,79 +32,32 @@ def _qwen_processor_loads():
         yield
 
 
-def _state(module: torch.nn.Module | None) -> dict[str, torch.Tensor]:
-    return {} if module is None else {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _option_flags(opts: dict) -> list[str]:
-    flags = ["--height", str(opts["height"]), "--width", str(opts["width"])]
-    return flags + [f"--option={k}={v}" for k, v in opts.items() if k not in ("height", "width")]
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_grpo_step_trains_only_lora_and_the_adapter_reloads_into_sample(kind: str, tmp_path: Path) -> None:
     path = te.save_pipeline(kind, tmp_path / "pipe")
     edits = te.write_edit_prompts(tmp_path / "data", [("make it red", (32, 16)), ("make it blue", (16, 16))])
     opts = te.adapter_options(kind)
-    cfg = config_from_dict(
-        {
-            "seed": int(torch.randint(0, 1000, ())),
-            "model": {"name": kind, "path": str(path), "options": opts},
-            "prompts": {"train": str(edits), "eval": str(edits)},
-            "sampler": {"name": "precise", "num_steps": 3},
-            "reward": {"weights": {"jpeg_incompressibility": 1.0}},
-            "train": {
-                "epochs": 1,
-                "groups_per_epoch": 2,
-                "group_size": 4,
-                "batch_size": 4,
-                "lr": 1e-2,
-                "clip_range": 0.2,
-                "lora": {"enabled": True, "rank": 2, "alpha": 2},
-                "ema": {"enabled": False},
-            },
-            "eval": {"every": 0},
-            "checkpoint": {"every": 1},
-            "logging": {"tensorboard": False, "progress": False},
-        }
-    )
-    trainer = GRPOTrainer(cfg, tmp_path / "run")
-    pipe = trainer.policy.pipe
-    params_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    frozen_before = {name: _state(getattr(pipe, name, None)) for name in FROZEN}
-    trainer.run()
+    model = {"name": kind, "path": str(path), "options": opts}
+    prompts = {"train": str(edits), "eval": str(edits)}
+    trainer = dc.lora_trainer(model, tmp_path / "run", prompts=prompts, **dc.LORA_EPOCH)
+    dc.run_and_check_only_lora_trains(trainer, FROZEN)
     assert trainer.global_step >= 1
-    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(params_before[n], p.detach())]
-    assert changed and all(".lora_A." in n or ".lora_B." in n for n in changed), changed[:3]
-    assert any(".lora_B." in n for n in changed)
-    for name in FROZEN:
-        after = _state(getattr(pipe, name, None))
-        assert after.keys() == frozen_before[name].keys()
-        assert all(torch.equal(after[k], frozen_before[name][k]) for k in after), name
 
     # The adapter saved with the checkpoint reloads into `precise-rl sample`, the source image given by --image.
     image = tmp_path / "data" / "images" / "source1.png"
     out = tmp_path / "samples"
     argv = ["sample", "--model", str(path), "--lora", str(tmp_path / "run"), "--prompt", "make it blue"]
     argv += ["--image", str(image), "--steps", "3", "--num-images", "2", "--seed", "5", "-o", str(out)]
-    argv += ["--device", "cpu", *_option_flags(opts)]
+    argv += ["--device", "cpu", *dc.option_flags(opts)]
     assert main(argv) == 0
     record = json.loads((out / "samples.json").read_text())
     assert record["prompts"][0]["image"] == str(image.resolve())
     # ... with the trained weights: its images are those of the trained policy in memory, on that source.
-    trainer.model.eval()
-    prompt = EditPrompt("make it blue", image.resolve())
-    expected = sample_cli.generate(trainer.policy, prompt, "precise", trainer.policy.time_grid(3), None, [5, 6])
-    for k, seed in enumerate((5, 6)):
-        png = np.asarray(Image.open(out / "make_it_blue" / f"precise_seed{seed}.png")).astype(np.float32) / 255.0
-        png = png[::4, ::4]  # small images are written enlarged 4 times
-        ref = expected[k].permute(1, 2, 0).numpy()
-        assert png.shape == ref.shape
-        assert np.abs(png - ref).max() <= 1.0 / 255 + 1e-6
+    dc.check_samples_are_the_policys(trainer, EditPrompt("make it blue", image.resolve()), out / "make_it_blue")
     # A JSON-lines --prompt-file samples every edit of the file, each on its own source.
     out2 = tmp_path / "samples2"
     argv = ["sample", "--model", str(path), "--prompt-file", str(edits), "--steps", "2", "--num-images", "1"]
-    assert main([*argv, "-o", str(out2), "--device", "cpu", *_option_flags(opts)]) == 0
+    assert main([*argv, "-o", str(out2), "--device", "cpu", *dc.option_flags(opts)]) == 0
     record = json.loads((out2 / "samples.json").read_text())
     assert [(e["prompt"], Path(e["image"]).name) for e in record["prompts"]] == [
         ("make it red", "source0.png"),
@@ -128,13 +79,6 @@ def _config_file(tmp_path: Path, kind: str, path: Path, prompts: str, **options)
     out = tmp_path / f"config_{len(list(tmp_path.glob('config_*')))}.yaml"
     out.write_text(yaml.safe_dump(cfg))
     return out
-
-
-def _one_error_line(capsys: pytest.CaptureFixture, command: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith(f"precise-rl {command}: error: "), err[-3:]
-    assert sum("error" in line for line in err) == 1, err  # one line, no traceback
-    return err[-1]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -168,7 +112,7 @@ def test_train_command_ends_bad_editing_input_in_one_sentence(kind: str, tmp_pat
     for k, (config, message) in enumerate(cases):
         capsys.readouterr()
         assert main(["train", str(config), "--output", str(tmp_path / f"run{k}")]) == 2, message
-        line = _one_error_line(capsys, "train")
+        line = dc.one_error_line(capsys, "train")
         assert message in line, line
 
 
@@ -178,7 +122,7 @@ def test_sample_command_ends_bad_editing_input_in_one_sentence(kind: str, tmp_pa
     image = tmp_path / "src.png"
     te.source_image(16, 16, seed=0).save(image)
     base = ["sample", "--model", str(path), "--device", "cpu", "--steps", "1", "-o", str(tmp_path / "out")]
-    base += _option_flags(te.adapter_options(kind))
+    base += dc.option_flags(te.adapter_options(kind))
     cases = [
         (["--prompt", "x", "--image", str(tmp_path / "nope.png")], "--image: source image"),
         (["--image", str(image)], "--image needs a --prompt"),
@@ -188,7 +132,7 @@ def test_sample_command_ends_bad_editing_input_in_one_sentence(kind: str, tmp_pa
     for extra, message in cases:
         capsys.readouterr()
         assert main([*base, *extra]) == 2, message
-        assert message in _one_error_line(capsys, "sample")
+        assert message in dc.one_error_line(capsys, "sample")
     assert not (tmp_path / "out").exists()  # nothing written
 
 
@@ -219,7 +163,7 @@ def test_recipe_runs_on_a_tiny_pipeline(path: Path, tmp_path: Path) -> None:
     overrides += ["logging.tensorboard=false", "logging.progress=false", f"prompts.train={edits}"]
     overrides += [f"prompts.eval={edits}", "reward.options={}", "reward.weights={image_similarity: 1.0}"]
     overrides += [f"model.options.{k}={v}" for k, v in te.adapter_options(kind).items()]
-    overrides += [f"reward.options.image_similarity.{k}={v}" for k, v in te.tiny_clip(tmp_path / "clip").items()]
+    overrides += [f"reward.options.image_similarity.{k}={v}" for k, v in tp.tiny_clip(tmp_path / "clip").items()]
     if cfg.sampler.window.size:
         overrides += ["sampler.window.size=2"]
     summary = GRPOTrainer(load_config(path, overrides), tmp_path / "run").run()
@@ -237,30 +181,9 @@ def test_bf16_weights_with_checkpointing_and_kl_train(kind: str, tmp_path: Path)
     path = te.save_pipeline(kind, tmp_path / "pipe")
     edits = te.write_edit_prompts(tmp_path / "data", [("make it red", (32, 16)), ("make it blue", (16, 16))])
     cfg_option = {"true_cfg_scale": 2.0} if kind == "flux1_kontext" else {}
-    cfg = config_from_dict(
-        {
-            "model": {
-                "name": kind,
-                "path": str(path),
-                "dtype": "bfloat16",
-                "options": te.adapter_options(kind, gradient_checkpointing=True, **cfg_option),
-            },
-            "prompts": {"train": str(edits), "eval": str(edits)},
-            "sampler": {"num_steps": 3},
-            "reward": {"weights": {"jpeg_compressibility": 1.0}},
-            "train": {
-                "epochs": 1,
-                "groups_per_epoch": 2,
-                "group_size": 2,
-                "mixed_precision": "bf16",
-                "kl_beta": 0.01,
-                "lora": {"enabled": True, "rank": 2, "alpha": 2},
-            },
-            "eval": {"every": 0},
-            "logging": {"tensorboard": False, "progress": False},
-        }
-    )
-    trainer = GRPOTrainer(cfg, tmp_path / "run")
+    options = te.adapter_options(kind, gradient_checkpointing=True, **cfg_option)
+    model = {"name": kind, "path": str(path), "options": options}
+    trainer = dc.bf16_kl_trainer(model, tmp_path / "run", prompts={"train": str(edits), "eval": str(edits)})
     assert trainer.policy.pipe.transformer.dtype == torch.bfloat16 and trainer.policy.do_cfg
     trainer.run()
     assert trainer.global_step == 1

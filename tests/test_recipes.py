@@ -18,20 +18,12 @@ import pytest
 import yaml
 
 from precise_rl.config import config_to_dict, load_config
+from precise_rl.policies.registry import PIPELINE_ADAPTERS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "reproduction.md"
-DIFFUSERS_MODELS = {
-    "flux2_klein",
-    "flux2_dev",
-    "qwen_image",
-    "z_image",
-    "sd3",
-    "flux1",
-    "flux1_kontext",
-    "qwen_image_edit",
-    "diffusers",
-}
+#: the model names of the diffusers recipes: each adapter of a diffusers pipeline class, and the detecting name
+DIFFUSERS_MODELS = {*PIPELINE_ADAPTERS.values(), "diffusers"}
 #: the knob table that applies to the recipes of each model
 FAMILY = {
     "flux2_klein": "flux2_klein",

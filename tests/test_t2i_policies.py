@@ -16,19 +16,18 @@ import numpy as np
 import pytest
 import torch
 from diffusers.utils import logging as diffusers_logging
-from PIL import Image
 
 from precise_rl.cli import main
-from precise_rl.cli import sample as sample_cli
-from precise_rl.config import config_from_dict, load_config
+from precise_rl.config import load_config
 from precise_rl.errors import UserError
 from precise_rl.policies.diffusers_base import detect_adapter
 from precise_rl.policies.flux2 import Flux2KleinPolicy
 from precise_rl.policies.flux2_dev import Flux2DevPolicy
 from precise_rl.policies.registry import ADAPTERS
 from precise_rl.rl.trainer import GRPOTrainer, train_step_indices
-from precise_rl.sde import SAMPLERS, kernel, rollout
+from precise_rl.sde import SAMPLERS, kernel
 
+from . import diffusers_checks as dc
 from . import tiny_t2i_pipelines as tp
 
 diffusers_logging.disable_progress_bar()
@@ -48,15 +47,7 @@ def adapter(kind: str) -> type:
     return ADAPTERS[tp.ADAPTER[kind]]
 
 
-@pytest.fixture(scope="module")
-def pipeline_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("t2i_pipelines")
-    return {kind: tp.save_pipeline(kind, root / kind) for kind in KINDS}
-
-
-@pytest.fixture(scope="module")
-def policies(pipeline_dirs: dict[str, Path]) -> dict:
-    return {kind: adapter(kind).from_pretrained(str(pipeline_dirs[kind]), **options(kind)) for kind in KINDS}
+pipeline_dirs, policies = dc.pipeline_fixtures("t2i_pipelines", tp.save_pipeline, KINDS, adapter, options)
 
 
 def pipeline_call_kwargs(kind: str, policy, prompts: list[str]) -> dict:
@@ -139,17 +130,7 @@ def test_ode_rollout_reproduces_the_diffusers_pipeline(case: str, policies) -> N
         policy = adapter(kind)(pipe, **options(kind, **extra))
     prompts = ["a red fox", "two cats"]
     seed = int(torch.randint(0, 2**31, ()))
-    steps = 3
-    x1 = policy.sample_noise(len(prompts), generator=torch.Generator().manual_seed(seed))
-    traj = rollout(policy.velocity, x1, policy.time_grid(steps), "ode", cond=policy.encode_prompts(prompts))
-    ours = policy.decode(traj.sample)
-    theirs = policy.pipe(
-        prompt=prompts,
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-        **pipeline_call_kwargs(kind, policy, list(prompts)),
-    ).images
+    ours, theirs = dc.ode_and_pipeline_images(policy, prompts, seed, 3, **pipeline_call_kwargs(kind, policy, prompts))
     assert ours.shape == theirs.shape == (2, 3, HEIGHT, WIDTH)
     torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-5)
     assert (ours[0] - ours[1]).abs().max() > 1e-3  # the two prompts (and noises) really differ
@@ -252,19 +233,7 @@ def test_z_image_guides_in_one_forward_of_2b_rows_and_turbo_in_one_of_b(kind: st
 def test_repeated_prompts_are_encoded_once(kind: str, policies) -> None:
     """Each distinct prompt of a batch goes through the text encoder once; the negative prompt once per policy."""
     policy = adapter(kind)(policies[kind].pipe, **options(kind))  # a fresh policy: nothing cached yet
-    seen: list[list[str]] = []
-    original = policy.pipe.encode_prompt
-
-    def spy(prompt, **kw):
-        seen.append(list(prompt))
-        return original(prompt=prompt, **kw)
-
-    policy.pipe.encode_prompt = spy
-    try:
-        cond = policy.encode_prompts(["b", "a", "b", "b", "a"])
-        policy.encode_prompts(["a"])
-    finally:
-        del policy.pipe.encode_prompt
+    seen, (cond, _) = dc.encode_with_spy(policy, ["b", "a", "b", "b", "a"], ["a"])
     assert seen == ([["b", "a"], [policy.negative_prompt], ["a"]] if policy.do_cfg else [["b", "a"], ["a"]])
     for v in cond.values():
         assert v.shape[0] == 5 and torch.equal(v[0], v[3]) and torch.equal(v[1], v[4])
@@ -277,11 +246,7 @@ def test_batched_velocity_equals_row_by_row(kind: str, policies) -> None:
     guidance are per row)."""
     policy = policies[kind]
     prompts = ["a red fox", "two cats on a mat", "a red fox", "x"]
-    x, t = torch.randn(4, *policy.latent_shape), torch.rand(4)
-    batched = policy.velocity(x, t, policy.encode_prompts(prompts))
-    for i, p in enumerate(prompts):
-        row = policy.velocity(x[i : i + 1], t[i : i + 1], policy.encode_prompts([p]))
-        torch.testing.assert_close(batched[i : i + 1], row, rtol=0, atol=1e-5)
+    batched = dc.check_batched_velocity_is_row_by_row(policy, prompts)
     assert (batched[0] - batched[2]).abs().max() > 1e-4  # same prompt, other x and t
 
 
@@ -289,25 +254,8 @@ def test_batched_velocity_equals_row_by_row(kind: str, policies) -> None:
 
 
 def _trainer(kind: str, path: Path, sampler: str, out: Path, **train) -> GRPOTrainer:
-    cfg = config_from_dict(
-        {
-            "seed": int(torch.randint(0, 1000, ())),
-            "model": {"name": tp.ADAPTER[kind], "path": str(path), "options": options(kind)},
-            "sampler": {"name": sampler, "num_steps": 3},
-            "reward": {"weights": {"jpeg_incompressibility": 1.0}},
-            "train": {
-                "groups_per_epoch": 2,
-                "group_size": 2,
-                "lora": {"enabled": True, "rank": 2, "alpha": 2},
-                "ema": {"enabled": False},
-                **train,
-            },
-            "eval": {"every": 0},
-            "checkpoint": {"every": 1},
-            "logging": {"tensorboard": False, "progress": False},
-        }
-    )
-    return GRPOTrainer(cfg, out)
+    model = {"name": tp.ADAPTER[kind], "path": str(path), "options": options(kind)}
+    return dc.lora_trainer(model, out, sampler, **train)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -315,21 +263,13 @@ def test_importance_ratio_is_one_for_every_sampler(kind: str, pipeline_dirs, tmp
     """The trainer's recompute (all (sample, step) pairs in one batch) reproduces the rollout's log-probs,
     for every stochastic sampler on the model's own grid."""
     trainer = _trainer(kind, pipeline_dirs[kind], STOCHASTIC[0], tmp_path / "run")
-    with torch.no_grad():  # LoRA B starts at zero: give the adapter a non-trivial effect
-        for n, p in trainer.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    dc.perturb_lora_b(trainer)
     for sampler in STOCHASTIC:
         trainer.base_kernel = kernel(sampler, trainer.sigmas)  # the sampler at its reference noise level
         batch = trainer.collect(epoch=0)
         steps = train_step_indices(batch.kernel, 0.99)
         assert steps and batch.kernel.name == sampler
-        rows = torch.arange(len(batch.prompts)).repeat_interleave(len(steps))
-        idx = torch.tensor(steps).repeat(len(batch.prompts))
-        trainer.model.train()
-        with torch.no_grad():
-            out = trainer.recompute(batch, rows, idx)
-        ratio = torch.exp(out.log_prob - batch.log_probs[rows, idx])
+        out, ratio, rows, idx = dc.recompute_ratio(trainer, batch, steps)
         assert torch.isfinite(ratio).all(), sampler
         assert (ratio - 1).abs().max().item() < 1e-5, (sampler, (ratio - 1).abs().max().item())
         torch.testing.assert_close(out.mean, batch.means[rows, idx], rtol=0, atol=1e-5)
@@ -338,47 +278,22 @@ def test_importance_ratio_is_one_for_every_sampler(kind: str, pipeline_dirs, tmp
 # ---------------------------------------------------------------------------------------- training
 
 
-def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _cli_options(kind: str) -> list[str]:
-    return [f"--option={k}={v}" for k, v in options(kind).items() if k not in ("height", "width")]
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_grpo_epoch_trains_only_lora_and_the_adapter_reloads_into_sample(
     kind: str, pipeline_dirs, tmp_path: Path
 ) -> None:
     path = pipeline_dirs[kind]
     trainer = _trainer(kind, path, "precise", tmp_path / "run", epochs=1, batch_size=4, lr=1e-2, clip_range=0.2)
-    pipe = trainer.policy.pipe
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    frozen = {name: _state(getattr(pipe, name)) for name in FROZEN}
-    trainer.run()
+    dc.run_and_check_only_lora_trains(trainer, FROZEN, optional=False)
     assert trainer.global_step == 1
-    after = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    changed = [n for n in before if not torch.equal(before[n], after[n])]
-    assert changed and any(".lora_B." in n for n in changed)
-    assert all(".lora_A." in n or ".lora_B." in n for n in changed), [n for n in changed if "lora" not in n][:3]
-    for name in FROZEN:
-        now = _state(getattr(pipe, name))
-        assert now.keys() == frozen[name].keys() and all(torch.equal(now[k], frozen[name][k]) for k in now), name
 
     # The adapter saved with the checkpoint reloads into `precise-rl sample` (given the run directory) ...
     out = tmp_path / "samples"
     argv = ["sample", "--model", str(path), "--lora", str(tmp_path / "run"), "--prompt", "a cat"]
     argv += ["--steps", "3", "--num-images", "2", "--seed", "5", "-o", str(out), "--device", "cpu"]
-    argv += ["--height", str(HEIGHT), "--width", str(WIDTH), *_cli_options(kind)]
-    assert main(argv) == 0
+    assert main([*argv, *dc.option_flags(options(kind))]) == 0
     # ... with the trained weights: its images are those of the trained policy in memory.
-    trainer.model.eval()
-    expected = sample_cli.generate(trainer.policy, "a cat", "precise", trainer.policy.time_grid(3), None, [5, 6])
-    for k, seed in enumerate((5, 6)):
-        png = np.asarray(Image.open(out / "a_cat" / f"precise_seed{seed}.png")).astype(np.float32) / 255.0
-        ref = expected[k].permute(1, 2, 0).numpy()
-        assert png[::4, ::4].shape == ref.shape  # small images are written enlarged 4 times
-        assert np.abs(png[::4, ::4] - ref).max() <= 1.0 / 255 + 1e-6
+    dc.check_samples_are_the_policys(trainer, "a cat", out / "a_cat")
 
 
 @pytest.mark.slow
@@ -387,29 +302,8 @@ def test_bf16_weights_with_checkpointing_train_an_epoch(kind: str, tmp_path: Pat
     """bf16 weights under bf16 autocast with gradient checkpointing and a KL term: finite log-probs, images in
     [0, 1], the recomputed ratio within bf16 rounding of 1."""
     path = tp.save_pipeline(kind, tmp_path / "pipe")
-    cfg = config_from_dict(
-        {
-            "model": {
-                "name": tp.ADAPTER[kind],
-                "path": str(path),
-                "dtype": "bfloat16",
-                "options": options(kind, gradient_checkpointing=True),
-            },
-            "sampler": {"num_steps": 3},
-            "reward": {"weights": {"jpeg_compressibility": 1.0}},
-            "train": {
-                "epochs": 1,
-                "groups_per_epoch": 2,
-                "group_size": 2,
-                "mixed_precision": "bf16",
-                "kl_beta": 0.01,
-                "lora": {"enabled": True, "rank": 2, "alpha": 2},
-            },
-            "eval": {"every": 0},
-            "logging": {"tensorboard": False, "progress": False},
-        }
-    )
-    trainer = GRPOTrainer(cfg, tmp_path / "run")
+    model = {"name": tp.ADAPTER[kind], "path": str(path), "options": options(kind, gradient_checkpointing=True)}
+    trainer = dc.bf16_kl_trainer(model, tmp_path / "run")
     assert (
         trainer.policy.pipe.transformer.dtype == torch.bfloat16 and trainer.policy.transformer.is_gradient_checkpointing
     )
@@ -430,12 +324,10 @@ def test_a_resolution_the_model_cannot_take_is_one_sentence(
     with pytest.raises(UserError, match=r"cannot take a 30x16 image: .* multiples of 4 pixels"):
         adapter(kind)(policies[kind].pipe, **options(kind, height=30))
     base = ["sample", "--model", str(pipeline_dirs[kind]), "--prompt", "x", "--device", "cpu"]
-    base += ["-o", str(tmp_path / "out"), *_cli_options(kind)]
+    base += ["-o", str(tmp_path / "out"), *dc.option_flags(options(kind), size=False)]
     capsys.readouterr()
     assert main([*base, "--height", "30", "--width", "16"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("precise-rl sample: error: ") and "cannot take a 30x16 image" in err[-1]
-    assert sum("error" in line for line in err) == 1  # one line, no traceback
+    assert "cannot take a 30x16 image" in dc.one_error_line(capsys, "sample")
     assert not (tmp_path / "out").exists()
 
 
@@ -480,7 +372,7 @@ def test_each_new_model_has_a_recipe() -> None:
 def test_recipe_runs_on_a_tiny_pipeline_with_its_own_rewards(path: Path, pipeline_dirs, tmp_path: Path) -> None:
     """The recipe as shipped (its sampler and window, LoRA targets, guidance, rewards), on the model's tiny
     pipeline and tiny reward models, one epoch with evaluation under both protocols and a checkpoint."""
-    from .test_diffusers_training import TINY
+    from .tiny_pipelines import TINY_REWARDS
 
     text = path.read_text()
     assert "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes" in text
@@ -494,7 +386,7 @@ def test_recipe_runs_on_a_tiny_pipeline_with_its_own_rewards(path: Path, pipelin
     overrides += ["prompts.train=builtin", "prompts.eval=builtin", "reward.options={}"]
     overrides += [f"model.options.{k}={v}" for k, v in options(kind).items() if k != "guidance_scale"]
     for reward in cfg.reward.weights:
-        overrides += [f"reward.options.{reward}.{k}={v}" for k, v in TINY[reward](tmp_path / reward).items()]
+        overrides += [f"reward.options.{reward}.{k}={v}" for k, v in TINY_REWARDS[reward](tmp_path / reward).items()]
     summary = GRPOTrainer(load_config(path, overrides), tmp_path / "run").run()
     assert summary["epochs"] == 1
     record = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]

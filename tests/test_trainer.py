@@ -18,6 +18,7 @@ from precise_rl.errors import UserError
 from precise_rl.rl.trainer import GRPOTrainer, train_step_indices
 
 from . import toy_task
+from .diffusers_checks import recompute_ratio
 
 toy_task.register()
 
@@ -44,12 +45,7 @@ def test_importance_ratio_is_one_before_the_first_update(tmp_path: Path, sampler
     batch = trainer.collect(epoch=0)
     steps = train_step_indices(batch.kernel, 0.99)
     assert steps == [j for j in range(4) if batch.kernel.std[j] > 0]
-    rows = torch.arange(len(batch.prompts)).repeat_interleave(len(steps))
-    idx = torch.tensor(steps).repeat(len(batch.prompts))
-    trainer.model.train()
-    with torch.no_grad():
-        out = trainer.recompute(batch, rows, idx)
-    ratio = torch.exp(out.log_prob - batch.log_probs[rows, idx])
+    out, ratio, rows, idx = recompute_ratio(trainer, batch, steps)
     assert torch.isfinite(ratio).all()
     assert (ratio - 1).abs().max().item() < 1e-5
     torch.testing.assert_close(out.mean, batch.means[rows, idx], rtol=0, atol=1e-6)

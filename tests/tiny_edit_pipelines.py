@@ -1,11 +1,11 @@
 """Tiny instruction-editing pipelines built offline from config classes, and small source images.
 
-The components come from :mod:`tests.tiny_pipelines` where the model shares them (FLUX.1 Kontext is
-FLUX.1's transformer, text encoders and VAE under another pipeline class); Qwen-Image-Edit's are built
-here (a Qwen2.5-VL with a vision tower and its processor). ``processor_without_video`` must wrap any
-loading of a saved Qwen-Image-Edit pipeline (see there). ``source_images`` draws
-small RGB images (no download) and ``write_edit_prompts`` a JSON-lines prompt file pairing them with
-instructions, as a user's would be.
+The components come from :mod:`tests.tiny_pipelines` (FLUX.1 Kontext is FLUX.1's transformer, text
+encoders and VAE under another pipeline class; Qwen-Image-Edit has Qwen-Image's transformer, VAE and
+scheduler, and a Qwen2.5-VL with the vision tokens' ids); its tokenizer and processor are built here.
+``processor_without_video`` must wrap any loading of a saved Qwen-Image-Edit pipeline (see there).
+``source_image`` draws small RGB images (no download) and ``write_edit_prompts`` a JSON-lines prompt
+file pairing them with instructions, as a user's would be.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from . import tiny_pipelines as tp
@@ -34,10 +33,8 @@ def flux_kontext_pipeline(vae_scale: int = 2, guidance_embeds: bool = True, seed
 
 def save_pipeline(kind: str, directory: str | Path, **kwargs) -> Path:
     """Build the tiny editing pipeline ``kind`` and save it (safetensors) to ``directory``."""
-    directory = Path(directory)
     with processor_without_video():
-        BUILDERS[kind](**kwargs).save_pretrained(str(directory), safe_serialization=True)
-    return directory
+        return tp.save_pipeline(kind, directory, builders=BUILDERS, **kwargs)
 
 
 def adapter_options(kind: str, **extra) -> dict:
@@ -123,75 +120,23 @@ def qwen_image_edit_plus_pipeline(seed: int = 0, zero_cond_t: bool = False):
     """Qwen-Image-Edit (2509/2511) in miniature: a Qwen2.5-VL with a vision tower of 4-pixel patches (its
     image processor sized to match), the Qwen-Image transformer (2x2 patches of 4 latent channels), the
     Qwen-Image video VAE with per-channel statistics, and Qwen-Image's scheduler config."""
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImageEditPlusPipeline,
-        QwenImageTransformer2DModel,
-    )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
+    from diffusers import QwenImageEditPlusPipeline
+    from transformers import Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tok = qwen_vl_tokenizer()
-    torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=16,  # 4 latent channels x a 2x2 patch
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        axes_dims_rope=(4, 6, 6),
-        zero_cond_t=zero_cond_t,
-    ).eval()
-    ids = {
-        "bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
-        "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
-    }
-    vision_ids = {
-        "image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
-        "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
-        "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>"),
-    }
-    text = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2}
-    text.update(num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=1024, rope_theta=1e6, **ids)
-    text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}
-    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2, "out_hidden_size": 16}
-    vision.update(patch_size=4, spatial_merge_size=1, temporal_patch_size=1, window_size=16, fullatt_block_indexes=[0])
-    torch.manual_seed(seed + 1)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(
-        Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids, **vision_ids)
-    ).eval()
+    transformer = tp.qwen_image_transformer(seed, zero_cond_t=zero_cond_t)
+    text_encoder = tp.qwen2_5_vl_text_encoder(
+        tok, seed + 1, max_position_embeddings=1024, vision_ids=True, window_size=16, fullatt_block_indexes=[0]
+    )
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=4, temporal_patch_size=1, merge_size=1, size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64}
     )
     with processor_without_video():
         processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok)
-    torch.manual_seed(seed + 2)
-    vae = AutoencoderKLQwenImage(
-        base_dim=4,
-        z_dim=4,
-        dim_mult=[1, 1],  # one spatial downsampling: a VAE factor of 2
-        num_res_blocks=1,
-        temperal_downsample=[False],
-        latents_mean=[0.1, -0.2, 0.3, 0.0],
-        latents_std=[1.5, 0.7, 1.2, 2.0],
-    ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=8192,
-        max_shift=0.9,
-        shift=1.0,
-        shift_terminal=0.02,
-        time_shift_type="exponential",
-        use_dynamic_shifting=True,
-    )
     return QwenImageEditPlusPipeline(
-        scheduler=scheduler,
-        vae=vae,
+        scheduler=tp.qwen_image_scheduler(),
+        vae=tp.qwen_image_vae(seed + 2),
         text_encoder=text_encoder,
         tokenizer=tok,
         processor=processor,
@@ -200,17 +145,3 @@ def qwen_image_edit_plus_pipeline(seed: int = 0, zero_cond_t: bool = False):
 
 
 BUILDERS = {"flux1_kontext": flux_kontext_pipeline, "qwen_image_edit": qwen_image_edit_plus_pipeline}
-
-
-def tiny_clip(directory: str | Path, seed: int = 1) -> dict:
-    """A tiny CLIP model and its processor in one directory (as CLIPScore and image_similarity read them);
-    returns the reward's options."""
-    import shutil
-
-    directory = Path(directory)
-    parts = tp.tiny_pickscore(directory / "parts", seed=seed)
-    both = directory / "clip"
-    shutil.copytree(parts["model"], both)
-    for f in Path(parts["processor"]).iterdir():
-        shutil.copy(f, both / f.name)
-    return {"model": str(both)}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .tiny_pipelines import HEIGHT, WIDTH, _vae_blocks, flux2_klein_pipeline, qwen_tokenizer
+from . import tiny_pipelines as tp
+from .tiny_pipelines import HEIGHT, WIDTH, flux2_klein_pipeline, qwen_tokenizer
 
 __all__ = [
     "BUILDERS",
@@ -35,15 +36,6 @@ MISTRAL_CHAT_TEMPLATE = (
 )
 
 
-def _byte_vocab(specials: list[str]) -> dict[str, int]:
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
-    for s in specials:
-        vocab[s] = len(vocab)
-    return vocab
-
-
 def mistral_tokenizer():
     """A byte-level tokenizer with Mistral's control tokens and a chat template of content lists.
 
@@ -54,7 +46,7 @@ def mistral_tokenizer():
 
     specials = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
     tok = Qwen2Tokenizer(
-        vocab=_byte_vocab(specials),
+        vocab=tp.byte_vocab(specials),
         merges=[],
         bos_token="<s>",
         eos_token="</s>",
@@ -66,52 +58,6 @@ def mistral_tokenizer():
     return tok
 
 
-def _flux2_transformer(joint_attention_dim: int, guidance_embeds: bool, seed: int, num_layers: int = 1, heads: int = 2):
-    from diffusers import Flux2Transformer2DModel
-
-    torch.manual_seed(seed)
-    return Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=8,  # 2 latent channels x a 2x2 patch
-        num_layers=num_layers,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=heads,
-        joint_attention_dim=joint_attention_dim,
-        timestep_guidance_channels=32,
-        axes_dims_rope=[4, 4, 4, 4],
-        guidance_embeds=guidance_embeds,
-    ).eval()
-
-
-def _flux2_vae(seed: int):
-    from diffusers import AutoencoderKLFlux2
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKLFlux2(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        latent_channels=2,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        **_vae_blocks(2),
-    ).eval()
-    with torch.no_grad():  # non-trivial normalisation statistics, so that decoding exercises them
-        vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.1)
-        vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) + 0.5)
-    return vae
-
-
-def _flux2_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    # FLUX.2's scheduler config (dynamic shifting; the pipeline computes mu itself)
-    return FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, time_shift_type="exponential"
-    )
-
-
 def flux2_dev_pipeline(guidance_embeds: bool = True, seed: int = 0):
     """FLUX.2 dev in miniature: a Mistral3 text encoder (3 layers of 16), the Flux2 transformer with its
     guidance embedding, the Flux2 VAE with batch-norm statistics."""
@@ -119,7 +65,7 @@ def flux2_dev_pipeline(guidance_embeds: bool = True, seed: int = 0):
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     tok = mistral_tokenizer()
-    transformer = _flux2_transformer(48, guidance_embeds, seed)  # 3 text-encoder layers x hidden 16
+    transformer = tp.flux2_transformer(48, guidance_embeds, seed)  # 3 text-encoder layers x hidden 16
     text = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 3, "num_attention_heads": 2}
     text.update(num_key_value_heads=1, head_dim=8, vocab_size=len(tok), max_position_embeddings=512)
     vision = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2}
@@ -132,8 +78,8 @@ def flux2_dev_pipeline(guidance_embeds: bool = True, seed: int = 0):
     torch.manual_seed(seed + 1)
     text_encoder = Mistral3ForConditionalGeneration(cfg).eval()
     return Flux2Pipeline(
-        scheduler=_flux2_scheduler(),
-        vae=_flux2_vae(seed + 2),
+        scheduler=tp.flux2_scheduler(),
+        vae=tp.flux2_vae(seed + 2),
         text_encoder=text_encoder,
         tokenizer=tok,
         transformer=transformer,
@@ -144,23 +90,11 @@ def flux2_klein_9b_pipeline(is_distilled: bool = False, seed: int = 0):
     """FLUX.2 Klein in the 9B checkpoints' shape: relative to the 4B, a wider text encoder (Qwen3-8B's
     hidden 4096 against Qwen3-4B's 2560, so a joint_attention_dim of 3 x 4096), more double-stream
     blocks and attention heads; the distilled 9B's model_index.json sets ``is_distilled``."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     pipe = flux2_klein_pipeline(seed=seed)
-    qcfg = Qwen3Config(
-        intermediate_size=40,
-        hidden_size=24,
-        num_hidden_layers=3,
-        num_attention_heads=3,
-        num_key_value_heads=1,
-        head_dim=8,
-        vocab_size=len(pipe.tokenizer),
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(seed + 1)
+    wider = {"intermediate_size": 40, "hidden_size": 24, "num_attention_heads": 3, "num_key_value_heads": 1}
     pipe.register_modules(
-        text_encoder=Qwen3ForCausalLM(qcfg).eval(),
-        transformer=_flux2_transformer(72, False, seed, num_layers=2, heads=3),
+        text_encoder=tp.qwen3_text_encoder(len(pipe.tokenizer), seed + 1, **wider),
+        transformer=tp.flux2_transformer(72, False, seed, num_layers=2, heads=3),
     )
     pipe.register_to_config(is_distilled=is_distilled)
     return pipe
@@ -170,61 +104,17 @@ def qwen_image_pipeline(seed: int = 0):
     """Qwen-Image in miniature: a Qwen2.5-VL text encoder (2 layers of 16), the Qwen-Image transformer
     (2x2 patches of 4 latent channels), the Qwen-Image video VAE with per-channel statistics, and
     Qwen-Image's scheduler config (dynamic shift from 0.5 to 0.9, stretched to end at 0.02)."""
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from diffusers import QwenImagePipeline
 
     tok = qwen_tokenizer()
-    torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=16,  # 4 latent channels x a 2x2 patch
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
-    ids = {
-        "bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
-        "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
-    }
-    text = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2}
-    text.update(num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=512, rope_theta=1e6, **ids)
-    text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}
-    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2, "out_hidden_size": 16}
-    vision.update(patch_size=4, spatial_merge_size=1, temporal_patch_size=1)
-    torch.manual_seed(seed + 1)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(
-        Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-    ).eval()
-    torch.manual_seed(seed + 2)
-    vae = AutoencoderKLQwenImage(
-        base_dim=4,
-        z_dim=4,
-        dim_mult=[1, 1],  # one spatial downsampling: a VAE factor of 2
-        num_res_blocks=1,
-        temperal_downsample=[False],
-        latents_mean=[0.1, -0.2, 0.3, 0.0],
-        latents_std=[1.5, 0.7, 1.2, 2.0],
-    ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=8192,
-        max_shift=0.9,
-        shift=1.0,
-        shift_terminal=0.02,
-        time_shift_type="exponential",
-        use_dynamic_shifting=True,
-    )
+    transformer = tp.qwen_image_transformer(seed)
+    text_encoder = tp.qwen2_5_vl_text_encoder(tok, seed + 1, max_position_embeddings=512)
     return QwenImagePipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer
+        scheduler=tp.qwen_image_scheduler(),
+        vae=tp.qwen_image_vae(seed + 2),
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        transformer=transformer,
     )
 
 
@@ -233,8 +123,7 @@ def z_image_pipeline(turbo: bool = False, seed: int = 0):
     layer, one noise and one caption refiner), AutoencoderKL with a shift and a scale. ``turbo``:
     Z-Image-Turbo's scheduler (a static shift of 3); otherwise a dynamic shift, so that the pipeline's
     ``mu`` matters."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 
     tok = qwen_tokenizer()
     torch.manual_seed(seed)
@@ -251,41 +140,12 @@ def z_image_pipeline(turbo: bool = False, seed: int = 0):
         axes_dims=[4, 6, 6],  # head dim 16
         axes_lens=[512, 32, 32],
     ).eval()
-    qcfg = Qwen3Config(
-        intermediate_size=24,
-        hidden_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=len(tok),
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(seed + 1)
-    text_encoder = Qwen3Model(qcfg).eval()
-    torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
-        **_vae_blocks(2),
-    ).eval()
+    text_encoder = tp.qwen3_text_encoder(len(tok), seed + 1, max_position_embeddings=512, causal_lm=False)
+    vae = tp.autoencoder_kl(seed + 2, 4, shift_factor=0.1159, scaling_factor=0.3611)
     if turbo:  # Z-Image-Turbo's scheduler_config.json
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     else:
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=4,
-            max_image_seq_len=64,
-        )
+        scheduler = tp.flux_scheduler()
     return ZImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer
     )
@@ -324,6 +184,4 @@ ADAPTER.update(z_image="z_image", z_image_turbo="z_image")
 
 def save_pipeline(kind: str, directory: str | Path, **kwargs) -> Path:
     """Build the tiny pipeline ``kind`` and save it (safetensors) to ``directory``."""
-    directory = Path(directory)
-    BUILDERS[kind](**kwargs).save_pretrained(str(directory), safe_serialization=True)
-    return directory
+    return tp.save_pipeline(kind, directory, builders=BUILDERS, **kwargs)
