@@ -1025,3 +1025,24 @@ def test_fields_and_failures_of_a_reward_on_one_process_are_handled_alike_on_eve
 def _same_weights(a: Path, b: Path) -> bool:
     wa, wb = read_checkpoint(a)[0]["trainable"], read_checkpoint(b)[0]["trainable"]
     return all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_a_process_group_that_will_not_be_left_does_not_keep_the_process_alive(tmp_path: Path) -> None:
+    """Leaving the group hung once (both processes in destroy_process_group after an agreed error): the exit
+    code decided before it still comes out, after ``LEAVE_TIMEOUT_S``, and the process ends."""
+    port = _free_port()
+    code = (
+        "import sys, time, torch.distributed as dist\n"
+        "from precise_rl import cli\n"
+        f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=0, world_size=1)\n"
+        "dist.destroy_process_group = lambda *a, **k: time.sleep(3600)\n"
+        "cli.LEAVE_TIMEOUT_S = 1.0\n"
+        "sys.exit(cli.main(['train', 'train.lr=-1']))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "config key 'train.lr'" in done.stderr
+    assert "leaving the process group did not finish within 1 s; exiting without it" in done.stderr
+    assert time.monotonic() - t0 < 60

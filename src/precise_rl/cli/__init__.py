@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -85,18 +87,48 @@ def _command_of(argv: Sequence[str]) -> str:
     return next((a for a in argv if not a.startswith("-")), "")
 
 
+#: seconds a launched process waits to leave its process group before it exits without leaving
+LEAVE_TIMEOUT_S = 60.0
+
+
 def _leave_process_group() -> None:
     """Under a distributed launch, leave the process group before exiting (done, or on an agreed error).
 
     Exiting with it still open may abort the process (SIGABRT from the communication threads:
-    "terminate called without an active exception") instead of ending with its exit code.
+    "terminate called without an active exception") instead of ending with its exit code. Leaving
+    can itself hang (seen once with gloo on a loaded machine: both processes in
+    ``destroy_process_group`` after an agreed error): after ``LEAVE_TIMEOUT_S`` the process gives up
+    and exits at once with the code already decided.
     """
     dist = sys.modules.get("torch.distributed")
     try:
-        if dist is not None and dist.is_available() and dist.is_initialized():
+        if dist is None or not dist.is_available() or not dist.is_initialized():
+            return
+    except Exception:
+        return
+    left = threading.Event()
+
+    def leave() -> None:
+        try:
             dist.destroy_process_group()
-    except Exception:  # leaving is best effort: the error message is already out
-        pass
+        except Exception:  # leaving is best effort: the error message is already out
+            pass
+        finally:
+            left.set()
+
+    threading.Thread(target=leave, name="leave-process-group", daemon=True).start()
+    if not left.wait(LEAVE_TIMEOUT_S):
+        print(
+            f"precise-rl: leaving the process group did not finish within {LEAVE_TIMEOUT_S:.0f} s; exiting without it",
+            file=sys.stderr,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_code[0])  # the interpreter's teardown would wait on the same group
+
+
+#: the exit code main() returns, for an exit that cannot wait for the interpreter's teardown
+_exit_code = [0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,11 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        code = int(args._run(args) or 0)
+        code = _exit_code[0] = int(args._run(args) or 0)
         _leave_process_group()  # a launched process that exits with its group open may abort in teardown
         return code
     except UserError as exc:
         print(f"precise-rl {args.command}: error: {exc}", file=sys.stderr)
+        _exit_code[0] = 2
         _leave_process_group()
         return 2
     except KeyboardInterrupt:
