@@ -506,12 +506,7 @@ class DiffusersPolicy(Policy):
         if not self.cache_prompts:
             with self._encoding():
                 return self._encode_batch(prompts)
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise UserError("no prompts to encode")
-        self.check_prompts(prompts)
+        prompts = self._checked_prompts(prompts)
         missing = list({edit_key(p): p for p in prompts if edit_key(p) not in self._prompt_cache}.values())
         if missing:
             if self._text_encoders_freed:

@@ -71,14 +71,18 @@ class ModelReward(Reward):
         """The loaded model (loads it on first access)."""
         return self._model.get()
 
+    def _check_images(self, images: torch.Tensor, per_image: Sequence[Any], what: str) -> None:
+        """Images ``(B, 1 or 3, H, W)`` with one entry of ``per_image`` (prompts or metadata) each, else UserError."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise UserError(f"reward {self.name!r} needs images shaped (B, 1 or 3, H, W), got {tuple(images.shape)}")
+        if len(per_image) != images.shape[0]:
+            raise UserError(f"reward {self.name!r} got {images.shape[0]} images and {len(per_image)} {what}")
+
     @torch.no_grad()
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> dict[str, torch.Tensor]:
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise UserError(f"reward {self.name!r} needs images shaped (B, 1 or 3, H, W), got {tuple(images.shape)}")
-        if len(prompts) != images.shape[0]:
-            raise UserError(f"reward {self.name!r} got {images.shape[0]} images and {len(prompts)} prompts")
+        self._check_images(images, prompts, "prompts")
         model = self.model
         parts: dict[str, list[torch.Tensor]] = {}
         for lo in range(0, images.shape[0], self.batch_size):
@@ -306,10 +310,7 @@ class ImageSimilarity(CLIPScore):
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> dict[str, torch.Tensor]:
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise UserError(f"reward {self.name!r} needs images shaped (B, 1 or 3, H, W), got {tuple(images.shape)}")
-        if len(metadata) != images.shape[0]:
-            raise UserError(f"reward {self.name!r} got {images.shape[0]} images and {len(metadata)} metadata")
+        self._check_images(images, metadata, "metadata")
         sources = [m.get("source_image") for m in metadata]
         if any(not isinstance(s, torch.Tensor) for s in sources):
             raise UserError(
