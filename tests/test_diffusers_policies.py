@@ -352,7 +352,7 @@ def test_hub_revision_reaches_every_download_and_an_unpinned_one_is_noted(
     import diffusers
     import huggingface_hub
 
-    from precise_rl.policies import diffusers_base
+    from precise_rl.policies import loading
 
     commit = "".join(np.random.default_rng().choice(list("0123456789abcdef"), 40))
     snapshot = tmp_path / "snapshots" / commit
@@ -372,7 +372,7 @@ def test_hub_revision_reaches_every_download_and_an_unpinned_one_is_noted(
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", load)
-    monkeypatch.setattr(diffusers_base, "_unpinned_noted", set())
+    monkeypatch.setattr(loading, "_unpinned_noted", set())
     with pytest.warns(UserWarning, match=f"'someone/flux' is not pinned .* resolved to commit {commit}"):
         Flux1Policy.from_pretrained("someone/flux", **options("flux1"))
     assert asked == [("index", "someone/flux", None), ("pipeline", "someone/flux", None)]

@@ -6,7 +6,7 @@ registered when the task is imported). A reward of your own:
 decorate it with ``@register_reward("name")``, or name it by import path ``"package.module:Name"``.
 """
 
-from . import clip_models, geneval, image, image_reward, remote
+from . import clip_models, geneval, hpsv2, image, image_reward, remote
 from .base import (
     FunctionReward,
     PendingRewards,
@@ -39,6 +39,7 @@ __all__ = [
     "jpeg_sizes_kb",
     "image",
     "clip_models",
+    "hpsv2",
     "image_reward",
     "geneval",
     "remote",
