@@ -40,7 +40,7 @@ import torch
 from precise_rl.config import ExperimentConfig, apply_overrides, config_from_dict
 from precise_rl.policies import index_cond
 from precise_rl.rl.trainer import GRPOTrainer, train_step_indices
-from precise_rl.tasks.registry import TASKS, TaskSpec, digits_task
+from precise_rl.tasks.registry import TaskSpec, digits_task, register_task
 
 GOAL = 0.25
 SHIPPED_WIDTH = 128
@@ -54,7 +54,7 @@ def _digits_width(model_cfg: Any, device: torch.device) -> TaskSpec:
     return digits_task(digits.DigitsPolicy.from_config(dict(model_cfg.options), device=device, seed=0))
 
 
-TASKS.setdefault(BENCH_MODEL, _digits_width)
+register_task(BENCH_MODEL)(_digits_width)
 
 
 def bench_config(width: int, overrides: list[str]) -> ExperimentConfig:
