@@ -124,7 +124,10 @@ class QwenImageEditPlusPolicy(QwenImagePolicy):
     # ------------------------------------------------------------------ conditioning
 
     def _encode_unique(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError("encode_prompts encodes each (instruction, image) pair with its image")
+        # Never called: this adapter's encode_prompts (below) encodes each (instruction, image) pair itself,
+        # and the negative prompt with its image. The text-only encoding inherited from Qwen-Image would drop
+        # the source image from the text encoder's input, so a call that reaches it is a bug, not a fallback.
+        raise TypeError(f"{type(self).__name__} encodes prompts with their source images in encode_prompts")
 
     def encode_prompts(self, prompts: Any) -> dict[str, torch.Tensor]:
         """Conditioning ``(B, ...)``: each distinct (instruction, image) through the text encoder once, each
