@@ -1,12 +1,13 @@
 """Sharded training (``train.fsdp``, FSDP2) on CPU processes (gloo), launched as the README says, against one process.
 
 The digits task (a full fine-tune with EMA and a KL term, two micro-batches per update, uneven forward chunks):
-a one-process run's checkpoint of epoch 1 resumed on two sharded processes (1 -> 2) trains epochs
-2 and 3 to the one-process weights, every weight held as a half-sized shard on each process; that
-sharded run's checkpoint of epoch 2 resumed on two processes ends bit-identical to it, and resumed
-on one process (2 -> 1) reaches the one-process weights. A tiny FLUX.2 Klein trains LoRA sharded in
-bf16: the frozen base is sharded, the LoRA weights are float32, and the adapter its checkpoint holds
-draws in ``precise-rl sample`` the images of the checkpoint's weights.
+two sharded processes started from scratch train epoch 1 to the one-process weights; a one-process
+run's checkpoint of epoch 1 resumed on two sharded processes (1 -> 2) trains epochs 2 and 3 to the
+one-process weights, every weight held as a half-sized shard on each process; that sharded run's
+checkpoint of epoch 2 resumed on two processes ends bit-identical to it, and resumed on one process
+(2 -> 1) reaches the one-process weights. A tiny FLUX.2 Klein trains LoRA sharded in bf16: the frozen
+base is sharded, the LoRA weights are float32, and the adapter its checkpoint holds draws in
+``precise-rl sample`` the images of the checkpoint's weights.
 """
 
 from __future__ import annotations
@@ -129,6 +130,19 @@ def test_two_sharded_processes_hold_half_of_every_weight_and_train_the_one_proce
     ema = load_file(str(sorted((sharded / "checkpoints").glob("epoch_*"))[-1] / "ema.safetensors"))
     want = load_file(str(sorted((one_process / "checkpoints").glob("epoch_*"))[-1] / "ema.safetensors"))
     _assert_same_training(ema, want)
+
+
+@pytest.mark.slow
+def test_two_sharded_processes_from_scratch_train_the_one_process_weights(one_process: Path, tmp_path: Path) -> None:
+    # No checkpoint to start from: each process builds the model, shards it and draws its share of the
+    # rollouts; after one epoch the weights and the metrics (of the start and of epoch 1) are the one-process run's.
+    run = tmp_path / "run"
+    _launch("train", *ARGS, "train.epochs=1", "train.fsdp=true", "--output", str(run))
+    _assert_sharded(_rank_dumps(run))
+    first = sorted((one_process / "checkpoints").glob("epoch_*"))[0]
+    assert first.name == "epoch_000001"
+    _assert_metrics_close(_metrics(run), _metrics(one_process)[:2], extra_eval_at=(1,))  # its last epoch evaluates
+    _assert_same_training(_final_weights(run), load_file(str(first / "trainable.safetensors")))
 
 
 @pytest.mark.slow
