@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.utils import logging as diffusers_logging
+from safetensors.torch import load_file
 
 from precise_rl.cli import main
 from precise_rl.config import load_config
@@ -375,9 +376,10 @@ def test_recipe_runs_on_a_tiny_pipeline_with_its_own_rewards(path: Path, pipelin
     from .tiny_pipelines import TINY_REWARDS
 
     text = path.read_text()
-    assert "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes" in text
-    assert f"-m precise_rl.cli train configs/{path.name} --output runs/{path.stem}" in text
     cfg = load_config(path)
+    launcher = "fsdp" if cfg.train.fsdp else "ddp"  # a sharded recipe launches through the plain multi-GPU config
+    assert f"accelerate launch --config_file configs/accelerate/{launcher}.yaml --num_processes" in text
+    assert f"-m precise_rl.cli train configs/{path.name} --output runs/{path.stem}" in text
     kind = cfg.model.name
     overrides = [f"model.path={pipeline_dirs[kind]}", "model.dtype=float32", "train.mixed_precision='no'"]
     overrides += ["train.epochs=1", "train.groups_per_epoch=2", "train.group_size=2", "train.batch_size=4"]
@@ -393,4 +395,11 @@ def test_recipe_runs_on_a_tiny_pipeline_with_its_own_rewards(path: Path, pipelin
     for reward in cfg.reward.weights:
         assert np.isfinite(record[f"reward/{reward}"]) and np.isfinite(record[f"eval_ode/{reward}"])
         assert np.isfinite(record[f"eval_own/{reward}"])
-    assert (tmp_path / "run" / "checkpoints" / "epoch_000001" / "adapter" / "adapter_config.json").is_file()
+    ckpt = tmp_path / "run" / "checkpoints" / "epoch_000001"
+    if cfg.train.lora.enabled:
+        assert (ckpt / "adapter" / "adapter_config.json").is_file()
+    else:  # a full fine-tune (on one process here, held whole): every transformer weight is in the checkpoint
+        trained = load_file(str(ckpt / "trainable.safetensors"))
+        base = load_file(str(next((Path(pipeline_dirs[kind]) / "transformer").glob("*.safetensors"))))
+        assert trained.keys() == base.keys() and all(w.dtype == torch.float32 for w in trained.values())
+        assert any(not torch.equal(trained[k], base[k].float()) for k in base)
