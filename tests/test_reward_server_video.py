@@ -21,8 +21,8 @@ from precise_rl.errors import UserError
 from precise_rl.rewards import Reward, build_reward
 from precise_rl.rewards.protocol import Limits, ProtocolError, decode_videos, encode_videos, parse_request
 
-from .test_reward_server_hostile import _b64, _png_bytes, _post, _thread_server, bomb_png
 from .test_reward_server import thread_server
+from .test_reward_server_hostile import _b64, _png_bytes, _post, _thread_server, bomb_png
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
