@@ -317,7 +317,9 @@ class RewardSet:
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None
     ) -> list[Mapping[str, Any]]:
         if images.ndim not in (4, 5):
-            raise UserError(f"rewards need images (B, C, H, W) or videos (B, F, C, H, W), got {tuple(images.shape)}")
+            raise UserError(
+                f"rewards need images shaped (B, C, H, W) or videos shaped (B, F, C, H, W), got {tuple(images.shape)}"
+            )
         if images.ndim == 5:
             from .video import needs_frames_sentence
 
