@@ -131,6 +131,38 @@ def test_an_image_server_scores_chosen_frames_and_refuses_whole_videos() -> None
     torch.testing.assert_close(out["remote"].double(), per_frame.mean(1), rtol=0, atol=1e-6)
 
 
+class DarkCornerUnscored(Reward):
+    """An image reward that cannot score an image whose top-left red level is under 0.2 (null)."""
+
+    name = "corner"
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> Any:
+        score = images.double().flatten(1).mean(1)
+        score[images[:, 0, 0, 0] < 0.2] = float("nan")
+        return score
+
+
+def test_frames_scored_remotely_in_the_background_leave_a_video_unscored_when_one_frame_is() -> None:
+    from precise_rl.rewards import RewardSet
+
+    videos = _videos(6, 4)
+    prompts = [f"p{k}" for k in range(6)]
+    q = _levels(videos).double()
+    chosen = [0, 1, 3]  # first, middle ((4 - 1) // 2) and last
+    with thread_server(DarkCornerUnscored()) as url:
+        rewards = RewardSet({"remote": 1.0}, remote={"url": url, "frames": "first,middle,last", "max_batch": 5})
+        assert callable(getattr(rewards.rewards["remote"], "submit", None))  # scored in the background
+        out = rewards.score(videos, prompts)
+    for b in range(6):
+        dark = any(float(q[b, f, 0, 0, 0]) < 0.2 for f in chosen)
+        assert out["remote/unscored"][b].item() == float(dark)
+        if dark:
+            assert torch.isnan(out["remote"][b])
+        else:
+            expected = sum(float(q[b, f].mean()) for f in chosen) / 3
+            assert out["remote"][b].item() == pytest.approx(expected, abs=1e-6)
+
+
 def test_an_image_reward_without_frames_is_refused_on_the_client_for_geneval() -> None:
     from precise_rl.rewards import RewardSet
 

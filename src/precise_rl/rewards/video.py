@@ -26,6 +26,7 @@ from ..errors import UserError
 from .base import Reward, register_reward
 from .clip_models import _TOKENIZER_FILES, ModelReward, _image_embeds, _load_clip_model, _unit, load_clip_preprocess
 from .hub import resolve_dir
+from .remote import UNSCORED
 
 __all__ = [
     "FrameReward",
@@ -98,7 +99,8 @@ class FrameReward(Reward):
 
     The frames of a batch go to the inner reward as one batch of ``B x K`` images (video ``b``'s
     frames together, each with the video's prompt and metadata). A frame the inner reward could not
-    score (NaN) leaves its video unscored.
+    score (NaN) leaves its video unscored, and a remote reward's ``unscored`` flag is 1 for a video
+    when it is 1 for any of its frames.
     """
 
     accepts_video = True
@@ -141,7 +143,9 @@ class FrameReward(Reward):
             t = torch.as_tensor(value)
             if t.numel() != batch * k:
                 raise UserError(f"reward {name!r} returned {t.numel()} scores for {batch * k} frames")
-            result[field] = t.reshape(batch, k).float().mean(dim=1)
+            per_frame = t.reshape(batch, k).float()
+            # a video is unscored when any of its frames is; every other field is the frames' mean
+            result[field] = per_frame.amax(dim=1) if field == UNSCORED else per_frame.mean(dim=1)
         return result
 
     def __call__(
