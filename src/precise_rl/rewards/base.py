@@ -1,7 +1,8 @@
 """The reward interface, the registry of rewards by name, and the weighted combination.
 
-A reward maps a batch of images ``(B, C, H, W)`` (floats in [0, 1]), their prompts and their
-metadata dicts to named ``(B,)`` float32 scores. ``RewardSet`` scores a batch with several
+A reward maps a batch of images ``(B, C, H, W)`` (floats in [0, 1]; a video model's batch is videos
+``(B, F, C, H, W)``, which image rewards score through their ``frames`` option, :mod:`.video`), their
+prompts and their metadata dicts to named ``(B,)`` float32 scores. ``RewardSet`` scores a batch with several
 rewards; ``combine_rewards`` z-scores each over the batch and sums them with weights
 (``docs/math.md`` section 5). A score that is NaN or infinite, from any reward, marks an
 image the reward could not score: it becomes NaN, and an image that a reward of non-zero weight
