@@ -10,6 +10,8 @@ model settings. ``--lora`` loads a LoRA adapter saved by training (an adapter di
 or a run directory) onto ``--model``. Image ``i`` of a prompt uses seed ``SEED + i`` for its initial noise and its
 sampler noise, whatever the batch size; with ``--grid`` every sampler starts from the same noise
 and a PNG grid (a row per sampler, a column per seed) is written beside the images.
+A video model writes each sample as an H.264 MP4 at the model's frame rate, with a PNG strip of its
+first, middle and last frames beside it; its grid shows those strips.
 """
 
 from __future__ import annotations
@@ -225,7 +227,9 @@ def generate(
     batch_size: int = 8,
     schedule: str | None = None,
 ) -> torch.Tensor:
-    """Images ``(len(seeds), C, H, W)`` in [0, 1] for one prompt; row ``i`` depends only on ``seeds[i]``.
+    """Images ``(len(seeds), C, H, W)`` (videos: ``(len(seeds), F, C, H, W)``) in [0, 1] for one prompt.
+
+    Row ``i`` depends only on ``seeds[i]``.
 
     The rollouts are training's (:func:`precise_rl.rl.rollouts.sample`): the same seed gives the same image.
     """
@@ -260,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
     from ..policies.lora import load_adapter
     from ..sde import time_grid
     from ..tasks.registry import read_prompt_file
+    from ..videos import frame_strip, policy_fps, save_strip, write_mp4
 
     prompts = list(args.prompt)
     if args.image is not None:  # an editing model's instructions, all on this image
@@ -346,11 +351,21 @@ def run(args: argparse.Namespace) -> int:
                     raise
                 raise UserError(f"sampler {s!r}: {exc}") from None
             scale = max(1, 64 // min(imgs.shape[-2:]))
-            for seed, img in zip(seeds, imgs, strict=True):
-                path = folder / f"{s}_seed{seed}.png"
-                save_png(img, path, scale)
-                files.append(str(path))
-                written += 1
+            if imgs.ndim == 5:  # videos: an MP4 each, and the strip of its first, middle and last frames
+                fps = policy_fps(policy)
+                record.update(fps=fps, frames=int(imgs.shape[1]))
+                for seed, video in zip(seeds, imgs, strict=True):
+                    mp4 = write_mp4(video, folder / f"{s}_seed{seed}.mp4", fps, scale=scale)
+                    strip = save_strip(video, folder / f"{s}_seed{seed}_frames.png", scale)
+                    files += [str(mp4), str(strip)]
+                    written += 1
+                imgs = torch.stack([frame_strip(v) for v in imgs])
+            else:
+                for seed, img in zip(seeds, imgs, strict=True):
+                    path = folder / f"{s}_seed{seed}.png"
+                    save_png(img, path, scale)
+                    files.append(str(path))
+                    written += 1
             rows.append(imgs)
             bar.update(1)
         entry: dict[str, Any] = {"prompt": prompt, "files": files}
@@ -367,5 +382,6 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     (out / "samples.json").write_text(json.dumps(record, indent=1))
     grids = " and a sampler grid per prompt" if args.grid else ""
-    print(f"wrote {written} images{grids} to {out}/ ({adapter}, {args.sampler}, {args.steps} steps)")
+    what = "videos (MP4 and frame strip each)" if "fps" in record else "images"
+    print(f"wrote {written} {what}{grids} to {out}/ ({adapter}, {args.sampler}, {args.steps} steps)")
     return 0

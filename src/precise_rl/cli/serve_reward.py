@@ -8,7 +8,10 @@ binds to 127.0.0.1 unless told otherwise; with a token (``--token-file`` or the
 ``Authorization: Bearer TOKEN`` (the scheme in any case); bodies over ``--max-request-mb`` are refused
 with 413 before they are read whole, and so are requests of more than ``--max-images`` images or of
 images over ``--max-image-pixels`` each or ``--max-request-pixels`` together (checked from the PNG
-headers, before decoding). A request is parsed and decoded in a worker thread, never on the event
+headers, before decoding). Videos travel as PNG frames: ``--max-images`` bounds the videos of a request,
+``--max-frames`` the frames of each, and every frame counts in the pixel bounds; an image reward
+serves videos with ``--set frames=first,middle,last`` (see :mod:`precise_rl.rewards.video`).
+A request is parsed and decoded in a worker thread, never on the event
 loop, so ``/health`` answers while large requests are read; at most ``--max-decoding`` requests are
 decoded or scored at once, which bounds the memory they take. Requests are scored one at a time (the
 model is loaded once, on the first request or at start with ``--preload``). Needs the ``serve`` extra:
@@ -26,6 +29,7 @@ from ..errors import UserError
 from ..rewards.base import build_reward
 from ..rewards.protocol import DEFAULT_PORT, TOKEN_ENV, Limits, read_token
 from ..rewards.server import (
+    DEFAULT_MAX_FRAMES,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_IMAGES,
     DEFAULT_MAX_MB,
@@ -76,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="most pixels of one request's images together",
     )
     p.add_argument(
+        "--max-frames", type=int, default=DEFAULT_MAX_FRAMES, help="most frames of one video (videos count as images)"
+    )
+    p.add_argument(
         "--max-decoding", type=int, default=None, help="requests decoded or scored at once (default 2; 8 concurrent)"
     )
     p.add_argument("--preload", action="store_true", help="load the model before accepting requests")
@@ -99,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if not args.max_request_mb > 0:
         raise UserError(f"--max-request-mb must be positive, got {args.max_request_mb}")
-    for flag in ("max_images", "max_image_pixels", "max_request_pixels", "max_decoding"):
+    for flag in ("max_images", "max_image_pixels", "max_request_pixels", "max_frames", "max_decoding"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
@@ -125,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         allow_open=args.allow_open,
         log_level=args.log_level,
         concurrent=args.concurrent,
-        limits=Limits(args.max_images, args.max_image_pixels, args.max_request_pixels),
+        limits=Limits(args.max_images, args.max_image_pixels, args.max_request_pixels, args.max_frames),
         max_decoding=args.max_decoding,
         on_ready=announce,
     )

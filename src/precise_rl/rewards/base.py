@@ -1,7 +1,8 @@
 """The reward interface, the registry of rewards by name, and the weighted combination.
 
-A reward maps a batch of images ``(B, C, H, W)`` (floats in [0, 1]), their prompts and their
-metadata dicts to named ``(B,)`` float32 scores. ``RewardSet`` scores a batch with several
+A reward maps a batch of images ``(B, C, H, W)`` (floats in [0, 1]; a video model's batch is videos
+``(B, F, C, H, W)``, which image rewards score through their ``frames`` option, :mod:`.video`), their
+prompts and their metadata dicts to named ``(B,)`` float32 scores. ``RewardSet`` scores a batch with several
 rewards; ``combine_rewards`` z-scores each over the batch and sums them with weights
 (``docs/math.md`` section 5). A score that is NaN or infinite, from any reward, marks an
 image the reward could not score: it becomes NaN, and an image that a reward of non-zero weight
@@ -57,6 +58,9 @@ class Reward(ABC):
     #: ``combine_rewards`` passes on and the trainer leaves out and counts; the trainer also warns
     #: (once) when a reward with ``may_fail`` False does so
     may_fail: bool = False
+    #: True for a reward that scores videos ``(B, F, C, H, W)`` itself; an image reward scores videos
+    #: only through its ``frames`` option (:mod:`.video`)
+    accepts_video: bool = False
 
     @abstractmethod
     def __call__(
@@ -78,6 +82,8 @@ class FunctionReward(Reward):
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
         self.name = name
         self.fn = fn
+        # a plain function that scores videos says so with an attribute ``accepts_video = True``
+        self.accepts_video = bool(getattr(fn, "accepts_video", False))
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
@@ -153,8 +159,13 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
     A class is instantiated with ``kwargs``; a function is bound to them. The result always
     behaves as a :class:`Reward` named ``name``. ``"name@label"`` builds reward ``name`` under the
     label: its scores are keyed ``"name@label"``, so one reward can be used twice with other options.
+    Option ``frames`` of an image reward makes it score those frames of videos (:mod:`.video`).
     """
     obj = _resolve(name)
+    frames = None
+    if "frames" in kwargs and not _accepts(obj, "frames"):  # a reward with a frames option of its own keeps it
+        kwargs = dict(kwargs)
+        frames = kwargs.pop("frames")
     if inspect.isclass(obj):
         try:
             instance = obj(**kwargs)
@@ -173,6 +184,10 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
             raise UserError(f"reward {name!r} built a non-callable {type(instance).__name__}")
         instance = FunctionReward(name, instance)
     instance.name = name
+    if frames is not None:
+        from .video import frame_reward  # video.py builds on this module
+
+        instance = frame_reward(instance, frames)
     return instance
 
 
@@ -302,8 +317,16 @@ class RewardSet:
     def _check_batch(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None
     ) -> list[Mapping[str, Any]]:
-        if images.ndim != 4:
-            raise UserError(f"rewards need images shaped (B, C, H, W), got {tuple(images.shape)}")
+        if images.ndim not in (4, 5):
+            raise UserError(
+                f"rewards need images shaped (B, C, H, W) or videos shaped (B, F, C, H, W), got {tuple(images.shape)}"
+            )
+        if images.ndim == 5:
+            from .video import needs_frames_sentence
+
+            for name, reward in self.rewards.items():
+                if not getattr(reward, "accepts_video", False):
+                    raise UserError(needs_frames_sentence(name))
         batch = images.shape[0]
         metadata = [{} for _ in range(batch)] if metadata is None else list(metadata)
         if len(prompts) != batch or len(metadata) != batch:

@@ -5,19 +5,25 @@
     {"protocol": 1, "images": [base64 PNG, ...], "prompts": [str, ...], "metadata": [object, ...]}
 
 Images are 8-bit PNGs (grey or RGB), all the same size; the scores of image ``i`` belong to
-``prompts[i]`` and ``metadata[i]``. A 200 answer is::
+``prompts[i]`` and ``metadata[i]``. Videos go instead of images as ``"videos": [[base64 PNG, ...],
+...]``, each video its frames in order as PNGs, every video of a request with the same number of
+frames of one size (the server's reward gets ``(B, F, C, H, W)``). Frames travel as PNGs rather than
+an MP4 for three reasons: the server scores exactly the 8-bit frames the client has (no codec loss),
+its bounds are read from each PNG's header before any pixel is decoded (a video container says its
+frame count only as it is decoded), and neither side needs a video codec. A 200 answer is::
 
     {"protocol": 1, "reward": NAME, "scores": {FIELD: [number or null, ...], ...}}
 
 with one list per field, as long as ``images``; field ``NAME`` is the reward itself, others are
 extra measurements; ``null`` marks an image the reward could not score. Errors answer
 ``{"detail": sentence}`` with 400 (a malformed request), 401 (missing or wrong token), 413 (body, image
-count or decoded pixels over the server's limits) or 500 (the reward raised). ``GET /health`` answers
+or video count, frames per video or decoded pixels over the server's limits), 415 (videos sent to a
+server whose reward scores images only) or 500 (the reward raised). ``GET /health`` answers
 ``{"status": "ok", "protocol": 1}``.
 
 Decoding is bounded before it starts: a PNG's width and height are read from its header (IHDR)
-and checked against the limits per image and per request, so that a small compressed file cannot
-decode to gigabytes.
+and checked against the limits per image (per frame) and per request (all frames of all videos
+together), so that a small compressed file cannot decode to gigabytes.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from PIL import Image
 from ..errors import UserError
 
 __all__ = ["PROTOCOL", "ProtocolError", "RequestTooLarge", "Limits", "png_size"]
-__all__ += ["encode_images", "decode_images", "build_request", "parse_request"]
+__all__ += ["encode_images", "decode_images", "encode_videos", "decode_videos", "build_request", "parse_request"]
 __all__ += ["build_response", "parse_response", "read_token", "TOKEN_ENV", "DEFAULT_PORT"]
 
 PROTOCOL = 1
@@ -81,8 +87,10 @@ class Limits:
     max_images: int | None = None
     #: width x height of one image
     max_image_pixels: int | None = None
-    #: width x height summed over the request's images
+    #: width x height summed over the request's images (every frame of every video)
     max_request_pixels: int | None = None
+    #: frames of one video
+    max_frames: int | None = None
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -111,6 +119,49 @@ def encode_images(images: torch.Tensor) -> list[str]:
     return out
 
 
+def _decode_png(item: Any, label: str, limits: Limits, total: int) -> tuple[np.ndarray, int]:
+    """One base64 PNG to an ``(H, W, C)`` uint8 array, its pixels added to the request's ``total`` first."""
+    if not isinstance(item, str):
+        raise ProtocolError(f"{label} is not a base64 string")
+    try:
+        data = base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(f"{label} is not a readable base64 PNG: its text is not valid base64") from None
+    size = png_size(data)
+    if size is None:
+        raise ProtocolError(f"{label} is not a PNG: its {len(data)} bytes do not start with a PNG header")
+    w, h = size
+    if limits.max_image_pixels is not None and w * h > limits.max_image_pixels:
+        raise RequestTooLarge(
+            f"{label} is {w}x{h} pixels, over the limit of {limits.max_image_pixels} pixels per image"
+        )
+    total += w * h
+    if limits.max_request_pixels is not None and total > limits.max_request_pixels:
+        raise RequestTooLarge(
+            f"the request's images add up to over {limits.max_request_pixels} pixels (the limit per request)"
+        )
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as pil:
+            if pil.mode not in ("L", "RGB"):
+                pil = pil.convert("RGB")
+            arr = np.asarray(pil, dtype=np.uint8)
+    except Image.DecompressionBombError:
+        raise RequestTooLarge(f"{label} is {w}x{h} pixels, more than this server decodes") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # a truncated or corrupt PNG body
+        reason = str(exc).split(" <", 1)[0] if "BytesIO" in str(exc) else str(exc)
+        raise ProtocolError(f"{label} is not a readable PNG ({reason or type(exc).__name__})") from None
+    return (arr[:, :, None] if arr.ndim == 2 else arr), total
+
+
+def _stack(arrays: list[np.ndarray], what: str) -> torch.Tensor:
+    """Same-shaped ``(H, W, C)`` uint8 arrays as ``(N, C, H, W)`` float32 in [0, 1]."""
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ProtocolError(f"all {what} of a request must have one size and mode, got {sorted(shapes)}")
+    stacked = np.stack(arrays).transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(stacked)).float() / 255.0
+
+
 def decode_images(encoded: Sequence[Any], limits: Limits | None = None) -> torch.Tensor:
     """Base64 PNGs back to ``(B, C, H, W)`` float32 in [0, 1]; ProtocolError on anything else.
 
@@ -126,61 +177,76 @@ def decode_images(encoded: Sequence[Any], limits: Limits | None = None) -> torch
     arrays = []
     total = 0
     for k, item in enumerate(encoded):
-        if not isinstance(item, str):
-            raise ProtocolError(f"image {k} is not a base64 string")
-        try:
-            data = base64.b64decode(item, validate=True)
-        except (binascii.Error, ValueError):
-            raise ProtocolError(f"image {k} is not a readable base64 PNG: its text is not valid base64") from None
-        size = png_size(data)
-        if size is None:
-            raise ProtocolError(f"image {k} is not a PNG: its {len(data)} bytes do not start with a PNG header")
-        w, h = size
-        if limits.max_image_pixels is not None and w * h > limits.max_image_pixels:
+        arr, total = _decode_png(item, f"image {k}", limits, total)
+        arrays.append(arr)
+    return _stack(arrays, "images")
+
+
+def encode_videos(videos: torch.Tensor) -> list[list[str]]:
+    """``(B, F, 1 or 3, H, W)`` in [0, 1] to one list of base64 PNG frames per video."""
+    if videos.ndim != 5 or videos.shape[2] not in (1, 3) or videos.shape[1] < 1:
+        raise ProtocolError(f"videos must be shaped (B, F, 1 or 3, H, W), got {tuple(videos.shape)}")
+    return [encode_images(v) for v in videos]
+
+
+def decode_videos(encoded: Sequence[Any], limits: Limits | None = None) -> torch.Tensor:
+    """Lists of base64 PNG frames back to ``(B, F, C, H, W)`` float32 in [0, 1]; ProtocolError otherwise.
+
+    The video count (``max_images``), the frames of each video (``max_frames``) and every frame's
+    pixels (per frame, and summed over the request) are checked before the frames are decoded.
+    """
+    limits = limits or Limits()
+    if not isinstance(encoded, list) or not encoded:
+        raise ProtocolError("'videos' must be a non-empty list of videos, each a list of base64 PNG frames")
+    if limits.max_images is not None and len(encoded) > limits.max_images:
+        raise RequestTooLarge(
+            f"the request has {len(encoded)} videos, over the limit of {limits.max_images} per request"
+        )
+    for k, video in enumerate(encoded):  # every count first: nothing is decoded for a request over a bound
+        if not isinstance(video, list) or not video:
+            raise ProtocolError(f"video {k} is not a non-empty list of base64 PNG frames")
+        if limits.max_frames is not None and len(video) > limits.max_frames:
             raise RequestTooLarge(
-                f"image {k} is {w}x{h} pixels, over the limit of {limits.max_image_pixels} pixels per image"
+                f"video {k} has {len(video)} frames, over the limit of {limits.max_frames} frames per video"
             )
-        total += w * h
-        if limits.max_request_pixels is not None and total > limits.max_request_pixels:
-            raise RequestTooLarge(
-                f"the request's images add up to over {limits.max_request_pixels} pixels (the limit per request)"
-            )
-        try:
-            with Image.open(io.BytesIO(data), formats=["PNG"]) as pil:
-                if pil.mode not in ("L", "RGB"):
-                    pil = pil.convert("RGB")
-                arr = np.asarray(pil, dtype=np.uint8)
-        except Image.DecompressionBombError:
-            raise RequestTooLarge(f"image {k} is {w}x{h} pixels, more than this server decodes") from None
-        except (OSError, ValueError, SyntaxError) as exc:  # a truncated or corrupt PNG body
-            reason = str(exc).split(" <", 1)[0] if "BytesIO" in str(exc) else str(exc)
-            raise ProtocolError(f"image {k} is not a readable PNG ({reason or type(exc).__name__})") from None
-        arrays.append(arr[:, :, None] if arr.ndim == 2 else arr)
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise ProtocolError(f"all images of a request must have one size and mode, got {sorted(shapes)}")
-    stacked = np.stack(arrays).transpose(0, 3, 1, 2)
-    return torch.from_numpy(np.ascontiguousarray(stacked)).float() / 255.0
+    counts = {len(v) for v in encoded}
+    if len(counts) != 1:
+        raise ProtocolError(f"all videos of a request must have the same number of frames, got {sorted(counts)}")
+    arrays = []
+    total = 0
+    for k, video in enumerate(encoded):
+        for j, item in enumerate(video):
+            arr, total = _decode_png(item, f"frame {j} of video {k}", limits, total)
+            arrays.append(arr)
+    frames = _stack(arrays, "frames")
+    return frames.reshape(len(encoded), counts.pop(), *frames.shape[1:])
 
 
 def build_request(images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> dict:
+    """The request body for images ``(B, C, H, W)`` or videos ``(B, F, C, H, W)``."""
+    media = {"videos": encode_videos(images)} if images.ndim == 5 else {"images": encode_images(images)}
     return {
         "protocol": PROTOCOL,
-        "images": encode_images(images),
+        **media,
         "prompts": list(prompts),
         "metadata": [dict(m) for m in metadata],
     }
 
 
 def parse_request(body: Any, limits: Limits | None = None) -> tuple[torch.Tensor, list[str], list[dict]]:
-    """A decoded JSON request to (images, prompts, metadata); ProtocolError naming what is wrong."""
+    """A decoded JSON request to (images or videos, prompts, metadata); ProtocolError naming what is wrong."""
     if not isinstance(body, Mapping):
         raise ProtocolError("the request body must be a JSON object")
     version = body.get("protocol", PROTOCOL)
     # exactly the integer: true and 1.0 compare equal to 1 in Python but are not this protocol's number
     if type(version) is not int or version != PROTOCOL:
         raise ProtocolError(f"this server speaks protocol {PROTOCOL}, the request says {version!r}")
-    images = decode_images(body.get("images"), limits)
+    if "images" in body and "videos" in body:
+        raise ProtocolError("a request carries 'images' or 'videos', not both")
+    if "videos" in body:
+        images = decode_videos(body.get("videos"), limits)
+    else:
+        images = decode_images(body.get("images"), limits)
     prompts = body.get("prompts")
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise ProtocolError("'prompts' must be a list of strings")
@@ -188,7 +254,8 @@ def parse_request(body: Any, limits: Limits | None = None) -> tuple[torch.Tensor
     if not isinstance(metadata, list) or not all(isinstance(m, Mapping) for m in metadata):
         raise ProtocolError("'metadata' must be a list of JSON objects")
     if not len(prompts) == len(metadata) == images.shape[0]:
-        raise ProtocolError(f"got {images.shape[0]} images, {len(prompts)} prompts and {len(metadata)} metadata")
+        what = "videos" if images.ndim == 5 else "images"
+        raise ProtocolError(f"got {images.shape[0]} {what}, {len(prompts)} prompts and {len(metadata)} metadata")
     return images, prompts, [dict(m) for m in metadata]
 
 

@@ -98,10 +98,13 @@ class RemoteReward(Reward):
     Returns the server reward's own score under this reward's name (e.g. ``remote@hps``), its extra
     fields, and ``unscored`` (1 where no score could be had, the score being NaN there).
     ``metadata_file`` (JSON lines, each an object with a ``"prompt"``) adds each prompt's entry to
-    the metadata sent with its images, e.g. GenEval's ``evaluation_metadata.jsonl``.
+    the metadata sent with its images, e.g. GenEval's ``evaluation_metadata.jsonl``. Videos
+    ``(B, F, C, H, W)`` are sent as videos (their frames as PNGs) for a server whose reward scores
+    videos; with option ``frames`` the chosen frames go as images to a server of an image reward.
     """
 
     may_fail = True
+    accepts_video = True
 
     def __init__(
         self,
@@ -194,9 +197,12 @@ class RemoteReward(Reward):
                 status, data = self._post(body)
                 if status in (401, 403):
                     return _Outcome(kind="rejected", reason=f"HTTP {status}: {self._detail(data)}")
+                if status == 415:  # videos sent to an image reward: no retry, no split helps
+                    return _Outcome(kind="unsupported", reason=self._detail(data))
                 if status == 413:
                     if images.shape[0] == 1:
-                        return _Outcome(kind="invalid", reason="one image is over the server's request limit")
+                        what = "video" if images.ndim == 5 else "image"
+                        return _Outcome(kind="invalid", reason=f"one {what} is over the server's request limit")
                     half = images.shape[0] // 2
                     first = self._attempt(images[:half], prompts[:half], metadata[:half])
                     second = self._attempt(images[half:], prompts[half:], metadata[half:])
@@ -230,8 +236,12 @@ class RemoteReward(Reward):
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> PendingScores:
         """Start scoring in the background; ``.result()`` gives what ``__call__`` returns."""
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise UserError(f"reward {self.name!r} needs images shaped (B, 1 or 3, H, W), got {tuple(images.shape)}")
+        channels = images.shape[2] if images.ndim == 5 else images.shape[1] if images.ndim == 4 else 0
+        if channels not in (1, 3):
+            raise UserError(
+                f"reward {self.name!r} needs images shaped (B, 1 or 3, H, W) or videos (B, F, 1 or 3, H, W), "
+                f"got {tuple(images.shape)}"
+            )
         batch = images.shape[0]
         if len(prompts) != batch or len(metadata) != batch:
             raise UserError(
@@ -268,11 +278,13 @@ class RemoteReward(Reward):
         unscored = torch.ones(batch, dtype=torch.float64)
         unreachable: list[str] = []
         scored_any = False
-        rejected = None
+        rejected = unsupported = None
         for sl, future in futures:
             out = future.result()
             if out.kind == "rejected":
                 rejected = out.reason
+            if out.kind == "unsupported":
+                unsupported = out.reason
             if out.kind == "unreachable":
                 unreachable.append(out.reason)
             if out.scores is None:
@@ -291,6 +303,8 @@ class RemoteReward(Reward):
         self.fields += [k for k in fields if k != name and k not in self.fields]
         for key in self.fields:
             fields.setdefault(key, torch.full((batch,), math.nan, dtype=torch.float64))
+        if unsupported is not None:
+            raise UserError(f"reward server {self.url} cannot score videos ({unsupported})")
         if rejected is not None:
             raise RewardServerRejected(f"reward server {self.url} refused the token ({rejected}); set {TOKEN_ENV}")
         if scored_any:
@@ -381,6 +395,8 @@ class GenEvalRemote(RemoteReward):
     server answers the fraction of the entry's requirements met (this reward's score) and ``strict``
     (1 when all are, GenEval's own metric).
     """
+
+    accepts_video = False  # GenEval judges images: videos need the frames option
 
     def _check_metadata(self, metadata: Sequence[Mapping[str, Any]]) -> None:
         super()._check_metadata(metadata)

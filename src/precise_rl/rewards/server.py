@@ -33,6 +33,7 @@ from .protocol import (
 )
 
 __all__ = ["create_app", "serve", "read_token", "TOKEN_ENV", "DEFAULT_PORT", "DEFAULT_MAX_MB", "DEFAULT_MAX_IMAGES"]
+__all__ += ["DEFAULT_MAX_FRAMES"]
 
 DEFAULT_MAX_MB = 64.0
 #: images per request (the client sends 16 by default and splits a request answered 413)
@@ -41,6 +42,8 @@ DEFAULT_MAX_IMAGES = 1024
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 #: pixels of one request's images together: 32 images of 1024 x 1024 (about 0.4 GB as float32 RGB)
 DEFAULT_MAX_REQUEST_PIXELS = 32 * 1024 * 1024
+#: frames of one video (Wan 2.1 makes 81, HunyuanVideo 1.5 121); its pixels count in the request's pixels above
+DEFAULT_MAX_FRAMES = 512
 #: requests decoded or scored at the same time (each holds at most the pixels above)
 DEFAULT_MAX_DECODING = 2
 
@@ -76,8 +79,10 @@ def create_app(
 
     if max_request_bytes < 1:
         raise UserError(f"the request size limit must be positive, got {max_request_bytes}")
-    limits = limits or Limits(DEFAULT_MAX_IMAGES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_PIXELS)
-    for name in ("max_images", "max_image_pixels", "max_request_pixels"):
+    limits = limits or Limits(
+        DEFAULT_MAX_IMAGES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_MAX_FRAMES
+    )
+    for name in ("max_images", "max_image_pixels", "max_request_pixels", "max_frames"):
         value = getattr(limits, name)
         if value is not None and value < 1:
             raise UserError(f"the server limit {name} must be positive, got {value}")
@@ -156,6 +161,12 @@ def create_app(
             except Exception as exc:  # noqa: BLE001 - e.g. a PNG that breaks the decoder: still the request's fault
                 return error(400, f"malformed request: it could not be decoded ({type(exc).__name__})")
             del body
+            if images.ndim == 5 and not getattr(reward, "accepts_video", False):
+                return error(
+                    415,
+                    f"reward {reward.name!r} scores images, not videos: start the server with --set "
+                    "frames=first,middle,last (or all, or frame indices) to score frames of each video, or send images",
+                )
             try:
                 return await run_in_threadpool(score, images, prompts, metadata)
             except Exception as exc:  # noqa: BLE001 - the client marks these images; the server stays up

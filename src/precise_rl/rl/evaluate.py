@@ -80,7 +80,8 @@ class EvalResult:
 
     protocols: dict[str, ProtocolResult]
     ceiling: float | None = None
-    #: the first ``grid_prompts x samples_per_prompt`` images (main process) of the first protocol, and their prompts
+    #: the first ``grid_prompts x samples_per_prompt`` images or videos (main process) of the first protocol, and
+    #: their prompts
     grid: tuple[torch.Tensor, list[str], str] | None = field(default=None, repr=False)
 
     def metrics(self) -> dict[str, float]:

@@ -1,4 +1,9 @@
-"""Everything a run writes for people: metrics.jsonl, TensorBoard, wandb, PNG curves and sample grids."""
+"""Everything a run writes for people: metrics.jsonl, TensorBoard, wandb, PNG curves and sample grids.
+
+For a video policy the sample grid shows each sample's first, middle and last frames side by side,
+and the samples' MP4s are written beside it; TensorBoard gets the grid and the videos as an animated
+GIF (see :meth:`RunLogger.sample_grid`).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 from ..config import ExperimentConfig, config_to_dict
 from ..errors import UserError
 from ..images import labelled_grid
+from ..videos import check_fps, frame_strip, gif_bytes, write_mp4
 
 __all__ = ["RunLogger", "plot_reward_curves", "read_metrics"]
 
@@ -168,9 +174,20 @@ class RunLogger:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=step)
 
     def sample_grid(
-        self, images: torch.Tensor, prompts: Sequence[str], epoch: int, sampler: str, n_prompts: int, per_prompt: int
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[str],
+        epoch: int,
+        sampler: str,
+        n_prompts: int,
+        per_prompt: int,
+        fps: int | None = None,
     ) -> Path | None:
-        """PNG of the first ``n_prompts`` eval prompts, ``per_prompt`` samples each (a row per prompt)."""
+        """PNG of the first ``n_prompts`` eval prompts, ``per_prompt`` samples each (a row per prompt).
+
+        Videos ``(B, F, C, H, W)`` (``fps`` required) show as first / middle / last frame strips, and
+        each is written as ``epoch_NNNN_<sampler>/prompt<r>_sample<k>.mp4`` beside the PNG.
+        """
         if not self.enabled or n_prompts == 0:
             return None
         from PIL import Image
@@ -180,13 +197,43 @@ class RunLogger:
             return None
         imgs = images[: rows * per_prompt]
         scale = max(1, 64 // imgs.shape[-1])
+        stem = f"epoch_{epoch:04d}_{sampler}"
+        videos = None
+        if imgs.ndim == 5:
+            videos, imgs = imgs, torch.stack([frame_strip(v) for v in imgs])
+            self._write_videos(videos, stem, per_prompt, check_fps(fps, "the fps of a video sample grid"), scale)
         cols = [f"sample {k + 1}" for k in range(per_prompt)]
         grid = labelled_grid(imgs, [prompts[k * per_prompt] for k in range(rows)], per_prompt, scale, cols)
-        path = self.out / "samples" / f"epoch_{epoch:04d}_{sampler}.png"
+        path = self.out / "samples" / f"{stem}.png"
         Image.fromarray(grid).save(path)
         if self.tb is not None:
             self.tb.add_image(f"samples/{sampler}", grid, epoch, dataformats="HWC")
+            if videos is not None:
+                self._tb_video(f"samples_video/{sampler}", videos, per_prompt, fps, scale, epoch)
         return path
+
+    def _write_videos(self, videos: torch.Tensor, stem: str, per_prompt: int, fps: int, scale: int) -> None:
+        folder = self.out / "samples" / stem
+        try:
+            folder.mkdir(exist_ok=True)
+            for k, video in enumerate(videos):
+                r, c = divmod(k, per_prompt)
+                write_mp4(video, folder / f"prompt{r}_sample{c + 1}.mp4", fps, scale=scale)
+        except OSError as exc:
+            raise UserError(f"cannot write sample videos to {str(folder)!r}: {exc.strerror or exc}") from None
+
+    def _tb_video(self, tag: str, videos: torch.Tensor, cols: int, fps: int, scale: int, step: int) -> None:
+        """The videos tiled (a row per prompt) as one animated GIF in an image summary.
+
+        That is what ``SummaryWriter.add_video`` writes, but torch makes its GIF with
+        ``moviepy.editor``, which moviepy 2 no longer has (add_video then prints a line and writes
+        nothing); Pillow makes the same GIF here, and TensorBoard's image tab plays it.
+        """
+        from torch.utils.tensorboard.summary import Summary
+
+        data, h, w = gif_bytes(videos, fps, cols=cols, scale=scale)
+        image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=data)
+        self.tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
     def finish(self, first_eval: dict[str, float] | None) -> dict[str, Any]:
         """Write the reward-curve PNG and ``summary.json``; return the summary."""

@@ -223,7 +223,8 @@ class GRPOTrainer:
         result = evaluate(self.eval_inputs(), e, with_grid=write_grid)
         if result.grid is not None and self.is_main:
             images, shown, key = result.grid
-            self.logger.sample_grid(images, shown, epoch, key, e.grid_prompts, e.samples_per_prompt)
+            fps = getattr(self.policy, "fps", None)  # a video policy's frame rate, for the MP4s
+            self.logger.sample_grid(images, shown, epoch, key, e.grid_prompts, e.samples_per_prompt, fps)
         return result.metrics()
 
     @property
