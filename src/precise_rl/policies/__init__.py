@@ -15,6 +15,7 @@ from .flux import Flux1Policy
 from .flux2 import Flux2KleinPolicy
 from .flux2_dev import Flux2DevPolicy
 from .flux_kontext import FluxKontextPolicy
+from .hunyuan_video15 import HunyuanVideo15Policy
 from .qwen_image import QwenImagePolicy
 from .qwen_image_edit import QwenImageEditPlusPolicy
 from .sd3 import SD3Policy
@@ -29,6 +30,7 @@ __all__ = [
     "QwenImageEditPlusPolicy",
     "EditPrompt",
     "Flux2KleinPolicy",
+    "HunyuanVideo15Policy",
     "QwenImagePolicy",
     "SD3Policy",
     "ZImagePolicy",
