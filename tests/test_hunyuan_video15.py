@@ -275,6 +275,40 @@ def test_grpo_epoch_trains_only_lora_and_the_adapter_reloads_into_sample(pipelin
     check_videos_are_the_policys(trainer, "a cat", out / "a_cat")
 
 
+@pytest.mark.slow
+def test_bf16_weights_with_checkpointing_roll_out_and_recompute(pipeline_dirs, tmp_path: Path) -> None:
+    """bf16 weights under bf16 autocast with gradient checkpointing: finite log-probs, frames in [0, 1], the
+    recomputed ratio within bf16 rounding of 1, and a training step with a KL term that stays finite."""
+    model = {"name": "hunyuan_video15", "path": str(pipeline_dirs["hunyuan_video15"]), "dtype": "bfloat16"}
+    model["options"] = options(gradient_checkpointing=True)
+    cfg = {
+        "model": model,
+        "sampler": {"num_steps": 3},
+        "reward": {"weights": {"test_hunyuan_video15.motion": 1.0}},
+        "train": {
+            "epochs": 1,
+            "groups_per_epoch": 2,
+            "group_size": 2,
+            "mixed_precision": "bf16",
+            "kl_beta": 0.01,
+            "lora": {"enabled": True, "rank": 2, "alpha": 2},
+        },
+        "eval": {"every": 0},
+        "logging": {"tensorboard": False, "progress": False},
+    }
+    trainer = GRPOTrainer(config_from_dict(cfg), tmp_path / "run")
+    assert trainer.policy.pipe.transformer.dtype == torch.bfloat16
+    assert trainer.policy.transformer.is_gradient_checkpointing
+    batch = trainer.collect(epoch=0)
+    assert torch.isfinite(batch.log_probs[:, :2]).all()
+    assert batch.images.shape == (4, FRAMES, 3, HEIGHT, WIDTH)
+    assert batch.images.min() >= 0 and batch.images.max() <= 1
+    _, ratio, _, _ = dc.recompute_ratio(trainer, batch, [0, 1])
+    assert (ratio - 1).abs().max().item() < 1e-2
+    summary = trainer.run()
+    assert summary["epochs"] == 1 and np.isfinite(trainer.global_step)
+
+
 def check_videos_are_the_policys(trainer: GRPOTrainer, prompt: str, directory: Path, seeds=(5, 6)) -> None:
     """The videos ``precise-rl sample`` wrote (Precise, 3 steps, ``seeds``) are the trained policy's in memory."""
     from precise_rl.cli import sample as sample_cli

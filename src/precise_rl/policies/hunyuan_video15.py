@@ -217,8 +217,10 @@ class HunyuanVideo15Policy(DiffusersPolicy):
         b, c, f, h, w = x.shape
         # text-to-video: the image-condition latents and their mask are zero, as the pipeline feeds them
         hidden = torch.cat([x, x.new_zeros((b, c + 1, f, h, w))], dim=1).to(dtype)
-        tokens = int(self.pipe.vision_num_semantic_tokens)  # no image: zeros, which the transformer masks out
-        image_embeds = hidden.new_zeros((b, tokens, int(self.model_config.image_embed_dim)))
+        # no image: zero image tokens, which the transformer masks out; in the weights' dtype, as the pipeline
+        # gives them (their layer norm takes no other under autocast on the CPU)
+        tokens = int(self.pipe.vision_num_semantic_tokens)
+        image_embeds = x.new_zeros((b, tokens, int(self.model_config.image_embed_dim)), dtype=self.model_dtype)
         return self.transformer(
             hidden_states=hidden,
             image_embeds=image_embeds,
