@@ -126,6 +126,35 @@ def test_default_size_is_the_pipelines_own(policies) -> None:
     assert policy.width > policy.height
 
 
+def test_guidance_follows_the_pipelines_guider_unless_given(policies) -> None:
+    pipe = th.BUILDERS["hunyuan_video15"]()
+    assert HunyuanVideo15Policy(pipe, **options()).guidance_scale == 6.0
+    assert HunyuanVideo15Policy(pipe, **options(guidance_scale=3.0)).guidance_scale == 3.0
+    pipe.guider = ClassifierFreeGuidance(guidance_scale=6.0, enabled=False)  # the pipeline then runs one pass
+    assert not HunyuanVideo15Policy(pipe, **options()).do_cfg
+    pipe.guider = ClassifierFreeGuidance(guidance_scale=0.0, use_original_formulation=True)  # x_c + 0 (x_c - x_u)
+    assert not HunyuanVideo15Policy(pipe, **options()).do_cfg
+    assert not policies["hunyuan_video15_distilled"].do_cfg and policies["hunyuan_video15"].do_cfg
+
+
+def test_vae_tiling_is_the_vaes_own_and_memory_options_keep_the_numbers(policies) -> None:
+    """``vae_tiling`` switches the VAE's tiled decoding; offloading and the prompt cache leave the conditioning
+    (both text encoders' rows) and the frames as they are."""
+    plain = policies["hunyuan_video15"]
+    assert HunyuanVideo15Policy(plain.pipe, **options(vae_tiling=False)).pipe.vae.use_tiling is False
+    assert HunyuanVideo15Policy(plain.pipe, **options()).pipe.vae.use_tiling is True
+    pipe = th.BUILDERS["hunyuan_video15"]()
+    memory = {"offload_text_encoders": True, "offload_vae": True, "cache_prompts": True}
+    cached = HunyuanVideo15Policy(pipe, **options(**memory))
+    prompts = ['a "B" sign', "a fox", 'a "B" sign']
+    want, got = plain.encode_prompts(prompts), cached.encode_prompts(prompts)
+    assert want.keys() == got.keys() and len(got) == 8  # both encoders, each with its mask, and the negatives
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    z = torch.randn(2, *plain.latent_shape)
+    torch.testing.assert_close(cached.decode(z), plain.decode(z), rtol=0, atol=0)
+
+
 def test_time_grid_is_the_static_shift_of_the_pipelines_linspace(policies) -> None:
     """``shift s / (1 + (shift - 1) s)`` of ``linspace(1, 0, N + 1)[:-1]``, shift 5, then the terminal 0."""
     policy = policies["hunyuan_video15"]
