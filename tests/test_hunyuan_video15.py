@@ -372,7 +372,7 @@ def test_frames_the_model_cannot_take_are_one_sentence(
 ) -> None:
     pipe = policies["hunyuan_video15"].pipe
     with pytest.raises(
-        UserError, match=r"cannot take 6 frames: model option 'num_frames' must be 4k \+ 1, e\.g\. 5 or 9"
+        UserError, match=r"cannot make a video of 6 frames: num_frames - 1 must be a multiple of 4 .*, e\.g\. 5 or 9"
     ):
         HunyuanVideo15Policy(pipe, **options(num_frames=6))
     for bad in (0, 2.5, True):
@@ -386,20 +386,22 @@ def test_frames_the_model_cannot_take_are_one_sentence(
     base += ["-o", str(tmp_path / "out"), "--height", str(HEIGHT), "--width", str(WIDTH)]
     capsys.readouterr()
     assert main([*base, "--option", "num_frames=6"]) == 2
-    assert "cannot take 6 frames" in dc.one_error_line(capsys, "sample")
+    assert "cannot make a video of 6 frames" in dc.one_error_line(capsys, "sample")
     assert not (tmp_path / "out").exists()
 
 
 def test_a_resolution_the_model_cannot_take_is_one_sentence(
     pipeline_dirs, policies, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    with pytest.raises(UserError, match=r"cannot take a 30x8 image: .* multiples of 4 pixels"):
+    with pytest.raises(
+        UserError, match=r"cannot take a 30x8 video: height must be a multiple of 4 and width of 4 pixels"
+    ):
         HunyuanVideo15Policy(policies["hunyuan_video15"].pipe, **options(height=30))
     base = ["sample", "--model", str(pipeline_dirs["hunyuan_video15"]), "--prompt", "x", "--device", "cpu"]
     base += ["-o", str(tmp_path / "out"), f"--option=num_frames={FRAMES}"]
     capsys.readouterr()
     assert main([*base, "--height", "30", "--width", "16"]) == 2
-    assert "cannot take a 30x16 image" in dc.one_error_line(capsys, "sample")
+    assert "cannot take a 30x16 video" in dc.one_error_line(capsys, "sample")
     assert not (tmp_path / "out").exists()
 
 

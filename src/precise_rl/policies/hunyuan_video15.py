@@ -16,9 +16,10 @@ Guidance is the pipeline's guider (a ``ClassifierFreeGuidance`` in its config): 
 scale unless given (6.0 in the released checkpoints, 1.0 = none in the CFG-distilled ones), against
 ``negative_prompt`` (the pipeline's default is empty), with the guider's formulation and ``guidance_rescale``.
 The time grid is the pipeline's ``linspace(1, 0, N + 1)[:-1]`` shifted by the scheduler's static shift (5 at 480p,
-9 at 720p). Decoding divides by the VAE's ``scaling_factor`` and decodes one video at a time (the VAE's causal
-attention takes one video per call), in the VAE's 256-pixel tiles with ``vae_tiling`` (on by default, as the
-model card runs it), and returns frames ``(B, F, 3, H, W)`` in [0, 1].
+9 at 720p). Decoding (:class:`.VideoPolicy`'s) divides by the VAE's ``scaling_factor`` and decodes one video
+per call (``decode_batch`` stays 1: the VAE's causal attention mask does not broadcast over a batch), in the
+VAE's 256-pixel tiles with ``vae_tiling`` (on by default, as the model card runs it), to frames
+``(B, F, 3, H, W)`` in [0, 1]. The size defaults to the pipeline's (its 16:9 bucket: 480x848 at 480p).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .diffusers_base import DiffusersPolicy, _flag
 from .registry import register_policy
+from .video import VideoPolicy
 
 __all__ = ["HunyuanVideo15Policy", "HUNYUAN_VIDEO15_LORA_TARGETS"]
 
@@ -56,14 +57,8 @@ HUNYUAN_VIDEO15_LORA_TARGETS: tuple[str, ...] = tuple(
 )
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"model option {name!r} must be a positive integer, got {value!r}")
-    return value
-
-
 @register_policy("hunyuan_video15")
-class HunyuanVideo15Policy(DiffusersPolicy):
+class HunyuanVideo15Policy(VideoPolicy):
     pipeline_class = "HunyuanVideo15Pipeline"
     default_model = "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v"
     display_name = "HunyuanVideo 1.5"
@@ -75,6 +70,7 @@ class HunyuanVideo15Policy(DiffusersPolicy):
     )
     time_grid_rule = "`linspace(1, 0, N + 1)[:-1]` shifted by the scheduler's static shift (480p: 5, 720p: 9)"
     default_lora_suffixes = HUNYUAN_VIDEO15_LORA_TARGETS
+    default_num_frames = 121  # the pipeline's
     #: frames per second of the released model's videos (its ``generate.py`` writes them at 24)
     default_fps = 24
 
@@ -82,10 +78,8 @@ class HunyuanVideo15Policy(DiffusersPolicy):
         self,
         pipe: Any,
         *,
-        num_frames: int = 121,
         height: int | None = None,
         width: int | None = None,
-        fps: int = default_fps,
         guidance_scale: float | None = None,
         negative_prompt: str = "",
         vae_tiling: bool = True,
@@ -111,18 +105,10 @@ class HunyuanVideo15Policy(DiffusersPolicy):
         if guidance_scale is None:
             off = 0.0 if self.original_formulation else 1.0
             guidance_scale = float(guider.guidance_scale) if guider._enabled else off
-        self.num_frames = _positive_int("num_frames", num_frames)
-        step = int(pipe.vae_scale_factor_temporal)
-        if (self.num_frames - 1) % step:
-            k = (self.num_frames - 1) // step
-            raise UserError(
-                f"{self.display_name} cannot take {self.num_frames} frames: model option 'num_frames' must be "
-                f"{step}k + 1, e.g. {step * k + 1} or {step * (k + 1) + 1}"
-            )
-        self.fps = _positive_int("fps", fps)
         if decode_batch != 1:
             raise UserError(
-                f"model option 'decode_batch' must be 1 for {self.display_name}: its VAE decodes one video at a time"
+                f"model option 'decode_batch' must be 1 for {self.display_name}: its VAE decodes one video at a time "
+                "(its causal attention mask does not broadcast over a batch)"
             )
         if height is None and width is None:  # the pipeline's default: its 16:9 bucket of the target size
             height, width = pipe.video_processor.calculate_default_height_width(9, 16, pipe.target_size)
@@ -134,10 +120,13 @@ class HunyuanVideo15Policy(DiffusersPolicy):
             width=width,
             guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
+            vae_tiling=vae_tiling,
             decode_batch=decode_batch,
             **kw,
         )
-        channels = int(pipe.num_channels_latents)
+        if not vae_tiling:  # (a flag, checked above) a pipeline another policy tiled decodes whole again
+            pipe.vae.disable_tiling()
+        channels = self.latent_channels
         if int(self.model_config.in_channels) != 2 * channels + 1:
             raise UserError(
                 f"this {self.display_name} transformer takes {self.model_config.in_channels} input channels; the "
@@ -149,29 +138,26 @@ class HunyuanVideo15Policy(DiffusersPolicy):
                 f"the {self.display_name} pipeline passes no shift to its scheduler, whose config asks for a dynamic "
                 "one (use_dynamic_shifting); use the checkpoint's own scheduler config (a static shift)"
             )
-        self.vae_tiling = _flag("vae_tiling", vae_tiling)
-        if self.vae_tiling:
-            pipe.vae.enable_tiling()
-        else:
-            pipe.vae.disable_tiling()
 
     # ------------------------------------------------------------------ layout
 
-    @property
-    def vae_scale_factor(self) -> int:
+    def _temporal_scale(self) -> int:
+        return int(self.pipe.vae_scale_factor_temporal)
+
+    def _spatial_scale(self) -> int:
         return int(self.pipe.vae_scale_factor_spatial)
 
-    def _pixel_multiple(self) -> int:
-        return self.vae_scale_factor * int(self.model_config.patch_size)
+    def _spatial_multiple(self) -> tuple[int, int]:
+        m = self._spatial_scale() * int(self.pipe.transformer.config.patch_size)
+        return m, m
 
     @property
-    def latent_frames(self) -> int:
-        return (self.num_frames - 1) // int(self.pipe.vae_scale_factor_temporal) + 1
+    def vae_scale_factor(self) -> int:
+        return self._spatial_scale()
 
     @property
-    def latent_shape(self) -> tuple[int, ...]:
-        f = self.vae_scale_factor
-        return (int(self.pipe.num_channels_latents), self.latent_frames, self.height // f, self.width // f)
+    def latent_channels(self) -> int:
+        return int(self.pipe.num_channels_latents)
 
     # ------------------------------------------------------------------ guidance
 
@@ -261,13 +247,5 @@ class HunyuanVideo15Policy(DiffusersPolicy):
 
     # ------------------------------------------------------------------ decoding
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Frames ``(B, F, 3, H, W)`` in [0, 1], float32, one video per VAE call."""
-        vae = self.pipe.vae
-        videos = []
-        with torch.no_grad():
-            for z in latents.split(1):
-                z = z.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
-                video = vae.decode(z, return_dict=False)[0]  # (1, 3, frames, H, W) in [-1, 1]
-                videos.append((video / 2 + 0.5).clamp(0, 1).float().permute(0, 2, 1, 3, 4))
-        return torch.cat(videos)
+    def _latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.pipe.vae.config.scaling_factor
