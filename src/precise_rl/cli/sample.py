@@ -347,9 +347,15 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(f"sampler {s!r}: {exc}") from None
             scale = max(1, 64 // min(imgs.shape[-2:]))
             for seed, img in zip(seeds, imgs, strict=True):
-                path = folder / f"{s}_seed{seed}.png"
-                save_png(img, path, scale)
-                files.append(str(path))
+                if img.ndim == 4:  # a video (F, C, H, W): its frames, one PNG each
+                    for k, frame in enumerate(img):
+                        path = folder / f"{s}_seed{seed}_frame{k:03d}.png"
+                        save_png(frame, path, scale)
+                        files.append(str(path))
+                else:
+                    path = folder / f"{s}_seed{seed}.png"
+                    save_png(img, path, scale)
+                    files.append(str(path))
                 written += 1
             rows.append(imgs)
             bar.update(1)
@@ -360,7 +366,8 @@ def run(args: argparse.Namespace) -> int:
             grid_path = folder / "grid.png"
             scale = max(1, 64 // min(rows[0].shape[-2:]))
             seeds_row = [f"seed {seed}" for seed in seeds]
-            grid = labelled_grid(torch.cat(rows), samplers, rows[0].shape[0], scale=scale, col_labels=seeds_row)
+            firsts = [r[:, 0] if r.ndim == 5 else r for r in rows]  # a video's first frame stands for it
+            grid = labelled_grid(torch.cat(firsts), samplers, rows[0].shape[0], scale=scale, col_labels=seeds_row)
             Image.fromarray(grid).save(grid_path)
             entry["grid"] = str(grid_path)
         record["prompts"].append(entry)
