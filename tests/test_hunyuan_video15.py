@@ -355,7 +355,7 @@ def read_video_frames(directory: Path, seed: int) -> torch.Tensor:
     """The frames ``(F, 3, H, W)`` in [0, 1] of the video ``precise-rl sample`` wrote for ``seed``."""
     from PIL import Image
 
-    files = sorted(directory.glob(f"precise_seed{seed}*.png"))
+    files = sorted(directory.glob(f"precise_seed{seed}_frame*.png"))  # one PNG per frame, in order
     assert files, sorted(p.name for p in directory.iterdir())
     frames = []
     for f in files:
