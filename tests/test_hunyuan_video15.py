@@ -55,6 +55,9 @@ def motion_reward(videos: torch.Tensor, prompts, metadata) -> torch.Tensor:
     return (videos[:, 1:] - videos[:, :-1]).abs().mean(dim=(1, 2, 3, 4))
 
 
+motion_reward.accepts_video = True  # it scores whole videos (an image reward would score chosen frames)
+
+
 def pipeline_frames(policy: HunyuanVideo15Policy, prompts: list[str], seed: int, steps: int) -> torch.Tensor:
     """diffusers' own pipeline on ``prompts``, with the policy's guidance scale given to its guider.
 
