@@ -6,7 +6,7 @@
 Z-Image-Turbo), and the instruction-editing ``FluxKontextPolicy`` (FLUX.1 Kontext) and
 ``QwenImageEditPlusPolicy`` (Qwen-Image-Edit), whose prompts are ``EditPrompt``s (an instruction with
 its source image, :mod:`.edit`); ``VideoPolicy`` is the base of the text-to-video adapters, ``WanPolicy``
-(Wan2.1, Wan2.2 TI2V-5B and the two-expert Wan2.2 A14B).
+(Wan2.1, Wan2.2 TI2V-5B and the two-expert Wan2.2 A14B) and ``HunyuanVideo15Policy`` (HunyuanVideo 1.5).
 """
 
 from .base import Policy, index_cond
