@@ -124,7 +124,7 @@ class HunyuanVideo15Policy(VideoPolicy):
             decode_batch=decode_batch,
             **kw,
         )
-        if not vae_tiling:  # (a flag, checked above) a pipeline another policy tiled decodes whole again
+        if not vae_tiling:  # (a flag VideoPolicy checked) a pipeline another policy tiled decodes whole again
             pipe.vae.disable_tiling()
         channels = self.latent_channels
         if int(self.model_config.in_channels) != 2 * channels + 1:
