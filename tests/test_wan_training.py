@@ -205,3 +205,47 @@ def test_a_backward_through_one_expert_reaches_every_trained_weight(experts, pip
         )
     with torch.no_grad():  # a rollout's forward adds nothing
         torch.testing.assert_close(policy.velocity(x, t, policy.encode_prompts(["a", "b"])), v.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a14b_on_two_ddp_processes_trains_with_one_expert_idle(pipeline_dirs, tmp_path: Path) -> None:
+    """Two CPU processes through ``configs/accelerate/ddp.yaml``, LoRA on both A14B experts, training the first
+    step only (the high-noise expert's): DDP gets every gradient it waits for (the low expert's are zero), both
+    processes end with the same weights, and the high expert's LoRA learnt."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = {
+        "seed": 3,
+        "model": {"name": "wan", "path": str(pipeline_dirs["wan22_a14b"]), "options": tv.adapter_options("wan22_a14b")},
+        "sampler": {"name": "flow_grpo", "num_steps": 3, "window": {"size": 1, "start": 0}},
+        "reward": {"weights": {"test_video_brightness": 1.0}},
+        "train": {"epochs": 1, "groups_per_epoch": 2, "group_size": 2, "batch_size": 4, "lr": 1e-2,
+                  "clip_range": 0.2, "lora": {"enabled": True, "rank": 2, "alpha": 2}, "ema": {"enabled": False}},
+        "eval": {"every": 0},
+        "checkpoint": {"every": 1},
+        "logging": {"tensorboard": False, "progress": False},
+    }  # fmt: skip
+    config = tmp_path / "wan.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml"]
+    cmd += ["--num_processes", "2", "--main_process_port", str(port), "-m", "tests.wan_dist_entry", "train"]
+    cmd += [str(config), "--output", str(tmp_path / "run")]
+    env = {**__import__("os").environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rank0, rank1 = (load_file(str(tmp_path / "run" / f"rank{k}.safetensors")) for k in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    names = [n for n in rank0 if ".lora_B." in n]
+    assert {n.split("/")[1].split(".")[0] for n in names} == {"high", "low"}
+    assert any(rank0[n].abs().max() > 0 for n in names if n.startswith("trainable/high."))
+    assert all(torch.equal(rank0[n], torch.zeros_like(rank0[n])) for n in names if n.startswith("trainable/low."))

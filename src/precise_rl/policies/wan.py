@@ -303,7 +303,8 @@ class WanPolicy(VideoPolicy):
 
         With it a backward reaches every trained weight (a zero gradient for the expert not run): a batch of
         high-noise steps alone still has a graph when only the low expert trains, and DDP gets each gradient
-        it waits for. FSDP shards are left alone (their blocks are not gathered outside a forward).
+        it waits for. (AdamW then treats the idle expert as any weight with a zero gradient: its momentum and
+        weight decay still apply.) FSDP shards are left alone (their blocks are not gathered outside a forward).
         """
         if not self.two_experts or not torch.is_grad_enabled():
             return 0.0
