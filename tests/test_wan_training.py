@@ -249,3 +249,32 @@ def test_a14b_on_two_ddp_processes_trains_with_one_expert_idle(pipeline_dirs, tm
     assert {n.split("/")[1].split(".")[0] for n in names} == {"high", "low"}
     assert any(rank0[n].abs().max() > 0 for n in names if n.startswith("trainable/high."))
     assert all(torch.equal(rank0[n], torch.zeros_like(rank0[n])) for n in names if n.startswith("trainable/low."))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["wan21", "wan22_a14b"])
+def test_bf16_weights_with_checkpointing_and_kl_train_an_epoch(kind: str, pipeline_dirs, tmp_path: Path) -> None:
+    """bf16 weights under bf16 autocast, gradient checkpointing (both A14B experts) and a KL term: finite
+    log-probs, videos in [0, 1], the recomputed ratio within bf16 rounding of 1."""
+    import json
+
+    opts = tv.adapter_options(kind, gradient_checkpointing=True)
+    cfg = {
+        "model": {"name": "wan", "path": str(pipeline_dirs[kind]), "dtype": "bfloat16", "options": opts},
+        "sampler": {"num_steps": 3},
+        "reward": {"weights": {"test_video_brightness": 1.0}},
+        "train": {"epochs": 1, "groups_per_epoch": 2, "group_size": 2, "mixed_precision": "bf16", "kl_beta": 0.01,
+                  "lora": {"enabled": True, "rank": 2, "alpha": 2}},
+        "eval": {"every": 0},
+        "logging": {"tensorboard": False, "progress": False},
+    }  # fmt: skip
+    trainer = GRPOTrainer(config_from_dict(cfg), tmp_path / "run")
+    experts = [trainer.policy.pipe.transformer]
+    if kind == "wan22_a14b":
+        experts.append(trainer.policy.pipe.transformer_2)
+    assert all(t.dtype == torch.bfloat16 and t.is_gradient_checkpointing for t in experts)
+    batch = trainer.collect(epoch=0)
+    assert torch.isfinite(batch.log_probs[:, :2]).all() and batch.images.min() >= 0 and batch.images.max() <= 1
+    trainer.run()
+    record = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert np.isfinite(record["loss"]) and record["kl_ref"] >= 0 and record["ratio_max_dev"] < 1e-3
