@@ -208,10 +208,13 @@ def test_a_backward_through_one_expert_reaches_every_trained_weight(experts, pip
 
 
 @pytest.mark.slow
-def test_a14b_on_two_ddp_processes_trains_with_one_expert_idle(pipeline_dirs, tmp_path: Path) -> None:
-    """Two CPU processes through ``configs/accelerate/ddp.yaml``, LoRA on both A14B experts, training the first
-    step only (the high-noise expert's): DDP gets every gradient it waits for (the low expert's are zero), both
-    processes end with the same weights, and the high expert's LoRA learnt."""
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
+def test_a14b_on_two_processes_trains_with_one_expert_idle(launcher: str, pipeline_dirs, tmp_path: Path) -> None:
+    """Two CPU processes through ``configs/accelerate/{ddp,fsdp}.yaml`` (FSDP2: each expert's blocks sharded),
+    LoRA on both A14B experts, training the first step only (the high-noise expert's): DDP gets every gradient
+    it waits for (the low expert's are zero), FSDP runs with one expert's blocks idle, both processes end with
+    the same weights, the high expert's LoRA learnt and the low one's did not move."""
+    import json
     import socket
     import subprocess
     import sys
@@ -226,7 +229,8 @@ def test_a14b_on_two_ddp_processes_trains_with_one_expert_idle(pipeline_dirs, tm
         "sampler": {"name": "flow_grpo", "num_steps": 3, "window": {"size": 1, "start": 0}},
         "reward": {"weights": {"test_video_brightness": 1.0}},
         "train": {"epochs": 1, "groups_per_epoch": 2, "group_size": 2, "batch_size": 4, "lr": 1e-2,
-                  "clip_range": 0.2, "lora": {"enabled": True, "rank": 2, "alpha": 2}, "ema": {"enabled": False}},
+                  "clip_range": 0.2, "lora": {"enabled": True, "rank": 2, "alpha": 2}, "ema": {"enabled": False},
+                  "fsdp": launcher == "fsdp"},
         "eval": {"every": 0},
         "checkpoint": {"every": 1},
         "logging": {"tensorboard": False, "progress": False},
@@ -236,7 +240,7 @@ def test_a14b_on_two_ddp_processes_trains_with_one_expert_idle(pipeline_dirs, tm
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/accelerate/{launcher}.yaml"]
     cmd += ["--num_processes", "2", "--main_process_port", str(port), "-m", "tests.wan_dist_entry", "train"]
     cmd += [str(config), "--output", str(tmp_path / "run")]
     env = {**__import__("os").environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
@@ -249,6 +253,12 @@ def test_a14b_on_two_ddp_processes_trains_with_one_expert_idle(pipeline_dirs, tm
     assert {n.split("/")[1].split(".")[0] for n in names} == {"high", "low"}
     assert any(rank0[n].abs().max() > 0 for n in names if n.startswith("trainable/high."))
     assert all(torch.equal(rank0[n], torch.zeros_like(rank0[n])) for n in names if n.startswith("trainable/low."))
+    if launcher == "fsdp":  # sharded block by block, each expert's blocks apart
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "run" / "rank0.safetensors"), "pt") as f:
+            units = json.loads(f.metadata()["fsdp_units"])
+        assert units == ["", "high.blocks.0", "low.blocks.0"]
 
 
 @pytest.mark.slow
