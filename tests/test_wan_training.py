@@ -293,3 +293,44 @@ def test_bf16_weights_with_checkpointing_and_kl_train_an_epoch(kind: str, pipeli
     trainer.run()
     record = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert np.isfinite(record["loss"]) and record["kl_ref"] >= 0 and record["ratio_max_dev"] < 1e-3
+
+
+WAN_RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("wan*.yaml"))
+#: the tiny pipeline that stands for each recipe's model
+RECIPE_KIND = {"wan21_1_3b": "wan21", "wan22_5b": "wan22_5b", "wan22_a14b": "wan22_a14b"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", WAN_RECIPES, ids=lambda p: p.stem)
+def test_recipe_runs_on_a_tiny_pipeline(path: Path, pipeline_dirs, tmp_path: Path) -> None:
+    """The recipe as shipped (its sampler and window, LoRA targets and experts, guidance, memory options) on
+    its model's tiny pipeline for one epoch with a checkpoint; the reward is this file's video brightness (the
+    recipes' PickScore scores videos through the reward package's video path) and evaluation is off."""
+    import json
+
+    from precise_rl.config import load_config
+
+    assert len(WAN_RECIPES) == 3
+    cfg = load_config(path)
+    kind = RECIPE_KIND[path.stem.rsplit("_flow_grpo", 1)[0]]
+    overrides = [f"model.path={pipeline_dirs[kind]}", "model.dtype=float32", "train.mixed_precision='no'"]
+    overrides += ["train.epochs=1", "train.groups_per_epoch=2", "train.group_size=2", "train.batch_size=4"]
+    overrides += ["train.grad_accum=1", "sampler.num_steps=4", "eval.every=0", "logging.tensorboard=false"]
+    overrides += ["logging.progress=false", "prompts.train=builtin", "prompts.eval=builtin", "reward.options={}"]
+    overrides += ["reward.weights={test_video_brightness: 1.0}"]
+    overrides += [f"model.options.{k}={v}" for k, v in tv.adapter_options(kind).items()]
+    trainer = GRPOTrainer(load_config(path, overrides), tmp_path / "run")
+    assert trainer.policy.cache_prompts and trainer.policy.offload_text_encoders
+    summary = trainer.run()
+    assert summary["epochs"] == 1
+    record = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert np.isfinite(record["loss"]) and np.isfinite(record["reward/test_video_brightness"])
+    from safetensors.torch import load_file
+
+    adapter = tmp_path / "run" / "checkpoints" / "epoch_000001" / "adapter"
+    layers = {k.split(".lora_")[0] for k in load_file(str(adapter / "adapter_model.safetensors"))}
+    assert layers == {n.removeprefix("base_model.model.") for n in layers}  # plain module names
+    assert all(any(n.endswith(s) for s in cfg.model.options["lora_targets"]) for n in layers)
+    experts = cfg.model.options.get("train_experts")
+    if experts:  # both experts' layers
+        assert {n.split(".")[0] for n in layers} == set(experts)
