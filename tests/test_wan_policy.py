@@ -299,3 +299,27 @@ def test_sample_ends_bad_video_options_in_one_sentence_and_exit_code_2(
     assert main([*base, *flags]) == 2
     assert said in dc.one_error_line(capsys, "sample")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------- memory options
+
+
+def test_memory_options_give_the_same_videos_and_free_the_text_encoder(pipeline_dirs) -> None:
+    """Offloaded text encoder and VAE, cached prompts and a freed text encoder: the same conditioning and frames,
+    bit for bit, as the default options; a prompt not precomputed is then one sentence."""
+    path = str(pipeline_dirs["wan22_a14b"])
+    plain = WanPolicy.from_pretrained(path, **options("wan22_a14b"))
+    lean = WanPolicy.from_pretrained(
+        path,
+        **options("wan22_a14b", offload_text_encoders=True, offload_vae=True, cache_prompts=True),
+        free_text_encoders=True,
+    )
+    prompts = ["a red fox", "two cats", "a red fox"]
+    lean.precompute_prompts(["two cats", "a red fox"])
+    assert lean.pipe.text_encoder is None
+    a, b = plain.encode_prompts(prompts), lean.encode_prompts(prompts)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    seed = int(torch.randint(0, 2**31, ()))
+    assert torch.equal(_ode_frames(plain, prompts, seed, 3), _ode_frames(lean, prompts, seed, 3))
+    with pytest.raises(UserError, match="was not precomputed before the text encoders were freed"):
+        lean.encode_prompts(["a boat"])

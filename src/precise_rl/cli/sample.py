@@ -9,7 +9,8 @@ the run's newest EMA weights (its LoRA adapter, or its fully fine-tuned weights)
 model settings. ``--lora`` loads a LoRA adapter saved by training (an adapter directory, a checkpoint
 or a run directory) onto ``--model``. Image ``i`` of a prompt uses seed ``SEED + i`` for its initial noise and its
 sampler noise, whatever the batch size; with ``--grid`` every sampler starts from the same noise
-and a PNG grid (a row per sampler, a column per seed) is written beside the images.
+and a PNG grid (a row per sampler, a column per seed) is written beside the images. A video model (Wan)
+writes each video's frames as PNGs (``SAMPLER_seedN_frameK.png``; its grid shows first frames).
 """
 
 from __future__ import annotations

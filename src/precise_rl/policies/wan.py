@@ -296,7 +296,25 @@ class WanPolicy(VideoPolicy):
                 v_cond, v_uncond = both.chunk(2)
                 v = v_uncond + scale * (v_cond - v_uncond)
             out = out.index_copy(0, idx, v)
-        return out
+        return out + self._untouched_weights(set(experts))
+
+    def _untouched_weights(self, used: set[str]) -> torch.Tensor | float:
+        """Zero times the trained weights of the experts this forward did not run (0 where it ran them all).
+
+        With it a backward reaches every trained weight (a zero gradient for the expert not run): a batch of
+        high-noise steps alone still has a graph when only the low expert trains, and DDP gets each gradient
+        it waits for. (AdamW then treats the idle expert as any weight with a zero gradient: its momentum and
+        weight decay still apply.)
+        """
+        if not self.two_experts or not torch.is_grad_enabled():
+            return 0.0
+        experts = self.transformer.module if hasattr(self.transformer, "module") else self.transformer
+        if not isinstance(experts, WanExperts):
+            return 0.0
+        idle = [p for e in WAN_EXPERTS if e not in used for p in getattr(experts, e).parameters() if p.requires_grad]
+        # an FSDP shard (a DTensor) through its local part: its zero gradient needs no reduction
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in idle]
+        return sum(p.float().sum() for p in local) * 0.0 if local else 0.0
 
     def _scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
         return {}  # the pipeline calls set_timesteps(num_inference_steps) alone
