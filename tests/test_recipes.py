@@ -35,6 +35,9 @@ FAMILY = {
     "z_image_turbo_": "z_image_turbo",
     "z_image_": "z_image",
     "flux1_kontext_": "flux1_kontext",
+    "wan21_1_3b_": "wan21_1_3b",
+    "wan22_5b_": "wan22_5b",
+    "wan22_a14b_": "wan22_a14b",
 }
 #: the columns of the per-recipe table
 PER_RECIPE_KEYS = ("sampler.name", "sampler.eta", "reward.weights", "reward.eval_only")

@@ -5,7 +5,8 @@
 (Qwen-Image), ``SD3Policy`` (SD3 / SD3.5), ``Flux1Policy`` (FLUX.1), ``ZImagePolicy`` (Z-Image,
 Z-Image-Turbo), and the instruction-editing ``FluxKontextPolicy`` (FLUX.1 Kontext) and
 ``QwenImageEditPlusPolicy`` (Qwen-Image-Edit), whose prompts are ``EditPrompt``s (an instruction with
-its source image, :mod:`.edit`).
+its source image, :mod:`.edit`); ``VideoPolicy`` is the base of the text-to-video adapters, ``WanPolicy``
+(Wan2.1, Wan2.2 TI2V-5B and the two-expert Wan2.2 A14B) and ``HunyuanVideo15Policy`` (HunyuanVideo 1.5).
 """
 
 from .base import Policy, index_cond
@@ -15,9 +16,12 @@ from .flux import Flux1Policy
 from .flux2 import Flux2KleinPolicy
 from .flux2_dev import Flux2DevPolicy
 from .flux_kontext import FluxKontextPolicy
+from .hunyuan_video15 import HunyuanVideo15Policy
 from .qwen_image import QwenImagePolicy
 from .qwen_image_edit import QwenImageEditPlusPolicy
 from .sd3 import SD3Policy
+from .video import VideoPolicy
+from .wan import WanPolicy
 from .z_image import ZImagePolicy
 
 __all__ = [
@@ -29,8 +33,11 @@ __all__ = [
     "QwenImageEditPlusPolicy",
     "EditPrompt",
     "Flux2KleinPolicy",
+    "HunyuanVideo15Policy",
     "QwenImagePolicy",
     "SD3Policy",
+    "VideoPolicy",
+    "WanPolicy",
     "ZImagePolicy",
     "index_cond",
 ]

@@ -65,6 +65,10 @@ class Policy(ABC):
         """Initial latents ``x1 ~ N(0, I)`` in float32 on the policy's device."""
         return torch.randn((batch, *self.latent_shape), generator=generator, device=self.device)
 
+    def finetuned_modules(self) -> list[nn.Module]:
+        """The parts of ``transformer`` a full fine-tune trains (all of it unless the model says otherwise)."""
+        return [self.transformer]
+
     @abstractmethod
     def lora_target_modules(self) -> list[str]:
         """Names (or suffixes) of the modules of ``transformer`` that LoRA adapts."""

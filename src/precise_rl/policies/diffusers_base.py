@@ -109,6 +109,8 @@ class DiffusersPolicy(Policy):
     #: (module, what to tell the user) for each module the pipeline needs beyond diffusers that may be missing:
     #: where loading fails and the module is not installed, the message says so
     load_requires: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: the diffusers scheduler classes whose sigmas :meth:`time_grid` reproduces
+    scheduler_classes: ClassVar[tuple[str, ...]] = ("FlowMatchEulerDiscreteScheduler",)
 
     def __init__(
         self,
@@ -127,8 +129,6 @@ class DiffusersPolicy(Policy):
         cache_prompts: bool = False,
         free_text_encoders: bool = False,
     ) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         self.pipe = pipe
         for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
             _frozen(getattr(pipe, name, None))
@@ -138,9 +138,11 @@ class DiffusersPolicy(Policy):
         self.model_config = transformer.config
         self.model_dtype: torch.dtype = transformer.dtype
         self.transformer: nn.Module = transformer
-        if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        import diffusers
+
+        if not isinstance(pipe.scheduler, tuple(getattr(diffusers, name) for name in self.scheduler_classes)):
             raise UserError(
-                f"{self.display_name} adapter needs a FlowMatchEulerDiscreteScheduler, the pipeline has a "
+                f"{self.display_name} adapter needs a {' or '.join(self.scheduler_classes)}, the pipeline has a "
                 f"{type(pipe.scheduler).__name__}"
             )
         self._scheduler = copy.deepcopy(pipe.scheduler)  # set_timesteps mutates; keep the pipeline's own intact

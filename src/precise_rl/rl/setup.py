@@ -88,8 +88,9 @@ def trainable_module(policy: Policy, cfg: ExperimentConfig) -> Trainable:
     else:
         if not cfg.train.full_finetune:
             raise UserError("nothing to train: set train.lora.enabled=true or train.full_finetune=true")
-        for p in module.parameters():
-            p.requires_grad_(True)
+        for part in policy.finetuned_modules():
+            for p in part.parameters():
+                p.requires_grad_(True)
         # The KL term needs the initial weights: a frozen copy (see update.reference_policy).
         reference = copy.deepcopy(module).requires_grad_(False).eval() if cfg.train.kl_beta > 0 else None
     names = [n for n, p in module.named_parameters() if p.requires_grad]
