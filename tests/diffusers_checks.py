@@ -203,18 +203,41 @@ def run_and_check_only_lora_trains(trainer: GRPOTrainer, frozen: tuple[str, ...]
         assert all(torch.equal(now[k], frozen_before[name][k]) for k in now), name
 
 
+def _read_png(path: Path, height: int, width: int) -> torch.Tensor:
+    """A PNG ``precise-rl sample`` wrote (small images enlarged a whole number of times) as ``(3, H, W)``."""
+    png = np.asarray(Image.open(path)).astype(np.float32) / 255.0
+    assert png.shape[0] % height == 0 and png.shape[1] % width == 0, (png.shape, height, width)
+    return torch.from_numpy(png[:: png.shape[0] // height, :: png.shape[1] // width]).permute(2, 0, 1)
+
+
 def check_samples_are_the_policys(trainer: GRPOTrainer, prompt, directory: Path, seeds=(5, 6), steps: int = 3):
-    """The PNGs ``precise-rl sample`` wrote to ``directory`` (Precise, ``steps`` steps, ``seeds``) are the trained
-    policy's images in memory for ``prompt``, to the PNG's rounding."""
+    """What ``precise-rl sample`` wrote to ``directory`` (Precise, ``steps`` steps, ``seeds``) is the trained
+    policy's output in memory for ``prompt``: an image's PNG to the PNG's rounding; for a video, the lossless
+    strip of its first, middle and last frames to the PNG's rounding, and every frame of its MP4 within
+    H.264's rounding (6 levels on average) and nearest to its own frame."""
+    from precise_rl.videos import frame_strip, read_mp4
+
     trainer.model.eval()
     grid = trainer.policy.time_grid(steps)
     expected = sample_cli.generate(trainer.policy, prompt, "precise", grid, None, list(seeds))
     for k, seed in enumerate(seeds):
-        png = np.asarray(Image.open(directory / f"precise_seed{seed}.png")).astype(np.float32) / 255.0
-        png = png[::4, ::4]  # small images are written enlarged 4 times
-        ref = expected[k].permute(1, 2, 0).numpy()
-        assert png.shape == ref.shape
-        assert np.abs(png - ref).max() <= 1.0 / 255 + 1e-6
+        if expected.ndim == 4:
+            want = expected[k]
+            written = _read_png(directory / f"precise_seed{seed}.png", *want.shape[1:])
+        else:
+            want = frame_strip(expected[k])
+            written = _read_png(directory / f"precise_seed{seed}_frames.png", *want.shape[1:])
+            video, h, w = expected[k], expected.shape[-2], expected.shape[-1]
+            back, _ = read_mp4(directory / f"precise_seed{seed}.mp4")
+            back = back[:, :, :: back.shape[-2] // h, :: back.shape[-1] // w]  # written enlarged, like the PNGs
+            assert back.shape == video.shape
+            # random weights decode to pixel-scale noise, the hardest content for H.264: 4.1-4.4 levels
+            # on average at the default quality where the smooth videos of tests/test_videos.py keep 4
+            assert (back - video).abs().mean() * 255 <= 6.0
+            dist = ((back[:, None] - video[None]) ** 2).flatten(2).mean(-1)
+            assert dist.argmin(dim=1).tolist() == list(range(video.shape[0]))
+        assert written.shape == want.shape
+        assert (written - want).abs().max() <= 1.0 / 255 + 1e-6
 
 
 # ---------------------------------------------------------------------------------------- errors

@@ -304,7 +304,7 @@ def test_grpo_epoch_trains_only_lora_and_the_adapter_reloads_into_sample(pipelin
     argv += ["--steps", "3", "--num-images", "2", "--seed", "5", "-o", str(out), "--device", "cpu"]
     assert main([*argv, *dc.option_flags(options())]) == 0
     # ... with the trained weights: its videos are those of the trained policy in memory.
-    check_videos_are_the_policys(trainer, "a cat", out / "a_cat")
+    dc.check_samples_are_the_policys(trainer, "a cat", out / "a_cat")
 
 
 @pytest.mark.slow
@@ -339,37 +339,6 @@ def test_bf16_weights_with_checkpointing_roll_out_and_recompute(pipeline_dirs, t
     assert (ratio - 1).abs().max().item() < 1e-2
     summary = trainer.run()
     assert summary["epochs"] == 1 and np.isfinite(trainer.global_step)
-
-
-def check_videos_are_the_policys(trainer: GRPOTrainer, prompt: str, directory: Path, seeds=(5, 6)) -> None:
-    """The videos ``precise-rl sample`` wrote (Precise, 3 steps, ``seeds``) are the trained policy's in memory, to
-    the PNGs' rounding: every frame where it writes a PNG per frame, else the lossless strip of the first, middle
-    and last frames it writes beside each MP4."""
-    from precise_rl.cli import sample as sample_cli
-
-    trainer.model.eval()
-    expected = sample_cli.generate(trainer.policy, prompt, "precise", trainer.policy.time_grid(3), None, list(seeds))
-    assert expected.shape == (len(seeds), FRAMES, 3, HEIGHT, WIDTH)
-    for k, seed in enumerate(seeds):
-        frames = sorted(directory.glob(f"precise_seed{seed}_frame[0-9]*.png"))  # one PNG per frame, in order
-        if frames:
-            written, want = torch.stack([read_png(f, HEIGHT, WIDTH) for f in frames]), expected[k]
-        else:
-            from precise_rl.videos import frame_strip
-
-            want = frame_strip(expected[k])
-            written = read_png(directory / f"precise_seed{seed}_frames.png", *want.shape[1:])
-        assert written.shape == want.shape
-        assert (written - want).abs().max() <= 1.0 / 255 + 1e-6
-
-
-def read_png(path: Path, height: int, width: int) -> torch.Tensor:
-    """A PNG that ``precise-rl sample`` wrote (small images enlarged a whole number of times) as ``(3, H, W)``."""
-    from PIL import Image
-
-    png = np.asarray(Image.open(path)).astype(np.float32) / 255.0
-    assert png.shape[0] % height == 0 and png.shape[1] % width == 0, (png.shape, height, width)
-    return torch.from_numpy(png[:: png.shape[0] // height, :: png.shape[1] // width]).permute(2, 0, 1)
 
 
 # ---------------------------------------------------------------------------------------- bad input

@@ -14,10 +14,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers.utils import logging as diffusers_logging
-from PIL import Image
 
 from precise_rl.cli import main
-from precise_rl.cli import sample as sample_cli
 from precise_rl.config import config_from_dict
 from precise_rl.rewards.base import RewardSet, register_reward
 from precise_rl.rl import setup
@@ -104,20 +102,6 @@ def test_importance_ratio_is_one_for_every_sampler(kind: str, pipeline_dirs, tmp
         torch.testing.assert_close(out.mean, batch.means[rows, idx], rtol=0, atol=1e-5)
 
 
-def _check_frames_are_the_policys(trainer: GRPOTrainer, prompt: str, directory: Path, seeds=(5, 6)) -> None:
-    """The frame PNGs ``precise-rl sample`` wrote (Precise, 3 steps) are the trained policy's videos in memory."""
-    trainer.model.eval()
-    expected = sample_cli.generate(trainer.policy, prompt, "precise", trainer.policy.time_grid(3), None, list(seeds))
-    assert expected.shape[1:3] == (tv.FRAMES, 3)
-    for k, seed in enumerate(seeds):
-        for f in range(tv.FRAMES):
-            png = np.asarray(Image.open(directory / f"precise_seed{seed}_frame{f:03d}.png")).astype(np.float32) / 255
-            png = png[::4, ::4]  # small images are written enlarged 4 times
-            ref = expected[k, f].permute(1, 2, 0).numpy()
-            assert png.shape == ref.shape
-            assert np.abs(png - ref).max() <= 1.0 / 255 + 1e-6
-
-
 @pytest.mark.parametrize(("kind", "experts"), [("wan21", None), ("wan22_a14b", ["low"]), ("wan22_a14b", None)])
 def test_grpo_epoch_trains_only_lora_and_the_adapter_reloads_into_sample(
     kind: str, experts: list[str] | None, pipeline_dirs, tmp_path: Path
@@ -145,7 +129,7 @@ def test_grpo_epoch_trains_only_lora_and_the_adapter_reloads_into_sample(
     argv = ["sample", "--model", str(path), "--lora", str(tmp_path / "run"), "--prompt", "a cat"]
     argv += ["--steps", "3", "--num-images", "2", "--seed", "5", "-o", str(out), "--device", "cpu"]
     assert main([*argv, *dc.option_flags(opts)]) == 0
-    _check_frames_are_the_policys(trainer, "a cat", out / "a_cat")
+    dc.check_samples_are_the_policys(trainer, "a cat", out / "a_cat")
 
 
 def test_full_fine_tune_of_one_a14b_expert_trains_that_expert_alone(pipeline_dirs, tmp_path: Path) -> None:

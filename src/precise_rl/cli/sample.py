@@ -1,8 +1,8 @@
 """Generate images with any sampler: ``precise-rl sample --model ID_OR_PATH --prompt "..." [--sampler precise]``.
 
-``--model`` is a diffusers pipeline directory or hub id (FLUX.2 Klein, SD3/SD3.5, FLUX.1; the
+``--model`` is a diffusers pipeline directory or hub id of any model ``precise-rl models`` lists (the
 adapter is read from its model_index.json) or a built-in model name such as ``digits``.
-An editing model (FLUX.1 Kontext) takes each prompt with a source image: ``--image PATH`` for the
+An editing model (FLUX.1 Kontext, Qwen-Image-Edit) takes each prompt with a source image: ``--image PATH`` for the
 ``--prompt`` values, or a JSON-lines ``--prompt-file``.
 ``--model RUN_DIR`` (a run directory of ``precise-rl train``, or one of its checkpoints) draws from
 the run's newest EMA weights (its LoRA adapter, or its fully fine-tuned weights), with the run's own
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         required=True,
         help="pipeline directory, hub id, built-in model name (digits), or a training run directory",
     )
-    m.add_argument("--adapter", default=None, help="force the adapter: flux2_klein, sd3, flux1 or digits")
+    m.add_argument("--adapter", default=None, help="force the adapter: a model.name of precise-rl models")
     m.add_argument("--revision", default=None, help="hub revision (commit hash) to load")
     m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU")
     m.add_argument("--device", default=None, help="default: cuda when available, else cpu")
