@@ -146,6 +146,26 @@ def test_two_sharded_processes_from_scratch_train_the_one_process_weights(one_pr
 
 
 @pytest.mark.slow
+def test_forward_batch_auto_on_two_sharded_processes_trains_the_one_process_weights(
+    one_process: Path, tmp_path: Path
+) -> None:
+    # The probe passes of ``auto`` run on every process (the shards' all-gathers stay matched) with no
+    # gradient reduced; the processes agree on one count, and the epoch trains what one process does
+    # with its hand-set forward_batch, to float rounding (only the chunking of the passes differs).
+    run = tmp_path / "run"
+    args = [a for a in ARGS if not a.startswith("train.forward_batch=")]
+    args += ["train.forward_batch=auto", "train.memory_budget_gb=1", "train.epochs=1", "train.fsdp=true"]
+    _launch("train", *args, "--output", str(run))
+    _assert_sharded(_rank_dumps(run))
+    first = sorted((one_process / "checkpoints").glob("epoch_*"))[0]
+    _assert_same_training(_final_weights(run), load_file(str(first / "trainable.safetensors")))
+    logged = [r["forward_batch"] for r in _metrics(run) if "forward_batch" in r]
+    assert logged == [12.0]  # a micro-batch's 4 samples x 3 trained steps: the budget holds them all
+    state = json.loads((sorted((run / "checkpoints").glob("epoch_*"))[-1] / "state.json").read_text())
+    assert state["forward_batch"] == 12
+
+
+@pytest.mark.slow
 def test_a_sharded_checkpoint_resumes_exactly_on_two_processes_and_onto_one(
     one_process: Path, sharded: Path, tmp_path: Path
 ) -> None:

@@ -129,7 +129,11 @@ class TrainConfig:
     adv_clip: float = 5.0
     adv_std: Literal["group", "batch"] = "group"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    forward_batch: int = 0  #: (sample, step) rows per training forward; 0 = a whole micro-batch at once
+    #: (sample, step) rows per training forward; 0 = a whole micro-batch at once; ``auto`` = the most that fit
+    #: ``memory_budget_gb``, measured on the run's device at the first training pass (:mod:`precise_rl.rl.memory`)
+    forward_batch: int | Literal["auto"] = 0
+    #: the memory a training pass may take with ``forward_batch: auto``, in GB; null = 90% of the GPU's memory
+    memory_budget_gb: float | None = None
     max_nonfinite: int = 5  #: updates skipped in a row for a NaN/inf loss or gradient before the run stops
     full_finetune: bool = True  #: train every weight when LoRA is off
     #: shard the transformer over the processes of a launch with FSDP2 (each block, then the root) instead
@@ -309,7 +313,10 @@ def validate(cfg: ExperimentConfig) -> None:
     for key in ("epochs", "groups_per_epoch", "group_size", "rollout_batch_size", "batch_size", "grad_accum"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.inner_epochs", t.inner_epochs)
-    _positive("train.forward_batch", t.forward_batch, allow_zero=True)
+    if t.forward_batch != "auto":
+        _positive("train.forward_batch", t.forward_batch, allow_zero=True)
+    if t.memory_budget_gb is not None:
+        _positive("train.memory_budget_gb", t.memory_budget_gb)
     _positive("train.max_nonfinite", t.max_nonfinite)
     _positive("train.lr", t.lr)
     _positive("train.clip_range", t.clip_range)

@@ -115,6 +115,7 @@ def save_checkpoint(trainer: GRPOTrainer) -> Path:
             "config": config_to_dict(tr.cfg),
             "param_names": tr.param_names,
             "lora": tr.cfg.train.lora.enabled,
+            "forward_batch": tr.forward_batch,
         }
 
         def write_adapter(directory: Path) -> None:
@@ -203,6 +204,8 @@ def load_checkpoint(trainer: GRPOTrainer, ckpt: Path) -> str:
     tr.elapsed = float(state.get("elapsed_s", 0.0))
     tr.train_elapsed = float(state.get("train_elapsed_s", 0.0))
     tr.first_eval = state.get("first_eval")
+    if tr.cfg.train.forward_batch == "auto" and isinstance(state.get("forward_batch"), int):
+        tr.forward_batch = state["forward_batch"]  # the rows the run chose, not a new measurement
     tr.resumed_from = ckpt
     return hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()
 

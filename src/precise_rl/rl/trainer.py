@@ -34,6 +34,7 @@ from .checkpoint import check_writable, remove_leftovers
 from .ema import EMA
 from .evaluate import EvalInputs, eval_weights, evaluate
 from .logging import RunLogger
+from .memory import budget_bytes
 from .rollouts import RolloutBatch, _seed_for, epoch_prompt_indices
 from .update import count_nonfinite, train_step_indices
 
@@ -107,6 +108,11 @@ class GRPOTrainer:
         self.elapsed = 0.0
         self.train_elapsed = 0.0
         self.first_eval: dict[str, float] | None = None
+        # rows per training forward; with ``train.forward_batch: auto`` chosen at the first training pass and
+        # kept in the checkpoints, so that a resumed run chunks its passes as the run did
+        self.forward_batch: int | None = None if cfg.train.forward_batch == "auto" else cfg.train.forward_batch
+        if self.forward_batch is None:
+            budget_bytes(cfg.train.memory_budget_gb, self.accelerator.device)  # a CPU run without a budget stops here
         if resume is not None:
             state.resume(self, resume)
         self.nonfinite_streak = 0

@@ -32,13 +32,14 @@ from ..policies.lora import adapters_disabled
 from ..sde import Kernel, StepOutput, step
 from .checkpoint import list_checkpoints
 from .losses import guard_loss, kl_penalty, ppo_clip_loss
+from .memory import budget_bytes, fit_line, live_bytes, peak_bytes
 from .rollouts import RolloutBatch
 from .sharding import gradient_sync
 
 if TYPE_CHECKING:
     from .trainer import GRPOTrainer
 
-__all__ = ["count_nonfinite", "recompute", "reference_policy", "train_on", "train_step_indices"]
+__all__ = ["choose_forward_batch", "count_nonfinite", "recompute", "reference_policy", "train_on", "train_step_indices"]
 
 
 def train_step_indices(kern: Kernel, timestep_fraction: float) -> list[int]:
@@ -179,6 +180,42 @@ def _pairs_step(
     return True
 
 
+def choose_forward_batch(
+    trainer: GRPOTrainer, batch: RolloutBatch, steps_t: torch.Tensor, std_all: torch.Tensor, guard_all: torch.Tensor
+) -> int:
+    """``train.forward_batch: auto``: the most rows per forward that keep a training pass within the budget.
+
+    Measures two passes of weight 0 (one row, then two: the first trained step of this process's first
+    sample) with the loss, precision and checkpointing of the run, fits :class:`.memory.MemoryLine`
+    and takes the largest count up to a micro-batch's pairs. The passes change no weight: their
+    gradients (zero) are dropped, no gradient is synchronised, and every process runs the same two, so
+    the collectives of sharded weights stay matched. Processes take the smallest of their choices.
+    """
+    cfg = trainer.cfg.train
+    acc, device = trainer.accelerator, trainer.accelerator.device
+    zero_adv = torch.zeros(len(batch.row_ids), device=device)
+    live = live_bytes(device)
+    peaks = []
+    for rows in (1, 2):
+        idx = torch.zeros(rows, dtype=torch.long, device=device)
+
+        def one_pass(idx: torch.Tensor = idx) -> None:
+            ctx = gradient_sync(acc, trainer.model, False) if trainer.world > 1 else nullcontext()
+            with ctx:
+                _pairs_step(trainer, batch, zero_adv, idx, steps_t[:1].expand(len(idx)), std_all, guard_all, 0.0, None)
+
+        peaks.append(peak_bytes(one_pass, device))
+        trainer.optimizer.zero_grad(set_to_none=True)
+    # AdamW's two moments per trainable weight come with the first optimizer step
+    moments = 0 if trainer.optimizer.state else 2 * sum(p.numel() * p.element_size() for p in trainer.params)
+    line = fit_line(live, peaks[0], peaks[1], moments)
+    most = cfg.batch_size * len(steps_t)
+    chosen = line.largest(budget_bytes(cfg.memory_budget_gb, device), most)
+    if trainer.world > 1:
+        chosen = int(acc.gather(torch.tensor([chosen], device=device)).min())
+    return chosen
+
+
 def train_on(trainer: GRPOTrainer, batch: RolloutBatch, adv: torch.Tensor, epoch: int) -> dict[str, float]:
     """Inner epochs of PPO updates on one epoch's samples (``adv``: every row of the epoch); returns statistics.
 
@@ -193,7 +230,7 @@ def train_on(trainer: GRPOTrainer, batch: RolloutBatch, adv: torch.Tensor, epoch
     steps = train_step_indices(kern, cfg.timestep_fraction)
     if not steps:
         raise UserError("no stochastic step is trained: check sampler.window and train.timestep_fraction")
-    n_groups, size, fb = cfg.groups_per_epoch, cfg.group_size, cfg.forward_batch
+    n_groups, size = cfg.groups_per_epoch, cfg.group_size
     # Which process holds each global sample, and where in this process's batch.
     owner = (torch.arange(n_groups * size) // size) % world
     local_of = torch.full((n_groups * size,), -1, dtype=torch.long)
@@ -204,6 +241,9 @@ def train_on(trainer: GRPOTrainer, batch: RolloutBatch, adv: torch.Tensor, epoch
     std_all = coeffs[2]
     guard_all = coeffs[1].abs()
     steps_t = torch.tensor(steps, device=device)
+    if trainer.forward_batch is None:
+        trainer.forward_batch = choose_forward_batch(trainer, batch, steps_t, std_all, guard_all)
+    fb = trainer.forward_batch
     sums = _StatSums(device)
     grad_norms: list[float] = []
     skipped = 0
@@ -259,6 +299,7 @@ def train_on(trainer: GRPOTrainer, batch: RolloutBatch, adv: torch.Tensor, epoch
     if grad_norms:
         out["grad_norm"] = float(np.mean(grad_norms))
     out["skipped_updates"] = float(skipped)
+    out["forward_batch"] = float(fb)  # rows per training forward (chosen by the budget with ``auto``)
     out["updates"] = float(len(grad_norms))  # optimizer steps taken this epoch
     out["optimizer_steps"] = float(trainer.global_step)  # since the start of the run (the paper's "iteration")
     return out
