@@ -15,8 +15,9 @@ A component's bytes are its parameter count times the bytes of the dtype (2 in b
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ class ModelSize:
     name: str
     adapter: str
     checkpoint: str
-    components: list[ComponentSize] = field(default_factory=list)
+    components: tuple[ComponentSize, ...] = ()
 
     def parameters(self, kind: str) -> int:
         """The parameters of its components of one kind (``transformer``, ``text_encoder``, ``vae``)."""
@@ -168,14 +169,16 @@ def model_size(path: str | Path) -> ModelSize:
     for role, spec in data["components"].items():
         try:
             n = component_parameters(spec["library"], spec["class"], spec.get("config", {}))
-        except UserError:
-            raise
+        except UserError as exc:
+            raise _fail(path, f"component {role!r}: {exc}") from None
         except Exception as exc:  # a config the class rejects
-            raise _fail(path, f"component {role!r} ({spec['class']}) does not build: {exc}") from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise _fail(path, f"component {role!r} ({spec['class']}) does not build: {first}") from None
         sizes.append(ComponentSize(role, spec["library"], spec["class"], n, spec["source"]))
-    return ModelSize(path.stem, data["adapter"], data["checkpoint"], sizes)
+    return ModelSize(path.stem, data["adapter"], data["checkpoint"], tuple(sizes))
 
 
-def model_sizes() -> list[ModelSize]:
-    """Every shipped config file, counted, in file-name order."""
-    return [model_size(p) for p in config_files()]
+@functools.lru_cache(maxsize=1)
+def model_sizes() -> tuple[ModelSize, ...]:
+    """Every shipped config file, counted, in file-name order (counted once per process)."""
+    return tuple(model_size(p) for p in config_files())
