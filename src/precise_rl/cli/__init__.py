@@ -36,7 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "models": (
         "precise_rl.cli.models",
-        "list the models (built-in and diffusers adapters) with pipeline, guidance and time grid",
+        "list the models (built-in and diffusers adapters) with pipeline, guidance and time grid; --memory: what "
+        "the memory options take off the device for the real checkpoints",
     ),
     "sample": ("precise_rl.cli.sample", "generate images with any sampler (diffusers pipeline or built-in model)"),
     "serve-reward": (
