@@ -99,7 +99,7 @@ def test_recipe_runs_on_a_tiny_pipeline_with_its_own_rewards(path: Path, tmp_pat
     overrides = [f"model.path={pipe}", "model.dtype=float32", "train.mixed_precision='no'", "train.epochs=1"]
     overrides += ["train.groups_per_epoch=2", "train.group_size=2", "sampler.num_steps=3", "eval.num_steps=2"]
     overrides += ["eval.max_prompts=1", "eval.samples_per_prompt=2", "logging.tensorboard=false"]
-    overrides += ["logging.progress=false", "train.forward_batch=4", "prompts.train=builtin", "prompts.eval=builtin"]
+    overrides += ["logging.progress=false", "train.memory_budget_gb=1", "prompts.train=builtin", "prompts.eval=builtin"]
     overrides += [f"model.options.{k}={v}" for k, v in small.items()]
     # the recipe's own trained rewards, on tiny models instead of the hub weights
     overrides += ["reward.options={}", "reward.eval_only=[]"]

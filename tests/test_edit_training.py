@@ -162,6 +162,7 @@ def test_recipe_runs_on_a_tiny_pipeline(path: Path, tmp_path: Path) -> None:
     overrides += ["sampler.num_steps=3", "eval.num_steps=2", "eval.max_prompts=1", "eval.samples_per_prompt=2"]
     overrides += ["logging.tensorboard=false", "logging.progress=false", f"prompts.train={edits}"]
     overrides += [f"prompts.eval={edits}", "reward.options={}", "reward.weights={image_similarity: 1.0}"]
+    overrides += ["train.memory_budget_gb=1"]  # the recipe's forward_batch: auto, within a CPU budget
     overrides += [f"model.options.{k}={v}" for k, v in te.adapter_options(kind).items()]
     overrides += [f"reward.options.image_similarity.{k}={v}" for k, v in tp.tiny_clip(tmp_path / "clip").items()]
     if cfg.sampler.window.size:

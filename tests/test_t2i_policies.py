@@ -386,12 +386,14 @@ def test_recipe_runs_on_a_tiny_pipeline_with_its_own_rewards(path: Path, pipelin
     overrides += ["train.grad_accum=1", "sampler.num_steps=4", "eval.num_steps=2", "eval.max_prompts=1"]
     overrides += ["eval.samples_per_prompt=2", "logging.tensorboard=false", "logging.progress=false"]
     overrides += ["prompts.train=builtin", "prompts.eval=builtin", "reward.options={}"]
+    overrides += ["train.memory_budget_gb=1"]  # the recipe's forward_batch: auto, within a CPU budget
     overrides += [f"model.options.{k}={v}" for k, v in options(kind).items() if k != "guidance_scale"]
     for reward in cfg.reward.weights:
         overrides += [f"reward.options.{reward}.{k}={v}" for k, v in TINY_REWARDS[reward](tmp_path / reward).items()]
     summary = GRPOTrainer(load_config(path, overrides), tmp_path / "run").run()
     assert summary["epochs"] == 1
     record = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["forward_batch"] >= 1  # chosen by the budget
     for reward in cfg.reward.weights:
         assert np.isfinite(record[f"reward/{reward}"]) and np.isfinite(record[f"eval_ode/{reward}"])
         assert np.isfinite(record[f"eval_own/{reward}"])

@@ -301,7 +301,7 @@ def test_recipe_runs_on_a_tiny_pipeline(path: Path, pipeline_dirs, tmp_path: Pat
     overrides += ["train.epochs=1", "train.groups_per_epoch=2", "train.group_size=2", "train.batch_size=4"]
     overrides += ["train.grad_accum=1", "sampler.num_steps=4", "eval.every=0", "logging.tensorboard=false"]
     overrides += ["logging.progress=false", "prompts.train=builtin", "prompts.eval=builtin", "reward.options={}"]
-    overrides += ["reward.weights={test_video_brightness: 1.0}"]
+    overrides += ["reward.weights={test_video_brightness: 1.0}", "train.memory_budget_gb=1"]  # forward_batch: auto
     overrides += [f"model.options.{k}={v}" for k, v in tv.adapter_options(kind).items()]
     trainer = GRPOTrainer(load_config(path, overrides), tmp_path / "run")
     assert trainer.policy.cache_prompts and trainer.policy.offload_text_encoders
