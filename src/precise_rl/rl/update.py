@@ -194,6 +194,7 @@ def choose_forward_batch(
     cfg = trainer.cfg.train
     acc, device = trainer.accelerator, trainer.accelerator.device
     zero_adv = torch.zeros(len(batch.row_ids), device=device)
+    trainer.model.train()  # the mode of the pass itself (dropout, and checkpointing in modules that ask for it)
     live = live_bytes(device)
     peaks = []
     for rows in (1, 2):
