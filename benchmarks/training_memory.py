@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tests' tiny pipelines
@@ -141,14 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     path = save_bench_pipeline(tmp / "klein", args.heads)
     results: dict[tuple[str, bool], tuple[float, float]] = {}
     counts = [1, 2, 4, 8, 16, 32] if not args.quick else [2, 8, 32]
-    for ckpt in (False, True):
-        tr = make_trainer(path, tmp / f"ref{ckpt}", args.size, 0, ckpt)
-        results[("reference", ckpt)] = measure(tr, reference_pass, args.repeats)
+    cases = [(key, ckpt) for ckpt in (False, True) for key in ["reference", *map(str, counts)]]
+    for key, ckpt in tqdm(cases, desc="training passes", unit="case"):
+        forward_batch = 0 if key == "reference" else int(key)
+        tr = make_trainer(path, tmp / f"{key}{ckpt}", args.size, forward_batch, ckpt)
+        results[(key, ckpt)] = measure(tr, reference_pass if key == "reference" else ours, args.repeats)
         del tr
-        for fb in counts:
-            tr = make_trainer(path, tmp / f"ours{fb}{ckpt}", args.size, fb, ckpt)
-            results[(str(fb), ckpt)] = measure(tr, ours, args.repeats)
-            del tr
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(
         f"one training pass: 16 samples x 3 trained steps, FLUX.2 Klein (tiny, {args.heads} heads), "
