@@ -769,13 +769,17 @@ def test_nan_from_a_reward_that_may_fail_leaves_those_images_out_and_counts_them
     want = _expected_advantages(r, 4)
     assert torch.isnan(raw).nonzero().flatten().tolist() == bad_rows, bad_rows
     np.testing.assert_allclose(adv.double().numpy(), want, rtol=1e-4, atol=1e-5)
-    trained = torch.cat([m for u in trainer.update_plan(batch, adv, 0, 0) for m in u]).tolist()
-    assert sorted(trained) == [i for i in range(12) if i not in bad_rows], bad_rows
-    # A whole epoch: the images are counted, the others trained on.
+    plan = trainer.update_plan(batch, adv, 0, 0)
+    trained = torch.cat([m for u in plan for m in u]).tolist()
+    # the scored images are trained on, but one left alone in its group of 4 has no one to be compared
+    # with (advantage 0), as a group of equal rewards
+    scored = {g: [i for i in range(4 * g, 4 * g + 4) if i not in bad_rows] for g in range(3)}
+    assert sorted(trained) == [i for rows in scored.values() if len(rows) > 1 for i in rows], bad_rows
+    # A whole epoch (the same rollouts): the images are counted, the others trained on.
     trainer = GRPOTrainer(cfg, tmp_path / "b")
     trainer.run()
     (record,) = _metrics(tmp_path / "b")
-    assert record["unscored_samples"] == 3 and record["optimizer_steps"] == 3 and record["skipped_updates"] == 0
+    assert record["unscored_samples"] == 3 and record["optimizer_steps"] == len(plan) and record["skipped_updates"] == 0
     assert record["unscored/faults_brightness"] == 3
     assert "warning" not in capsys.readouterr().err  # a reward that may fail is not warned about
 
