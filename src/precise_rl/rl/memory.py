@@ -10,9 +10,9 @@ line holds whatever the model: nothing is estimated from its architecture.
 
 Peak live memory is read from the allocator on CUDA (``torch.cuda.max_memory_allocated``) and from
 the profiler's record of tensor allocations on the CPU (``torch.profiler.profile(profile_memory=True)``);
-both count tensor bytes, not the allocator's cached blocks, which is what a budget must bound. Optimizer state (AdamW's two moments per trainable
-weight) is allocated at the first optimizer step, after the probe: it is added to the fixed part
-when it does not exist yet.
+both count tensor bytes, not the allocator's cached blocks, which is what a budget must bound.
+Optimizer state (AdamW's two moments per trainable weight) is allocated at the first optimizer
+step, after the probe: it is added to the fixed part when it does not exist yet.
 """
 
 from __future__ import annotations
