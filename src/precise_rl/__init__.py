@@ -2,14 +2,15 @@
 
 The public face::
 
-    from precise_rl import GRPOTrainer, ExperimentConfig, TaskSpec, load_config
+    from precise_rl import Trainer, ExperimentConfig, TaskSpec, load_config
     from precise_rl import kernel, rollout, step, shifted_sigmas
-    from precise_rl import register_sampler, register_policy, register_reward, register_task
+    from precise_rl import register_sampler, register_algorithm, register_policy, register_reward, register_task
 
-``GRPOTrainer(config, output_dir, task=TaskSpec(...))`` trains any :class:`~precise_rl.policies.Policy`
-on any prompts and rewards without a registry entry; ``register_sampler`` and the decorators
-``register_policy``, ``register_reward`` and ``register_task`` make a sampler, a model, a reward or a
-task a name that the config and every command take. The names are loaded on first use (PEP 562):
+``Trainer(config, output_dir, task=TaskSpec(...))`` trains any :class:`~precise_rl.policies.Policy`
+on any prompts and rewards without a registry entry, with the algorithm of ``config.algorithm``
+(``GRPOTrainer`` is its earlier name); ``register_sampler``, ``register_algorithm`` and the decorators
+``register_policy``, ``register_reward`` and ``register_task`` make a sampler, an algorithm, a model,
+a reward or a task a name that the config and every command take. The names are loaded on first use (PEP 562):
 ``import precise_rl`` and ``precise-rl --help`` import no torch.
 """
 
@@ -42,6 +43,9 @@ _SDE = [
 #: public name -> the module that defines it
 _HOME: dict[str, str] = {
     "GRPOTrainer": "precise_rl.rl.trainer",
+    "Trainer": "precise_rl.rl.trainer",
+    "Algorithm": "precise_rl.algorithm_table",
+    "register_algorithm": "precise_rl.algorithm_table",
     "ExperimentConfig": "precise_rl.config",
     "load_config": "precise_rl.config",
     "config_from_dict": "precise_rl.config",

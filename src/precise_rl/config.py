@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .algorithm_table import ALGORITHM_TABLE, GRPOKnobs  # the table only: no torch
 from .errors import UserError
 from .sde.samplers import SAMPLER_TABLE, trainable_samplers  # the table only: no torch
 
@@ -29,6 +30,7 @@ __all__ = [
     "LoraConfig",
     "EmaConfig",
     "TrainConfig",
+    "AlgorithmConfig",
     "EvalConfig",
     "CheckpointConfig",
     "LoggingConfig",
@@ -117,17 +119,11 @@ class TrainConfig:
     batch_size: int = 16  #: samples per training micro-batch (each with all its trained steps)
     grad_accum: int = 1  #: micro-batches per optimizer step
     inner_epochs: int = 1  #: passes over each epoch's samples
-    timestep_fraction: float = 0.99  #: share of the steps trained per trajectory, floor(f * N)
     lr: float = 3e-4
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
-    clip_range: float = 1e-4
-    guard: bool = False  #: ratio-normalised loss (docs/math.md section 5)
-    kl_beta: float = 0.0
-    adv_clip: float = 5.0
-    adv_std: Literal["group", "batch"] = "group"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     #: (sample, step) rows per training forward; 0 = a whole micro-batch at once; ``auto`` = the most that fit
     #: ``memory_budget_gb``, measured on the run's device at the first training pass (:mod:`precise_rl.rl.memory`)
@@ -142,6 +138,28 @@ class TrainConfig:
     fsdp: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+
+
+#: GRPO's knobs, which ``train:`` held before the ``algorithm:`` section: read from there into it
+MOVED_TRAIN_KEYS = ("clip_range", "guard", "kl_beta", "adv_clip", "adv_std", "timestep_fraction")
+
+
+@dataclass
+class AlgorithmConfig:
+    """The ``algorithm:`` section: ``name`` (a row of :mod:`precise_rl.algorithm_table`) and its knobs.
+
+    In a file the knobs stand beside ``name`` (``algorithm: {name: nft, beta: 1.0}``); here they are
+    the entry's knob dataclass, ``knobs``, and read as attributes of the section too
+    (``cfg.algorithm.beta``).
+    """
+
+    name: str = "grpo"
+    knobs: Any = field(default_factory=GRPOKnobs)
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("__") or key in ("name", "knobs"):
+            raise AttributeError(key)
+        return getattr(self.knobs, key)
 
 
 @dataclass
@@ -178,6 +196,7 @@ class ExperimentConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -239,6 +258,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
         _, val_tp = typing.get_args(tp)
         return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is AlgorithmConfig:
+        return _algorithm_from_dict(value, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
@@ -288,18 +309,71 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return obj
 
 
+def _algorithm_from_dict(value: Any, key: str) -> AlgorithmConfig:
+    """The ``algorithm:`` section: ``name`` picks the table's entry, whose knob dataclass reads the other keys."""
+    if isinstance(value, AlgorithmConfig):
+        return value
+    if not isinstance(value, dict):
+        raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
+    name = value.get("name", "grpo")
+    if not isinstance(name, str) or name not in ALGORITHM_TABLE:
+        known = ", ".join(map(repr, ALGORITHM_TABLE))
+        raise UserError(f"config key '{key}.name' must be one of {known}, got {name!r}")
+    knobs_cls = ALGORITHM_TABLE[name].knobs
+    rest = {k: v for k, v in value.items() if k != "name"}
+    fields = [f.name for f in dataclasses.fields(knobs_cls)]
+    for k in rest:
+        if k not in fields:
+            close = difflib.get_close_matches(str(k), fields, n=1)
+            hint = f" (did you mean '{key}.{close[0]}'?)" if close else f"; its keys: {', '.join(fields) or 'none'}"
+            raise UserError(f"config key '{key}.{k}' is not a knob of algorithm {name!r}{hint}")
+    return AlgorithmConfig(name, _from_dict(knobs_cls, rest, key + "."))
+
+
+def _move_train_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """``train.clip_range`` and GRPO's other knobs of earlier configs, read into ``algorithm:`` (a copy)."""
+    train = data.get("train")
+    if not isinstance(train, dict) or not any(k in train for k in MOVED_TRAIN_KEYS):
+        return data
+    algo = data.get("algorithm", {})
+    if algo is None:
+        algo = {}
+    if not isinstance(algo, dict):
+        return data  # the section's own check says what is wrong
+    algo = dict(algo)
+    name = algo.get("name", "grpo")
+    for k in MOVED_TRAIN_KEYS:
+        if k not in train:
+            continue
+        if name != "grpo":
+            raise UserError(
+                f"config key 'train.{k}' is a GRPO knob, now 'algorithm.{k}'; algorithm {name!r} does not take it"
+            )
+        if k in algo and algo[k] != train[k]:
+            raise UserError(f"config keys 'train.{k}' and 'algorithm.{k}' disagree; keep 'algorithm.{k}' only")
+        algo[k] = train[k]
+    return {**data, "train": {k: v for k, v in train.items() if k not in MOVED_TRAIN_KEYS}, "algorithm": algo}
+
+
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
-    """Build and validate an :class:`ExperimentConfig` from a plain mapping."""
+    """Build and validate an :class:`ExperimentConfig` from a plain mapping.
+
+    GRPO's knobs under ``train:`` (``train.clip_range`` ...; earlier configs and checkpoints) are read
+    as the ``algorithm:`` keys they now are.
+    """
     if not isinstance(data, dict):
         raise UserError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
-    cfg = _from_dict(ExperimentConfig, data)
+    cfg = _from_dict(ExperimentConfig, _move_train_keys(data))
     validate(cfg)
     return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain data (round-trips through :func:`config_from_dict`)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain data (round-trips through :func:`config_from_dict`), the algorithm's knobs by its name."""
+    data = dataclasses.asdict(cfg)
+    if isinstance(cfg, ExperimentConfig):
+        data["algorithm"] = {"name": cfg.algorithm.name, **dataclasses.asdict(cfg.algorithm.knobs)}
+    return data
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -319,20 +393,22 @@ def validate(cfg: ExperimentConfig) -> None:
         _positive("train.memory_budget_gb", t.memory_budget_gb)
     _positive("train.max_nonfinite", t.max_nonfinite)
     _positive("train.lr", t.lr)
-    _positive("train.clip_range", t.clip_range)
-    _positive("train.adv_clip", t.adv_clip)
     _positive("train.grad_clip", t.grad_clip, allow_zero=True)
-    _positive("train.kl_beta", t.kl_beta, allow_zero=True)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
-    if not 0 < t.timestep_fraction <= 1:
-        raise UserError(f"config key 'train.timestep_fraction' must be in (0, 1], got {t.timestep_fraction!r}")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise UserError(f"config key 'train.adam_betas' must be two numbers in [0, 1), got {t.adam_betas!r}")
     if t.fsdp and t.mixed_precision == "fp16":
         # fp16 needs a loss scaler over the sharded gradients, which the sharded path does not run
         raise UserError("config key 'train.fsdp' takes train.mixed_precision 'no' or 'bf16', got 'fp16'")
-    if t.group_size < 2:
-        raise UserError(f"config key 'train.group_size' must be >= 2 for group advantages, got {t.group_size}")
+    algo = ALGORITHM_TABLE[cfg.algorithm.name]
+    check = getattr(cfg.algorithm.knobs, "check", None)
+    if callable(check):
+        check("algorithm.")
+    if t.group_size < algo.min_group_size:
+        raise UserError(
+            f"config key 'train.group_size' must be >= {algo.min_group_size} for algorithm {algo.name!r} "
+            f"(group statistics), got {t.group_size}"
+        )
     _positive("train.lora.rank", t.lora.rank)
     _positive("train.lora.alpha", t.lora.alpha)
     if not 0 <= t.lora.dropout < 1:
@@ -341,9 +417,12 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"config key 'train.ema.decay' must be in [0, 1), got {t.ema.decay!r}")
     _positive("train.ema.every", t.ema.every)
     s = cfg.sampler
-    trainable = trainable_samplers()
+    trainable = trainable_samplers() if algo.samplers == "stochastic" else list(SAMPLER_TABLE)
     if s.name not in trainable:
-        raise UserError(f"config key 'sampler.name' must be one of {', '.join(map(repr, trainable))}, got {s.name!r}")
+        why = "" if algo.samplers == "any" else f" (algorithm {algo.name!r} trains on per-step log-probs)"
+        raise UserError(
+            f"config key 'sampler.name' must be one of {', '.join(map(repr, trainable))}{why}, got {s.name!r}"
+        )
     _positive("sampler.num_steps", s.num_steps)
     if s.eta is not None:
         _positive("sampler.eta", s.eta, allow_zero=True)

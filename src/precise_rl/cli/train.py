@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from ..rl.preflight import check_config
 
     check_config(cfg)
-    from ..rl.trainer import GRPOTrainer, default_output_dir
+    from ..rl.trainer import Trainer, default_output_dir
     from ..sde.trajectory import NonFiniteRollout
 
     own_dir = _run_dir_of(args.resume) if args.resume else None
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         if main:
             prepare_run_dir(out, resuming=resuming, overwrite=args.overwrite)
         try:
-            trainer = GRPOTrainer(cfg, out, resume=args.resume)
+            trainer = Trainer(cfg, out, resume=args.resume)
             # A run killed after its last checkpoint but before its summary is finished below (run()
             # trains nothing more and writes the summary and plots); only a summarised run is complete.
             if args.resume is not None and trainer.epoch >= cfg.train.epochs and (out / "summary.json").is_file():

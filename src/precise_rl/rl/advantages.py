@@ -18,8 +18,8 @@ from collections.abc import Mapping
 import torch
 
 from ..rewards.base import combine_rewards, weighted_raw
+from . import seeds
 from .losses import group_advantages
-from .rollouts import _seed_for
 
 __all__ = ["advantages", "global_order", "update_plan", "usable_rows"]
 
@@ -69,7 +69,7 @@ def update_plan(
     """
     usable = usable_rows(adv, group_size)
     n_groups = len(usable) // group_size
-    gen = torch.Generator().manual_seed(_seed_for(seed, epoch, 3, inner))
+    gen = torch.Generator().manual_seed(seeds.plan_seed(seed, epoch, inner))
     members = torch.argsort(torch.rand(n_groups, group_size, generator=gen), dim=1)
     order = (torch.arange(n_groups)[:, None] * group_size + members).t().flatten()
     order = order[usable[order]]

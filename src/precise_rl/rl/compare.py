@@ -242,7 +242,7 @@ def compare_runs(
     from .preflight import check_config
     from .run_config import resolve_config
     from .rundir import check_fresh_run_dir, command_line, lock_run_dir, prepare_run_dir
-    from .trainer import GRPOTrainer
+    from .trainer import Trainer
 
     base = resolve_config(items, None)
     base.eval.every = eval_every_for(base.train.epochs, base.eval.every)
@@ -265,7 +265,7 @@ def compare_runs(
                 check_fresh_run_dir(run_dir, "--overwrite", resume_hint=False)
         for cfg, run_dir in tqdm(jobs, desc="compare", dynamic_ncols=True):
             prepare_run_dir(run_dir, resuming=False, overwrite=True)
-            GRPOTrainer(cfg, run_dir).run()
+            Trainer(cfg, run_dir).run()
             runs[cfg.sampler.name].append(read_metrics(run_dir / "metrics.jsonl"))
     summary = {protocol: summarise(runs, key) for protocol, key in PROTOCOLS.items()}
     result = {"protocols": summary, "seeds": seeds, "config": items, "eval_every": base.eval.every}

@@ -30,8 +30,9 @@ from ..policies import Policy
 from ..rewards.base import weighted_raw
 from ..sde import SAMPLER_TABLE, kernel
 from . import dist
+from . import seeds as streams
 from .ema import EMA
-from .rollouts import _seed_for, sample
+from .rollouts import sample
 from .setup import RunRewards
 
 __all__ = ["EvalInputs", "EvalResult", "ProtocolResult", "evaluate", "eval_weights"]
@@ -108,7 +109,7 @@ def evaluate(inputs: EvalInputs, e: EvalConfig, *, with_grid: bool = True) -> Ev
     per = math.ceil(n_all / world)
     idx = [min(i, n_all - 1) for i in range(rank * per, (rank + 1) * per)]
     mine = [prompts_all[i] for i in idx]
-    seeds = [_seed_for(inputs.seed, 7, i) for i in idx]
+    seeds = [streams.eval_seed(inputs.seed, i) for i in idx]
     n_grid = min(e.grid_prompts, len(prompts_base)) * e.samples_per_prompt
     ceiling = inputs.rewards.train.max_weighted_raw(prompts_all, inputs.metadata(prompts_all))
     # the best the weighted reward could be on these prompts: the curves' headroom

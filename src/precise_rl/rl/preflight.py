@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 
+from ..algorithm_table import ALGORITHM_TABLE
 from ..config import ExperimentConfig
 from ..errors import UserError
 
@@ -43,9 +44,11 @@ def _check_grid(cfg: ExperimentConfig) -> None:
 def _check_trained_steps(cfg: ExperimentConfig) -> None:
     """Some stochastic step must be trained: the last step (to t = 0) of every sampler draws no noise."""
     from ..sde import kernel, sde_window, shifted_sigmas, uniform_sigmas
-    from .trainer import train_step_indices
+    from .algorithms.grpo import train_step_indices
 
-    s, t = cfg.sampler, cfg.train
+    s, t = cfg.sampler, cfg.algorithm.knobs
+    if not hasattr(t, "timestep_fraction") or ALGORITHM_TABLE[cfg.algorithm.name].keeps != "trajectory":
+        return  # an algorithm that trains on final samples trains no step of the trajectory
     n = s.num_steps
     # The stochastic steps depend on where the grid ends, not on its inner points: the uniform grid
     # stands for the model's own grid (known only once the model is loaded; the trainer checks it again).
@@ -64,10 +67,10 @@ def _check_trained_steps(cfg: ExperimentConfig) -> None:
         fix = "use sampler.num_steps >= 2"
     elif t.timestep_fraction < 1 and noisy:
         why = (
-            f"train.timestep_fraction {t.timestep_fraction:g} keeps the first max(1, floor({t.timestep_fraction:g} x "
-            f"{n})) = {kept} steps, and the stochastic steps are {noisy}"
+            f"algorithm.timestep_fraction {t.timestep_fraction:g} keeps the first "
+            f"max(1, floor({t.timestep_fraction:g} x {n})) = {kept} steps, and the stochastic steps are {noisy}"
         )
-        fix = "raise train.timestep_fraction or move sampler.window"
+        fix = "raise algorithm.timestep_fraction or move sampler.window"
     else:
         why = "no step draws noise (sampler.window and the grid's last step leave none)"
         fix = "widen sampler.window or use more sampler.num_steps"

@@ -17,22 +17,16 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
+from ..algorithm_table import ALGORITHM_TABLE
 from ..policies import Policy, index_cond
 from ..rewards.base import concat_components
 from ..sde import Kernel, rollout, sde_window, sliding_window
+from . import seeds
 
 if TYPE_CHECKING:
-    from .trainer import GRPOTrainer
+    from .trainer import Trainer
 
 __all__ = ["RolloutBatch", "collect", "epoch_prompt_indices", "kernel_for_epoch", "sample", "wait_scores"]
-
-
-def _seed_for(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across runs and platforms)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
-    return h
 
 
 def epoch_prompt_indices(n_prompts: int, per_epoch: int, epoch: int, seed: int, order: str = "shuffled") -> list[int]:
@@ -44,12 +38,13 @@ def epoch_prompt_indices(n_prompts: int, per_epoch: int, epoch: int, seed: int, 
     does. ``random``: ``per_epoch`` independent uniform draws (with replacement).
     """
     if order == "random":
-        gen = torch.Generator().manual_seed(_seed_for(seed, epoch, 1))
+        gen = torch.Generator().manual_seed(seeds.prompt_draw_seed(seed, epoch))
         return torch.randint(n_prompts, (per_epoch,), generator=gen).tolist()
     lo, hi = epoch * per_epoch, (epoch + 1) * per_epoch
     out: list[int] = []
     for k in range(lo // n_prompts, (hi - 1) // n_prompts + 1):
-        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(_seed_for(seed, k, 5))).tolist()
+        gen = torch.Generator().manual_seed(seeds.prompt_pass_seed(seed, k))
+        perm = torch.randperm(n_prompts, generator=gen).tolist()
         start, stop = max(lo - k * n_prompts, 0), min(hi - k * n_prompts, n_prompts)
         out += perm[start:stop]
     return out
@@ -69,20 +64,25 @@ def kernel_for_epoch(base: Kernel, window: Any, epoch: int) -> Kernel:
 
 @dataclass
 class RolloutBatch:
-    """One epoch's samples on this process (``B`` rows)."""
+    """One epoch's samples on this process (``B`` rows).
+
+    ``latents`` holds every step's latent when the algorithm trains on trajectories, the final
+    latent alone (``(B, 1, ...)``) when it trains on final samples (``keeps: final`` in the algorithm
+    table); ``means`` is then None.
+    """
 
     prompts: list[str]
     metadata: list[dict]
     group_ids: torch.Tensor  # (B,) global group index
     row_ids: torch.Tensor  # (B,) global sample index: group * group_size + member
     cond: Any
-    latents: torch.Tensor  # (B, N + 1, ...)
-    means: torch.Tensor  # (B, N, ...)
+    latents: torch.Tensor  # (B, N + 1, ...), or (B, 1, ...): the final latents only
+    means: torch.Tensor | None  # (B, N, ...)
     log_probs: torch.Tensor  # (B, N)
     kernel: Kernel
     images: torch.Tensor
     #: the reward scoring of each rollout chunk, in order, submitted as soon as the chunk was decoded
-    #: (``RewardSet.submit``); empty: :meth:`GRPOTrainer.score` scores ``images`` itself
+    #: (``RewardSet.submit``); empty: :meth:`Trainer.score` scores ``images`` itself
     pending: list[Any] = field(default_factory=list)
 
 
@@ -120,6 +120,7 @@ def sample(
     own seeded with ``seeds[i]``: a sample is the same whichever process or chunk computes it.
     ``autocast()`` is entered around each chunk's model calls (the run's mixed precision).
     ``on_chunk(rows, final_latents)`` is called after each chunk, before the next one is rolled out.
+    ``store=False`` keeps the final latents alone (``(B, ...)``) and no means.
     Used by training, evaluation and ``precise-rl sample``.
     """
     if len(seeds) != len(prompts):
@@ -132,7 +133,14 @@ def sample(
         sl = slice(lo, min(lo + chunk, len(prompts)))
         with autocast():
             traj = rollout(
-                policy.velocity, x1[sl], None, kern, cond=index_cond(cond, sl), generator=gens[sl], store_means=store
+                policy.velocity,
+                x1[sl],
+                None,
+                kern,
+                cond=index_cond(cond, sl),
+                generator=gens[sl],
+                store_means=store,
+                store_latents=store,
             )
         lat.append(traj.latents if store else traj.sample)
         if store:
@@ -143,7 +151,7 @@ def sample(
     return cond, torch.cat(lat), (torch.cat(means) if store else None), torch.cat(lps)
 
 
-def collect(trainer: GRPOTrainer, epoch: int) -> RolloutBatch:
+def collect(trainer: Trainer, epoch: int) -> RolloutBatch:
     """This process's groups of the epoch, rolled out with the epoch's kernel.
 
     Every process draws the same global list of ``groups_per_epoch`` prompts and rolls out
@@ -160,7 +168,7 @@ def collect(trainer: GRPOTrainer, epoch: int) -> RolloutBatch:
     group_ids = torch.tensor([g for g in mine for _ in range(size)])
     row_ids = torch.tensor([g * size + j for g in mine for j in range(size)])
     kern = trainer.kernel_for_epoch(epoch)
-    seeds = [_seed_for(trainer.cfg.seed, epoch, 2, r) for r in row_ids.tolist()]
+    row_seeds = [seeds.rollout_seed(trainer.cfg.seed, epoch, r) for r in row_ids.tolist()]
     metadata = trainer.task.metadata(prompts)
     images: list[torch.Tensor] = []
     pending: list[Any] = []
@@ -175,22 +183,26 @@ def collect(trainer: GRPOTrainer, epoch: int) -> RolloutBatch:
         except Exception as exc:  # any failure of a reward stops the run after a checkpoint (see score)
             pending.append(_FailedSubmit(exc))
 
+    keeps = ALGORITHM_TABLE[trainer.cfg.algorithm.name].keeps
     trainer.model.eval()
     cond, latents, means, log_probs = sample(
         trainer.policy,
         prompts,
         kern,
-        seeds,
+        row_seeds,
         chunk=cfg.rollout_batch_size,
         autocast=trainer.accelerator.autocast,
+        store=keeps == "trajectory",
         on_chunk=submit,
     )
+    if keeps != "trajectory":
+        latents = latents[:, None]  # (B, 1, ...): the final latents as the last (only) step
     return RolloutBatch(
         prompts, metadata, group_ids, row_ids, cond, latents, means, log_probs, kern, torch.cat(images), pending
     )
 
 
-def wait_scores(trainer: GRPOTrainer, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+def wait_scores(trainer: Trainer, batch: RolloutBatch) -> dict[str, torch.Tensor]:
     """This process's reward components of ``batch``: the submitted chunks joined, or ``batch.images`` scored."""
     if batch.pending:
         return concat_components([p.result() for p in batch.pending])

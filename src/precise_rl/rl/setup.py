@@ -20,7 +20,7 @@ from ..policies.lora import apply_lora
 from ..rewards.base import RewardSet
 from ..tasks.registry import TaskSpec, read_prompt_file
 
-__all__ = ["RunRewards", "Trainable", "build_rewards", "read_prompts", "trainable_module"]
+__all__ = ["RunRewards", "Trainable", "build_rewards", "needs_reference", "read_prompts", "trainable_module"]
 
 
 def read_prompts(policy: Policy, source: str, builtin: Sequence[str], key: str) -> list[str]:
@@ -74,6 +74,12 @@ class Trainable:
     reference: nn.Module | None
 
 
+def needs_reference(cfg: ExperimentConfig) -> bool:
+    """Whether the run's algorithm computes with the initial weights (a KL term, DPO's reference model)."""
+    check = getattr(cfg.algorithm.knobs, "needs_reference", None)
+    return bool(check()) if callable(check) else False
+
+
 def trainable_module(policy: Policy, cfg: ExperimentConfig) -> Trainable:
     """Make ``policy.transformer`` trainable as ``cfg.train`` says: LoRA adapters, or every weight.
 
@@ -92,7 +98,7 @@ def trainable_module(policy: Policy, cfg: ExperimentConfig) -> Trainable:
             for p in part.parameters():
                 p.requires_grad_(True)
         # The KL term needs the initial weights: a frozen copy (see update.reference_policy).
-        reference = copy.deepcopy(module).requires_grad_(False).eval() if cfg.train.kl_beta > 0 else None
+        reference = copy.deepcopy(module).requires_grad_(False).eval() if needs_reference(cfg) else None
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:

@@ -38,7 +38,7 @@ from .checkpoint import (
 from .sharding import is_dtensor, shard_like, whole
 
 if TYPE_CHECKING:
-    from .trainer import GRPOTrainer
+    from .trainer import Trainer
 
 __all__ = ["load_checkpoint", "load_evaluated_weights", "resume", "save_checkpoint", "trainable_state"]
 
@@ -48,7 +48,7 @@ def trainable_state(names: Sequence[str], params: Sequence[torch.Tensor]) -> dic
     return {n: whole(p) for n, p in zip(names, params, strict=True)}
 
 
-def _optimizer_state(trainer: GRPOTrainer) -> dict[str, Any]:
+def _optimizer_state(trainer: Trainer) -> dict[str, Any]:
     """The optimizer state to save, whole (a collective when sharded).
 
     In torch's own layout (state by parameter index) with whole tensors in place of shards, the layout of
@@ -62,7 +62,7 @@ def _optimizer_state(trainer: GRPOTrainer) -> dict[str, Any]:
     return saved
 
 
-def _load_optimizer_state(trainer: GRPOTrainer, saved: dict[str, Any]) -> None:
+def _load_optimizer_state(trainer: Trainer, saved: dict[str, Any]) -> None:
     """Load ``saved`` (whole tensors, see :func:`_optimizer_state`), split as the parameters are when sharded."""
     if trainer._sharded:
         # torch maps the saved indices to the parameters in the order of the param groups
@@ -82,7 +82,7 @@ def _load_optimizer_state(trainer: GRPOTrainer, saved: dict[str, Any]) -> None:
     trainer.optimizer.load_state_dict(saved)
 
 
-def save_checkpoint(trainer: GRPOTrainer) -> Path:
+def save_checkpoint(trainer: Trainer) -> Path:
     """Write the checkpoint of the completed epochs and prune old ones; returns its path (on every process).
 
     A write that fails (unwritable directory, full disk) raises the same one-sentence error on
@@ -92,6 +92,9 @@ def save_checkpoint(trainer: GRPOTrainer) -> Path:
     tensors = {"trainable": tr._trainable_state()}
     if tr.ema is not None:
         tensors["ema"] = {n: whole(s) for n, s in tr.ema.state_tensors(tr.param_names).items()}
+    own = tr.algorithm.state_tensors()  # e.g. an old policy's weights
+    if own:
+        tensors["algorithm"] = {n: whole(v) for n, v in own.items()}
     optimizer_state = _optimizer_state(tr)
     error, path = None, None
     if tr.world > 1:
@@ -106,16 +109,11 @@ def save_checkpoint(trainer: GRPOTrainer) -> Path:
             dist.agree(error, tr.world)
     if tr.is_main:
         state = {
-            "epoch": tr.epoch,
-            "global_step": tr.global_step,
+            **tr.state.saved(),
             "ema_steps": tr.ema.num_steps if tr.ema is not None else 0,
-            "elapsed_s": tr.elapsed,
-            "train_elapsed_s": tr.train_elapsed,
-            "first_eval": tr.first_eval,
             "config": config_to_dict(tr.cfg),
             "param_names": tr.param_names,
             "lora": tr.cfg.train.lora.enabled,
-            "forward_batch": tr.forward_batch,
         }
 
         def write_adapter(directory: Path) -> None:
@@ -136,7 +134,7 @@ def save_checkpoint(trainer: GRPOTrainer) -> Path:
     return path if path is not None else tr.out / "checkpoints" / f"epoch_{tr.epoch:06d}"
 
 
-def resume(trainer: GRPOTrainer, where: str | Path) -> None:
+def resume(trainer: Trainer, where: str | Path) -> None:
     """Load the checkpoint the main process names (newest under ``where``) on every process."""
     world = trainer.world
     error, ckpt = None, None
@@ -163,7 +161,7 @@ def resume(trainer: GRPOTrainer, where: str | Path) -> None:
         )
 
 
-def load_checkpoint(trainer: GRPOTrainer, ckpt: Path) -> str:
+def load_checkpoint(trainer: Trainer, ckpt: Path) -> str:
     """Verify and load ``ckpt`` into this process; returns the SHA-256 of its manifest."""
     tr = trainer
     try:
@@ -177,6 +175,11 @@ def load_checkpoint(trainer: GRPOTrainer, ckpt: Path) -> str:
         raise CheckpointError(f"checkpoint {str(ckpt)!r} has a state.json without this version's fields") from None
     if saved_cfg.sampler != tr.cfg.sampler or saved_cfg.model != tr.cfg.model:
         raise UserError(f"checkpoint {str(ckpt)!r} was made with another model or sampler than this config")
+    if saved_cfg.algorithm.name != tr.cfg.algorithm.name:
+        raise UserError(
+            f"checkpoint {str(ckpt)!r} was made with algorithm {saved_cfg.algorithm.name!r}, "
+            f"this config trains with {tr.cfg.algorithm.name!r}"
+        )
     weights = tensors.get("trainable", {})
     if names != tr.param_names or any(
         n not in weights or tuple(weights[n].shape) != tuple(p.shape)
@@ -194,6 +197,12 @@ def load_checkpoint(trainer: GRPOTrainer, ckpt: Path) -> str:
         except KeyError:
             raise UserError(f"checkpoint {str(ckpt)!r} has EMA weights of another model") from None
         tr.ema.shadow = [shard_like(s, p) for s, p in zip(tr.ema.shadow, tr.params, strict=True)]
+    own = tr.algorithm.state_tensors()
+    if own:
+        saved_own = tensors.get("algorithm", {})
+        if set(saved_own) != set(own) or any(tuple(saved_own[n].shape) != tuple(v.shape) for n, v in own.items()):
+            raise UserError(f"checkpoint {str(ckpt)!r} lacks the {tr.cfg.algorithm.name} algorithm's own weights")
+        tr.algorithm.load_state_tensors({n: shard_like(saved_own[n], v) for n, v in own.items()})
     try:
         _load_optimizer_state(tr, objects["optimizer"])
     except (KeyError, ValueError, RuntimeError) as exc:

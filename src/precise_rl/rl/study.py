@@ -70,10 +70,10 @@ def _init_worker() -> None:
 
 def _run_job(job: dict[str, Any]) -> tuple[str, float]:
     """Train one (cell, sampler, seed); returns its key and seconds (set-up and training)."""
-    from .trainer import GRPOTrainer
+    from .trainer import Trainer
 
     start = time.perf_counter()
-    GRPOTrainer(job["cfg"], job["run_dir"]).run()
+    Trainer(job["cfg"], job["run_dir"]).run()
     return job["key"], time.perf_counter() - start
 
 

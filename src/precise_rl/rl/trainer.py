@@ -1,10 +1,10 @@
-"""The GRPO trainer: set-up and the epoch loop.
+"""The trainer: set-up and the epoch loop, for any algorithm of the table (GRPO by default).
 
 One epoch: sample (:mod:`.rollouts`) -> score, gathered from every process (:mod:`.dist`) ->
-advantages and the update plan on global rows (:mod:`.advantages`) -> update (:mod:`.update`) ->
-evaluate (:mod:`.evaluate`) -> checkpoint (:mod:`.state`). The config describes the global
-algorithm and the processes only share the work, so a run gives the same numbers (up to float
-rounding) on any number of processes; each module says how it keeps to that and what it does
+the algorithm's targets and update plan on global rows (:mod:`.algorithms`) -> the update engine
+(:mod:`.update`) -> evaluate (:mod:`.evaluate`) -> checkpoint (:mod:`.state`). The config describes
+the global algorithm and the processes only share the work, so a run gives the same numbers (up to
+float rounding) on any number of processes; each module says how it keeps to that and what it does
 with faults.
 """
 
@@ -23,30 +23,58 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from ..algorithm_table import ALGORITHM_TABLE
 from ..config import ExperimentConfig
 from ..errors import UserError
 from ..policies import Policy
+from ..rewards.base import weighted_raw
 from ..rewards.failures import RewardUnavailable
 from ..sde import SAMPLER_TABLE, Kernel, StepOutput, kernel, time_grid
 from ..tasks.registry import TaskSpec, build_task
-from . import advantages, dist, rollouts, setup, sharding, state, update
+from . import advantages, dist, rollouts, seeds, setup, sharding, state
+from .algorithms.base import Algorithm, RunContext
+from .algorithms.grpo import recompute, train_step_indices
 from .checkpoint import check_writable, remove_leftovers
 from .ema import EMA
 from .evaluate import EvalInputs, eval_weights, evaluate
 from .logging import RunLogger
 from .memory import budget_bytes
-from .rollouts import RolloutBatch, _seed_for, epoch_prompt_indices
-from .update import count_nonfinite, train_step_indices
+from .rollouts import RolloutBatch, epoch_prompt_indices
+from .train_state import TrainState
+from .update import Engine, count_nonfinite
 
-__all__ = ["GRPOTrainer", "RolloutBatch", "default_output_dir", "epoch_prompt_indices", "train_step_indices"]
+__all__ = [
+    "GRPOTrainer",
+    "RolloutBatch",
+    "Trainer",
+    "default_output_dir",
+    "epoch_prompt_indices",
+    "train_step_indices",
+]
 
 
-class GRPOTrainer:
-    """GRPO on a policy adapter, driven by accelerate. ``run()`` trains and returns the summary.
+def _state_field(name: str) -> property:
+    """``trainer.<name>``: the field of ``trainer.state`` (read and written)."""
+    return property(lambda self: getattr(self.state, name), lambda self, v: setattr(self.state, name, v))
 
-    ``task`` (a :class:`TaskSpec`: policy, prompts, default rewards) replaces the model that
-    ``config.model.name`` names, so a model of one's own trains without a registry entry.
+
+class Trainer:
+    """The algorithm of ``config.algorithm`` on a policy adapter, driven by accelerate.
+
+    ``run()`` trains and returns the summary. ``task`` (a :class:`TaskSpec`: policy, prompts,
+    default rewards) replaces the model that ``config.model.name`` names, so a model of one's own
+    trains without a registry entry. ``GRPOTrainer`` is the same class (its earlier name).
     """
+
+    epoch = _state_field("epoch")
+    global_step = _state_field("global_step")
+    elapsed = _state_field("elapsed")
+    train_elapsed = _state_field("train_elapsed")
+    first_eval = _state_field("first_eval")
+    forward_batch = _state_field("forward_batch")
+    nonfinite_streak = _state_field("nonfinite_streak")
+    skipped_updates = _state_field("skipped_updates")
+    resumed_from = _state_field("resumed_from")
 
     def __init__(
         self,
@@ -79,7 +107,8 @@ class GRPOTrainer:
                 f"train.groups_per_epoch ({cfg.train.groups_per_epoch}) must be divisible by the number of "
                 f"processes ({self.world}) so that every group stays on one process"
             )
-        torch.manual_seed(_seed_for(cfg.seed, 0xC0FFEE))
+        torch.manual_seed(seeds.init_seed(cfg.seed))
+        self.state = TrainState()
 
         # ``task``: a policy, prompts and rewards of the caller's own; else the one ``model.name`` names
         self.task: TaskSpec = build_task(cfg.model, acc.device) if task is None else task
@@ -103,14 +132,7 @@ class GRPOTrainer:
             cfg.sampler.eta,
             cfg.sampler.schedule if SAMPLER_TABLE[cfg.sampler.name].takes_schedule else None,
         )
-        self.epoch = 0  # completed epochs
-        self.global_step = 0
-        self.elapsed = 0.0
-        self.train_elapsed = 0.0
-        self.first_eval: dict[str, float] | None = None
-        # rows per training forward; with ``train.forward_batch: auto`` chosen at the first training pass and
-        # kept in the checkpoints, so that a resumed run chunks its passes as the run did
-        self.forward_batch: int | None = None if cfg.train.forward_batch == "auto" else cfg.train.forward_batch
+        self.forward_batch = None if cfg.train.forward_batch == "auto" else cfg.train.forward_batch
         if self.forward_batch is None:
             budget_bytes(cfg.train.memory_budget_gb, self.accelerator.device)  # a CPU run without a budget stops here
         if resume is not None:
@@ -160,6 +182,13 @@ class GRPOTrainer:
             self.model, self.optimizer = acc.prepare(module, adamw(self.params))
         self.policy.transformer = self.model
         self.ema = EMA(self.params, t.ema.decay, t.ema.every, t.ema.mode, t.grad_accum) if t.ema.enabled else None
+        ctx = RunContext(
+            cfg, self.policy, self.model, self.params, self.param_names, acc, self.ref_module, self.world, self.rank
+        )
+        self.algorithm: Algorithm = ALGORITHM_TABLE[cfg.algorithm.name].load()(cfg.algorithm.knobs, ctx)
+        self.engine = Engine(
+            t, acc, self.model, self.optimizer, self.params, self.ema, self.world, self.rank, self.out / "checkpoints"
+        )
 
     # ------------------------------------------------------------------ the stages
 
@@ -171,13 +200,13 @@ class GRPOTrainer:
         """This process's groups of the epoch, rolled out and submitted to the rewards chunk by chunk."""
         return rollouts.collect(self, epoch)
 
-    def score(self, batch: RolloutBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Reward components, advantages and raw weighted reward of every row of the epoch (a collective).
+    def score(self, batch: RolloutBatch) -> tuple[dict[str, torch.Tensor], Any, torch.Tensor]:
+        """Reward components, the algorithm's targets and raw weighted reward of every row of the epoch (a collective).
 
         Each process scores its own samples; the scores of all processes are gathered once, in
-        global row order, and the advantages are computed there: the z-scores and group statistics
-        are those of the epoch whatever the number of processes and chunks. A failure of a reward
-        on any process raises on all (``RewardUnavailable`` or a ``UserError``).
+        global row order, and the targets (GRPO: advantages) are computed there: the z-scores and
+        group statistics are those of the epoch whatever the number of processes and chunks. A
+        failure of a reward on any process raises on all (``RewardUnavailable`` or a ``UserError``).
         """
         comps = dist.score_agreed(lambda: rollouts.wait_scores(self, batch), self.world)
         comps = dist.same_fields(comps, len(batch.row_ids), self.world, self.accelerator.device)
@@ -187,24 +216,23 @@ class GRPOTrainer:
             rows = self.accelerator.gather(rows)
         t = self.cfg.train
         comps = advantages.global_order(comps, rows, t.groups_per_epoch * t.group_size)
-        adv, raw = advantages.advantages(comps, self.reward_weights, t.group_size, t.adv_std, t.adv_clip)
-        return comps, adv, raw
+        targets = self.algorithm.targets(comps, self.reward_weights, self.epoch)
+        return comps, targets, weighted_raw(comps, self.reward_weights)
 
-    def update_plan(self, batch: RolloutBatch, adv: torch.Tensor, epoch: int, inner: int) -> list[list[torch.Tensor]]:
-        """The epoch's optimizer updates for pass ``inner``: micro-batches of global row ids (alike on every process).
+    def update_plan(self, batch: RolloutBatch, targets: Any, epoch: int, inner: int) -> list[list[torch.Tensor]]:
+        """The epoch's optimizer updates for pass ``inner``: micro-batches of global unit ids (alike on every process).
 
-        ``adv`` holds every row of the epoch; ``batch`` is not needed, as the plan is global.
+        ``targets`` holds every unit of the epoch; ``batch`` is not needed, as the plan is global.
         """
-        t = self.cfg.train
-        return advantages.update_plan(adv, t.group_size, t.batch_size, t.grad_accum, self.cfg.seed, epoch, inner)
+        return self.algorithm.plan(targets, epoch, inner)
 
-    def train_on(self, batch: RolloutBatch, adv: torch.Tensor, epoch: int) -> dict[str, float]:
-        """Inner epochs of PPO updates on one epoch's samples (``adv``: every row); returns statistics."""
-        return update.train_on(self, batch, adv, epoch)
+    def train_on(self, batch: RolloutBatch, targets: Any, epoch: int) -> dict[str, float]:
+        """The epoch's updates of the algorithm on one epoch's samples (``targets``: every unit); returns statistics."""
+        return self.engine.run(self.algorithm, batch, targets, epoch, self.state)
 
     def recompute(self, batch: RolloutBatch, sample_idx: torch.Tensor, step_idx: torch.Tensor) -> StepOutput:
         """Mean and log-prob of the stored transitions ``(sample, step)`` under the current parameters."""
-        return update.recompute(self, batch, sample_idx, step_idx)
+        return recompute(self.algorithm.ctx, batch, sample_idx, step_idx)
 
     def eval_inputs(self) -> EvalInputs:
         """What :func:`.evaluate.evaluate` reads of this run, the EMA weights swapped in (made per call, not kept)."""
@@ -264,7 +292,7 @@ class GRPOTrainer:
             range(self.epoch, total),
             initial=self.epoch,
             total=total,
-            desc=f"GRPO {cfg.sampler.name}",
+            desc=f"{cfg.algorithm.name.upper()} {cfg.sampler.name}",
             disable=not show,
             dynamic_ncols=True,
         )
@@ -272,14 +300,15 @@ class GRPOTrainer:
             t0 = time.perf_counter()
             epoch = self.epoch
             # Global RNG (e.g. LoRA dropout) restarts each epoch: a resumed run repeats it exactly.
-            torch.manual_seed(_seed_for(cfg.seed, epoch, 4, self.rank))
+            torch.manual_seed(seeds.epoch_torch_seed(cfg.seed, epoch, self.rank))
             batch = self.collect(epoch)
             t1 = time.perf_counter()
             comps, adv, raw = self._score_or_stop(batch)
             t2 = time.perf_counter()
             unscored = self._unscored_counts(comps, epoch)
             if not bool(torch.isfinite(raw).any()):
-                count_nonfinite(self)  # no image could be scored: no update is possible this epoch
+                # no image could be scored: no update is possible this epoch
+                count_nonfinite(self.state, cfg.train.max_nonfinite, self.out / "checkpoints")
             stats = self.train_on(batch, adv, epoch)
             t3 = time.perf_counter()
             self.epoch += 1
@@ -381,6 +410,10 @@ def _reward_record(comps: Mapping[str, torch.Tensor], raw: torch.Tensor) -> dict
         **{f"reward/{k}": float(v.nanmean()) for k, v in comps.items()},
         "unscored_samples": len(raw) - len(scored),
     }
+
+
+#: the trainer's earlier name, kept for code that builds it by that name
+GRPOTrainer = Trainer
 
 
 def default_output_dir(cfg: ExperimentConfig) -> Path:

@@ -91,6 +91,7 @@ def rollout(
     window: torch.Tensor | Sequence[int] | None = None,
     generator: Generators = None,
     store_means: bool = True,
+    store_latents: bool = True,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Trajectory:
     """Sample from ``x1`` (noise, ``(B, ...)``) down the grid ``sigmas`` with a stochastic sampler.
@@ -98,7 +99,9 @@ def rollout(
     ``sampler`` is a name (with ``eta`` and ``schedule`` as in :func:`kernel`) or a prebuilt
     :class:`Kernel`; ``window`` restricts the noise to those steps (the ODE elsewhere).
     ``velocity_fn`` gets ``x`` in float32 and ``t`` as a ``(B,)`` float32 tensor of sigmas.
-    Runs without autograd; every row advances in one batched call per step.
+    Runs without autograd; every row advances in one batched call per step. ``store_latents=False``
+    keeps the final latent only (``latents`` is then ``(B, 1, ...)``): what an algorithm that trains
+    on final samples needs, without the ``N + 1`` latents of every row.
     """
     kern = sampler if isinstance(sampler, Kernel) else kernel(sampler, sigmas, eta, schedule)
     if isinstance(sampler, Kernel) and sigmas is not None:
@@ -125,10 +128,12 @@ def rollout(
                 step=k,
             )
     x = x1.float()
-    latents = torch.empty((batch, n + 1, *x.shape[1:]), dtype=torch.float32, device=device)
+    kept = n + 1 if store_latents else 1
+    latents = torch.empty((batch, kept, *x.shape[1:]), dtype=torch.float32, device=device)
     means = torch.empty((batch, n, *x.shape[1:]), dtype=torch.float32, device=device) if store_means else None
     log_probs = torch.full((batch, n), math.nan, dtype=torch.float32, device=device)
-    latents[:, 0] = x
+    if store_latents:
+        latents[:, 0] = x
     stochastic = kern.stochastic
     t_values = kern.sigmas.to(torch.float32)
 
@@ -140,7 +145,8 @@ def rollout(
                 raise ValueError(f"velocity_fn returned shape {tuple(v.shape)} for input of shape {tuple(x.shape)}")
             out = step(kern, i, x, v, generator=generator, validate=False)
             x = out.sample
-            latents[:, i + 1] = x
+            if store_latents:
+                latents[:, i + 1] = x
             if means is not None:
                 means[:, i] = out.mean
             if stochastic[i]:
@@ -148,7 +154,11 @@ def rollout(
             if callback is not None:
                 callback(i, x)
     # NaN or inf anywhere propagates to the end: one check instead of one per step.
+    if not store_latents:
+        latents[:, 0] = x
     if not bool(torch.isfinite(x).all()):
+        if not store_latents:
+            raise NonFiniteRollout("the rollout produced NaN or inf: check velocity_fn and the inputs", step=n - 1)
         bad = int(torch.nonzero(~torch.isfinite(latents.flatten(2)).any(dim=2).any(dim=0))[0]) - 1
         raise NonFiniteRollout(
             f"the rollout produced NaN or inf at step {bad}: check velocity_fn and the inputs", step=bad

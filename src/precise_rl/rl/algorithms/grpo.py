@@ -1,0 +1,131 @@
+"""GRPO: PPO-clip on each trained step's log-probability with group advantages (docs/math.md section 5).
+
+A unit is a sample (a row of the epoch); its items are the trained steps of its trajectory, each
+a Gaussian action whose log-prob is recomputed under the current weights from the stored
+trajectory. The loss is PPO-clip (or the ratio-normalised guard loss) plus ``kl_beta`` times the
+KL term to the reference weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ...errors import UserError
+from ...policies import index_cond
+from ...sde import Kernel, StepOutput, step
+from ..advantages import advantages, update_plan
+from ..losses import guard_loss, kl_penalty, ppo_clip_loss
+from ..rollouts import RolloutBatch
+from .base import Algorithm, LossOutput, RunContext, reference_weights
+
+__all__ = ["GRPO", "recompute", "train_step_indices"]
+
+
+def train_step_indices(kern: Kernel, timestep_fraction: float) -> list[int]:
+    """The steps trained per trajectory: stochastic ones among the first ``floor(f * N)``."""
+    n_train = max(1, math.floor(timestep_fraction * kern.num_steps)) if timestep_fraction < 1 else kern.num_steps
+    return [j for j in range(n_train) if bool(kern.stochastic[j])]
+
+
+def recompute(ctx: RunContext, batch: RolloutBatch, sample_idx: torch.Tensor, step_idx: torch.Tensor) -> StepOutput:
+    """Mean and log-prob of the stored transitions ``(sample, step)`` (local rows) under the current weights."""
+    x_t = batch.latents[sample_idx, step_idx]
+    x_s = batch.latents[sample_idx, step_idx + 1]
+    sig = batch.kernel.sigmas.to(device=x_t.device, dtype=torch.float32)
+    with ctx.accelerator.autocast():
+        v = ctx.policy.velocity(x_t, sig[step_idx], index_cond(batch.cond, sample_idx))
+    return step(batch.kernel, step_idx, x_t, v, x_s=x_s, validate=False)
+
+
+class GRPO(Algorithm):
+    """GRPO over the update engine (knobs: :class:`precise_rl.algorithm_table.GRPOKnobs`)."""
+
+    MEAN_KEYS = ("loss", "policy_loss", "clip_frac", "approx_kl", "ratio_mean", "kl_ref")
+    MAX_KEYS = ("ratio_max_dev",)
+
+    def targets(self, comps: Mapping[str, torch.Tensor], weights: Mapping[str, float], epoch: int) -> torch.Tensor:
+        """Group advantages of every row (NaN where no weighted reward scored the image)."""
+        k, t = self.knobs, self.ctx.cfg.train
+        return advantages(comps, weights, t.group_size, k.adv_std, k.adv_clip)[0]
+
+    def unit_rows(self, targets: torch.Tensor) -> torch.Tensor:
+        return torch.arange(len(targets))
+
+    def plan(self, targets: torch.Tensor, epoch: int, inner: int) -> list[list[torch.Tensor]]:
+        t = self.ctx.cfg.train
+        return update_plan(targets, t.group_size, t.batch_size, t.grad_accum, self.ctx.cfg.seed, epoch, inner)
+
+    def epoch_stats(self, targets: torch.Tensor, plan: list[list[torch.Tensor]]) -> dict[str, float]:
+        t = self.ctx.cfg.train
+        size = t.group_size
+        live = len(torch.unique(torch.cat([m for u in plan for m in u]) // size)) if plan else 0
+        return {"zero_adv_groups": 1.0 - live / t.groups_per_epoch}
+
+    def begin(self, batch: RolloutBatch, targets: torch.Tensor, epoch: int, inner: int) -> None:
+        super().begin(batch, targets, epoch, inner)
+        device = self.ctx.device
+        self.steps = train_step_indices(batch.kernel, self.knobs.timestep_fraction)
+        if not self.steps:
+            raise UserError("no stochastic step is trained: check sampler.window and algorithm.timestep_fraction")
+        self.steps_t = torch.tensor(self.steps, device=device)
+        n_rows = self.ctx.cfg.train.groups_per_epoch * self.ctx.cfg.train.group_size
+        self.local_of = torch.full((n_rows,), -1, dtype=torch.long)
+        self.local_of[batch.row_ids] = torch.arange(len(batch.row_ids))
+        self.adv = targets[batch.row_ids].to(device=device, dtype=torch.float32)
+        coeffs = batch.kernel.on_device(device)
+        self.std_all = coeffs[2]
+        self.guard_all = coeffs[1].abs()
+
+    def items(self) -> int:
+        return len(self.steps)
+
+    def placeholder(self) -> int:
+        return int(self.batch.row_ids[0])
+
+    def loss(self, units: torch.Tensor, items: torch.Tensor, idle: bool = False) -> LossOutput:
+        k, ctx, batch = self.knobs, self.ctx, self.batch
+        sample_idx = self.local_of[units].to(ctx.device)
+        step_idx = self.steps_t[items.to(ctx.device)]
+        old_lp = batch.log_probs[sample_idx, step_idx]
+        a = torch.zeros_like(self.adv[sample_idx]) if idle else self.adv[sample_idx]
+        out = recompute(ctx, batch, sample_idx, step_idx)
+        if k.guard:
+            old_mean = batch.means[sample_idx, step_idx]
+            res = guard_loss(
+                out.log_prob,
+                old_lp,
+                a,
+                k.clip_range,
+                out.mean,
+                old_mean,
+                self.std_all[step_idx],
+                self.guard_all[step_idx],
+            )
+        else:
+            res = ppo_clip_loss(out.log_prob, old_lp, a, k.clip_range)
+        loss_rows = res.loss
+        kl = None
+        if k.kl_beta > 0:
+            with torch.no_grad(), reference_weights(ctx):
+                ref = recompute(ctx, batch, sample_idx, step_idx)
+            kl = kl_penalty(out.mean, ref.mean)
+            loss_rows = loss_rows + k.kl_beta * kl
+        if idle:
+            return LossOutput(loss_rows)
+        with torch.no_grad():
+            diff = (out.log_prob - old_lp).float()
+            stats: dict[str, Any] = {
+                "loss": loss_rows,
+                "policy_loss": res.loss,
+                "clip_frac": res.clipped.float(),
+                "approx_kl": 0.5 * diff.square(),
+                "ratio_mean": res.ratio,
+                "ratio_max_dev": (res.ratio - 1).abs(),
+            }
+            if kl is not None:
+                stats["kl_ref"] = kl
+        return LossOutput(loss_rows, stats)

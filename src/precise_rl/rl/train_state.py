@@ -1,0 +1,37 @@
+"""The training state: the counters a checkpoint saves and a resume restores, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainState"]
+
+
+@dataclass
+class TrainState:
+    """Where a run stands. Checkpoints save the first six fields (``state.json``); the rest are per session."""
+
+    epoch: int = 0  #: completed epochs
+    global_step: int = 0  #: optimizer steps taken since the start of the run
+    elapsed: float = 0.0  #: seconds of the run so far (rollouts, rewards, training, evaluations)
+    train_elapsed: float = 0.0  #: seconds of the epochs themselves (no evaluation, no checkpoint)
+    first_eval: dict[str, float] | None = None  #: the evaluation before training
+    #: rows per training forward; with ``train.forward_batch: auto`` chosen at the first training pass and
+    #: kept in the checkpoints, so that a resumed run chunks its passes as the run did
+    forward_batch: int | None = None
+    nonfinite_streak: int = 0  #: updates lost to a bad number in a row
+    skipped_updates: int = 0  #: updates lost to a bad number in this session
+    resumed_from: Path | None = None  #: the checkpoint this session started from
+
+    def saved(self) -> dict[str, Any]:
+        """The fields ``state.json`` holds."""
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "elapsed_s": self.elapsed,
+            "train_elapsed_s": self.train_elapsed,
+            "first_eval": self.first_eval,
+            "forward_batch": self.forward_batch,
+        }
