@@ -72,8 +72,9 @@ class WindowConfig:
 
 @dataclass
 class SamplerConfig:
-    #: a stochastic sampler of the sampler table (``precise_rl.sde.samplers``)
-    name: str = "precise"
+    #: a sampler of the sampler table (``precise_rl.sde.samplers``): a stochastic one for GRPO, any for the
+    #: algorithms that train on final samples; null = the algorithm's reference sampler (GRPO: precise)
+    name: str | None = None
     eta: float | None = None  #: None = the sampler's reference default
     num_steps: int = 10
     grid: Literal["model", "uniform", "shifted"] = "model"  #: ``model`` = the adapter's own sigmas
@@ -417,6 +418,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"config key 'train.ema.decay' must be in [0, 1), got {t.ema.decay!r}")
     _positive("train.ema.every", t.ema.every)
     s = cfg.sampler
+    if s.name is None:
+        s.name = algo.default_sampler  # what ran is recorded (config.yaml holds the resolved name)
     trainable = trainable_samplers() if algo.samplers == "stochastic" else list(SAMPLER_TABLE)
     if s.name not in trainable:
         why = "" if algo.samplers == "any" else f" (algorithm {algo.name!r} trains on per-step log-probs)"

@@ -48,26 +48,37 @@ def advantages(
     return adv, weighted_raw(comps, weights)
 
 
-def usable_rows(adv: torch.Tensor, group_size: int) -> torch.Tensor:
+def usable_rows(adv: torch.Tensor, group_size: int, keep_flat: bool = False) -> torch.Tensor:
     """Mask of the rows trained this epoch: finite advantage, in a group with some non-zero advantage.
 
-    A group of equal rewards (all advantages 0) carries no signal.
+    A group of equal rewards (all advantages 0) carries no signal for GRPO; ``keep_flat`` keeps it
+    (an algorithm whose loss still regularises such rows, as DiffusionNFT's and AWM's do).
     """
     adv = adv.detach().cpu().reshape(-1, group_size)
     ok = torch.isfinite(adv)
+    if keep_flat:
+        return ok.flatten()
     live = (ok & (adv != 0)).any(dim=1, keepdim=True)
     return (ok & live).flatten()
 
 
 def update_plan(
-    adv: torch.Tensor, group_size: int, batch_size: int, grad_accum: int, seed: int, epoch: int, inner: int
+    adv: torch.Tensor,
+    group_size: int,
+    batch_size: int,
+    grad_accum: int,
+    seed: int,
+    epoch: int,
+    inner: int,
+    keep_flat: bool = False,
 ) -> list[list[torch.Tensor]]:
     """The optimizer updates of pass ``inner``: each a list of micro-batches of global row ids.
 
     Samples are visited slot by slot (member ``j`` of every trained group, in a fresh random member
     order per group and pass), ``batch_size`` per micro-batch, ``grad_accum`` micro-batches per update.
+    ``keep_flat``: see :func:`usable_rows`.
     """
-    usable = usable_rows(adv, group_size)
+    usable = usable_rows(adv, group_size, keep_flat)
     n_groups = len(usable) // group_size
     gen = torch.Generator().manual_seed(seeds.plan_seed(seed, epoch, inner))
     members = torch.argsort(torch.rand(n_groups, group_size, generator=gen), dim=1)

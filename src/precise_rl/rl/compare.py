@@ -1,8 +1,10 @@
-"""Every sampler trained on one recipe over seeds, and the summary: reward against epochs, steps and wall-clock.
+"""Every sampler (and algorithm) trained on one recipe over seeds, and the summary: reward against epochs,
+optimizer steps, wall-clock and model evaluations.
 
-``compare_runs`` trains them one after another in this process; ``summarise`` reads each sampler's
+``compare_runs`` trains them one after another in this process; ``summarise`` reads each run's
 seed-mean curve off its evaluations, for both protocols, and finds the time to the prior samplers'
-best final reward. The method is said in ``precise-rl compare --help`` (:mod:`precise_rl.cli.compare`).
+best final reward. A run is labelled by its sampler, or ``algorithm/sampler`` when several algorithms
+are compared. The method is said in ``precise-rl compare --help`` (:mod:`precise_rl.cli.compare`).
 """
 
 from __future__ import annotations
@@ -15,26 +17,84 @@ from typing import Any
 
 import numpy as np
 
+from ..algorithm_table import ALGORITHM_TABLE
 from ..errors import UserError
-from ..sde.samplers import prior_samplers, trainable_samplers
+from ..sde.samplers import SAMPLER_TABLE, prior_samplers, trainable_samplers
 
-__all__ = ["compare_runs", "parse_samplers", "print_summary", "summarise", "time_to_target", "PROTOCOLS"]
+__all__ = [
+    "compare_runs",
+    "parse_algorithms",
+    "parse_samplers",
+    "print_summary",
+    "run_label",
+    "sampler_of",
+    "summarise",
+    "time_to_target",
+    "valid_pairs",
+    "PROTOCOLS",
+]
 
 #: evaluation protocol -> the metric of its weighted held-out reward
 PROTOCOLS = {"own": "eval_own_reward", "ode": "eval_ode_reward"}
 #: what the wall-clock ratios use, said in every summary
 RATIO_BASIS = (
-    "epochs to target x the median training seconds per epoch over every sampler's epochs (robust wall-clock: "
-    "the samplers' step costs are equal, so it differs from epochs by a common factor)"
+    "epochs to target x the median training seconds per epoch over every sampler's epochs of the run's algorithm "
+    "(robust wall-clock: the samplers' step costs are equal, so within an algorithm it differs from epochs by a "
+    "common factor)"
 )
 #: evaluations per run that compare asks for at least: one every 5% of the run's length
 MIN_EVALS = 20
 
 
-def parse_samplers(text: str) -> list[str]:
-    """``--samplers``: known names, each once; UserError naming the unknown ones."""
+def parse_algorithms(text: str) -> list[str]:
+    """``--algorithms``: names of the algorithm table, each once; UserError naming the unknown ones."""
+    names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    unknown = [a for a in names if a not in ALGORITHM_TABLE]
+    if unknown:
+        raise UserError(
+            f"--algorithms: unknown algorithm {', '.join(map(repr, unknown))}; choose from {', '.join(ALGORITHM_TABLE)}"
+        )
+    if not names:
+        raise UserError(f"--algorithms names no algorithm; choose from {', '.join(ALGORITHM_TABLE)}")
+    return names
+
+
+def valid_pairs(algorithms: list[str], samplers: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (algorithm, sampler) pairs that can train, and a note for each left out (GRPO cannot train on ``ode``)."""
+    pairs, left = [], []
+    for a in algorithms:
+        for s in samplers:
+            if ALGORITHM_TABLE[a].samplers == "stochastic" and not SAMPLER_TABLE[s].stochastic:
+                left.append(f"{a}/{s} (algorithm {a} trains on per-step log-probs; {s} draws no noise)")
+            else:
+                pairs.append((a, s))
+    if not pairs:
+        raise UserError(f"no algorithm of {algorithms} can train with the samplers {samplers}: {'; '.join(left)}")
+    return pairs, left
+
+
+def run_label(algorithm: str, sampler: str, several: bool) -> str:
+    """A run's name in summaries: the sampler, or ``algorithm/sampler`` when several algorithms are compared."""
+    return f"{algorithm}/{sampler}" if several else sampler
+
+
+def sampler_of(label: str) -> str:
+    """The sampler of a run label (see :func:`run_label`)."""
+    return label.rsplit("/", 1)[-1]
+
+
+def _algorithm_of(label: str) -> str:
+    """The algorithm of a run label ("" for a plain sampler label: one algorithm compared)."""
+    return label.rsplit("/", 1)[0] if "/" in label else ""
+
+
+def parse_samplers(text: str, any_sampler: bool = False) -> list[str]:
+    """``--samplers``: known names, each once; UserError naming the unknown ones.
+
+    ``any_sampler``: ``ode`` too (for algorithms that train on final samples).
+    """
     samplers = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
-    known = trainable_samplers()
+    known = list(SAMPLER_TABLE) if any_sampler else trainable_samplers()
     unknown = [s for s in samplers if s not in known]
     if unknown:
         raise UserError(f"--samplers: unknown sampler {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
@@ -69,14 +129,15 @@ def time_to_target(xs: list[float] | np.ndarray, ys: list[float] | np.ndarray, t
 
 
 def _eval_points(records: list[dict[str, Any]], key: str) -> np.ndarray:
-    """``(epoch, optimizer steps, measured train wall-clock, reward)`` of every evaluation in a run."""
-    steps = 0.0
+    """``(epoch, optimizer steps, measured train wall-clock, reward, model evaluations)`` of every evaluation."""
+    steps, evals = 0.0, 0.0
     rows = []
     for r in records:
         steps = float(r.get("optimizer_steps", steps))
+        evals = float(r.get("model_evals", evals))
         if key in r:
-            rows.append((float(r["epoch"]), steps, float(r["train_elapsed_s"]), float(r[key])))
-    return np.array(rows, dtype=np.float64).reshape(-1, 4)
+            rows.append((float(r["epoch"]), steps, float(r["train_elapsed_s"]), float(r[key]), evals))
+    return np.array(rows, dtype=np.float64).reshape(-1, 5)
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -93,7 +154,7 @@ def summarise(runs: dict[str, list[list[dict[str, Any]]]], key: str = "eval_ode_
         n_eval = min(len(c) for c in per_seed)
         if n_eval == 0:
             raise UserError(f"the {sampler} runs have no '{key}' evaluations: set eval.every > 0")
-        arr = np.stack([c[:n_eval] for c in per_seed])  # (seeds, evals, 4)
+        arr = np.stack([c[:n_eval] for c in per_seed])  # (seeds, evals, 5)
         cost = _median([c for rec in seeds for c in epoch_costs(rec)])
         finals = arr[:, -1, 3]
         ceilings = [r["eval_reward_ceiling"] for rec in seeds for r in rec if "eval_reward_ceiling" in r]
@@ -101,6 +162,7 @@ def summarise(runs: dict[str, list[list[dict[str, Any]]]], key: str = "eval_ode_
             "epochs": arr[0, :, 0].astype(int).tolist(),
             "optimizer_steps_mean": arr[:, :, 1].mean(axis=0).tolist(),
             "wallclock_s_mean": arr[:, :, 2].mean(axis=0).tolist(),
+            "model_evals_mean": arr[:, :, 4].mean(axis=0).tolist(),
             "epoch_cost_s": cost,
             "reward_mean": arr[:, :, 3].mean(axis=0).tolist(),
             "reward_std": arr[:, :, 3].std(axis=0).tolist(),
@@ -112,15 +174,27 @@ def summarise(runs: dict[str, list[list[dict[str, Any]]]], key: str = "eval_ode_
             "reward_ceiling": float(np.mean(ceilings)) if ceilings else None,
         }
     pooled_cost = _median([c for seeds in runs.values() for rec in seeds for c in epoch_costs(rec)])
-    priors = [s for s in prior_samplers() if s in curves]
+    # Samplers of one algorithm cost the same per epoch, algorithms do not: the robust clock pools the epochs
+    # of each algorithm's runs (of every run when one algorithm is compared, as before).
+    algo_cost = {
+        a: _median(
+            [c for label, seeds in runs.items() if _algorithm_of(label) == a for r in seeds for c in epoch_costs(r)]
+        )
+        for a in {_algorithm_of(label) for label in runs}
+    }
+    # the prior samplers' runs (of GRPO, when several algorithms are compared and GRPO is one of them)
+    priors = [s for s in curves if sampler_of(s) in prior_samplers()]
+    if any(s.startswith("grpo/") for s in priors):
+        priors = [s for s in priors if s.startswith("grpo/")]
     target = max((curves[s]["final_reward_mean"] for s in priors), default=None)
     best_prior = max(priors, key=lambda s: curves[s]["final_reward_mean"]) if priors else None
-    for c in curves.values():
+    for name, c in curves.items():
         c.update(
             epochs_to_target=None,
             optimizer_steps_to_target=None,
             wallclock_to_target_s=None,
             measured_wallclock_to_target_s=None,
+            model_evals_to_target=None,
             epochs_to_target_per_seed=[None] * len(c["final_reward_per_seed"]),
         )
         if target is None:
@@ -130,7 +204,8 @@ def summarise(runs: dict[str, list[list[dict[str, Any]]]], key: str = "eval_ode_
             c["epochs_to_target"] = ep
             c["optimizer_steps_to_target"] = float(np.interp(ep, c["epochs"], c["optimizer_steps_mean"]))
             c["measured_wallclock_to_target_s"] = float(np.interp(ep, c["epochs"], c["wallclock_s_mean"]))
-            c["wallclock_to_target_s"] = ep * pooled_cost
+            c["wallclock_to_target_s"] = ep * algo_cost[_algorithm_of(name)]
+            c["model_evals_to_target"] = float(np.interp(ep, c["epochs"], c["model_evals_mean"]))
         c["epochs_to_target_per_seed"] = [time_to_target(c["epochs"], r, target) for r in c["reward_per_seed"]]
         reached = [e for e in c["epochs_to_target_per_seed"] if e is not None]
         c["epochs_to_target_seed_mean"], c["epochs_to_target_seed_std"] = _mean_std(reached)
@@ -193,21 +268,29 @@ def plot_comparison(summaries: dict[str, dict[str, Any]], path: Path, title: str
     import matplotlib.pyplot as plt
 
     rows = list(summaries)
-    fig, axes = plt.subplots(len(rows), 3, figsize=(15, 4 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 4, figsize=(20, 4 * len(rows)), squeeze=False)
     for r, protocol in enumerate(rows):
         summary = summaries[protocol]
         for name, c in summary["samplers"].items():
             ep = np.array(c["epochs"], dtype=float)
-            xs = [ep, np.array(c["optimizer_steps_mean"]), np.array(c["wallclock_s_mean"])]
+            evals = np.array(c.get("model_evals_mean") or [math.nan] * len(ep))
+            xs = [ep, np.array(c["optimizer_steps_mean"]), np.array(c["wallclock_s_mean"]), evals]
             mu, sd = np.array(c["reward_mean"]), np.array(c["reward_std"])
-            lw = 2.2 if name == "precise" else 1.2
+            lw = 2.2 if sampler_of(name) == "precise" else 1.2
             color = None
             for ax, x in zip(axes[r], xs, strict=True):
                 (line,) = ax.plot(x, mu, marker="o", ms=2.5, label=name, lw=lw, color=color)
                 color = line.get_color()
                 ax.fill_between(x, mu - sd, mu + sd, color=color, alpha=0.12)
         for ax, xl in zip(
-            axes[r], ["epoch", "optimizer steps", "training wall-clock (s, measured, mean over seeds)"], strict=True
+            axes[r],
+            [
+                "epoch",
+                "optimizer steps",
+                "training wall-clock (s, measured, mean over seeds)",
+                "model evaluations (rollout forwards + training forwards and backwards)",
+            ],
+            strict=True,
         ):
             if summary["target"] is not None:
                 ax.axhline(summary["target"], color="k", ls="--", lw=0.8, label=f"target ({summary['best_prior']})")
@@ -229,15 +312,24 @@ def eval_every_for(epochs: int, every: int) -> int:
 
 
 def compare_runs(
-    items: list[str], seeds: int, samplers: list[str], output: Path, overwrite: bool = False
+    items: list[str],
+    seeds: int,
+    samplers: list[str],
+    output: Path,
+    overwrite: bool = False,
+    algorithms: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Train every (sampler, seed) and return the summary of both protocols (also written to ``output``).
+    """Train every (algorithm, sampler, seed) and return the summary of both protocols (also written to ``output``).
 
-    The output directory is locked for the whole comparison; a run directory left by an earlier
-    comparison is refused unless ``overwrite`` (so finished runs are never lost by mistake).
+    ``algorithms``: None = the config's algorithm alone (runs labelled by sampler); several: every pair
+    that can train (:func:`valid_pairs`), labelled ``algorithm/sampler``, each algorithm at its default
+    knobs unless it is the config's. The output directory is locked for the whole comparison; a run
+    directory left by an earlier comparison is refused unless ``overwrite`` (so finished runs are never
+    lost by mistake).
     """
     from tqdm.auto import tqdm
 
+    from ..config import AlgorithmConfig, validate
     from .logging import read_metrics
     from .preflight import check_config
     from .run_config import resolve_config
@@ -247,28 +339,43 @@ def compare_runs(
     base = resolve_config(items, None)
     base.eval.every = eval_every_for(base.train.epochs, base.eval.every)
     base.eval.samplers = ["ode", "own"]
-    runs: dict[str, list[list[dict[str, Any]]]] = {s: [] for s in samplers}
+    several = algorithms is not None and len(algorithms) > 1
+    pairs, left_out = valid_pairs(algorithms or [base.algorithm.name], samplers)
+    for note in left_out:
+        print(f"compare: left out {note}")
+    runs: dict[str, list[list[dict[str, Any]]]] = {run_label(a, s, several): [] for a, s in pairs}
     # Seed-major order: a machine that slows down or speeds up during the run hits every sampler alike.
     jobs = []
     for k in range(seeds):
-        for sampler in samplers:
+        for algorithm, sampler in pairs:
             cfg = copy.deepcopy(base)
+            if algorithm != base.algorithm.name:
+                cfg.algorithm = AlgorithmConfig(algorithm, ALGORITHM_TABLE[algorithm].knobs())
             cfg.sampler.name = sampler
             cfg.sampler.eta = None  # each sampler at its reference eta
             cfg.seed = base.seed + k
             cfg.logging.progress = False
+            validate(cfg)  # e.g. a group size the algorithm cannot take
             check_config(cfg, warn=not jobs)  # every run's config before any training; warnings once
-            jobs.append((cfg, output / "runs" / f"{sampler}-seed{cfg.seed}"))
+            label = run_label(algorithm, sampler, several)
+            jobs.append((label, cfg, output / "runs" / f"{label.replace('/', '-')}-seed{cfg.seed}"))
     with lock_run_dir(output, command_line()):
         if not overwrite:  # refuse before the first run, not after the first ones were trained
-            for _, run_dir in jobs:
+            for _, _, run_dir in jobs:
                 check_fresh_run_dir(run_dir, "--overwrite", resume_hint=False)
-        for cfg, run_dir in tqdm(jobs, desc="compare", dynamic_ncols=True):
+        for label, cfg, run_dir in tqdm(jobs, desc="compare", dynamic_ncols=True):
             prepare_run_dir(run_dir, resuming=False, overwrite=True)
             Trainer(cfg, run_dir).run()
-            runs[cfg.sampler.name].append(read_metrics(run_dir / "metrics.jsonl"))
+            runs[label].append(read_metrics(run_dir / "metrics.jsonl"))
     summary = {protocol: summarise(runs, key) for protocol, key in PROTOCOLS.items()}
-    result = {"protocols": summary, "seeds": seeds, "config": items, "eval_every": base.eval.every}
+    result = {
+        "protocols": summary,
+        "seeds": seeds,
+        "config": items,
+        "eval_every": base.eval.every,
+        "algorithms": algorithms or [base.algorithm.name],
+        "left_out": left_out,
+    }
     output.mkdir(parents=True, exist_ok=True)
     (output / "compare.json").write_text(json.dumps(result, indent=1))
     plot_comparison(summary, output / "compare.png")
@@ -296,16 +403,17 @@ def print_summary(summary: dict[str, Any], protocol: str, seeds: int) -> None:
             f"reward ceiling {summary['reward_ceiling']:.4f}: the target leaves {summary['headroom']:.0%} of the way "
             "from the untrained model to it open"
         )
-    head = f"{'sampler':>14} {'final reward':>18} {'epochs to target':>22} {'steps to target':>16} "
-    print(head + f"{'wall-clock to target':>21} {'train s/epoch':>14}")
+    head = f"{'run':>16} {'final reward':>18} {'epochs to target':>22} {'steps to target':>16} "
+    print(head + f"{'wall-clock to target':>21} {'model evals to target':>22} {'train s/epoch':>14}")
     for name, c in summary["samplers"].items():
         final = _pm(c["final_reward_mean"], c["final_reward_std"], seeds)
         reached = c.get("seeds_reaching_target", 0)
         per_seed = _pm(c.get("epochs_to_target_seed_mean"), c.get("epochs_to_target_seed_std"), reached, ".1f")
         epochs = f"{_fmt(c['epochs_to_target'], '.1f')} ({per_seed}, {reached}/{seeds})"
         print(
-            f"{name:>14} {final:>18} {epochs:>22} {_fmt(c['optimizer_steps_to_target'], '.1f'):>16} "
-            f"{_fmt(c['wallclock_to_target_s'], '.1f') + ' s':>21} {c['epoch_cost_s']:>14.3f}"
+            f"{name:>16} {final:>18} {epochs:>22} {_fmt(c['optimizer_steps_to_target'], '.1f'):>16} "
+            f"{_fmt(c['wallclock_to_target_s'], '.1f') + ' s':>21} {_fmt(c.get('model_evals_to_target'), '.3g'):>22} "
+            f"{c['epoch_cost_s']:>14.3f}"
         )
     ratio = summary.get("precise_time_ratio_vs_best_prior")
     if ratio is not None:

@@ -113,6 +113,7 @@ def sample(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     store: bool = True,
     on_chunk: Callable[[slice, torch.Tensor], None] | None = None,
+    init_seeds: Sequence[int] | None = None,
 ) -> tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Roll out ``prompts`` in chunks of ``chunk``; returns (cond, latents, means, log_probs).
 
@@ -121,13 +122,19 @@ def sample(
     ``autocast()`` is entered around each chunk's model calls (the run's mixed precision).
     ``on_chunk(rows, final_latents)`` is called after each chunk, before the next one is rolled out.
     ``store=False`` keeps the final latents alone (``(B, ...)``) and no means.
+    ``init_seeds``: the initial latents' seeds when they differ from the steps' (rows that share a
+    start, e.g. Flow-GRPO-Fast's branches of one trajectory); None = each row's own ``seeds[i]``.
     Used by training, evaluation and ``precise-rl sample``.
     """
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
     cond = policy.encode_prompts(prompts)
     gens = [torch.Generator(device=policy.device).manual_seed(int(s)) for s in seeds]
-    x1 = torch.cat([policy.sample_noise(1, generator=g) for g in gens])
+    if init_seeds is None:
+        x1 = torch.cat([policy.sample_noise(1, generator=g) for g in gens])
+    else:
+        starts = [torch.Generator(device=policy.device).manual_seed(int(s)) for s in init_seeds]
+        x1 = torch.cat([policy.sample_noise(1, generator=g) for g in starts])
     lat, means, lps = [], [], []
     for lo in range(0, len(prompts), chunk):
         sl = slice(lo, min(lo + chunk, len(prompts)))
@@ -185,16 +192,18 @@ def collect(trainer: Trainer, epoch: int) -> RolloutBatch:
 
     keeps = ALGORITHM_TABLE[trainer.cfg.algorithm.name].keeps
     trainer.model.eval()
-    cond, latents, means, log_probs = sample(
-        trainer.policy,
-        prompts,
-        kern,
-        row_seeds,
-        chunk=cfg.rollout_batch_size,
-        autocast=trainer.accelerator.autocast,
-        store=keeps == "trajectory",
-        on_chunk=submit,
-    )
+    with trainer.algorithm.rollout_weights():  # e.g. DiffusionNFT's old policy
+        cond, latents, means, log_probs = sample(
+            trainer.policy,
+            prompts,
+            kern,
+            row_seeds,
+            chunk=cfg.rollout_batch_size,
+            autocast=trainer.accelerator.autocast,
+            store=keeps == "trajectory",
+            on_chunk=submit,
+            init_seeds=trainer.algorithm.initial_seeds(row_seeds, size),
+        )
     if keeps != "trajectory":
         latents = latents[:, None]  # (B, 1, ...): the final latents as the last (only) step
     return RolloutBatch(

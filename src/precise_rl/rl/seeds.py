@@ -27,6 +27,7 @@ __all__ = [
     "plan_seed",
     "eval_seed",
     "train_noise_seed",
+    "fast_window_seed",
     "stream_keys",
 ]
 
@@ -37,6 +38,7 @@ _FNV_PRIME = 1099511628211
 # older streams has 4 parts with such a value there: their second part is an epoch or a row index).
 TAG_PROMPT_DRAW = 0x5EED_0001
 TAG_TRAIN_NOISE = 0x5EED_0002
+TAG_FAST_WINDOW = 0x5EED_0003
 
 
 def mix(*parts: int) -> int:
@@ -82,14 +84,25 @@ def eval_seed(seed: int, row: int) -> int:
     return mix(seed, 7, row)
 
 
-def train_noise_seed(seed: int, epoch: int, inner: int, row: int) -> int:
-    """An algorithm's training noise for global row ``row`` in pass ``inner`` of epoch ``epoch``.
+#: the ``item`` of :func:`train_noise_seed` for a row's draws that are not per item (e.g. its times)
+ROW_ITEM = 0xFFFF
+
+
+def train_noise_seed(seed: int, epoch: int, inner: int, row: int, item: int = ROW_ITEM) -> int:
+    """An algorithm's training noise for global unit ``row``, item ``item``, in pass ``inner`` of epoch ``epoch``.
 
     For the algorithms that train on freshly noised samples (times and noise drawn per row, e.g.
-    DiffusionNFT, AWM, DPO): ``(seed, TAG_TRAIN_NOISE, epoch, inner, row)``. Per row, not per
-    process or micro-batch: a row gets the same noise on any number of processes and after a resume.
+    DiffusionNFT, AWM, DPO): ``(seed, TAG_TRAIN_NOISE, epoch, inner, row, item)``; ``item`` is the
+    row's trained time (its noise), or :data:`ROW_ITEM` for what is drawn once per row (its times).
+    Per row, not per process or micro-batch: a row gets the same noise on any number of processes
+    and after a resume.
     """
-    return mix(seed, TAG_TRAIN_NOISE, epoch, inner, row)
+    return mix(seed, TAG_TRAIN_NOISE, epoch, inner, row, item)
+
+
+def fast_window_seed(seed: int, epoch: int) -> int:
+    """Flow-GRPO-Fast's window start in epoch ``epoch`` (the same on every process): ``(seed, TAG_FAST_WINDOW, epoch, 0)``."""
+    return mix(seed, TAG_FAST_WINDOW, epoch, 0)
 
 
 def stream_keys(seed: int, epochs: int, rows: int) -> dict[str, list[tuple[int, ...]]]:
@@ -103,5 +116,6 @@ def stream_keys(seed: int, epochs: int, rows: int) -> dict[str, list[tuple[int, 
         "prompt_draw": [(seed, TAG_PROMPT_DRAW, i, 0) for i in e],
         "plan": [(seed, i, 3, k) for i in e for k in range(4)],
         "eval": [(seed, 7, j) for j in r],
-        "train_noise": [(seed, TAG_TRAIN_NOISE, i, k, j) for i in e for k in range(2) for j in r],
+        "train_noise": [(seed, TAG_TRAIN_NOISE, i, k, j, m) for i in e for k in range(2) for j in r for m in (0, ROW_ITEM)],
+        "fast_window": [(seed, TAG_FAST_WINDOW, i, 0) for i in e],
     }

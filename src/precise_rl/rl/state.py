@@ -213,6 +213,7 @@ def load_checkpoint(trainer: Trainer, ckpt: Path) -> str:
     tr.elapsed = float(state.get("elapsed_s", 0.0))
     tr.train_elapsed = float(state.get("train_elapsed_s", 0.0))
     tr.first_eval = state.get("first_eval")
+    tr.state.model_evals = float(state.get("model_evals", 0.0))
     if tr.cfg.train.forward_batch == "auto" and isinstance(state.get("forward_batch"), int):
         tr.forward_batch = state["forward_batch"]  # the rows the run chose, not a new measurement
     tr.resumed_from = ckpt

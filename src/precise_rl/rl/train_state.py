@@ -18,6 +18,9 @@ class TrainState:
     elapsed: float = 0.0  #: seconds of the run so far (rollouts, rewards, training, evaluations)
     train_elapsed: float = 0.0  #: seconds of the epochs themselves (no evaluation, no checkpoint)
     first_eval: dict[str, float] | None = None  #: the evaluation before training
+    #: model evaluations spent on training so far, every process's: rollout forwards (one per sample and step)
+    #: and the training passes' forwards and backwards (one each per row; an old or reference policy's too)
+    model_evals: float = 0.0
     #: rows per training forward; with ``train.forward_batch: auto`` chosen at the first training pass and
     #: kept in the checkpoints, so that a resumed run chunks its passes as the run did
     forward_batch: int | None = None
@@ -34,4 +37,5 @@ class TrainState:
             "train_elapsed_s": self.train_elapsed,
             "first_eval": self.first_eval,
             "forward_batch": self.forward_batch,
+            "model_evals": self.model_evals,
         }

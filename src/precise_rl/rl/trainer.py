@@ -194,7 +194,8 @@ class Trainer:
 
     def kernel_for_epoch(self, epoch: int) -> Kernel:
         """The training kernel with this epoch's SDE window applied."""
-        return rollouts.kernel_for_epoch(self.base_kernel, self.cfg.sampler.window, epoch)
+        kern = rollouts.kernel_for_epoch(self.base_kernel, self.cfg.sampler.window, epoch)
+        return self.algorithm.rollout_kernel(kern, epoch)
 
     def collect(self, epoch: int) -> RolloutBatch:
         """This process's groups of the epoch, rolled out and submitted to the rewards chunk by chunk."""
@@ -314,6 +315,10 @@ class Trainer:
             self.epoch += 1
             self.train_elapsed += t3 - t0
             times = {"time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t3 - t2}
+            # one velocity evaluation per sample and step of the rollouts (every process's)
+            stats["model_evals_rollout"] = float(len(raw) * batch.kernel.num_steps)
+            self.state.model_evals += stats["model_evals_rollout"] + stats["model_evals_train"]
+            stats["model_evals"] = self.state.model_evals
             record = {"epoch": self.epoch, **_reward_record(comps, raw), **unscored, **stats, **times}
             last = self.epoch == total
             if e_every and (self.epoch % e_every == 0 or last):

@@ -140,6 +140,7 @@ class Engine:
         skipped = 0
         extra: dict[str, float] = {}
         fb = 0
+        evals = 0  # model evaluations of the epoch's training passes, every process's (a backward counts as one)
         self.model.train()
         for inner in range(self.train.inner_epochs):
             plan = algo.plan(targets, epoch, inner)
@@ -150,6 +151,8 @@ class Engine:
             if state.forward_batch is None:
                 state.forward_batch = choose_forward_batch(self, algo)
             fb = state.forward_batch
+            grad, no_grad = algo.forwards_per_row()
+            evals += sum(len(m) for u in plan for m in u) * items * (2 * grad + no_grad)
             for update in plan:
                 scale = world / (sum(len(m) for m in update) * items)
                 # Forward passes per process (all derive the same counts alone) and this process's own.
@@ -187,6 +190,7 @@ class Engine:
                 if self.ema is not None:
                     self.ema.step()
                 algo.after_step(state.global_step)
+        algo.after_epoch(state.global_step)
         out = sums.means(acc if world > 1 else None)
         out.update(extra)
         if grad_norms:
@@ -195,6 +199,7 @@ class Engine:
         out["forward_batch"] = float(fb)  # rows per training forward (chosen by the budget with ``auto``)
         out["updates"] = float(len(grad_norms))  # optimizer steps taken this epoch
         out["optimizer_steps"] = float(state.global_step)  # since the start of the run (the paper's "iteration")
+        out["model_evals_train"] = float(evals)
         return out
 
 

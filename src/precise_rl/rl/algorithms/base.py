@@ -22,7 +22,7 @@ An algorithm computes with explicit inputs (:class:`RunContext`), not with the t
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,6 +33,7 @@ from torch import nn
 from ...config import ExperimentConfig
 from ...policies import Policy
 from ...policies.lora import adapters_disabled
+from ...sde import Kernel
 from ..rollouts import RolloutBatch
 
 __all__ = ["Algorithm", "LossOutput", "RunContext", "reference_weights", "swapped_weights"]
@@ -113,6 +114,20 @@ class Algorithm:
         self.knobs = knobs
         self.ctx = ctx
 
+    # ---------------------------------------------------------------- rollouts
+
+    def rollout_kernel(self, kern: Kernel, epoch: int) -> Kernel:
+        """The kernel epoch ``epoch`` rolls out with (default: the run's, with ``sampler.window`` applied)."""
+        return kern
+
+    def rollout_weights(self) -> AbstractContextManager:
+        """The weights rollouts are drawn with, entered around sampling (default: the current ones)."""
+        return nullcontext()
+
+    def initial_seeds(self, row_seeds: Sequence[int], group_size: int) -> list[int] | None:
+        """Seeds of the rollouts' initial latents when they are not the rows' own (default: None, their own)."""
+        return None
+
     # ---------------------------------------------------------------- from scores to targets (global, pure)
 
     def targets(self, comps: Mapping[str, torch.Tensor], weights: Mapping[str, float], epoch: int) -> Any:
@@ -153,10 +168,17 @@ class Algorithm:
         """A unit of this process for passes of weight 0 (idle passes, the memory probe)."""
         raise NotImplementedError
 
+    def forwards_per_row(self) -> tuple[int, int]:
+        """Model evaluations per forward row: (with gradient, without: an old or reference policy's)."""
+        return 1, 0
+
     # ---------------------------------------------------------------- after an optimizer step; checkpoints
 
     def after_step(self, global_step: int) -> None:
-        """Called after every optimizer step (e.g. to move an old policy toward the current one)."""
+        """Called after every optimizer step."""
+
+    def after_epoch(self, global_step: int) -> None:
+        """Called after an epoch's updates, with the optimizer steps taken so far (e.g. to move an old policy)."""
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors of its own to checkpoint (whole, by name); empty for a stateless algorithm."""

@@ -4,6 +4,16 @@ A unit is a sample (a row of the epoch); its items are the trained steps of its 
 a Gaussian action whose log-prob is recomputed under the current weights from the stored
 trajectory. The loss is PPO-clip (or the ratio-normalised guard loss) plus ``kl_beta`` times the
 KL term to the reference weights.
+
+Flow-GRPO-Fast (``fast_window > 0``; yifan123/flow_grpo ``scripts/train_sd3_fast.py``): each epoch's
+rollouts draw noise on ``fast_window`` consecutive steps only, starting at a step drawn uniformly
+from ``0 .. fast_start_max`` (the reference's range ``(0, N/2)``), and take the deterministic ODE step
+elsewhere; only the window's steps are trained (the others have no log-prob). Any stochastic sampler
+of the table fills the window, precise included. Deliberate difference: the start is drawn once per
+epoch from the run's seed, the same on every process, where the reference draws it per sampling
+batch and process with Python's ``random``; so a run gives the same numbers on any number of
+processes. ``fast_shared_start`` gives a group's samples one initial noise, so that they share one
+deterministic trajectory up to the window and branch there, as the earlier Flow-GRPO-Fast did.
 """
 
 from __future__ import annotations
@@ -16,13 +26,14 @@ import torch
 
 from ...errors import UserError
 from ...policies import index_cond
-from ...sde import Kernel, StepOutput, step
+from ...sde import Kernel, StepOutput, sde_window, step
+from .. import seeds
 from ..advantages import advantages, update_plan
 from ..losses import guard_loss, kl_penalty, ppo_clip_loss
 from ..rollouts import RolloutBatch
 from .base import Algorithm, LossOutput, RunContext, reference_weights
 
-__all__ = ["GRPO", "recompute", "train_step_indices"]
+__all__ = ["GRPO", "fast_window_start", "recompute", "train_step_indices"]
 
 
 def train_step_indices(kern: Kernel, timestep_fraction: float) -> list[int]:
@@ -41,11 +52,49 @@ def recompute(ctx: RunContext, batch: RolloutBatch, sample_idx: torch.Tensor, st
     return step(batch.kernel, step_idx, x_t, v, x_s=x_s, validate=False)
 
 
+def fast_window_start(seed: int, epoch: int, start_max: int) -> int:
+    """Flow-GRPO-Fast's window start in epoch ``epoch``: uniform over ``0 .. start_max``, the same on every process."""
+    gen = torch.Generator().manual_seed(seeds.fast_window_seed(seed, epoch))
+    return int(torch.randint(start_max + 1, (1,), generator=gen))
+
+
 class GRPO(Algorithm):
     """GRPO over the update engine (knobs: :class:`precise_rl.algorithm_table.GRPOKnobs`)."""
 
     MEAN_KEYS = ("loss", "policy_loss", "clip_frac", "approx_kl", "ratio_mean", "kl_ref")
     MAX_KEYS = ("ratio_max_dev",)
+
+    def __init__(self, knobs: Any, ctx: RunContext) -> None:
+        super().__init__(knobs, ctx)
+        if knobs.fast_window and ctx.cfg.sampler.window.size:
+            raise UserError(
+                "algorithm.fast_window (Flow-GRPO-Fast) and sampler.window both choose the stochastic steps; set one"
+            )
+
+    def _fast_start_max(self, n: int) -> int:
+        k = self.knobs
+        start_max = n // 2 - k.fast_window if k.fast_start_max is None else k.fast_start_max
+        # the last step ends at t = 0 and draws no noise: a window must end before it
+        if start_max < 0 or start_max + k.fast_window > n - 1:
+            raise UserError(
+                f"algorithm.fast_window={k.fast_window} with fast_start_max={k.fast_start_max} does not fit in "
+                f"sampler.num_steps={n} (the window must end before the last step; by default it starts in "
+                f"0 .. num_steps // 2 - fast_window): lower fast_window or raise sampler.num_steps"
+            )
+        return start_max
+
+    def rollout_kernel(self, kern: Kernel, epoch: int) -> Kernel:
+        if not self.knobs.fast_window:
+            return kern
+        n = kern.num_steps
+        start = fast_window_start(self.ctx.cfg.seed, epoch, self._fast_start_max(n))
+        return kern.with_window(sde_window(n, self.knobs.fast_window, start))
+
+    def initial_seeds(self, row_seeds: list[int], group_size: int) -> list[int] | None:
+        if not (self.knobs.fast_window and self.knobs.fast_shared_start):
+            return None
+        # a process holds whole groups, in order: the group's first sample's seed starts every member
+        return [row_seeds[(i // group_size) * group_size] for i in range(len(row_seeds))]
 
     def targets(self, comps: Mapping[str, torch.Tensor], weights: Mapping[str, float], epoch: int) -> torch.Tensor:
         """Group advantages of every row (NaN where no weighted reward scored the image)."""
@@ -85,6 +134,9 @@ class GRPO(Algorithm):
 
     def placeholder(self) -> int:
         return int(self.batch.row_ids[0])
+
+    def forwards_per_row(self) -> tuple[int, int]:
+        return 1, int(self.knobs.kl_beta > 0)
 
     def loss(self, units: torch.Tensor, items: torch.Tensor, idle: bool = False) -> LossOutput:
         k, ctx, batch = self.knobs, self.ctx, self.batch
