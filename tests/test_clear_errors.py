@@ -226,7 +226,7 @@ def test_one_step_says_why_no_step_is_trained_and_makes_no_directory(
                 str(out),
                 "sampler.window.size=2",
                 "sampler.window.start=8",
-                "train.timestep_fraction=0.5",
+                "algorithm.timestep_fraction=0.5",
             ]
         )
         == 2

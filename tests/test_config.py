@@ -24,19 +24,22 @@ from precise_rl.errors import UserError
 
 def test_default_config_is_valid_and_round_trips() -> None:
     cfg = load_config()
-    assert cfg == ExperimentConfig()
+    default = ExperimentConfig()
+    assert default.sampler.name is None  # null: the algorithm's reference sampler, resolved by the check
+    default.sampler.name = "precise"
+    assert cfg == default
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
 
 def test_overrides_are_typed(tmp_path: Path) -> None:
     f = tmp_path / "exp.yaml"
     f.write_text("train:\n  lr: 3e-4\n  epochs: 7\nsampler:\n  name: cps\n")
-    cfg = load_config(f, ["train.lr=1e-4", "sampler.eta=0.5", "train.guard=true", "reward.weights.ink_style=2"])
+    cfg = load_config(f, ["train.lr=1e-4", "sampler.eta=0.5", "algorithm.guard=true", "reward.weights.ink_style=2"])
     assert cfg.train.lr == pytest.approx(1e-4)
     assert isinstance(cfg.train.lr, float)
     assert cfg.train.epochs == 7
     assert cfg.sampler.name == "cps" and cfg.sampler.eta == 0.5
-    assert cfg.train.guard is True
+    assert cfg.algorithm.guard is True
     assert cfg.reward.weights == {"ink_style": 2.0}
 
 
@@ -49,11 +52,11 @@ BAD_CONFIGS = [
     ({"train": {"epochs": 0}}, "'train.epochs' must be > 0"),
     ({"train": {"lr": -1.0}}, "'train.lr' must be > 0"),
     ({"train": {"lr": "fast"}}, "'train.lr' must be a number"),
-    ({"train": {"guard": "yes"}}, "'train.guard' must be true or false"),
-    ({"train": {"timestep_fraction": 0}}, "'train.timestep_fraction' must be in (0, 1]"),
+    ({"algorithm": {"guard": "yes"}}, "'algorithm.guard' must be true or false"),
+    ({"algorithm": {"timestep_fraction": 0}}, "'algorithm.timestep_fraction' must be in (0, 1]"),
     ({"train": {"group_size": 1}}, "'train.group_size' must be >= 2"),
     ({"train": {"adam_betas": [0.9]}}, "'train.adam_betas' must be two numbers"),
-    ({"train": {"adv_std": "global"}}, "'train.adv_std' must be one of 'group', 'batch'"),
+    ({"algorithm": {"adv_std": "global"}}, "'algorithm.adv_std' must be one of 'group', 'batch'"),
     ({"train": {"ema": {"decay": 1.5}}}, "'train.ema.decay' must be in [0, 1)"),
     ({"train": {"lora": {"rank": 0}}}, "'train.lora.rank' must be > 0"),
     ({"train": {"mixed_precision": "fp8"}}, "'train.mixed_precision' must be one of"),

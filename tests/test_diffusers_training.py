@@ -50,19 +50,22 @@ MIX = {"pickscore": 1.0, "clipscore": 1.0, "hpsv2": 1.0}
 
 
 def _recipe(path: Path) -> tuple[str, str, str]:
+    """(model, what trains: the sampler for GRPO, else the algorithm, reward) of a recipe."""
     cfg = load_config(path)
     weights = dict(cfg.reward.weights)
     if weights == MIX:
         reward = "mix"
     else:
         (reward,) = weights
-    return cfg.model.name, cfg.sampler.name, reward
+    method = cfg.sampler.name if cfg.algorithm.name == "grpo" else cfg.algorithm.name
+    return cfg.model.name, method, reward
 
 
 def test_every_documented_recipe_exists() -> None:
     """The paper's setups (the main table's mix reward on FLUX.2 Klein with each sampler, PickScore and HPSv2.1
     alone, PickScore on SD3.5 with Precise and with Flow-GRPO side by side) and the JPEG tasks, one file per
-    (model, sampler, reward)."""
+    (model, sampler, reward); a recipe of another algorithm than GRPO is named for its algorithm in place of
+    the sampler (its rollouts' sampler is the reference's)."""
     found = [_recipe(p) for p in RECIPES]
     assert len(found) == len(set(found))
     required = {("flux2_klein", s, "mix") for s in ("precise", "flow_grpo", "dance_grpo", "cps")}
@@ -71,6 +74,7 @@ def test_every_documented_recipe_exists() -> None:
     required |= {
         (m, "precise", r) for m in ("flux2_klein", "sd3") for r in ("jpeg_compressibility", "jpeg_incompressibility")
     }
+    required |= {("sd3", "nft", "pickscore"), ("flux2_klein", "nft", "pickscore"), ("sd3", "awm", "pickscore")}
     assert required <= set(found)
     for path in RECIPES:  # the file name says what it runs
         model, sampler, reward = _recipe(path)

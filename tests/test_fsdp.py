@@ -43,7 +43,7 @@ from .test_distributed import ARGS as DDP_ARGS
 # The distributed tests' digits run, every checkpoint kept, with a KL term (whose frozen copy of the
 # initial weights is sharded too) and a gradient clip that binds (the gradient norms are ~0.3).
 ARGS = [a for a in DDP_ARGS if not a.startswith("checkpoint.keep=")]
-ARGS += ["checkpoint.keep=3", "train.kl_beta=0.05", "train.grad_clip=0.1"]
+ARGS += ["checkpoint.keep=3", "algorithm.kl_beta=0.05", "train.grad_clip=0.1"]
 
 
 def _launch(*argv: str, processes: int = 2) -> None:

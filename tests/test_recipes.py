@@ -38,6 +38,9 @@ FAMILY = {
     "wan21_1_3b_": "wan21_1_3b",
     "wan22_5b_": "wan22_5b",
     "wan22_a14b_": "wan22_a14b",
+    "sd35_nft_": "sd35_nft",
+    "flux2_klein_nft_": "flux2_klein_nft",
+    "sd35_awm_": "sd35_awm",
 }
 #: the columns of the per-recipe table
 PER_RECIPE_KEYS = ("sampler.name", "sampler.eta", "reward.weights", "reward.eval_only")
@@ -50,10 +53,22 @@ REQUIRED = {
     "derived.steps_per_epoch", "train.inner_epochs", "train.lr", "train.weight_decay", "train.adam_betas",
     "train.adam_eps", "train.grad_clip", "train.lora.rank", "train.lora.alpha", "train.lora.init",
     "model.options.lora_targets", "model.dtype", "train.mixed_precision", "model.options.max_sequence_length",
-    "train.clip_range", "train.guard", "train.kl_beta", "train.timestep_fraction", "derived.trained_steps",
     "train.ema.enabled", "train.ema.decay", "train.ema.every", "train.ema.mode", "model.options.guidance_scale",
     "eval.samplers", "eval.num_steps", "eval.max_prompts", "model.options.height", "prompts.train", "prompts.eval",
     "prompts.order",
+}  # fmt: skip
+#: knobs each algorithm's tables must document besides (its own knobs; a table names its algorithm in an
+#: ``algorithm.name`` row, GRPO where it has none)
+ALGORITHM_REQUIRED = {
+    "grpo": {"algorithm.clip_range", "algorithm.guard", "algorithm.kl_beta", "algorithm.timestep_fraction",
+             "derived.trained_steps"},
+    "nft": {"algorithm.name", "algorithm.beta", "algorithm.kl_beta", "algorithm.adv_clip", "algorithm.adv_std",
+            "algorithm.timestep_fraction", "derived.trained_steps", "algorithm.old_decay_flat",
+            "algorithm.old_decay_rate", "algorithm.old_decay_max", "algorithm.rollout_with_old"},
+    "awm": {"algorithm.name", "algorithm.adv_clip", "algorithm.advantage_max", "algorithm.adv_std",
+            "algorithm.clip_range", "algorithm.weighting", "algorithm.ghuber_power", "algorithm.train_timesteps",
+            "algorithm.timestep_fraction", "algorithm.time_type", "algorithm.kl_beta", "algorithm.ema_kl_beta",
+            "algorithm.ema_decay_max", "algorithm.ema_decay_rate"},
 }  # fmt: skip
 #: required knobs that only a LoRA recipe has
 LORA_KNOBS = {"train.lora.rank", "train.lora.alpha", "train.lora.init", "model.options.lora_targets"}
@@ -160,7 +175,9 @@ def _derived(cfg: Any) -> dict[str, Any]:
         "derived.images_per_epoch": images,
         "derived.samples_per_step": per_step,
         "derived.steps_per_epoch": int(steps) if steps == int(steps) else steps,
-        "derived.trained_steps": math.floor(t.timestep_fraction * cfg.sampler.num_steps + 1e-9),
+        "derived.trained_steps": math.floor(
+            getattr(cfg.algorithm.knobs, "timestep_fraction", 0.0) * cfg.sampler.num_steps + 1e-9
+        ),
     }
 
 
@@ -184,7 +201,8 @@ def test_the_doc_has_every_table_and_each_row_agrees_with_its_reason() -> None:
     for name in FAMILY.values():
         rows = _knob_rows(name)
         lora = rows["train.lora.enabled"][2]
-        required = REQUIRED if lora else REQUIRED - LORA_KNOBS
+        algorithm = rows["algorithm.name"][2] if "algorithm.name" in rows else "grpo"
+        required = (REQUIRED if lora else REQUIRED - LORA_KNOBS) | ALGORITHM_REQUIRED[algorithm]
         assert required <= set(rows), f"table {name} lacks {sorted(required - set(rows))}"
         if not lora:
             assert not LORA_KNOBS & set(rows), f"table {name} trains without LoRA but documents LoRA knobs"

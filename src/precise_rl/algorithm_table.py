@@ -201,7 +201,7 @@ register_algorithm(
         samplers="any",
         keeps="final",
         default_sampler="ode",
-        summary="DiffusionNFT: forward-process loss on final samples toward positive / from implicit negative velocities",
+        summary="DiffusionNFT: forward-process loss on final samples, toward positive, away from negative velocities",
         reference="NVlabs/DiffusionNFT scripts/train_nft_sd3.py",
     )
 )

@@ -23,12 +23,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train": (
         "precise_rl.cli.train",
-        "GRPO post-training with any sampler (default: the built-in digits task, offline)",
+        "RL post-training with any algorithm and sampler (default: GRPO on the built-in digits task, offline)",
     ),
     "eval": ("precise_rl.cli.eval", "score a trained run on held-out prompts with chosen samplers and steps"),
     "compare": (
         "precise_rl.cli.compare",
-        "train one recipe with every sampler and several seeds; reward against wall-clock",
+        "train one recipe with every sampler (and --algorithms) over seeds; reward against wall-clock and model "
+        "evaluations",
     ),
     "study": (
         "precise_rl.cli.study",
@@ -67,6 +68,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="precise-rl",
         description="RL post-training of flow-matching image generators with SDE-consistent stochastic samplers.",
+        epilog=_tables_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from .. import __version__
 
@@ -81,6 +84,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(_run=module.run, _parser=p)
     return parser
+
+
+def _tables_text() -> str:
+    """The algorithms and samplers, from their tables (which load without torch)."""
+    from ..algorithm_table import ALGORITHM_TABLE
+    from ..sde.samplers import SAMPLER_TABLE
+
+    lines = ["algorithms (algorithm.name=...):"]
+    for a in ALGORITHM_TABLE.values():
+        takes = "stochastic samplers" if a.samplers == "stochastic" else "any sampler"
+        lines.append(f"  {a.name:<14} {a.summary} [{takes}; default {a.default_sampler}]")
+    lines.append("samplers (sampler.name=...):")
+    for s in SAMPLER_TABLE.values():
+        lines.append(f"  {s.name:<14} {s.summary}")
+    return "\n".join(lines)
 
 
 def _command_of(argv: Sequence[str]) -> str:

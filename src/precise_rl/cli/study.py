@@ -40,8 +40,9 @@ import math
 import os
 from pathlib import Path
 
+from ..algorithm_table import ALGORITHM_TABLE
 from ..errors import UserError
-from ..rl.compare import parse_samplers
+from ..rl.compare import parse_algorithms, parse_samplers
 from ..rl.run_config import split_config_and_overrides
 from ..rl.rundir import command_line, lock_run_dir
 from ..rl.study import DEFAULT_GRIDS, DEFAULT_SEEDS, DEFAULT_STEPS, QUICK, STUDY_OVERRIDES, format_markdown, run_study
@@ -71,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--samplers",
         default=",".join(trainable_samplers()),
         help=f"comma-separated samplers (default: {','.join(trainable_samplers())})",
+    )
+    p.add_argument(
+        "--algorithms",
+        default=None,
+        help="comma-separated algorithms to study across (every pair with a sampler it accepts; default: the "
+        "config's algorithm)",
     )
     p.add_argument(
         "--workers",
@@ -136,7 +143,9 @@ def parse_grids(text: str) -> list[tuple[str, float | None]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    samplers = parse_samplers(args.samplers)
+    algorithms = parse_algorithms(args.algorithms) if args.algorithms is not None else None
+    any_sampler = algorithms is not None and any(ALGORITHM_TABLE[a].samplers == "any" for a in algorithms)
+    samplers = parse_samplers(args.samplers, any_sampler=any_sampler)
     steps = parse_steps(args.steps) if args.steps is not None else None
     grids = parse_grids(args.grids)
     seeds = args.seeds
@@ -154,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     seeds = seeds or DEFAULT_SEEDS
     items = ([config] if config else []) + extra + overrides  # the user's overrides come last and win
     with lock_run_dir(args.output, command_line()):  # one study at a time writes the output directory
-        result = run_study(items, seeds, steps, grids, samplers, args.workers, args.output)
+        result = run_study(items, seeds, steps, grids, samplers, args.workers, args.output, algorithms)
     print()
     print(format_markdown(result))
     out = args.output

@@ -1,8 +1,11 @@
-"""Train a policy with GRPO: ``precise-rl train [CONFIG] [key.path=value ...] [--output DIR] [--resume DIR]``.
+"""Train a policy: ``precise-rl train [CONFIG] [key.path=value ...] [--output DIR] [--resume DIR]``.
 
-With no config it trains the built-in task (digits, precise sampler) offline. Overrides use
-dotted keys, e.g. ``train.lr=1e-4 sampler.name=cps``. ``--resume`` continues a run from its
-newest checkpoint (or a given checkpoint directory) exactly where it stopped.
+With no config it trains the built-in task (digits, GRPO with the precise sampler) offline. Overrides
+use dotted keys, e.g. ``train.lr=1e-4 sampler.name=cps``. ``algorithm.name`` picks the algorithm
+(``grpo``, the default; ``nft``, DiffusionNFT; ``awm``, Advantage Weighted Matching; ``dpo``, online
+Diffusion-DPO; ``precise-rl --help`` lists them) and its knobs sit beside it (``algorithm.beta=0.1``);
+``algorithm.fast_window=3`` makes GRPO Flow-GRPO-Fast. ``--resume`` continues a run from its newest
+checkpoint (or a given checkpoint directory) exactly where it stopped.
 """
 
 from __future__ import annotations

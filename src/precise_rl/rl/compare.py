@@ -226,7 +226,25 @@ def summarise(runs: dict[str, list[list[dict[str, Any]]]], key: str = "eval_ode_
         result["reward_ceiling"] = ceiling
         result["headroom"] = (ceiling - target) / (ceiling - start) if ceiling > start else 0.0
     result.update(_ratios(curves, priors, best_prior))
+    if any("/" in label for label in curves):
+        result["algorithms"] = _per_algorithm(curves)
     return result
+
+
+def _per_algorithm(curves: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Across algorithms: each algorithm's samplers ranked by final reward, and who reaches the target soonest."""
+    out: dict[str, Any] = {"ranking": {}}
+    for label in curves:
+        algorithm = _algorithm_of(label)
+        out["ranking"].setdefault(algorithm, [])
+    for algorithm, ranked in out["ranking"].items():
+        mine = [label for label in curves if _algorithm_of(label) == algorithm]
+        ranked.extend(sampler_of(s) for s in sorted(mine, key=lambda s: -curves[s]["final_reward_mean"]))
+    for axis in ("wallclock_to_target_s", "model_evals_to_target", "epochs_to_target"):
+        reached = {label: c[axis] for label, c in curves.items() if c.get(axis) is not None}
+        out[f"soonest_by_{axis}"] = min(reached, key=reached.get) if reached else None
+    out["best_final"] = max(curves, key=lambda s: curves[s]["final_reward_mean"])
+    return out
 
 
 def _ratios(curves: dict[str, dict[str, Any]], priors: list[str], best_prior: str | None) -> dict[str, Any]:

@@ -13,20 +13,28 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import torch
+from accelerate import Accelerator
+from torch import nn
 
 from ..algorithm_table import ALGORITHM_TABLE
+from ..config import ExperimentConfig
 from ..policies import Policy, index_cond
-from ..rewards.base import concat_components
+from ..rewards.base import RewardSet, concat_components
 from ..sde import Kernel, rollout, sde_window, sliding_window
 from . import seeds
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
-
-__all__ = ["RolloutBatch", "collect", "epoch_prompt_indices", "kernel_for_epoch", "sample", "wait_scores"]
+__all__ = [
+    "RolloutBatch",
+    "RolloutInputs",
+    "collect",
+    "epoch_prompt_indices",
+    "kernel_for_epoch",
+    "sample",
+    "wait_scores",
+]
 
 
 def epoch_prompt_indices(n_prompts: int, per_epoch: int, epoch: int, seed: int, order: str = "shuffled") -> list[int]:
@@ -158,7 +166,25 @@ def sample(
     return cond, torch.cat(lat), (torch.cat(means) if store else None), torch.cat(lps)
 
 
-def collect(trainer: Trainer, epoch: int) -> RolloutBatch:
+@dataclass
+class RolloutInputs:
+    """What :func:`collect` reads of a run (the trainer builds it; the algorithm's hooks are passed as callables)."""
+
+    cfg: ExperimentConfig
+    policy: Policy
+    model: nn.Module
+    accelerator: Accelerator
+    prompts: list[str]  #: the training prompts
+    metadata: Callable[[list[str]], list[dict]]  #: the task's metadata of prompts (rewards read it)
+    rewards: RewardSet  #: the rewards trained on
+    rank: int
+    world: int
+    kernel_for_epoch: Callable[[int], Kernel]  #: the kernel an epoch rolls out with (SDE window, Fast window)
+    rollout_weights: Callable[[], AbstractContextManager]  #: the weights rollouts are drawn with
+    initial_seeds: Callable[[list[int], int], list[int] | None]  #: seeds of shared initial latents, or None
+
+
+def collect(inputs: RolloutInputs, epoch: int) -> RolloutBatch:
     """This process's groups of the epoch, rolled out with the epoch's kernel.
 
     Every process draws the same global list of ``groups_per_epoch`` prompts and rolls out
@@ -166,43 +192,43 @@ def collect(trainer: Trainer, epoch: int) -> RolloutBatch:
     is decoded and submitted to the rewards as soon as it is rolled out (``batch.pending``):
     remote rewards score it while the next chunk is rolled out, local ones are computed right away.
     """
-    cfg = trainer.cfg.train
+    cfg = inputs.cfg.train
     size = cfg.group_size
-    n_prompts = len(trainer.train_prompts)
-    chosen = epoch_prompt_indices(n_prompts, cfg.groups_per_epoch, epoch, trainer.cfg.seed, trainer.cfg.prompts.order)
-    mine = list(range(trainer.rank, cfg.groups_per_epoch, trainer.world))
-    prompts = [trainer.train_prompts[chosen[g]] for g in mine for _ in range(size)]
+    n_prompts = len(inputs.prompts)
+    chosen = epoch_prompt_indices(n_prompts, cfg.groups_per_epoch, epoch, inputs.cfg.seed, inputs.cfg.prompts.order)
+    mine = list(range(inputs.rank, cfg.groups_per_epoch, inputs.world))
+    prompts = [inputs.prompts[chosen[g]] for g in mine for _ in range(size)]
     group_ids = torch.tensor([g for g in mine for _ in range(size)])
     row_ids = torch.tensor([g * size + j for g in mine for j in range(size)])
-    kern = trainer.kernel_for_epoch(epoch)
-    row_seeds = [seeds.rollout_seed(trainer.cfg.seed, epoch, r) for r in row_ids.tolist()]
-    metadata = trainer.task.metadata(prompts)
+    kern = inputs.kernel_for_epoch(epoch)
+    row_seeds = [seeds.rollout_seed(inputs.cfg.seed, epoch, r) for r in row_ids.tolist()]
+    metadata = inputs.metadata(prompts)
     images: list[torch.Tensor] = []
     pending: list[Any] = []
 
     def submit(rows: slice, final: torch.Tensor) -> None:
         with torch.no_grad():
-            images.append(trainer.policy.decode(final))
+            images.append(inputs.policy.decode(final))
         if pending and isinstance(pending[-1], _FailedSubmit):
             return  # the epoch cannot be scored: score() raises the first failure
         try:
-            pending.append(trainer.rewards.submit(images[-1], prompts[rows], metadata[rows]))
+            pending.append(inputs.rewards.submit(images[-1], prompts[rows], metadata[rows]))
         except Exception as exc:  # any failure of a reward stops the run after a checkpoint (see score)
             pending.append(_FailedSubmit(exc))
 
-    keeps = ALGORITHM_TABLE[trainer.cfg.algorithm.name].keeps
-    trainer.model.eval()
-    with trainer.algorithm.rollout_weights():  # e.g. DiffusionNFT's old policy
+    keeps = ALGORITHM_TABLE[inputs.cfg.algorithm.name].keeps
+    inputs.model.eval()
+    with inputs.rollout_weights():  # e.g. DiffusionNFT's old policy
         cond, latents, means, log_probs = sample(
-            trainer.policy,
+            inputs.policy,
             prompts,
             kern,
             row_seeds,
             chunk=cfg.rollout_batch_size,
-            autocast=trainer.accelerator.autocast,
+            autocast=inputs.accelerator.autocast,
             store=keeps == "trajectory",
             on_chunk=submit,
-            init_seeds=trainer.algorithm.initial_seeds(row_seeds, size),
+            init_seeds=inputs.initial_seeds(row_seeds, size),
         )
     if keeps != "trajectory":
         latents = latents[:, None]  # (B, 1, ...): the final latents as the last (only) step
@@ -211,8 +237,8 @@ def collect(trainer: Trainer, epoch: int) -> RolloutBatch:
     )
 
 
-def wait_scores(trainer: Trainer, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+def wait_scores(rewards: RewardSet, batch: RolloutBatch) -> dict[str, torch.Tensor]:
     """This process's reward components of ``batch``: the submitted chunks joined, or ``batch.images`` scored."""
     if batch.pending:
         return concat_components([p.result() for p in batch.pending])
-    return trainer.rewards.score(batch.images, batch.prompts, batch.metadata)
+    return rewards.score(batch.images, batch.prompts, batch.metadata)

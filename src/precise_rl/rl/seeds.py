@@ -101,7 +101,7 @@ def train_noise_seed(seed: int, epoch: int, inner: int, row: int, item: int = RO
 
 
 def fast_window_seed(seed: int, epoch: int) -> int:
-    """Flow-GRPO-Fast's window start in epoch ``epoch`` (the same on every process): ``(seed, TAG_FAST_WINDOW, epoch, 0)``."""
+    """Flow-GRPO-Fast's window start in epoch ``epoch`` (all processes): ``(seed, TAG_FAST_WINDOW, epoch, 0)``."""
     return mix(seed, TAG_FAST_WINDOW, epoch, 0)
 
 
@@ -116,6 +116,8 @@ def stream_keys(seed: int, epochs: int, rows: int) -> dict[str, list[tuple[int, 
         "prompt_draw": [(seed, TAG_PROMPT_DRAW, i, 0) for i in e],
         "plan": [(seed, i, 3, k) for i in e for k in range(4)],
         "eval": [(seed, 7, j) for j in r],
-        "train_noise": [(seed, TAG_TRAIN_NOISE, i, k, j, m) for i in e for k in range(2) for j in r for m in (0, ROW_ITEM)],
+        "train_noise": [
+            (seed, TAG_TRAIN_NOISE, i, k, j, m) for i in e for k in range(2) for j in r for m in (0, ROW_ITEM)
+        ],
         "fast_window": [(seed, TAG_FAST_WINDOW, i, 0) for i in e],
     }

@@ -208,15 +208,8 @@ def load_checkpoint(trainer: Trainer, ckpt: Path) -> str:
     except (KeyError, ValueError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"checkpoint {str(ckpt)!r} has an optimizer state that does not fit: {reason}") from None
-    tr.epoch = epoch
-    tr.global_step = step_count
-    tr.elapsed = float(state.get("elapsed_s", 0.0))
-    tr.train_elapsed = float(state.get("train_elapsed_s", 0.0))
-    tr.first_eval = state.get("first_eval")
-    tr.state.model_evals = float(state.get("model_evals", 0.0))
-    if tr.cfg.train.forward_batch == "auto" and isinstance(state.get("forward_batch"), int):
-        tr.forward_batch = state["forward_batch"]  # the rows the run chose, not a new measurement
-    tr.resumed_from = ckpt
+    tr.state.restore({**state, "epoch": epoch, "global_step": step_count}, tr.cfg.train.forward_batch == "auto")
+    tr.state.resumed_from = ckpt
     return hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()
 
 

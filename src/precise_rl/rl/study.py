@@ -1,4 +1,4 @@
-"""The sampler study: every sampler trained over a grid of cells (step count x time grid), with fidelity.
+"""The sampler study: every sampler (and algorithm) trained over cells (step count x time grid), with fidelity.
 
 ``run_study`` runs the jobs (a pool of processes; finished runs are not run again), summarises each cell
 as ``compare`` does and writes ``study.json``, ``study.md`` and the two plots. What a cell is, what is
@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..sde.samplers import prior_samplers
-from .compare import PROTOCOLS, eval_every_for, summarise
+from .compare import PROTOCOLS, eval_every_for, run_label, sampler_of, summarise, valid_pairs
 
 __all__ = [
     "run_study",
@@ -178,8 +178,13 @@ def _model_grid_note(model_name: str, policy: Any, merged: list[dict[str, Any]])
     return note
 
 
-def _job_cfg(base: Any, cell: dict[str, Any], sampler: str, k: int) -> Any:
+def _job_cfg(base: Any, cell: dict[str, Any], algorithm: str, sampler: str, k: int) -> Any:
+    from ..algorithm_table import ALGORITHM_TABLE
+    from ..config import AlgorithmConfig
+
     cfg = copy.deepcopy(base)
+    if algorithm != base.algorithm.name:  # another algorithm at its default knobs
+        cfg.algorithm = AlgorithmConfig(algorithm, ALGORITHM_TABLE[algorithm].knobs())
     cfg.sampler.name = sampler
     cfg.sampler.eta = None  # each sampler at its reference eta
     cfg.sampler.num_steps = cell["steps"]
@@ -211,8 +216,13 @@ def run_study(
     samplers: list[str],
     workers: int,
     output: Path,
+    algorithms: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every job, summarise each cell, write the files; returns the study's dict."""
+    """Run (or resume) every job, summarise each cell, write the files; returns the study's dict.
+
+    ``algorithms``: None = the config's algorithm alone (runs labelled by sampler); several: every
+    (algorithm, sampler) pair that can train, labelled ``algorithm/sampler``.
+    """
     import torch
 
     from ..tasks.registry import build_task
@@ -230,16 +240,22 @@ def run_study(
     note = _model_grid_note(base.model.name, policy, merged)
     del policy
 
+    from ..config import validate
+
+    several = algorithms is not None and len(algorithms) > 1
+    pairs, left_out = valid_pairs(algorithms or [base.algorithm.name], samplers)
+    labels = [run_label(a, s, several) for a, s in pairs]
     jobs, done = [], 0
     # Seed-major order: a machine that slows down during the study hits every cell and sampler alike.
     for k in range(seeds):
         for cell in cells:
-            for sampler in samplers:
-                cfg = _job_cfg(base, cell, sampler, k)
-                first = k == 0 and cell is cells[0] and sampler == samplers[0]
+            for (algorithm, sampler), label in zip(pairs, labels, strict=True):
+                cfg = _job_cfg(base, cell, algorithm, sampler, k)
+                validate(cfg)
+                first = k == 0 and cell is cells[0] and label == labels[0]
                 check_config(cfg, warn=first)  # every run's config before any training; warnings once
-                run_dir = output / "runs" / cell["name"] / f"{sampler}-seed{cfg.seed}"
-                job = {"key": f"{cell['name']}/{sampler}-seed{cfg.seed}", "cfg": cfg, "run_dir": str(run_dir)}
+                run_dir = output / "runs" / cell["name"] / f"{label.replace('/', '-')}-seed{cfg.seed}"
+                job = {"key": f"{cell['name']}/{label}-seed{cfg.seed}", "cfg": cfg, "run_dir": str(run_dir)}
                 if _finished(run_dir, cfg):
                     done += 1
                     continue
@@ -250,22 +266,25 @@ def run_study(
 
     schedule = base.sampler.schedule
     for cell in cells:
-        runs: dict[str, list[list[dict[str, Any]]]] = {s: [] for s in samplers}
-        run_s: dict[str, list[float]] = {s: [] for s in samplers}
-        for sampler in samplers:
+        runs: dict[str, list[list[dict[str, Any]]]] = {s: [] for s in labels}
+        run_s: dict[str, list[float]] = {s: [] for s in labels}
+        for label in labels:
             for k in range(seeds):
-                run_dir = output / "runs" / cell["name"] / f"{sampler}-seed{base.seed + k}"
-                runs[sampler].append(read_metrics(run_dir / "metrics.jsonl"))
-                run_s[sampler].append(float(json.loads((run_dir / "summary.json").read_text())["elapsed_s"]))
+                run_dir = output / "runs" / cell["name"] / f"{label.replace('/', '-')}-seed{base.seed + k}"
+                runs[label].append(read_metrics(run_dir / "metrics.jsonl"))
+                run_s[label].append(float(json.loads((run_dir / "summary.json").read_text())["elapsed_s"]))
         cell["protocols"] = {p: _cell_summary(summarise(runs, key)) for p, key in PROTOCOLS.items()}
-        cell["fidelity_std_ratio"] = fidelity_std_ratios(["ode", *samplers], cell["sigmas"], schedule)
+        by_sampler = fidelity_std_ratios(["ode", *dict.fromkeys(map(sampler_of, labels))], cell["sigmas"], schedule)
+        cell["fidelity_std_ratio"] = {**by_sampler, **{label: by_sampler[sampler_of(label)] for label in labels}}
         cell["run_elapsed_s"] = run_s
     result: dict[str, Any] = {
         "config": items,
         "seeds": seeds,
         "steps": steps,
         "grids": [g for g, _ in grids],
-        "samplers": samplers,
+        "samplers": labels,  # the runs' labels: samplers, or algorithm/sampler across algorithms
+        "algorithms": algorithms or [base.algorithm.name],
+        "left_out": left_out,
         "epochs": base.train.epochs,
         "eval_every": base.eval.every,
         "eval": {"max_prompts": base.eval.max_prompts, "samples_per_prompt": base.eval.samples_per_prompt},
@@ -281,6 +300,8 @@ def run_study(
     (output / "study.md").write_text(format_markdown(result))
     plot_heatmap(result, output / "study_heatmap.png")
     plot_curves(result, output / "study_curves.png")
+    if several:
+        plot_algorithms(result, output / "study_algorithms.png")
     return result
 
 
@@ -393,7 +414,33 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"{len(t['invocations'])} invocations"
         )
     notes.append(f"- {runs_now}); {t['run_elapsed_s_total']:.0f} s of runs (training and evaluation) in all.")
+    if len(result.get("algorithms", [])) > 1:
+        notes.append(
+            "- across algorithms (runs `algorithm/sampler`, each algorithm at its default knobs): the target is the "
+            "best final reward of GRPO's prior samplers; left out: " + ("; ".join(result["left_out"]) or "none") + "."
+        )
+        lines += ["", *_algorithm_lines(result)]
     return "\n".join(["# Sampler study", "", *notes, "", *lines, ""])
+
+
+def _algorithm_lines(result: dict[str, Any]) -> list[str]:
+    """Per cell and protocol: each algorithm's sampler ranking, and who reaches the target soonest."""
+    head = ["grid", "steps", "protocol", *(f"`{a}`: samplers by final reward" for a in result["algorithms"])]
+    head += ["soonest (wall-clock)", "soonest (model evaluations)", "best final"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for cell in result["cells"]:
+        for protocol, summary in cell["protocols"].items():
+            info = summary.get("algorithms", {})
+            ranking = info.get("ranking", {})
+            row = [" = ".join(cell["grids"]), str(cell["steps"]), protocol]
+            row += [" > ".join(ranking.get(a, [])) or "-" for a in result["algorithms"]]
+            row += [
+                info.get("soonest_by_wallclock_to_target_s") or "not reached",
+                info.get("soonest_by_model_evals_to_target") or "not reached",
+                info.get("best_final") or "-",
+            ]
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def plot_heatmap(result: dict[str, Any], path: Path) -> None:
@@ -482,6 +529,43 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
             ax.set_ylabel(f"held-out reward ({protocol})")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_algorithms(result: dict[str, Any], path: Path) -> None:
+    """Across algorithms: reward against model evaluations and against wall-clock, every run, one row per cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells, protocols = result["cells"], list(PROTOCOLS)
+    fig, axes = plt.subplots(
+        len(cells), 2 * len(protocols), figsize=(5.5 * 2 * len(protocols), 3.4 * len(cells)), squeeze=False
+    )
+    styles = ["-", "--", ":", "-."]
+    algos = result["algorithms"]
+    for r, cell in enumerate(cells):
+        for p, protocol in enumerate(protocols):
+            summary = cell["protocols"][protocol]
+            for name, c in summary["samplers"].items():
+                algo = name.rsplit("/", 1)[0]
+                style = styles[algos.index(algo) % len(styles)] if algo in algos else "-"
+                mu = np.array(c["reward_mean"])
+                for col, key in ((2 * p, "model_evals_mean"), (2 * p + 1, "wallclock_s_mean")):
+                    axes[r][col].plot(np.array(c[key]), mu, ls=style, lw=1.4, label=name)
+            for col, xl in ((2 * p, "model evaluations"), (2 * p + 1, "training wall-clock (s)")):
+                ax = axes[r][col]
+                if summary["target"] is not None:
+                    ax.axhline(summary["target"], color="k", lw=0.8, ls="--")
+                ax.set_xlabel(xl)
+                ax.set_ylabel(f"held-out reward ({protocol})")
+                ax.set_title(f"N={cell['steps']} {' = '.join(cell['grids'])}, {protocol}", fontsize=10)
+                ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.suptitle("Algorithms x samplers: line style = algorithm (" + ", ".join(algos) + "); dashed black = target")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -39,3 +39,14 @@ class TrainState:
             "forward_batch": self.forward_batch,
             "model_evals": self.model_evals,
         }
+
+    def restore(self, saved: dict[str, Any], keep_forward_batch: bool) -> None:
+        """Take the fields of a checkpoint's ``state.json`` (``keep_forward_batch``: the rows ``auto`` chose)."""
+        self.epoch = int(saved["epoch"])
+        self.global_step = int(saved["global_step"])
+        self.elapsed = float(saved.get("elapsed_s", 0.0))
+        self.train_elapsed = float(saved.get("train_elapsed_s", 0.0))
+        self.first_eval = saved.get("first_eval")
+        self.model_evals = float(saved.get("model_evals", 0.0))
+        if keep_forward_batch and isinstance(saved.get("forward_batch"), int):
+            self.forward_batch = saved["forward_batch"]  # the rows the run chose, not a new measurement

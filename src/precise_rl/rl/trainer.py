@@ -199,7 +199,25 @@ class Trainer:
 
     def collect(self, epoch: int) -> RolloutBatch:
         """This process's groups of the epoch, rolled out and submitted to the rewards chunk by chunk."""
-        return rollouts.collect(self, epoch)
+        return rollouts.collect(self.rollout_inputs(), epoch)
+
+    def rollout_inputs(self) -> rollouts.RolloutInputs:
+        """What the rollouts read of this run (made per call, so that a replaced reward or policy is seen)."""
+        algo = self.algorithm
+        return rollouts.RolloutInputs(
+            self.cfg,
+            self.policy,
+            self.model,
+            self.accelerator,
+            self.train_prompts,
+            self.task.metadata,
+            self.rewards,
+            self.rank,
+            self.world,
+            self.kernel_for_epoch,
+            algo.rollout_weights,
+            algo.initial_seeds,
+        )
 
     def score(self, batch: RolloutBatch) -> tuple[dict[str, torch.Tensor], Any, torch.Tensor]:
         """Reward components, the algorithm's targets and raw weighted reward of every row of the epoch (a collective).
@@ -209,7 +227,7 @@ class Trainer:
         group statistics are those of the epoch whatever the number of processes and chunks. A
         failure of a reward on any process raises on all (``RewardUnavailable`` or a ``UserError``).
         """
-        comps = dist.score_agreed(lambda: rollouts.wait_scores(self, batch), self.world)
+        comps = dist.score_agreed(lambda: rollouts.wait_scores(self.rewards, batch), self.world)
         comps = dist.same_fields(comps, len(batch.row_ids), self.world, self.accelerator.device)
         comps = dist.gather_rows(self.accelerator, self.world, comps)
         rows = batch.row_ids.to(self.accelerator.device)

@@ -209,10 +209,10 @@ class AWM(Algorithm):
         self.adv = targets[batch.row_ids].to(device=self.ctx.device, dtype=torch.float32)
         grid = batch.kernel.sigmas[:-1].detach().cpu()  # the N rollout times; the terminal 0 is not trained
         bounds = strata(k.time_type, len(grid), k.timestep_fraction, k.train_timesteps)
+        # (B, T): each local row's times, from its own generator (the module docstring says why per row).
         idx = torch.stack(
             [row_time_indices(bounds, row_generator(cfg.seed, epoch, inner, int(r))) for r in batch.row_ids]
         )
-        self.time_idx = idx  # (B, T) grid indices, kept for inspection
         self.times = grid[idx].to(device=self.ctx.device, dtype=torch.float32)
 
     def items(self) -> int:

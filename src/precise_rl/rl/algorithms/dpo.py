@@ -34,9 +34,10 @@ Where this differs from the references, deliberately:
 * The time is FF's logit-normal sampler at ``time_shift = 1`` and ``timestep_range = 0.99``,
   ``t = 1 - 0.99 clamp(sigmoid(z), 0.01, 1 - 1e-6)``, ``z ~ N(0, 1)``, used as the flow time
   directly (FG instead looks ``sigmoid(z)`` up on SD3's shifted 1000-step training grid).
-* ``train.batch_size`` counts pairs per micro-batch and ``train.grad_accum`` micro-batches per
-  optimizer step; the loss is averaged over every (pair, time) of an update (FF averages per time
-  index and accumulates over them, which is the same mean when micro-batches are full).
+* ``train.batch_size`` counts pairs per micro-batch (each makes two model rows per time) and
+  ``train.grad_accum`` micro-batches per optimizer step; an update's loss is the mean over all of
+  its (pair, time) rows, as the engine does for every algorithm. FF and FG step once per batch of
+  pairs after accumulating over its times, which is this with ``grad_accum: 1``.
 """
 
 from __future__ import annotations
@@ -242,8 +243,8 @@ class DPO(Algorithm):
         local_of[batch.row_ids.cpu()] = torch.arange(len(batch.row_ids))
         # Local (winner, loser) rows of every pair, then the placeholder's (row 0 with itself) last,
         # so that index PLACEHOLDER = -1 picks it.
-        local = local_of[targets.pairs] if len(targets.pairs) else torch.empty((0, 2), dtype=torch.long)
-        self.local_pairs = torch.cat([local, torch.zeros((1, 2), dtype=torch.long)])
+        # (Every process holds rows: the engine's placeholder of every algorithm assumes it.)
+        self.local_pairs = torch.cat([local_of[targets.pairs], torch.zeros((1, 2), dtype=torch.long)])
         self.x0 = batch.latents[:, -1]  # keeps="final": the clean latent a rollout ended in
 
     def items(self) -> int:
@@ -282,13 +283,13 @@ class DPO(Algorithm):
         if idle:
             return LossOutput(res.loss)
         with torch.no_grad():
-            half_beta = -0.5 * self.knobs.beta
+            scale = -0.5 * self.knobs.beta
             stats = {
                 "loss": res.loss,
                 "implicit_acc": (res.inside > 0).float(),
                 # FF's implicit rewards: the DPO reward each sample is given, -0.5 beta (mse - ref)
-                "implicit_reward_winner": half_beta * (res.mse_w - res.ref_w),
-                "implicit_reward_loser": half_beta * (res.mse_l - res.ref_l),
+                "implicit_reward_winner": scale * (res.mse_w - res.ref_w),
+                "implicit_reward_loser": scale * (res.mse_l - res.ref_l),
                 "mse_winner": res.mse_w,
                 "mse_loser": res.mse_l,
                 "ref_mse_winner": res.ref_w,

@@ -30,7 +30,7 @@ def row_generator(seed: int, epoch: int, inner: int, row: int, item: int = seeds
 def noise_for(
     rows: Sequence[int], items: Sequence[int], shape: tuple[int, ...], seed: int, epoch: int, inner: int
 ) -> torch.Tensor:
-    """``(R, *shape)`` standard normal noise, row ``i`` drawn for (unit ``rows[i]``, item ``items[i]``), float32, CPU."""
+    """``(R, *shape)`` standard normal noise (float32, CPU), row ``i`` for (unit ``rows[i]``, item ``items[i]``)."""
     out = torch.empty((len(rows), *shape), dtype=torch.float32)
     for i, (r, j) in enumerate(zip(rows, items, strict=True)):
         out[i] = torch.randn(shape, generator=row_generator(seed, epoch, inner, int(r), int(j)))

@@ -46,7 +46,7 @@ def optimality(adv: torch.Tensor, adv_clip: float) -> torch.Tensor:
 
 
 def old_decay(global_step: int, flat: int, rate: float, most: float) -> float:
-    """The old policy's decay after ``global_step`` optimizer steps: 0 before ``flat``, then a ramp capped at ``most``."""
+    """The old policy's decay after ``global_step`` optimizer steps: 0 before ``flat``, then a ramp up to ``most``."""
     if global_step < flat:
         return 0.0
     return min((global_step - flat) * rate, most)
