@@ -28,7 +28,9 @@ Measured per variant, for one epoch:
   before ``train_on`` (weights, gradients, AdamW moments, the epoch's rollout batch...) plus
   :func:`precise_rl.rl.memory.peak_bytes` of ``train_on`` (the CUDA allocator's peak, or the
   profiler's record of CPU allocations); measured with one trainer alive at a time, after a warm-up
-  epoch, in an epoch of its own without the timer;
+  epoch, in an epoch of its own without the timer. Every run keeps ``train.forward_batch: 0`` (a
+  micro-batch's rows in one forward), so the peak follows the forward rows of a micro-batch: samples
+  x trained steps for GRPO, samples x noised times for NFT and AWM, pairs x times x 2 for DPO;
 - store MB: what the :class:`RolloutBatch` holds for training, the ``nbytes`` of its latents, means
   and log-probs: GRPO keeps every step's latent and mean (``(B, N + 1, ...)`` and ``(B, N, ...)``),
   the algorithms on final samples the final latents alone (``(B, 1, ...)``);
@@ -314,7 +316,7 @@ def variants_for(samplers: str) -> list[Variant]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=3, help="timed epochs per variant (after a warm-up)")
+    p.add_argument("--repeats", type=int, default=5, help="timed epochs per variant (after a warm-up)")
     p.add_argument("--models", default="digits,klein", help="comma-separated: digits, klein")
     p.add_argument(
         "--samplers",

@@ -16,7 +16,6 @@ import torch
 
 from precise_rl.config import config_from_dict, config_to_dict
 from precise_rl.errors import UserError
-from precise_rl.rl import update
 from precise_rl.rl.memory import HEADROOM, MemoryLine, budget_bytes, fit_line, live_bytes, peak_bytes
 from precise_rl.rl.trainer import GRPOTrainer
 
@@ -93,7 +92,7 @@ def _pass_peak(trainer: GRPOTrainer) -> tuple[int, dict[str, torch.Tensor], floa
     gc.collect()
     live = live_bytes(CPU)
     stats: dict = {}
-    peak = peak_bytes(lambda: stats.update(update.train_on(trainer, batch, adv, 0)), CPU)
+    peak = peak_bytes(lambda: stats.update(trainer.train_on(batch, adv, 0)), CPU)
     weights = {n: p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)}
     return live + peak, weights, stats["forward_batch"]
 
@@ -136,4 +135,4 @@ def test_bad_budgets_are_one_sentence(klein: dict, tmp_path: Path) -> None:
     tiny = _trainer(klein, tmp_path / "tiny", "auto", 1e-6)
     batch = tiny.collect(epoch=0)
     with pytest.raises(UserError, match="more than 95% of the budget of 0.00 GB: raise train.memory_budget_gb"):
-        update.train_on(tiny, batch, torch.ones(len(batch.row_ids)), 0)
+        tiny.train_on(batch, torch.ones(len(batch.row_ids)), 0)

@@ -86,7 +86,7 @@ class RolloutBatch:
     cond: Any
     latents: torch.Tensor  # (B, N + 1, ...), or (B, 1, ...): the final latents only
     means: torch.Tensor | None  # (B, N, ...)
-    log_probs: torch.Tensor  # (B, N)
+    log_probs: torch.Tensor  # (B, N), or (B, 0) with the final latents only
     kernel: Kernel
     images: torch.Tensor
     #: the reward scoring of each rollout chunk, in order, submitted as soon as the chunk was decoded
@@ -232,6 +232,7 @@ def collect(inputs: RolloutInputs, epoch: int) -> RolloutBatch:
         )
     if keeps != "trajectory":
         latents = latents[:, None]  # (B, 1, ...): the final latents as the last (only) step
+        log_probs = log_probs[:, :0].clone()  # (B, 0): no step is trained, so no log-prob is kept
     return RolloutBatch(
         prompts, metadata, group_ids, row_ids, cond, latents, means, log_probs, kern, torch.cat(images), pending
     )
