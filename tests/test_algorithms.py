@@ -321,6 +321,8 @@ def test_an_algorithm_from_outside_in_one_file_trains_evaluates_and_compares_by_
     assert main(["train", *SMALL, "algorithm.name=filtered_fm", "algorithm.times=3", "--output", str(run)]) == 0
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert "fm_error" in records[-1] and records[-1]["updates"] > 0
+    # its sampler is the ODE: ``own`` is the same deterministic protocol, scored once and reported under both keys
+    assert records[-1]["eval_own_reward"] == records[-1]["eval_ode_reward"]
     assert records[-1]["eval_ode_reward"] != records[0]["eval_ode_reward"]
     saved = json.loads(json.dumps(config_to_dict(load_config(run / "config.yaml"))))
     assert saved["algorithm"] == {"name": "filtered_fm", "times": 3} and saved["sampler"]["name"] == "ode"

@@ -12,6 +12,7 @@ import yaml
 from precise_rl.cli import main
 from precise_rl.errors import UserError
 from precise_rl.rl.compare import print_summary, summarise, time_to_target
+from precise_rl.rl.logging import read_metrics
 
 from . import toy_task
 
@@ -197,3 +198,29 @@ def test_compare_keeps_earlier_runs_unless_told_and_holds_the_output_lock(
         assert main([*argv, "--output", str(out), "--overwrite"]) == 2
     assert "another compare" in capsys.readouterr().err
     assert main([*argv, "--output", str(out), "--overwrite"]) == 0
+
+
+def test_compare_across_algorithms_labels_runs_and_reads_reward_against_model_evaluations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg_path = tmp_path / "toy.yaml"
+    cfg_path.write_text(yaml.safe_dump(dict(toy_task.TOY_CONFIG)))
+    out = tmp_path / "cmp"
+    argv = ["compare", str(cfg_path), "train.epochs=2", "eval.every=1", "--seeds", "1", "--samplers", "ode,precise,cps"]
+    assert main([*argv, "--algorithms", "grpo,nft", "--output", str(out)]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["algorithms"] == ["grpo", "nft"]
+    assert result["left_out"] and "grpo/ode" in result["left_out"][0]  # GRPO cannot train on the ODE
+    summary = result["protocols"]["ode"]
+    assert set(summary["samplers"]) == {"grpo/precise", "grpo/cps", "nft/ode", "nft/precise", "nft/cps"}
+    assert summary["best_prior"] == "grpo/cps"  # the target is GRPO's prior sampler's
+    for label, c in summary["samplers"].items():
+        records = read_metrics(out / "runs" / f"{label.replace('/', '-')}-seed3" / "metrics.jsonl")
+        evals = [r.get("model_evals", 0.0) for r in records if "eval_ode_reward" in r]  # none before training
+        assert c["model_evals_mean"] == pytest.approx(evals) and evals[0] == 0 and evals[-1] > evals[1] > 0
+    assert summary["algorithms"]["ranking"]["nft"] and set(summary["algorithms"]["ranking"]) == {"grpo", "nft"}
+    printed = capsys.readouterr().out
+    assert "compare: left out grpo/ode" in printed and "nft/precise" in printed and "model evals to target" in printed
+    # an unknown algorithm is one sentence
+    assert main([*argv, "--algorithms", "grpo,ppo", "--output", str(tmp_path / "x")]) == 2
+    assert "unknown algorithm 'ppo'" in capsys.readouterr().err

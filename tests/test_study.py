@@ -205,3 +205,36 @@ def test_digits_study_is_the_same_on_two_workers_and_one(tmp_path: Path) -> None
             ]
         )
     np.testing.assert_allclose(finals[0], finals[1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_study_across_algorithms_ranks_each_algorithms_samplers_and_plots_them(tmp_path: Path) -> None:
+    cfg_path = tmp_path / "toy.yaml"
+    cfg_path.write_text(yaml.safe_dump(toy_task.TOY_CONFIG))
+    out = tmp_path / "out"
+    args = [
+        "study", str(cfg_path), "train.epochs=2", "eval.every=1", "--seeds", "1", "--steps", "3", "--grids", "uniform",
+        "--samplers", "ode,precise,cps", "--algorithms", "grpo,nft", "--workers", "1", "-o", str(out),
+    ]  # fmt: skip
+    assert main(args) == 0
+    result = _json(out)
+    assert result["algorithms"] == ["grpo", "nft"] and result["samplers"] == [
+        "grpo/precise", "grpo/cps", "nft/ode", "nft/precise", "nft/cps"
+    ]  # fmt: skip
+    (cell,) = result["cells"]
+    for protocol, key in PROTOCOLS.items():
+        summary = cell["protocols"][protocol]
+        ranking = summary["algorithms"]["ranking"]
+        finals = {s: c["final_reward_mean"] for s, c in summary["samplers"].items()}
+        for algo, order in ranking.items():  # each algorithm's samplers by final reward, best first
+            values = [finals[f"{algo}/{s}"] for s in order]
+            assert values == sorted(values, reverse=True)
+        runs = {
+            s: [read_metrics(out / "runs" / cell["name"] / f"{s.replace('/', '-')}-seed3" / "metrics.jsonl")]
+            for s in result["samplers"]
+        }
+        assert summary["target"] == summarise(runs, key)["target"]
+    # the fidelity number is the sampler's, whatever the algorithm
+    assert cell["fidelity_std_ratio"]["nft/precise"] == cell["fidelity_std_ratio"]["grpo/precise"]
+    text = (out / "study.md").read_text()
+    assert "`nft`: samplers by final reward" in text and "std ratio `precise`" in text
+    assert (out / "study_algorithms.png").stat().st_size > 1000

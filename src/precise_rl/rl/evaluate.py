@@ -123,6 +123,12 @@ def evaluate(inputs: EvalInputs, e: EvalConfig, *, with_grid: bool = True) -> Ev
             name = s.name if key == "own" else key
             eta = s.eta if name == s.name else None
             kern = kernel(name, sigmas, eta, s.schedule if SAMPLER_TABLE[name].takes_schedule else None)
+            same = next((r for r in result.protocols.values() if r.sampler == name and r.eta == kern.eta), None)
+            if same is not None and not SAMPLER_TABLE[name].stochastic:
+                # ``own`` of a run whose sampler is the ODE (the algorithms on final samples): the same
+                # deterministic rollouts with the same noise, so the same scores; not computed twice
+                result.protocols[key] = ProtocolResult(key, name, same.eta, same.reward, dict(same.components))
+                continue
             _, latents, _, _ = sample(
                 inputs.policy, mine, kern, seeds, chunk=inputs.rollout_batch_size, autocast=acc.autocast, store=False
             )

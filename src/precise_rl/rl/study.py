@@ -360,8 +360,10 @@ def ratio_text(summary: dict[str, Any], seeds: int) -> str:
 
 def format_markdown(result: dict[str, Any]) -> str:
     samplers, seeds = result["samplers"], result["seeds"]
+    # the fidelity column is the sampler's (the same under every algorithm): one per distinct sampler
+    fidelity = list(dict.fromkeys(sampler_of(s) for s in samplers))
     head = ["grid", "steps", "protocol", "best prior", "target", "headroom", "precise epochs / best prior's"]
-    head += [f"final `{s}`" for s in samplers] + [f"std ratio `{s}`" for s in samplers]
+    head += [f"final `{s}`" for s in samplers] + [f"std ratio `{s}`" for s in fidelity]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for cell in result["cells"]:
         for protocol, summary in cell["protocols"].items():
@@ -379,7 +381,7 @@ def format_markdown(result: dict[str, Any]) -> str:
             for s in samplers:
                 c = summary["samplers"][s]
                 row.append(_f(c["final_reward_mean"]) + (f" ± {c['final_reward_std']:.4f}" if seeds > 1 else ""))
-            row += [_f(cell["fidelity_std_ratio"][s], ".3g") for s in samplers]
+            row += [_f(cell["fidelity_std_ratio"][s], ".3g") for s in fidelity]
             lines.append("| " + " | ".join(row) + " |")
     t = result["timings"]
     notes = [
@@ -547,6 +549,8 @@ def plot_algorithms(result: dict[str, Any], path: Path) -> None:
     )
     styles = ["-", "--", ":", "-."]
     algos = result["algorithms"]
+    samplers = list(dict.fromkeys(sampler_of(s) for s in result["samplers"]))
+    colors = {s: f"C{i}" for i, s in enumerate(samplers)}  # colour = sampler, line style = algorithm
     for r, cell in enumerate(cells):
         for p, protocol in enumerate(protocols):
             summary = cell["protocols"][protocol]
@@ -555,17 +559,20 @@ def plot_algorithms(result: dict[str, Any], path: Path) -> None:
                 style = styles[algos.index(algo) % len(styles)] if algo in algos else "-"
                 mu = np.array(c["reward_mean"])
                 for col, key in ((2 * p, "model_evals_mean"), (2 * p + 1, "wallclock_s_mean")):
-                    axes[r][col].plot(np.array(c[key]), mu, ls=style, lw=1.4, label=name)
+                    axes[r][col].plot(
+                        np.array(c[key]), mu, ls=style, lw=1.4, label=name, color=colors[sampler_of(name)]
+                    )
             for col, xl in ((2 * p, "model evaluations"), (2 * p + 1, "training wall-clock (s)")):
                 ax = axes[r][col]
                 if summary["target"] is not None:
-                    ax.axhline(summary["target"], color="k", lw=0.8, ls="--")
+                    ax.axhline(summary["target"], color="k", lw=0.6, ls="-", alpha=0.6)
                 ax.set_xlabel(xl)
                 ax.set_ylabel(f"held-out reward ({protocol})")
                 ax.set_title(f"N={cell['steps']} {' = '.join(cell['grids'])}, {protocol}", fontsize=10)
                 ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, ncol=2)
-    fig.suptitle("Algorithms x samplers: line style = algorithm (" + ", ".join(algos) + "); dashed black = target")
+    legend = ", ".join(f"{a} {s}" for a, s in zip(algos, ["solid", "dashed", "dotted", "dash-dot"], strict=False))
+    fig.suptitle(f"Algorithms x samplers: colour = sampler, line style = algorithm ({legend}); thin black = target")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
