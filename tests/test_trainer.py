@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from precise_rl.cli import main
-from precise_rl.config import config_from_dict
+from precise_rl.config import MOVED_TRAIN_KEYS, config_from_dict
 from precise_rl.errors import UserError
 from precise_rl.rl.trainer import GRPOTrainer, train_step_indices
 
@@ -156,7 +156,9 @@ def test_lora_trains_only_adapter_weights_and_saves_them(tmp_path: Path) -> None
     ],
 )
 def test_trainer_options_run_with_finite_metrics(tmp_path: Path, options: dict) -> None:
-    cfg = _cfg(train={**toy_task.TOY_CONFIG["train"], "epochs": 2, **options}, eval={"every": 0})
+    knobs = {k: v for k, v in options.items() if k in MOVED_TRAIN_KEYS}  # GRPO's, under algorithm:
+    train = {k: v for k, v in options.items() if k not in knobs}
+    cfg = _cfg(train={**toy_task.TOY_CONFIG["train"], "epochs": 2, **train}, algorithm=knobs, eval={"every": 0})
     GRPOTrainer(cfg, tmp_path).run()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2

@@ -14,8 +14,8 @@ import torch
 
 from precise_rl.algorithm_table import Algorithm as Entry
 from precise_rl.algorithm_table import register_algorithm
-from precise_rl.rl.advantages import advantages, update_plan
-from precise_rl.rl.algorithms.base import Algorithm, LossOutput
+from precise_rl.rl.advantages import advantages
+from precise_rl.rl.algorithms.base import GroupAdvantageAlgorithm, LossOutput
 from precise_rl.rl.algorithms.forward import forward_noised, noise_for, row_generator, velocity
 
 
@@ -24,29 +24,19 @@ class FilteredFMKnobs:
     times: int = 2  #: noised times per sample
 
 
-class FilteredFM(Algorithm):
+class FilteredFM(GroupAdvantageAlgorithm):  # units: the epoch's samples; the plan of update_plan
     MEAN_KEYS = ("loss", "fm_error")
 
     def targets(self, comps: Mapping[str, torch.Tensor], weights: Mapping[str, float], epoch: int) -> torch.Tensor:
         adv = advantages(comps, weights, self.ctx.cfg.train.group_size, "group", 5.0)[0]
         return torch.where(adv > 0, adv, torch.where(torch.isnan(adv), adv, torch.zeros_like(adv)))
 
-    def unit_rows(self, targets: torch.Tensor) -> torch.Tensor:
-        return torch.arange(len(targets))
-
-    def plan(self, targets: torch.Tensor, epoch: int, inner: int) -> list[list[torch.Tensor]]:
-        t = self.ctx.cfg.train
-        return update_plan(targets, t.group_size, t.batch_size, t.grad_accum, self.ctx.cfg.seed, epoch, inner)
-
     def items(self) -> int:
         return self.knobs.times
 
-    def placeholder(self) -> int:
-        return int(self.batch.row_ids[0])
-
     def loss(self, units: torch.Tensor, items: torch.Tensor, idle: bool = False) -> LossOutput:
         batch, ctx = self.batch, self.ctx
-        local = torch.searchsorted(batch.row_ids, units)  # a process's rows are in ascending order
+        local = self.local_of[units]
         x0 = batch.latents[local, -1]
         rows, its = units.tolist(), items.tolist()
         t = torch.tensor(
@@ -59,7 +49,7 @@ class FilteredFM(Algorithm):
         t = t.to(x0.device)
         v = velocity(ctx, batch, local, forward_noised(x0, eps, t), t)
         err = (v - (eps - x0)).pow(2).flatten(1).mean(dim=1)
-        w = torch.zeros_like(err) if idle else self.targets_[units]
+        w = torch.zeros_like(err) if idle else self.adv[local]
         return LossOutput(w * err, {"loss": w * err, "fm_error": err.detach()})
 
 

@@ -36,9 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import UserError
-from ..advantages import advantages, update_plan
 from ..rollouts import RolloutBatch
-from .base import Algorithm, LossOutput, RunContext, reference_weights
+from .base import GroupAdvantageAlgorithm, LossOutput, RunContext, reference_weights
 from .forward import OldWeights, forward_noised, noise_for, row_generator, velocity
 
 __all__ = ["AWM", "AWMLoss", "awm_log_prob", "awm_loss", "ema_decay", "row_time_indices", "strata"]
@@ -170,10 +169,12 @@ def awm_loss(
     return out
 
 
-class AWM(Algorithm):
+class AWM(GroupAdvantageAlgorithm):
     """AWM over the update engine (knobs: :class:`precise_rl.algorithm_table.AWMKnobs`)."""
 
     MEAN_KEYS = ("loss", "policy_loss", "log_prob", "fm_error", "kl_ref", "kl_ema")
+    #: the reference trains zero-advantage samples too (their KL terms still act)
+    KEEP_FLAT = True
 
     def __init__(self, knobs: object, ctx: RunContext) -> None:
         super().__init__(knobs, ctx)
@@ -181,32 +182,11 @@ class AWM(Algorithm):
         # Only its KL term reads the EMA policy (on policy it samples nothing): no copy without it.
         self.ema_policy = OldWeights(ctx.params) if k.kl_beta > 0 and k.ema_kl_beta > 0 else None
 
-    # ---------------------------------------------------------------- targets and plan (global)
-
-    def targets(self, comps: Mapping[str, torch.Tensor], weights: Mapping[str, float], epoch: int) -> torch.Tensor:
-        """Group advantages of every row (NaN where no weighted reward scored the image)."""
-        k, t = self.knobs, self.ctx.cfg.train
-        return advantages(comps, weights, t.group_size, k.adv_std, k.adv_clip)[0]
-
-    def unit_rows(self, targets: torch.Tensor) -> torch.Tensor:
-        return torch.arange(len(targets))
-
-    def plan(self, targets: torch.Tensor, epoch: int, inner: int) -> list[list[torch.Tensor]]:
-        t = self.ctx.cfg.train
-        # keep_flat: the reference trains zero-advantage samples too (their KL terms still act).
-        return update_plan(
-            targets, t.group_size, t.batch_size, t.grad_accum, self.ctx.cfg.seed, epoch, inner, keep_flat=True
-        )
-
     # ---------------------------------------------------------------- the training pass
 
     def begin(self, batch: RolloutBatch, targets: torch.Tensor, epoch: int, inner: int) -> None:
         super().begin(batch, targets, epoch, inner)
         k, cfg = self.knobs, self.ctx.cfg
-        n_rows = cfg.train.groups_per_epoch * cfg.train.group_size
-        self.local_of = torch.full((n_rows,), -1, dtype=torch.long)
-        self.local_of[batch.row_ids] = torch.arange(len(batch.row_ids))
-        self.adv = targets[batch.row_ids].to(device=self.ctx.device, dtype=torch.float32)
         grid = batch.kernel.sigmas[:-1].detach().cpu()  # the N rollout times; the terminal 0 is not trained
         bounds = strata(k.time_type, len(grid), k.timestep_fraction, k.train_timesteps)
         # (B, T): each local row's times, from its own generator (the module docstring says why per row).
@@ -217,9 +197,6 @@ class AWM(Algorithm):
 
     def items(self) -> int:
         return int(self.knobs.train_timesteps)
-
-    def placeholder(self) -> int:
-        return int(self.batch.row_ids[0])
 
     def forwards_per_row(self) -> tuple[int, int]:
         return 1, int(self.knobs.kl_beta > 0) + int(self.ema_policy is not None)

@@ -34,9 +34,17 @@ from ...config import ExperimentConfig
 from ...policies import Policy
 from ...policies.lora import adapters_disabled
 from ...sde import Kernel
+from ..advantages import advantages, update_plan
 from ..rollouts import RolloutBatch
 
-__all__ = ["Algorithm", "LossOutput", "RunContext", "reference_weights", "swapped_weights"]
+__all__ = [
+    "Algorithm",
+    "GroupAdvantageAlgorithm",
+    "LossOutput",
+    "RunContext",
+    "reference_weights",
+    "swapped_weights",
+]
 
 
 @dataclass
@@ -186,3 +194,40 @@ class Algorithm:
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Restore :meth:`state_tensors` from a checkpoint."""
+
+
+class GroupAdvantageAlgorithm(Algorithm):
+    """An algorithm whose units are the epoch's samples and whose targets are their group advantages.
+
+    GRPO, DiffusionNFT and AWM: the knobs ``adv_std`` and ``adv_clip`` shape the advantages
+    (:func:`.advantages.advantages`), the plan is :func:`.advantages.update_plan`'s, and :meth:`begin`
+    keeps, for the loss, where each global row sits in this process's batch (``local_of``) and the
+    advantages of this process's rows in batch order (``adv``).
+    """
+
+    #: train groups whose advantages are all 0 (their loss still acts, e.g. a KL term or NFT's pull to the old policy)
+    KEEP_FLAT: ClassVar[bool] = False
+
+    def targets(self, comps: Mapping[str, torch.Tensor], weights: Mapping[str, float], epoch: int) -> torch.Tensor:
+        """Group advantages of every row (NaN where no weighted reward scored the image)."""
+        k, t = self.knobs, self.ctx.cfg.train
+        return advantages(comps, weights, t.group_size, k.adv_std, k.adv_clip)[0]
+
+    def unit_rows(self, targets: torch.Tensor) -> torch.Tensor:
+        return torch.arange(len(targets))
+
+    def plan(self, targets: torch.Tensor, epoch: int, inner: int) -> list[list[torch.Tensor]]:
+        t = self.ctx.cfg.train
+        return update_plan(
+            targets, t.group_size, t.batch_size, t.grad_accum, self.ctx.cfg.seed, epoch, inner, self.KEEP_FLAT
+        )
+
+    def begin(self, batch: RolloutBatch, targets: torch.Tensor, epoch: int, inner: int) -> None:
+        super().begin(batch, targets, epoch, inner)
+        n_rows = self.ctx.cfg.train.groups_per_epoch * self.ctx.cfg.train.group_size
+        self.local_of = torch.full((n_rows,), -1, dtype=torch.long)
+        self.local_of[batch.row_ids] = torch.arange(len(batch.row_ids))
+        self.adv = targets[batch.row_ids].to(device=self.ctx.device, dtype=torch.float32)
+
+    def placeholder(self) -> int:
+        return int(self.batch.row_ids[0])

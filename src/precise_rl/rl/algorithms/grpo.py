@@ -19,7 +19,6 @@ deterministic trajectory up to the window and branch there, as the earlier Flow-
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,10 +27,9 @@ from ...errors import UserError
 from ...policies import index_cond
 from ...sde import Kernel, StepOutput, sde_window, step
 from .. import seeds
-from ..advantages import advantages, update_plan
 from ..losses import guard_loss, kl_penalty, ppo_clip_loss
 from ..rollouts import RolloutBatch
-from .base import Algorithm, LossOutput, RunContext, reference_weights
+from .base import GroupAdvantageAlgorithm, LossOutput, RunContext, reference_weights
 
 __all__ = ["GRPO", "fast_window_start", "recompute", "train_step_indices"]
 
@@ -58,7 +56,7 @@ def fast_window_start(seed: int, epoch: int, start_max: int) -> int:
     return int(torch.randint(start_max + 1, (1,), generator=gen))
 
 
-class GRPO(Algorithm):
+class GRPO(GroupAdvantageAlgorithm):
     """GRPO over the update engine (knobs: :class:`precise_rl.algorithm_table.GRPOKnobs`)."""
 
     MEAN_KEYS = ("loss", "policy_loss", "clip_frac", "approx_kl", "ratio_mean", "kl_ref")
@@ -96,18 +94,6 @@ class GRPO(Algorithm):
         # a process holds whole groups, in order: the group's first sample's seed starts every member
         return [row_seeds[(i // group_size) * group_size] for i in range(len(row_seeds))]
 
-    def targets(self, comps: Mapping[str, torch.Tensor], weights: Mapping[str, float], epoch: int) -> torch.Tensor:
-        """Group advantages of every row (NaN where no weighted reward scored the image)."""
-        k, t = self.knobs, self.ctx.cfg.train
-        return advantages(comps, weights, t.group_size, k.adv_std, k.adv_clip)[0]
-
-    def unit_rows(self, targets: torch.Tensor) -> torch.Tensor:
-        return torch.arange(len(targets))
-
-    def plan(self, targets: torch.Tensor, epoch: int, inner: int) -> list[list[torch.Tensor]]:
-        t = self.ctx.cfg.train
-        return update_plan(targets, t.group_size, t.batch_size, t.grad_accum, self.ctx.cfg.seed, epoch, inner)
-
     def epoch_stats(self, targets: torch.Tensor, plan: list[list[torch.Tensor]]) -> dict[str, float]:
         t = self.ctx.cfg.train
         size = t.group_size
@@ -121,19 +107,12 @@ class GRPO(Algorithm):
         if not self.steps:
             raise UserError("no stochastic step is trained: check sampler.window and algorithm.timestep_fraction")
         self.steps_t = torch.tensor(self.steps, device=device)
-        n_rows = self.ctx.cfg.train.groups_per_epoch * self.ctx.cfg.train.group_size
-        self.local_of = torch.full((n_rows,), -1, dtype=torch.long)
-        self.local_of[batch.row_ids] = torch.arange(len(batch.row_ids))
-        self.adv = targets[batch.row_ids].to(device=device, dtype=torch.float32)
         coeffs = batch.kernel.on_device(device)
         self.std_all = coeffs[2]
         self.guard_all = coeffs[1].abs()
 
     def items(self) -> int:
         return len(self.steps)
-
-    def placeholder(self) -> int:
-        return int(self.batch.row_ids[0])
 
     def forwards_per_row(self) -> tuple[int, int]:
         return 1, int(self.knobs.kl_beta > 0)

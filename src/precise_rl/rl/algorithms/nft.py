@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 
-from ..advantages import advantages, update_plan
 from ..rollouts import RolloutBatch
-from .base import Algorithm, LossOutput, RunContext, reference_weights
+from .base import GroupAdvantageAlgorithm, LossOutput, RunContext, reference_weights
 from .forward import OldWeights, forward_noised, noise_for, row_generator, velocity
 
 __all__ = ["NFT", "nft_loss", "old_decay", "optimality"]
@@ -90,10 +89,12 @@ def nft_loss(
     return loss, parts
 
 
-class NFT(Algorithm):
+class NFT(GroupAdvantageAlgorithm):
     """DiffusionNFT over the update engine (knobs: :class:`precise_rl.algorithm_table.NFTKnobs`)."""
 
     MEAN_KEYS = ("loss", "policy_loss", "positive_loss", "negative_loss", "optimality", "kl_ref", "old_gap")
+    #: a group of equal rewards still trains (r = 1/2 pulls the policy toward the old one), as in the reference
+    KEEP_FLAT = True
 
     def __init__(self, knobs: Any, ctx: RunContext) -> None:
         super().__init__(knobs, ctx)
@@ -104,34 +105,13 @@ class NFT(Algorithm):
     def rollout_weights(self) -> AbstractContextManager:
         return self.old.swapped_in() if self.knobs.rollout_with_old else nullcontext()
 
-    # ---------------------------------------------------------------- targets and plan
-
-    def targets(self, comps: Mapping[str, torch.Tensor], weights: Mapping[str, float], epoch: int) -> torch.Tensor:
-        k, t = self.knobs, self.ctx.cfg.train
-        return advantages(comps, weights, t.group_size, k.adv_std, k.adv_clip)[0]
-
-    def unit_rows(self, targets: torch.Tensor) -> torch.Tensor:
-        return torch.arange(len(targets))
-
-    def plan(self, targets: torch.Tensor, epoch: int, inner: int) -> list[list[torch.Tensor]]:
-        t = self.ctx.cfg.train
-        # A group of equal rewards still trains (r = 1/2 pulls the policy toward the old one), as in the reference.
-        return update_plan(
-            targets, t.group_size, t.batch_size, t.grad_accum, self.ctx.cfg.seed, epoch, inner, keep_flat=True
-        )
-
     # ---------------------------------------------------------------- the pass
 
     def begin(self, batch: RolloutBatch, targets: torch.Tensor, epoch: int, inner: int) -> None:
         super().begin(batch, targets, epoch, inner)
-        device = self.ctx.device
         n = batch.kernel.num_steps
         self.n_train = max(1, int(n * self.knobs.timestep_fraction))
         self.grid = batch.kernel.sigmas[:-1].to(torch.float32)  # the rollout's N times (the last, 0, is no time)
-        n_rows = self.ctx.cfg.train.groups_per_epoch * self.ctx.cfg.train.group_size
-        self.local_of = torch.full((n_rows,), -1, dtype=torch.long)
-        self.local_of[batch.row_ids] = torch.arange(len(batch.row_ids))
-        self.adv = targets.to(device=device, dtype=torch.float32)  # by global row
         self._times: dict[int, torch.Tensor] = {}
 
     def _row_times(self, row: int) -> torch.Tensor:
@@ -144,9 +124,6 @@ class NFT(Algorithm):
 
     def items(self) -> int:
         return self.n_train
-
-    def placeholder(self) -> int:
-        return int(self.batch.row_ids[0])
 
     def forwards_per_row(self) -> tuple[int, int]:
         return 1, 1 + int(self.knobs.kl_beta > 0)
@@ -167,7 +144,7 @@ class NFT(Algorithm):
             with torch.no_grad(), reference_weights(ctx):
                 v_ref = velocity(ctx, batch, local, x_t, t).float()
         v = velocity(ctx, batch, local, x_t, t).float()
-        adv = torch.zeros(len(rows), device=device) if idle else self.adv[units.to(device)]
+        adv = torch.zeros(len(rows), device=device) if idle else self.adv[local]
         loss, parts = nft_loss(x0, x_t, t, v, v_old, adv, k.beta, k.adv_clip, v_ref, k.kl_beta)
         if idle:
             return LossOutput(loss)
