@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -417,3 +418,13 @@ def test_each_algorithm_on_two_processes_trains_to_the_one_process_numbers(
             if key in w:
                 assert r[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), (key, r["epoch"])
     shutil.rmtree(run, ignore_errors=True)
+
+
+def test_the_readme_lists_every_algorithm_of_the_table_and_no_other() -> None:
+    text = (ROOT / "README.md").read_text().split("## Algorithms", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    named = [line.split("`")[1] for line in rows if line.split("|")[1].strip().startswith("`")]
+    assert set(named) == set(ALGORITHM_TABLE)  # the algorithms' table and the speed table below it
+    done = subprocess.run([sys.executable, "-m", "precise_rl.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    for name, entry in ALGORITHM_TABLE.items():  # --help lists them from the table
+        assert f"  {name}" in done.stdout and entry.summary.split(":")[0] in done.stdout
