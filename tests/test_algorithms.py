@@ -30,32 +30,13 @@ from precise_rl.rl.trainer import Trainer
 from precise_rl.sde import SAMPLER_TABLE, trainable_samplers
 
 from .test_distributed import ACCELERATE, ROOT, _env, _free_port
+from .test_distributed import ARGS as DDP_ARGS
 
 FRESH = int(torch.randint(0, 2**31 - 1, ()))
 
-# One small digits run for the training tests: 4 groups of 4, 4 steps, 3 epochs, a checkpoint per epoch.
-SMALL = [
-    "seed=5",
-    "train.epochs=3",
-    "train.groups_per_epoch=4",
-    "train.group_size=4",
-    "train.batch_size=4",
-    "train.grad_accum=2",
-    "train.forward_batch=5",
-    "train.rollout_batch_size=3",
-    "train.lr=1e-3",
-    "sampler.num_steps=4",
-    "eval.every=3",
-    "eval.max_prompts=3",
-    "eval.samples_per_prompt=1",
-    "eval.num_steps=4",
-    "eval.grid_prompts=3",
-    "train.ema.every=1",
-    "checkpoint.every=1",
-    "checkpoint.keep=5",
-    "logging.tensorboard=false",
-    "logging.progress=false",
-]
+# The distributed tests' small digits run (4 groups of 4, 4 steps, 3 epochs, a checkpoint per epoch) without its GRPO
+# knob, every checkpoint kept.
+SMALL = [a for a in DDP_ARGS if not a.startswith(("algorithm.clip_range", "checkpoint.keep"))] + ["checkpoint.keep=5"]
 #: each algorithm's variant in the multi-process and resume tests (its own knobs beside the small run)
 VARIANTS = {
     "nft": ["algorithm.name=nft", "sampler.name=precise"],
