@@ -1,6 +1,6 @@
 """Serve a registered reward over HTTP: ``precise-rl serve-reward NAME [--set key=value ...]``.
 
-Any reward the registry builds (``pickscore``, ``hpsv2``, ``imagereward``, ``geneval_detector``, an
+Any reward the registry builds (``pickscore``, ``hpsv2``, ``imagereward``, ``ocr``, ``geneval_detector``, an
 import path ``package.module:Name``...) answers ``POST /score`` (protocol in
 :mod:`precise_rl.rewards.protocol`) for the ``remote`` reward client of a training run. The server
 binds to 127.0.0.1 unless told otherwise; with a token (``--token-file`` or the

@@ -1,14 +1,14 @@
 """Rewards: the ``Reward`` interface, a registry by name, weighted combination and the built-in scorers.
 
 Built-in: ``jpeg_compressibility`` / ``jpeg_incompressibility`` for any model and the hub scorers;
-``temporal_consistency``, ``motion_smoothness`` (:mod:`.motion`) and the ``frames`` option of image rewards
-for videos (:mod:`.video`);
+``ocr`` (Flow-GRPO's OCR reward on PP-OCRv4, :mod:`.ocr`); ``temporal_consistency``, ``motion_smoothness``
+(:mod:`.motion`) and the ``frames`` option of image rewards for videos (:mod:`.video`);
 a task's own rewards live with the task (the digits task's in ``precise_rl.tasks.digits.rewards``,
 registered when the task is imported). A reward of your own:
 decorate it with ``@register_reward("name")``, or name it by import path ``"package.module:Name"``.
 """
 
-from . import clip_models, geneval, hpsv2, image, image_reward, motion, remote, video
+from . import clip_models, geneval, hpsv2, image, image_reward, motion, ocr, remote, video
 from .base import (
     FunctionReward,
     PendingRewards,
@@ -47,4 +47,5 @@ __all__ = [
     "remote",
     "video",
     "motion",
+    "ocr",
 ]
