@@ -110,7 +110,11 @@ MALFORMED: list[tuple[str, list[str], str]] = [
     ("override-sampler", ["train", "sampler.name=euler"], "config key 'sampler.name' must be one of 'precise'"),
     ("override-precision", ["train", "train.mixed_precision=fp8"], "config key 'train.mixed_precision' must be one"),
     ("override-groups", ["train", "train.groups_per_epoch=0"], "config key 'train.groups_per_epoch' must be > 0"),
-    ("override-fraction", ["train", "algorithm.timestep_fraction=1.5"], "'algorithm.timestep_fraction' must be in (0, 1]"),
+    (
+        "override-fraction",
+        ["train", "algorithm.timestep_fraction=1.5"],
+        "'algorithm.timestep_fraction' must be in (0, 1]",
+    ),
     ("override-window", ["train", "sampler.window.size=20"], "config key 'sampler.window' does not fit in 10 steps"),
     ("override-no-eval-sampler", ["train", "eval.samplers=[]"], "config key 'eval.samplers' names no sampler"),
     ("override-eval-sampler", ["train", "eval.samplers=[euler]"], "'eval.samplers' has unknown sampler 'euler'"),
