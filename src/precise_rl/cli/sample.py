@@ -20,12 +20,13 @@ import argparse
 import json
 import re
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from ..sde import DEFAULT_ETA, SAMPLERS
+from ..sde.samplers import DEFAULT_ETA, SAMPLERS  # the table alone: --help and argument errors import no torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["add_arguments", "run", "generate", "resolve_lora_dir", "build_policy"]
 
@@ -198,6 +199,8 @@ def prompt_folders(prompts: list[str]) -> list[str]:
 
 def _device(text: str | None) -> torch.device:
     """The ``--device`` flag as a torch device this build can use; one sentence otherwise."""
+    import torch
+
     if text is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -216,7 +219,6 @@ def _device(text: str | None) -> torch.device:
     return device
 
 
-@torch.no_grad()
 def generate(
     policy: Any,
     prompt: str,
@@ -235,6 +237,8 @@ def generate(
     """
     import functools
 
+    import torch
+
     from ..rl.rollouts import sample
     from ..sde import SAMPLER_TABLE, kernel
 
@@ -243,44 +247,29 @@ def generate(
     # A half-precision model runs under autocast, as the recipes train it (train.mixed_precision: bf16):
     # the float32 LoRA weights mix with it, and FLUX.2's timestep is not rounded.
     dtype = getattr(policy, "model_dtype", torch.float32)
-    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype in HALF)
+    half = dtype in (torch.bfloat16, torch.float16)
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=half)
     images: list[torch.Tensor] = []
 
     def decode(rows: slice, final: torch.Tensor) -> None:
         images.append(policy.decode(final).float().cpu())
 
     prompts = [prompt] * len(seeds)
-    sample(policy, prompts, kern, seeds, chunk=batch_size, autocast=autocast, store=False, on_chunk=decode)
+    with torch.no_grad():
+        sample(policy, prompts, kern, seeds, chunk=batch_size, autocast=autocast, store=False, on_chunk=decode)
     return torch.cat(images)
 
 
-HALF = (torch.bfloat16, torch.float16)
-
-
-def run(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from ..images import labelled_grid, save_png
-    from ..policies.lora import load_adapter
-    from ..sde import time_grid
-    from ..tasks.registry import read_prompt_file
-    from ..videos import frame_strip, policy_fps, save_strip, write_mp4
-
-    prompts = list(args.prompt)
-    if args.image is not None:  # an editing model's instructions, all on this image
-        from ..policies.edit import EditPrompt, check_image_file
-
-        if not prompts:
-            raise UserError("--image needs a --prompt: the edit to make")
-        check_image_file(args.image.resolve(), "--image")
-        prompts = [EditPrompt(p, args.image.resolve(), "--image") for p in prompts]
-    if args.prompt_file is not None:
-        prompts += read_prompt_file(args.prompt_file, "--prompt-file")
-    if not prompts:
+def _check_flags(args: argparse.Namespace) -> None:
+    """The checks the flags alone allow, before anything heavy is imported (a mistyped flag answers at once)."""
+    if not args.prompt and args.prompt_file is None:
         raise UserError("give at least one --prompt (or a --prompt-file)")
+    if args.image is not None and not args.prompt:
+        raise UserError("--image needs a --prompt: the edit to make")
     for flag in ("steps", "num_images", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     if args.eta is not None and args.eta < 0:
         raise UserError(f"--eta must be >= 0, got {args.eta}")
     bad = [s for s in args.grid_samplers if s not in SAMPLERS]
@@ -295,6 +284,30 @@ def run(args: argparse.Namespace) -> int:
     blocker = next((p for p in out.parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise UserError(f"--output {str(out)!r} cannot be made: {str(blocker)!r} is a file")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_flags(args)
+    import torch
+    from PIL import Image
+
+    from ..images import labelled_grid, save_png
+    from ..policies.lora import load_adapter
+    from ..sde import time_grid
+    from ..tasks.registry import read_prompt_file
+    from ..videos import frame_strip, policy_fps, save_strip, write_mp4
+
+    prompts = list(args.prompt)
+    if args.image is not None:  # an editing model's instructions, all on this image
+        from ..policies.edit import EditPrompt, check_image_file
+
+        check_image_file(args.image.resolve(), "--image")
+        prompts = [EditPrompt(p, args.image.resolve(), "--image") for p in prompts]
+    if args.prompt_file is not None:
+        prompts += read_prompt_file(args.prompt_file, "--prompt-file")
+    if not prompts:
+        raise UserError("give at least one --prompt (or a --prompt-file)")
+    out = args.output
     device = _device(args.device)
     run_ckpt = None
     if is_run_dir(args.model):
