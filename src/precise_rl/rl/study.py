@@ -87,7 +87,7 @@ def _finished(run_dir: Path, cfg: Any) -> bool:
     """Whether ``run_dir`` holds a finished run of ``cfg``; UserError if it holds one of another config."""
     import yaml
 
-    from ..config import config_to_dict
+    from ..config import same_run_config
 
     if not (run_dir / "summary.json").is_file():
         return False
@@ -95,7 +95,7 @@ def _finished(run_dir: Path, cfg: Any) -> bool:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         saved = None
-    if saved != json.loads(json.dumps(config_to_dict(cfg))):
+    if not same_run_config(saved, cfg):  # config.yaml holds the defaults the run filled in
         raise UserError(
             f"{run_dir} holds a finished run of another config; give another --output or remove that directory"
         )
