@@ -121,6 +121,23 @@ def test_eval_uses_the_threads_the_run_recorded(tmp_path: Path, monkeypatch: pyt
     assert seen == [1] and torch.get_num_threads() == before
 
 
+def test_sample_uses_the_threads_of_the_builtin_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from precise_rl.cli import sample as sample_cli
+
+    seen: list[int] = []
+    real = sample_cli.generate
+
+    def generate(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample_cli, "generate", generate)
+    before = torch.get_num_threads()
+    argv = ["sample", "--model", "digits", "--prompt", "a 3", "--steps", "2", "--num-images", "1"]
+    assert main([*argv, "-o", str(tmp_path / "s")]) == 0
+    assert seen == [1] and torch.get_num_threads() == before
+
+
 # --------------------------------------------------------------------------- the defaults a run fills in
 
 
