@@ -449,6 +449,33 @@ def _algorithm_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _cell_text(summary: dict[str, Any], seeds: int) -> str:
+    """A heatmap cell's ratio text on short lines: the mean-curve ratio, then the seed pairs', three a line."""
+    ratio = summary.get("precise_epoch_ratio_vs_best_prior")
+    if ratio is None or seeds < 2:
+        return ratio_text(summary, seeds)
+    done = [f"{r:.2f}" for r in summary.get("precise_epoch_ratio_per_seed", []) if r is not None]
+    lines = [f"{ratio:.2f}", f"seed pairs {len(done)}/{seeds}" + (":" if done else "")]
+    lines += [", ".join(done[k : k + 3]) for k in range(0, len(done), 3)]
+    return "\n".join(lines)
+
+
+def _fit_in_cells(fig: Any, texts: list[tuple[Any, int, int, Any]], fill: float = 0.9) -> None:
+    """Shrink each cell's text until it takes at most ``fill`` of its cell's width and height.
+
+    A text's size on the page is known only once drawn: a long ratio line at the default size ran over
+    the cell borders on a figure of several grids.
+    """
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax, i, j, text in texts:
+        (x0, y0), (x1, y1) = ax.transData.transform([(j - 0.5, i - 0.5), (j + 0.5, i + 0.5)])
+        box = text.get_window_extent(renderer)
+        scale = min(1.0, fill * abs(x1 - x0) / max(box.width, 1e-9), fill * abs(y1 - y0) / max(box.height, 1e-9))
+        if scale < 1.0:
+            text.set_fontsize(text.get_fontsize() * scale)
+
+
 def plot_heatmap(result: dict[str, Any], path: Path) -> None:
     """One panel per protocol: rows steps, columns grids, colour = precise's epoch ratio vs the best prior."""
     import matplotlib
@@ -466,6 +493,7 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#d9d9d9")
     norm = Normalize(-0.6, 0.6)  # log2 of the ratio: 0.66x .. 1.5x
     image = None
+    texts: list[tuple[Any, int, int, Any]] = []  # (axes, row, column, text) of every cell
     for ax, protocol in zip(axes[0], protocols, strict=True):
         values = np.full((len(steps), len(grids)), np.nan)
         for i, n in enumerate(steps):
@@ -475,7 +503,7 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
                 ratio = summary.get("precise_epoch_ratio_vs_best_prior")
                 if ratio is not None:
                     values[i, j] = math.log2(ratio)
-                text = ratio_text(summary, seeds).replace(" (", "\n(").replace(" seed pairs", " pairs")
+                text = _cell_text(summary, seeds)
                 if text == "not reached":  # how far precise ends from the target
                     gap = summary["samplers"]["precise"]["final_reward_mean"] - summary["target"]
                     text = f"n/r\nfinal {gap:+.3f}"
@@ -484,7 +512,7 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
                 if summary.get("saturated"):
                     text += "\nsaturated"
                     ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="k", lw=0))
-                ax.text(j, i, text, ha="center", va="center", fontsize=8)
+                texts.append((ax, i, j, ax.text(j, i, text, ha="center", va="center", fontsize=8)))
         image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto")
         ax.set_xticks(range(len(grids)), grids)
         ax.set_yticks(range(len(steps)), [str(n) for n in steps])
@@ -497,6 +525,7 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
         ticks = [math.log2(v) for v in (0.7, 0.85, 1.0, 1.2, 1.4)]
         bar.set_ticks(ticks, labels=[f"{2**t:.2g}x" for t in ticks])
         bar.set_label("precise epochs to target / best prior's\n(< 1: precise faster)")
+    _fit_in_cells(fig, texts)
     fig.suptitle(
         f"Where precise wins: {result['epochs']} epochs, {seeds} seed(s), ratio on the seed-mean curves "
         "(seed pairs' ratios)\n"

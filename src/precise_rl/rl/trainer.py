@@ -37,7 +37,7 @@ from .algorithms.grpo import recompute, train_step_indices
 from .checkpoint import check_writable, remove_leftovers
 from .ema import EMA
 from .evaluate import EvalInputs, eval_weights, evaluate
-from .logging import RunLogger
+from .logging import RunLogger, grid_title
 from .memory import budget_bytes
 from .rollouts import RolloutBatch, epoch_prompt_indices
 from .threads import resolve_threads, using_threads
@@ -281,7 +281,9 @@ class Trainer:
         if result.grid is not None and self.is_main:
             images, shown, key = result.grid
             fps = getattr(self.policy, "fps", None)  # a video policy's frame rate, for the MP4s
-            self.logger.sample_grid(images, shown, epoch, key, e.grid_prompts, e.samples_per_prompt, fps)
+            p = result.protocols[key]
+            title = grid_title(epoch, key, p.sampler, p.eta, e.num_steps, self.ema is not None)
+            self.logger.sample_grid(images, shown, epoch, key, e.grid_prompts, e.samples_per_prompt, fps, title)
         return result.metrics()
 
     @property
