@@ -9,9 +9,10 @@ from inside (``train_elapsed_s``: rollouts, rewards and updates). The thread cou
 interleaved, ``R`` times each, first on the machine as it is ("quiet": nothing started here; other
 jobs may share it, so its load average is printed) and then beside ``K`` processes started here that
 spin on a core each ("busy"), stopped at the end. Figures are medians; the ratio is each count's
-time over one thread's. The held-out reward after training is printed per count: runs with the same
-count give the same numbers, runs with different counts need not (reductions split over threads
-round differently), which is why a run records the count it used in its ``config.yaml``.
+time over one thread's. The held-out reward after training is printed per run: runs with the same
+count give the same numbers; with different counts they may differ where torch splits a reduction
+over threads (it did not for the digits model here), which is why a run records its count in
+``config.yaml``.
 """
 
 from __future__ import annotations

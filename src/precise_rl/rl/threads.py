@@ -2,8 +2,9 @@
 
 ``auto`` takes the model's own advice (:attr:`precise_rl.policies.Policy.cpu_threads`: one thread for
 the built-in digits model) when the model runs on the CPU, and torch's default otherwise. The
-number a run used is what its ``config.yaml`` records, so that the run can be repeated: a training
-run's numbers depend on it (reductions split across threads round differently).
+number a run used is what its ``config.yaml`` records, so that the run can be repeated: where torch
+splits an operation over threads, a sum can round differently with another count (the digits
+model's default run gives the same numbers on one thread and on two on the development machine).
 """
 
 from __future__ import annotations
