@@ -514,6 +514,10 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
                     ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="k", lw=0))
                 texts.append((ax, i, j, ax.text(j, i, text, ha="center", va="center", fontsize=8)))
         image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto")
+        for axt, i, j, text in texts:
+            if axt is ax and np.isfinite(values[i, j]):  # white on the dark ends of the colour scale
+                r, g, b, _ = cmap(norm(values[i, j]))
+                text.set_color("white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
         ax.set_xticks(range(len(grids)), grids)
         ax.set_yticks(range(len(steps)), [str(n) for n in steps])
         ax.set_xlabel("time grid")
