@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from precise_rl.cli import main
+from precise_rl.cli import COMMANDS, main
 from precise_rl.rl.checkpoint import list_checkpoints
 
 from . import toy_task
@@ -302,10 +302,30 @@ def test_resuming_a_run_killed_between_its_last_checkpoint_and_its_summary_finis
 # --------------------------------------------------------------------------- case 15: quick answers
 
 
+#: an argument error of each subcommand, answered by argparse or the first checks of ``run``
+_ARGUMENT_ERRORS = {
+    "fidelity": ["fidelity", "--nfe", "0"],
+    "train": ["train", "train.lr=-1"],
+    "eval": ["eval", "/no/such/run"],
+    "compare": ["compare", "--seeds", "0"],
+    "study": ["study", "--steps", "x"],
+    "models": ["models", "--no-such-flag"],
+    "sample": ["sample", "--model", "digits"],
+    "serve-reward": ["serve-reward"],
+    "pretrain": ["pretrain", "nothing"],
+}
+
+
+def test_every_subcommand_has_an_argument_error_case() -> None:
+    assert sorted(_ARGUMENT_ERRORS) == sorted(COMMANDS)
+
+
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["train", "--help"], ["train", "train.lr=-1"], ["train", "nope.yaml"], ["eval", "/no/such/run"]],
-    ids=["help", "train-help", "train-bad-override", "train-missing-config", "eval-missing-run"],
+    [["--help"], ["train", "nope.yaml"]]
+    + [[name, "--help"] for name in COMMANDS]
+    + [_ARGUMENT_ERRORS[name] for name in COMMANDS],
+    ids=["help", "train-missing-config"] + [f"{n}-help" for n in COMMANDS] + [f"{n}-bad-args" for n in COMMANDS],
 )
 def test_help_and_config_errors_import_no_heavy_library(argv: list[str]) -> None:
     code = (

@@ -204,3 +204,21 @@ def test_models_lists_every_registered_adapter_and_is_the_readmes_table(capsys: 
         assert rows[name]["pipeline"] == cls.pipeline_class and rows[name]["default_model"] == cls.default_model
     assert main(["models", "--json"]) == 0
     assert [r["name"] for r in json.loads(capsys.readouterr().out)] == [r["name"] for r in model_rows()]
+
+
+@pytest.mark.parametrize("argv", [["models", "--json"], ["models"], ["--help"]], ids=["models-json", "models", "help"])
+def test_a_reader_that_leaves_early_gets_no_traceback(argv: list[str]) -> None:
+    """``precise-rl models --json | head -c 600``: the reader closes the pipe before the command is done writing."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    code = "import sys; from precise_rl.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=write, stderr=subprocess.PIPE, env=env)
+    os.close(write)
+    os.close(read)  # gone before the first write: every write of the command meets a closed pipe
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
+    assert proc.returncode in (0, 141), err.decode()  # 141: a shell's code for a command ended by a closed pipe

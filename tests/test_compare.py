@@ -224,3 +224,79 @@ def test_compare_across_algorithms_labels_runs_and_reads_reward_against_model_ev
     # an unknown algorithm is one sentence
     assert main([*argv, "--algorithms", "grpo,ppo", "--output", str(tmp_path / "x")]) == 2
     assert "unknown algorithm 'ppo'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- short comparisons, honest savings
+
+
+@pytest.mark.parametrize(
+    ("epochs", "every", "expected"),
+    [
+        (100, 10, 5),  # the default: one evaluation every 5% of the run
+        (400, 10, 10),  # a config asking for more evaluations than 20 keeps them
+        (10, 10, 5),  # short: no more often than every MIN_EPOCHS_PER_EVAL epochs (was every epoch)
+        (30, 10, 5),
+        (3, 10, 3),  # shorter than that: once, at the end
+        (10, 1, 1),  # eval.every=1 asked for is kept
+        (10, 0, 5),
+    ],
+)
+def test_evaluations_scale_with_the_runs_length(epochs: int, every: int, expected: int) -> None:
+    from precise_rl.rl.compare import eval_every_for
+
+    assert eval_every_for(epochs, every) == expected
+
+
+def _two_sampler_runs(seeds: int, precise_finals: list[float]) -> dict[str, list[list[dict]]]:
+    """precise and cps over ``seeds`` seeds; cps ends at 1.0 every seed, precise at ``precise_finals``, both rising."""
+    runs: dict[str, list[list[dict]]] = {"precise": [], "cps": []}
+    for k in range(seeds):
+        runs["cps"].append(_records([0, 5, 10], [0.0, 1.0, 2.0], [0.0, 0.5, 1.0]))
+        runs["precise"].append(_records([0, 5, 10], [0.0, 1.0, 2.0], [0.0, 0.8, precise_finals[k]]))
+    return runs
+
+
+def test_one_seed_states_no_time_saving_and_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    summary = summarise(_two_sampler_runs(1, [1.2]))
+    assert summary["precise_epoch_ratio_vs_best_prior"] is not None  # precise reaches it sooner on this seed
+    assert "one seed" in summary["saving_withheld"]
+    print_summary(summary, "ode", seeds=1)
+    printed = capsys.readouterr().out
+    assert "% saved" not in printed
+    assert "no time saving is stated: one seed" in printed
+
+
+def test_a_saving_needs_seed_pairs_that_reach_the_target(capsys: pytest.CaptureFixture[str]) -> None:
+    # precise's seed mean (1.2, 0.95, 0.95 -> 1.033) reaches cps's 1.0, but only its first seed does
+    summary = summarise(_two_sampler_runs(3, [1.2, 0.95, 0.95]))
+    assert summary["precise_epoch_ratio_vs_best_prior"] is not None
+    assert summary["saving_withheld"].startswith("only 1 of 3 seed pairs")
+    print_summary(summary, "ode", seeds=3)
+    printed = capsys.readouterr().out
+    assert "% saved" not in printed and "no time saving is stated: only 1 of 3 seed pairs" in printed
+    supported = summarise(_two_sampler_runs(3, [1.2, 1.1, 1.05]))
+    assert supported["saving_withheld"] is None
+    print_summary(supported, "ode", seeds=3)
+    assert "% saved" in capsys.readouterr().out
+
+
+def test_the_ema_note_counts_evaluations_that_saw_no_ema_update() -> None:
+    from precise_rl.rl.compare import ema_note
+
+    # 2 optimizer steps per epoch, evaluations every epoch, EMA every 8 steps: an update every 4 epochs
+    records = [{"epoch": e, "optimizer_steps": 2.0 * e, "train_elapsed_s": float(e), "eval_ode_reward": 0.1 * e}
+               for e in range(9)]  # fmt: skip
+    note = ema_note({"precise": [records]}, every=8, mode="interval")
+    # updates after steps 8 and 16 (epochs 4 and 8): 6 of the 8 later evaluations follow no update
+    assert note is not None and "6 of 8 evaluations" in note and "every 4 epochs" in note
+    on_updates = [r for r in records if r["epoch"] % 4 == 0]
+    assert ema_note({"precise": [on_updates]}, every=8, mode="interval") is None
+
+
+def test_compare_plot_carries_the_note(tmp_path: Path) -> None:
+    from precise_rl.rl.compare import plot_comparison
+
+    summary = summarise(_two_sampler_runs(2, [1.2, 1.1]))
+    plot_comparison({"ode": summary}, tmp_path / "plain.png")
+    plot_comparison({"ode": summary}, tmp_path / "noted.png", note="evaluations score the EMA weights")
+    assert (tmp_path / "noted.png").read_bytes() != (tmp_path / "plain.png").read_bytes()

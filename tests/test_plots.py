@@ -71,9 +71,111 @@ def test_measurements_are_not_plotted_among_rewards(tmp_path: Path, monkeypatch:
 
     fig = _figure_of([_record(e) for e in (1, 2, 3)], tmp_path, monkeypatch)
     by_title = {ax.get_title(): sorted(line.get_label() for line in ax.lines) for ax in fig.axes}
-    rewards = next(v for k, v in by_title.items() if "reward components" in k)
+    rewards = sorted(label for k, v in by_title.items() if "train rollouts" in k for label in v)
     assert rewards == ["digit_alignment", "ink_style"]
     assert ["ink_style/ink"] in by_title.values()  # the ink fraction on a panel of its own
+
+
+def test_each_reward_component_has_an_axis_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flat component (digit_alignment near 0) beside one of another scale is not drawn as a flat line."""
+    records = [
+        {"epoch": e, "reward_mean": 0.1 * e, "reward/ink_style": 1.5 * e, "reward/digit_alignment": -1e-3 * e}
+        for e in (1, 2, 3, 4)
+    ]
+    fig = _figure_of(records, tmp_path, monkeypatch, reward_names=["ink_style", "digit_alignment"])
+    panels = {line.get_label(): ax for ax in fig.axes for line in ax.lines if line.get_label() != "train (rollouts)"}
+    flat = panels["digit_alignment"]
+    assert flat is not panels["ink_style"]
+    lo, hi = flat.get_ylim()
+    assert hi - lo < 0.01  # its own axis spans its own small range: its change fills the panel
+
+
+def test_a_reward_named_by_import_path_gets_a_legend_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """matplotlib hides labels starting with '_' (and warns that the legend is empty): '__main__:ink' shows."""
+    import warnings
+
+    records = [{"epoch": e, "reward_mean": 0.1 * e, "reward/__main__:ink": 0.2 * e} for e in (1, 2, 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "No artists with labels found to put in legend" is a UserWarning
+        fig = _figure_of(records, tmp_path, monkeypatch, reward_names=["__main__:ink"])
+    texts = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert any("__main__:ink" in t for t in texts), texts
+
+
+def test_a_grid_title_heads_the_grid_without_moving_the_tiles() -> None:
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    plain = labelled_grid(images, ["a 1", "a 2"], 2, scale=4)
+    titled = labelled_grid(images, ["a 1", "a 2"], 2, scale=4, title="epoch 100: ode (deterministic), 10 steps")
+    band = titled.shape[0] - plain.shape[0]
+    assert band > 0 and titled.shape[1] >= plain.shape[1]
+    np.testing.assert_array_equal(titled[band:, : plain.shape[1]], plain)
+    assert (titled[:band] < 128).any()  # the title is written in the band
+
+
+def test_an_evaluation_grid_names_its_epoch_sampler_eta_and_steps() -> None:
+    from precise_rl.rl.logging import grid_title
+
+    assert grid_title(40, "own", "cps", 0.7, 10, True) == (
+        "epoch 40: cps at eta 0.7, 10 steps (protocol own, EMA weights)"
+    )
+    assert (
+        grid_title(0, "ode", "ode", 0.0, 6, False)
+        == "epoch 0: ode (deterministic), 6 steps (protocol ode, trained weights)"
+    )
+
+
+def test_study_heatmap_text_stays_inside_its_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five seed pairs and a merged grid made the longest cell text; it must fit within its cell's borders."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from precise_rl.rl.study import plot_heatmap
+
+    seeds = 5
+
+    def summary(reached: bool) -> dict[str, Any]:
+        return {
+            "target": 1.0,
+            "samplers": {"precise": {"final_reward_mean": 0.98}},
+            "precise_epoch_ratio_vs_best_prior": 0.93 if reached else None,
+            "precise_epoch_ratio_per_seed": [1.09, 0.91, 1.0, 0.87, 1.12] if reached else [],
+            "saturated": not reached,
+        }
+
+    grids = ["uniform", "shift3", "model"]
+    cells = [
+        {
+            "steps": n,
+            "grid": "shift3" if g == "model" else g,
+            "grids": [g],
+            "protocols": {p: summary(n != 20) for p in ("own", "ode")},
+        }
+        for n in (6, 10, 20)
+        for g in grids
+    ]
+    saved: list[Any] = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: saved.append(self) or real(self, *a, **k))
+    monkeypatch.setattr(plt, "close", lambda *a: None)
+    plot_heatmap(
+        {"steps": [6, 10, 20], "grids": grids, "seeds": seeds, "cells": cells, "epochs": 100}, tmp_path / "h.png"
+    )
+    fig = saved[-1]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    checked = 0
+    for ax in fig.axes:
+        for text in ax.texts:
+            j, i = text.get_position()
+            (x0, y0), (x1, y1) = ax.transData.transform([(j - 0.5, i - 0.5), (j + 0.5, i + 0.5)])
+            box = text.get_window_extent(renderer)
+            assert min(x0, x1) <= box.x0 and box.x1 <= max(x0, x1), text.get_text()
+            assert min(y0, y1) <= box.y0 and box.y1 <= max(y0, y1), text.get_text()
+            checked += 1
+    assert checked == 2 * 9
 
 
 def test_grids_can_name_their_columns() -> None:

@@ -134,4 +134,53 @@ def test_every_sampler_is_offered() -> None:
     sample_cli.add_arguments(parser)
     args = parser.parse_args(["--model", "digits", "--grid"])
     assert args.grid_samplers == list(SAMPLERS)
-    assert args.sampler == "precise" and args.steps == 20
+    how = sample_cli.sampling_settings(args, None)  # a model, not a run: the command's own defaults
+    assert how["sampler"] == "precise" and how["steps"] == 20 and how["sigmas"] == "model"
+    assert how["eta"] is None and how["from_run"] == []
+
+
+@pytest.fixture(scope="module")
+def cps_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A digits run trained with cps at eta 0.4 on 4 steps of the uniform grid (one small epoch)."""
+    run = tmp_path_factory.mktemp("cps") / "run"
+    argv = ["train", "-o", str(run), "sampler.name=cps", "sampler.eta=0.4", "sampler.num_steps=4"]
+    argv += ["sampler.grid=uniform", "train.epochs=1", "train.groups_per_epoch=2", "train.group_size=4"]
+    argv += ["eval.every=0", "logging.tensorboard=false", "logging.progress=false"]
+    assert main(argv) == 0
+    return run
+
+
+def test_a_run_is_sampled_with_its_own_sampler_eta_grid_and_steps(
+    cps_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    capsys.readouterr()
+    argv = ["sample", "--model", str(cps_run), "--prompt", "a bold 7", "--num-images", "2", "-o", str(out)]
+    assert main(argv) == 0
+    record = json.loads((out / "samples.json").read_text())
+    assert list(record["samplers"]) == ["cps"] and record["samplers"]["cps"]["eta"] == 0.4
+    assert record["steps"] == 4 and record["grid"] == "uniform"
+    assert record["sigmas"] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert {"sampler", "eta", "steps", "sigmas"} <= set(record["from_run"])
+    printed = capsys.readouterr().out
+    assert "cps at eta 0.4, 4 steps on the uniform grid (the run's)" in printed
+    # the images are the rollouts of that kernel: the same seed through generate() with the run's settings
+    policy, *_ = sample_cli.policy_from_run(
+        __import__("argparse").Namespace(model=str(cps_run), adapter=None, revision=None, lora=None, dtype=None),
+        torch.device("cpu"),
+    )
+    want = sample_cli.generate(policy, "a bold 7", "cps", torch.tensor(record["sigmas"]), 0.4, [0])
+    got = _png(out / "a_bold_7" / "cps_seed0.png")[::8, ::8, 0]
+    np.testing.assert_array_equal(got, (want[0, 0].clamp(0, 1) * 255).round().numpy().astype(np.int16))
+
+
+def test_flags_override_the_runs_sampling_and_another_sampler_takes_its_own_eta(cps_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["sample", "--model", str(cps_run), "--prompt", "a 3", "--num-images", "1", "-o", str(out)]
+    assert main([*argv, "--sampler", "precise", "--steps", "6"]) == 0
+    record = json.loads((out / "samples.json").read_text())
+    assert record["samplers"] == {"precise": {"eta": 1.5}}  # precise's reference eta, not the run's cps eta
+    assert record["steps"] == 6 and record["grid"] == "uniform"  # the grid is still the run's
+    assert "sampler" not in record["from_run"] and "sigmas" in record["from_run"]
+    assert main([*argv, "--eta", "0.2"]) == 0
+    assert json.loads((out / "samples.json").read_text())["samplers"] == {"cps": {"eta": 0.2}}

@@ -67,7 +67,8 @@ def test_study_writes_its_files_and_merges_identical_grids(toy_study: tuple[Path
     cell = result["cells"][1]
     np.testing.assert_allclose(cell["sigmas"], shifted_sigmas(2, 3.0).numpy())
     cfg = yaml.safe_load((out / "runs" / "N2-shift3" / "precise-seed3" / "config.yaml").read_text())
-    assert cfg["sampler"]["grid"] == "shifted" and cfg["sampler"]["shift"] == 3.0 and cfg["sampler"]["eta"] is None
+    assert cfg["sampler"]["grid"] == "shifted" and cfg["sampler"]["shift"] == 3.0
+    assert cfg["sampler"]["eta"] == 1.5  # each sampler at its reference eta, recorded as the number that ran
     assert cfg["sampler"]["num_steps"] == 2 and cfg["eval"]["num_steps"] == 2
     assert cfg["eval"]["samplers"] == ["ode", "own"] and cfg["logging"]["tensorboard"] is False
     md = (out / "study.md").read_text()

@@ -6,8 +6,10 @@ of range is refused with one sentence naming the key (``UserError``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
@@ -39,6 +41,8 @@ __all__ = [
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
+    "with_run_defaults",
+    "same_run_config",
 ]
 
 
@@ -137,6 +141,10 @@ class TrainConfig:
     #: of a whole copy per process (DDP); for models too big for one device. On one process the model is
     #: held whole, so the same config (and its checkpoints) runs on any number of processes. Not with fp16.
     fsdp: bool = False
+    #: torch's intra-op CPU threads while the run trains and evaluates. ``auto``: one for a model that runs
+    #: best on one (the built-in digits model on the CPU, ``Policy.cpu_threads``; measured in
+    #: ``benchmarks/cpu_threads.py``), torch's own default otherwise. A run records the number it used.
+    threads: int | Literal["auto"] = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
 
@@ -377,6 +385,55 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return data
 
 
+def with_run_defaults(
+    cfg: ExperimentConfig, *, reward_weights: dict[str, float] | None = None, threads: int | None = None
+) -> ExperimentConfig:
+    """A copy of ``cfg`` with the defaults it leaves open written out as a run resolves them.
+
+    ``sampler.eta: null`` becomes the sampler's reference eta, ``reward.weights: {}`` the weights that
+    ran (``reward_weights``: the task's default rewards, known once the task is built) and
+    ``train.threads: auto`` the thread count chosen (``threads``). A run directory's ``config.yaml``
+    and its checkpoints hold this copy, so that the directory alone says how the run was made, and
+    running it again from that file gives the same run.
+    """
+    out = copy.deepcopy(cfg)
+    s = out.sampler
+    if s.eta is None and s.name in SAMPLER_TABLE:
+        s.eta = SAMPLER_TABLE[s.name].default_eta
+    if not out.reward.weights and reward_weights:
+        out.reward.weights = dict(reward_weights)
+    if out.train.threads == "auto" and threads is not None:
+        out.train.threads = int(threads)
+    return out
+
+
+def same_run_config(saved: dict[str, Any], cfg: ExperimentConfig) -> bool:
+    """Whether ``saved`` (a run's ``config.yaml``) is a run of ``cfg``, whose open defaults the run filled in.
+
+    The run wrote the defaults out (:func:`with_run_defaults`): the recorded eta must be the
+    sampler's reference one; recorded reward weights and threads are what ``cfg``'s defaults chose on
+    that machine, so any stand for ``{}`` and ``auto``. A ``config.yaml`` written before runs resolved
+    their defaults (``null``, ``{}``, no ``threads``) matches too.
+    """
+    if not isinstance(saved, dict):
+        return False
+    try:
+        recorded = config_from_dict(copy.deepcopy(saved))
+    except UserError:
+        return False
+    filled = with_run_defaults(
+        cfg,
+        reward_weights=recorded.reward.weights,
+        threads=recorded.train.threads if recorded.train.threads != "auto" else None,
+    )
+
+    def plain(c: ExperimentConfig) -> Any:
+        return json.loads(json.dumps(config_to_dict(c)))
+
+    # Compared as read back (a file without the newer keys holds their defaults), as written, and as filled in.
+    return plain(recorded) in (plain(cfg), plain(filled))
+
+
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise UserError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
@@ -393,6 +450,8 @@ def validate(cfg: ExperimentConfig) -> None:
     if t.memory_budget_gb is not None:
         _positive("train.memory_budget_gb", t.memory_budget_gb)
     _positive("train.max_nonfinite", t.max_nonfinite)
+    if t.threads != "auto":
+        _positive("train.threads", t.threads)
     _positive("train.lr", t.lr)
     _positive("train.grad_clip", t.grad_clip, allow_zero=True)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)

@@ -61,11 +61,14 @@ def labelled_grid(
     cols: int,
     scale: int = 1,
     col_labels: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> np.ndarray:
     """``image_grid`` with one row per label and the label written at the left of its row (uint8 RGB).
 
     Labels longer than ``MAX_LABEL`` characters are cut there, ending in an ellipsis. With
-    ``col_labels`` (e.g. each column's seed) a band above the grid names every column.
+    ``col_labels`` (e.g. each column's seed) a band above the grid names every column; with ``title``
+    (e.g. the epoch and the sampler) a line above everything says what the grid shows, the canvas
+    widened to hold it.
     """
     from PIL import Image, ImageDraw
 
@@ -74,15 +77,19 @@ def labelled_grid(
     grid = Image.fromarray(image_grid(images, rows, cols, scale=scale))
     draw = ImageDraw.Draw(grid)
     margin = 8 + max((int(draw.textlength(label)) for label in labels), default=0)
-    top = 16 if col_labels else 0
-    canvas = Image.new("RGB", (grid.width + margin, grid.height + top), (255, 255, 255))
+    head = 18 if title else 0
+    top = head + (16 if col_labels else 0)
+    width = max(grid.width + margin, 8 + int(draw.textlength(title)) if title else 0)
+    canvas = Image.new("RGB", (width, grid.height + top), (255, 255, 255))
     canvas.paste(grid, (margin, top))
     draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, head / 2), title, fill=(0, 0, 0), anchor="lm")
     row_h = grid.height / max(1, rows)
     for k, label in enumerate(labels):
         draw.text((4, top + row_h * (k + 0.5)), label, fill=(0, 0, 0), anchor="lm")
     if col_labels:
         col_w = grid.width / max(1, cols)
         for k, label in enumerate(list(col_labels)[:cols]):
-            draw.text((margin + col_w * (k + 0.5), top / 2), label, fill=(0, 0, 0), anchor="mm")
+            draw.text((margin + col_w * (k + 0.5), head + (top - head) / 2), label, fill=(0, 0, 0), anchor="mm")
     return np.asarray(canvas)

@@ -148,9 +148,28 @@ def _leave_process_group() -> None:
 
 #: the exit code main() returns, for an exit that cannot wait for the interpreter's teardown
 _exit_code = [0]
+#: the exit code when the reader of standard output went away: a shell's for a command ended by SIGPIPE
+PIPE_CLOSED_EXIT = 128 + 13
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: this process's arguments); returns the exit code."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # also after --help's SystemExit: a closed pipe is met here, not in the interpreter's teardown
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left (``precise-rl models --json | head -c 600``): stop quietly, as other command-line
+        # tools do. What is still buffered for the closed pipe goes nowhere, or the interpreter's last
+        # flush would raise again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _exit_code[0] = PIPE_CLOSED_EXIT
+        return PIPE_CLOSED_EXIT
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command_of(argv))
     args, extra = parser.parse_known_args(argv)

@@ -66,5 +66,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluations every {result['eval_every']} epochs; wall-clock ratios use {RATIO_BASIS}")
     for protocol, summary in result["protocols"].items():
         print_summary(summary, protocol, args.seeds)
+    if result.get("ema_note"):
+        print(f"\nnote: {result['ema_note']}")
     print(f"\nwrote {args.output / 'compare.json'} and {args.output / 'compare.png'}")
     return 0

@@ -110,6 +110,7 @@ def _run_locked(args: argparse.Namespace, out: Path) -> int:
     from ..rl.checkpoint import latest_checkpoint
     from ..rl.evaluate import EvalInputs, evaluate
     from ..rl.run_config import resolve_config
+    from ..rl.threads import resolve_threads, using_threads
     from ..sde import SAMPLERS, time_grid
     from ..tasks.registry import build_task
 
@@ -149,6 +150,8 @@ def _run_locked(args: argparse.Namespace, out: Path) -> int:
     )
     results = []
     step_counts = args.steps or [cfg.eval.num_steps]
+    # the threads the run trained with (or what train.threads: auto picks for its model), as it evaluated
+    threads = resolve_threads(cfg.train.threads, policy, acc.device)
     # on a terminal only (disable=None); each step count is one full evaluation
     for n in tqdm(step_counts, desc="evaluating", unit="step count", disable=None if acc.is_main_process else True):
         ecfg = copy.deepcopy(cfg.eval)
@@ -158,7 +161,8 @@ def _run_locked(args: argparse.Namespace, out: Path) -> int:
             ecfg.samples_per_prompt = args.samples_per_prompt
         if args.max_prompts:
             ecfg.max_prompts = args.max_prompts
-        result = evaluate(inputs, ecfg, with_grid=False)
+        with using_threads(threads):
+            result = evaluate(inputs, ecfg, with_grid=False)
         for key, r in result.protocols.items():
             row = {"sampler": r.sampler, "protocol": key, "steps": n, "reward": r.reward, **r.components}
             results.append(row)

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..fidelity.report import GRIDS, LabConfig, format_tables, run_lab, write_report
-from ..sde import SAMPLERS
+from ..fidelity.lab import GRIDS, LabConfig  # no torch: --help and argument errors answer at once
+from ..sde.samplers import SAMPLERS
 
 _QUICK = {"nfe": (6, 10, 30), "samples": 500, "eta_points": 7}
 
@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.output
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} exists and is not a folder")
+    from ..fidelity.report import format_tables, run_lab, write_report  # torch, once the arguments are good
+
     start = time.perf_counter()
     results, scatter = run_lab(cfg, progress=not args.no_progress)
     try:

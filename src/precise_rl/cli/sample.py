@@ -20,12 +20,13 @@ import argparse
 import json
 import re
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from ..sde import DEFAULT_ETA, SAMPLERS
+from ..sde.samplers import DEFAULT_ETA, SAMPLERS  # the table alone: --help and argument errors import no torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["add_arguments", "run", "generate", "resolve_lora_dir", "build_policy"]
 
@@ -56,14 +57,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prompt-file", type=Path, default=None, help="text file, one prompt per line (.jsonl: prompts with images)"
     )
     s.add_argument("--image", type=Path, default=None, help="source image of every --prompt (editing models)")
-    s.add_argument("--sampler", default="precise", choices=list(SAMPLERS))
-    s.add_argument("--eta", type=float, default=None, help="noise level (default: the sampler's reference value)")
-    s.add_argument("--schedule", default="logsnr", choices=["logsnr", "constant"], help="precise's schedule")
-    s.add_argument("--steps", type=int, default=20)
+    # Each of these defaults to the run's own setting for --model RUN_DIR (a run is sampled as it trained),
+    # else to the value named in its help: None here means "not given".
     s.add_argument(
-        "--sigmas", default="model", choices=["model", "uniform", "shifted"], help="time grid (model = its own)"
+        "--sampler", default=None, choices=list(SAMPLERS), help="default: the run's sampler (RUN_DIR), else precise"
     )
-    s.add_argument("--shift", type=float, default=3.0, help="shift of --sigmas shifted")
+    s.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help="noise level (default: the run's eta when sampling with the run's sampler, else the sampler's reference "
+        "value)",
+    )
+    s.add_argument(
+        "--schedule",
+        default=None,
+        choices=["logsnr", "constant"],
+        help="precise's schedule (default: the run's, else logsnr)",
+    )
+    s.add_argument("--steps", type=int, default=None, help="default: the run's sampler.num_steps, else 20")
+    s.add_argument(
+        "--sigmas",
+        default=None,
+        choices=["model", "uniform", "shifted"],
+        help="time grid, model = its own (default: the run's sampler.grid, else model)",
+    )
+    s.add_argument("--shift", type=float, default=None, help="shift of --sigmas shifted (default: the run's, else 3)")
     s.add_argument("--num-images", type=int, default=4, help="images per prompt (seeds SEED .. SEED+n-1)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=8, help="images per batched rollout")
@@ -118,8 +137,45 @@ def is_run_dir(path: str) -> bool:
     return p.is_dir() and (bool(list_checkpoints(p / "checkpoints")) or (p / MANIFEST).is_file())
 
 
-def policy_from_run(args: argparse.Namespace, device: torch.device) -> tuple[Any, str, Path]:
-    """The policy of a run's newest checkpoint with the weights its evaluations used; (policy, adapter, checkpoint).
+#: what ``precise-rl sample`` draws with when neither the flags nor a run say otherwise
+SAMPLING_DEFAULTS = {
+    "sampler": "precise",
+    "eta": None,
+    "schedule": "logsnr",
+    "steps": 20,
+    "sigmas": "model",
+    "shift": 3.0,
+}
+
+
+def sampling_settings(args: argparse.Namespace, run_sampler: Any | None) -> dict[str, Any]:
+    """The sampler, eta, schedule, steps and time grid to draw with: the flags given, then the run's, then defaults.
+
+    ``run_sampler``: the ``sampler:`` section of the run sampled (``--model RUN_DIR``), or None. The run's
+    eta goes with the run's sampler only: ``--sampler`` naming another one draws at that one's reference eta.
+    """
+    out = dict(SAMPLING_DEFAULTS)
+    if run_sampler is not None:
+        out.update(
+            sampler=run_sampler.name,
+            eta=run_sampler.eta,
+            schedule=run_sampler.schedule,
+            steps=run_sampler.num_steps,
+            sigmas=run_sampler.grid,
+            shift=run_sampler.shift,
+        )
+        if args.sampler is not None and args.sampler != run_sampler.name:
+            out["eta"] = None
+    given = {k: getattr(args, k) for k in out if getattr(args, k) is not None}
+    out.update(given)
+    out["from_run"] = sorted(k for k in SAMPLING_DEFAULTS if run_sampler is not None and k not in given)
+    return out
+
+
+def policy_from_run(args: argparse.Namespace, device: torch.device) -> tuple[Any, str, Path, Any]:
+    """The policy of a run's newest checkpoint with the weights its evaluations used.
+
+    Returns (policy, adapter, checkpoint, the run's config).
 
     The model is rebuilt from the run's own config (name, path, revision, options) and made
     trainable as the run made it (LoRA adapters or every weight, float32), then the EMA weights
@@ -141,7 +197,7 @@ def policy_from_run(args: argparse.Namespace, device: torch.device) -> tuple[Any
     trainable = setup.trainable_module(policy, cfg)
     state.load_evaluated_weights(ckpt, trainable.names, trainable.params, cfg.train.ema.enabled)
     trainable.module.requires_grad_(False)
-    return policy, cfg.model.name, ckpt
+    return policy, cfg.model.name, ckpt, cfg
 
 
 def build_policy(args: argparse.Namespace, device: torch.device) -> tuple[Any, str]:
@@ -198,6 +254,8 @@ def prompt_folders(prompts: list[str]) -> list[str]:
 
 def _device(text: str | None) -> torch.device:
     """The ``--device`` flag as a torch device this build can use; one sentence otherwise."""
+    import torch
+
     if text is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -216,7 +274,6 @@ def _device(text: str | None) -> torch.device:
     return device
 
 
-@torch.no_grad()
 def generate(
     policy: Any,
     prompt: str,
@@ -235,6 +292,8 @@ def generate(
     """
     import functools
 
+    import torch
+
     from ..rl.rollouts import sample
     from ..sde import SAMPLER_TABLE, kernel
 
@@ -243,44 +302,29 @@ def generate(
     # A half-precision model runs under autocast, as the recipes train it (train.mixed_precision: bf16):
     # the float32 LoRA weights mix with it, and FLUX.2's timestep is not rounded.
     dtype = getattr(policy, "model_dtype", torch.float32)
-    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype in HALF)
+    half = dtype in (torch.bfloat16, torch.float16)
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=half)
     images: list[torch.Tensor] = []
 
     def decode(rows: slice, final: torch.Tensor) -> None:
         images.append(policy.decode(final).float().cpu())
 
     prompts = [prompt] * len(seeds)
-    sample(policy, prompts, kern, seeds, chunk=batch_size, autocast=autocast, store=False, on_chunk=decode)
+    with torch.no_grad():
+        sample(policy, prompts, kern, seeds, chunk=batch_size, autocast=autocast, store=False, on_chunk=decode)
     return torch.cat(images)
 
 
-HALF = (torch.bfloat16, torch.float16)
-
-
-def run(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from ..images import labelled_grid, save_png
-    from ..policies.lora import load_adapter
-    from ..sde import time_grid
-    from ..tasks.registry import read_prompt_file
-    from ..videos import frame_strip, policy_fps, save_strip, write_mp4
-
-    prompts = list(args.prompt)
-    if args.image is not None:  # an editing model's instructions, all on this image
-        from ..policies.edit import EditPrompt, check_image_file
-
-        if not prompts:
-            raise UserError("--image needs a --prompt: the edit to make")
-        check_image_file(args.image.resolve(), "--image")
-        prompts = [EditPrompt(p, args.image.resolve(), "--image") for p in prompts]
-    if args.prompt_file is not None:
-        prompts += read_prompt_file(args.prompt_file, "--prompt-file")
-    if not prompts:
+def _check_flags(args: argparse.Namespace) -> None:
+    """The checks the flags alone allow, before anything heavy is imported (a mistyped flag answers at once)."""
+    if not args.prompt and args.prompt_file is None:
         raise UserError("give at least one --prompt (or a --prompt-file)")
+    if args.image is not None and not args.prompt:
+        raise UserError("--image needs a --prompt: the edit to make")
     for flag in ("steps", "num_images", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     if args.eta is not None and args.eta < 0:
         raise UserError(f"--eta must be >= 0, got {args.eta}")
     bad = [s for s in args.grid_samplers if s not in SAMPLERS]
@@ -295,25 +339,55 @@ def run(args: argparse.Namespace) -> int:
     blocker = next((p for p in out.parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise UserError(f"--output {str(out)!r} cannot be made: {str(blocker)!r} is a file")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_flags(args)
+    import torch
+    from PIL import Image
+
+    from ..images import labelled_grid, save_png
+    from ..policies.lora import load_adapter
+    from ..rl.threads import resolve_threads, using_threads
+    from ..sde import time_grid
+    from ..tasks.registry import read_prompt_file
+    from ..videos import frame_strip, policy_fps, save_strip, write_mp4
+
+    prompts = list(args.prompt)
+    if args.image is not None:  # an editing model's instructions, all on this image
+        from ..policies.edit import EditPrompt, check_image_file
+
+        check_image_file(args.image.resolve(), "--image")
+        prompts = [EditPrompt(p, args.image.resolve(), "--image") for p in prompts]
+    if args.prompt_file is not None:
+        prompts += read_prompt_file(args.prompt_file, "--prompt-file")
+    if not prompts:
+        raise UserError("give at least one --prompt (or a --prompt-file)")
+    out = args.output
     device = _device(args.device)
-    run_ckpt = None
+    run_ckpt, run_cfg = None, None
     if is_run_dir(args.model):
         lora_dir = None
-        policy, adapter, run_ckpt = policy_from_run(args, device)
+        policy, adapter, run_ckpt, run_cfg = policy_from_run(args, device)
     else:
         lora_dir = resolve_lora_dir(args.lora) if args.lora is not None else None
         policy, adapter = build_policy(args, device)
+    how = sampling_settings(args, run_cfg.sampler if run_cfg is not None else None)
+    sampler, steps = how["sampler"], how["steps"]
     policy.check_prompts(prompts)
     if lora_dir is not None:
         policy.transformer = load_adapter(policy.transformer, lora_dir)
     policy.transformer.eval()
-    if args.sigmas == "shifted" and args.shift <= 0:
-        raise UserError(f"--shift must be > 0, got {args.shift}")
-    sigmas = time_grid(args.steps, args.sigmas, shift=args.shift, model=policy.time_grid)
+    if how["sigmas"] == "shifted" and how["shift"] <= 0:
+        raise UserError(f"--shift must be > 0, got {how['shift']}")
+    sigmas = time_grid(steps, how["sigmas"], shift=how["shift"], model=policy.time_grid)
+    # The thread count the run recorded, or what train.threads: auto picks for this model (one for the
+    # built-in model on a CPU): sampling is the same small-tensor work as training.
+    threads = resolve_threads(run_cfg.train.threads if run_cfg is not None else "auto", policy, device)
 
-    samplers = [args.sampler]
+    samplers = [sampler]
     if args.grid:
-        samplers += [s for s in args.grid_samplers if s != args.sampler]
+        samplers += [s for s in args.grid_samplers if s != sampler]
     seeds = [args.seed + i for i in range(args.num_images)]
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -325,12 +399,15 @@ def run(args: argparse.Namespace) -> int:
         "revision": args.revision,
         "lora": str(lora_dir) if lora_dir else None,
         "checkpoint": str(run_ckpt) if run_ckpt else None,
-        "steps": args.steps,
+        "steps": steps,
+        "grid": how["sigmas"],
         "sigmas": [float(x) for x in sigmas],
         "seeds": seeds,
         "samplers": {
-            s: {"eta": args.eta if (s == args.sampler and args.eta is not None) else DEFAULT_ETA[s]} for s in samplers
+            s: {"eta": how["eta"] if (s == sampler and how["eta"] is not None) else DEFAULT_ETA[s]} for s in samplers
         },
+        "schedule": how["schedule"],
+        "from_run": how["from_run"],
         "prompts": [],
     }
     from tqdm.auto import tqdm
@@ -343,9 +420,10 @@ def run(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         rows, files = [], []
         for s in samplers:
-            eta = args.eta if s == args.sampler else None
+            eta = how["eta"] if s == sampler else None
             try:
-                imgs = generate(policy, prompt, s, sigmas, eta, seeds, args.batch_size, args.schedule)
+                with using_threads(threads):
+                    imgs = generate(policy, prompt, s, sigmas, eta, seeds, args.batch_size, how["schedule"])
             except ValueError as exc:
                 if isinstance(exc, UserError):
                     raise
@@ -383,5 +461,10 @@ def run(args: argparse.Namespace) -> int:
     (out / "samples.json").write_text(json.dumps(record, indent=1))
     grids = " and a sampler grid per prompt" if args.grid else ""
     what = "videos (MP4 and frame strip each)" if "fps" in record else "images"
-    print(f"wrote {written} {what}{grids} to {out}/ ({adapter}, {args.sampler}, {args.steps} steps)")
+    eta = record["samplers"][sampler]["eta"]
+    whence = " (the run's)" if run_cfg is not None and {"sampler", "steps"} <= set(how["from_run"]) else ""
+    print(
+        f"wrote {written} {what}{grids} to {out}/ ({adapter}; {sampler} at eta {eta:g}, {steps} steps on the "
+        f"{how['sigmas']} grid{whence})"
+    )
     return 0

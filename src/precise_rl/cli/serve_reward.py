@@ -26,16 +26,14 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..rewards.base import build_reward
-from ..rewards.protocol import DEFAULT_PORT, TOKEN_ENV, Limits, read_token
-from ..rewards.server import (
+from ..server_defaults import (  # not the server's module: --help and argument errors import no torch
     DEFAULT_MAX_FRAMES,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_IMAGES,
     DEFAULT_MAX_MB,
     DEFAULT_MAX_REQUEST_PIXELS,
-    _require_fastapi,
-    serve,
+    DEFAULT_PORT,
+    TOKEN_ENV,
 )
 
 __all__ = ["add_arguments", "run", "main"]
@@ -92,9 +90,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..rewards.base import _accepts, _resolve, build_reward
+    from ..rewards.protocol import Limits, read_token
+    from ..rewards.server import _require_fastapi, serve
+
     _require_fastapi()
     options = _parse_sets(args.sets)
-    from ..rewards.base import _accepts, _resolve
 
     if "device" not in options and _accepts(_resolve(args.reward), "device"):
         import torch

@@ -3,8 +3,9 @@
 A cell is a step count N and a time grid (``uniform``; ``shiftA``, the SD3 shift with ``a = A``; ``model``,
 the policy's own grid). In each cell every sampler of ``--samplers`` trains at its reference eta over
 ``--seeds`` seeds, with ``sampler.num_steps`` and ``eval.num_steps`` both N and the evaluations of
-``precise-rl compare`` (both protocols, ``own`` and ``ode``; at least 20 evaluations per run). Cells whose
-time grids are identical (for the built-in digits model, ``model`` is the uniform grid) are run once.
+``precise-rl compare`` (both protocols, ``own`` and ``ode``, as often as compare evaluates a run of that
+length). Cells whose time grids are identical (for the built-in digits model, ``model`` is the shift3
+grid) are run once.
 
 Per cell and protocol the study reports what ``compare`` does (the target: the best final prior reward;
 each sampler's final reward and epochs to target; precise's epoch ratio against the best prior sampler,
@@ -16,21 +17,11 @@ number for the same grid: each sampler's output std over the target std on sharp
 study resumes where it stopped. Writes ``study.json``, ``study.md``, ``study_heatmap.png`` and
 ``study_curves.png``.
 
-Defaults and their cost, measured on the 2-core machine the project is developed on while other jobs
-shared it (load 4-8): one digits run of the default recipe (100 epochs, 10 steps, 21 evaluations of the 36
-held-out prompts x 4 samples under both protocols) took 18 s on one torch thread, about 70% of it
-training, and a run's training cost grows linearly with the step count. The default study is 3 seeds x
-steps 6, 10, 20 x grids uniform, shift3, model (``model`` is the digits model's own grid, shift 3 by
-default, so merged with shift3: 2 distinct grids) x 5 samplers = 90 runs of 100 epochs; from the
-per-run times of a first quick study under that load it came out at 28-33 minutes on two workers with the
-recipe's evaluation, too close to the 30-minute budget. The study therefore keeps the 100 epochs, the 3
-seeds and compare's evaluation frequency (every 5 epochs) and halves the evaluation cost instead:
-``eval.samples_per_prompt=2`` (144 evaluation images per protocol instead of 288), with
-``checkpoint.every=0 checkpoint.keep=1`` (one checkpoint at the end, no effect on the results). These go
-before your overrides, which win. Measured: the full default study took 19 min 11 s (1144 s in the
-study, load 5-6 for most of it), ``--quick`` 2 min 14 s (load 2-3; an earlier 40-epoch variant took 5 min
-16 s at load 7-8, hence 30 epochs). ``--quick`` is 30 epochs (an evaluation every epoch), steps 6 and 10,
-2 seeds, 16 held-out prompts x 2 samples: 40 runs.
+The default study is 3 seeds x steps 6, 10, 20 x grids uniform, shift3, model x 5 samplers, 100 epochs
+per run: 90 runs on the built-in task, whose ``model`` grid is the shift3 grid. Its runs evaluate 2 samples
+per held-out prompt and keep one checkpoint, at the end (``eval.samples_per_prompt=2 checkpoint.every=0
+checkpoint.keep=1``, before your overrides, which win). It takes about 20 minutes on a 2-core CPU.
+``--quick`` is 30 epochs, steps 6 and 10, 2 seeds and 16 held-out prompts: 40 runs, a few minutes.
 """
 
 from __future__ import annotations

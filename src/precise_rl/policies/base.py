@@ -26,6 +26,9 @@ class Policy(ABC):
 
     #: the module the trainer optimises (wrapped with LoRA when asked)
     transformer: nn.Module
+    #: torch's intra-op threads that suit this model on a CPU (``train.threads: auto``); None = torch's
+    #: default. A model so small that splitting each operation costs more than it gives says 1.
+    cpu_threads: int | None = None
 
     @property
     @abstractmethod

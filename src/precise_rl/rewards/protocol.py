@@ -43,14 +43,13 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from ..server_defaults import DEFAULT_PORT, TOKEN_ENV  # kept apart: serve-reward --help reads them without torch
 
 __all__ = ["PROTOCOL", "ProtocolError", "RequestTooLarge", "Limits", "png_size"]
 __all__ += ["encode_images", "decode_images", "encode_videos", "decode_videos", "build_request", "parse_request"]
 __all__ += ["build_response", "parse_response", "read_token", "TOKEN_ENV", "DEFAULT_PORT"]
 
 PROTOCOL = 1
-TOKEN_ENV = "PRECISE_RL_REWARD_TOKEN"
-DEFAULT_PORT = 18085
 
 
 def read_token(token_file: str | Path | None = None, token_env: str | None = TOKEN_ENV) -> str | None:

@@ -19,6 +19,14 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..server_defaults import (  # kept apart: serve-reward --help reads them without torch
+    DEFAULT_MAX_DECODING,
+    DEFAULT_MAX_FRAMES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_IMAGES,
+    DEFAULT_MAX_MB,
+    DEFAULT_MAX_REQUEST_PIXELS,
+)
 from .base import Reward
 from .protocol import (
     DEFAULT_PORT,
@@ -34,18 +42,6 @@ from .protocol import (
 
 __all__ = ["create_app", "serve", "read_token", "TOKEN_ENV", "DEFAULT_PORT", "DEFAULT_MAX_MB", "DEFAULT_MAX_IMAGES"]
 __all__ += ["DEFAULT_MAX_FRAMES"]
-
-DEFAULT_MAX_MB = 64.0
-#: images per request (the client sends 16 by default and splits a request answered 413)
-DEFAULT_MAX_IMAGES = 1024
-#: pixels of one image: 4096 x 4096
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
-#: pixels of one request's images together: 32 images of 1024 x 1024 (about 0.4 GB as float32 RGB)
-DEFAULT_MAX_REQUEST_PIXELS = 32 * 1024 * 1024
-#: frames of one video (Wan 2.1 makes 81, HunyuanVideo 1.5 121); its pixels count in the request's pixels above
-DEFAULT_MAX_FRAMES = 512
-#: requests decoded or scored at the same time (each holds at most the pixels above)
-DEFAULT_MAX_DECODING = 2
 
 
 def _require_fastapi() -> Any:

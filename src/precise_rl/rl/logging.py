@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..images import labelled_grid
 from ..videos import check_fps, frame_strip, gif_bytes, write_mp4
 
-__all__ = ["RunLogger", "plot_reward_curves", "read_metrics"]
+__all__ = ["RunLogger", "grid_title", "plot_reward_curves", "read_metrics"]
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -49,13 +49,19 @@ def _is_reward(name: str, reward_names: Sequence[str] | None) -> bool:
     return name in _REGISTRY or "@" in name or ":" in name
 
 
+def _legend_label(name: str) -> str:
+    """``name`` as a legend shows it: matplotlib leaves out labels that begin with ``_`` (its mark for
+    "no legend entry"), which a reward named by import path (``__main__:ink``) does; quoted, it shows."""
+    return f"'{name}'" if name.startswith("_") else name
+
+
 def plot_reward_curves(
     records: Sequence[dict[str, Any]], path: str | Path, title: str = "", reward_names: Sequence[str] | None = None
 ) -> None:
     """Training reward (mean of the rollouts) and held-out eval rewards against epochs, as PNG.
 
     ``reward_names``: the components that are rewards (default: the registered reward names);
-    the other ``reward/`` fields are drawn in a panel of their own.
+    each reward is drawn on an axis of its own, the other ``reward/`` fields together on one more.
     """
     import matplotlib
 
@@ -70,8 +76,12 @@ def plot_reward_curves(
     # measurements, not rewards: they get a panel of their own instead of sharing the rewards' axis.
     comp_keys = [k for k in all_keys if _is_reward(k.removeprefix("reward/"), reward_names)]
     extra_keys = [k for k in all_keys if k not in comp_keys]
-    panels = 1 + bool(comp_keys) + bool(extra_keys)
-    fig, axes = plt.subplots(1, panels, figsize=(6 + 5 * (panels - 1), 4), squeeze=False)
+    # Each reward component on an axis of its own: components live on different scales (a log-prob near
+    # 0 beside a score in standard deviations), and a shared axis drew the smaller one as a flat line.
+    panels = [([k], f"{_legend_label(k.removeprefix('reward/'))} (train rollouts)") for k in comp_keys]
+    if extra_keys:
+        panels.append((extra_keys, "other measurements"))
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(6 + 4.5 * len(panels), 4), squeeze=False)
     # A line needs two points: short runs get markers, or a one-epoch curve draws nothing.
     style = {"marker": "o", "ms": 4} if len(train) <= 20 else {}
     ax = axes[0, 0]
@@ -85,17 +95,12 @@ def plot_reward_curves(
         ax.plot(*zip(*pts, strict=True), marker="o", label=k.removeprefix("eval_").removesuffix("_reward") + " (eval)")
     ax.set_ylabel("weighted reward")
     ax.set_title(title or "reward")
-    panel = 1
-    for keys, name in ((comp_keys, "reward components (train rollouts)"), (extra_keys, "other measurements")):
-        if not keys:
-            continue
-        axk = axes[0, panel]
-        panel += 1
+    for axk, (keys, name) in zip(axes[0, 1:], panels, strict=True):
         for k in keys:
             axk.plot(
                 [r["epoch"] for r in train],
                 [r.get(k, math.nan) for r in train],
-                label=k.removeprefix("reward/"),
+                label=_legend_label(k.removeprefix("reward/")),
                 **style,
             )
         axk.set_title(name)
@@ -107,10 +112,21 @@ def plot_reward_curves(
             # matplotlib pads a single point by a few percent, a range with no whole number but the point
             axk.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
         axk.grid(alpha=0.3)
-        axk.legend(fontsize=8)
+        if axk.lines:
+            axk.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def grid_title(epoch: int, protocol: str, sampler: str, eta: float, steps: int, ema: bool) -> str:
+    """The heading of an evaluation's sample grid: the epoch, the sampler with its eta and steps, the weights."""
+    from ..sde.samplers import SAMPLER_TABLE
+
+    entry = SAMPLER_TABLE.get(sampler)
+    how = f"{sampler} (deterministic)" if entry is not None and not entry.stochastic else f"{sampler} at eta {eta:g}"
+    weights = "EMA weights" if ema else "trained weights"
+    return f"epoch {epoch}: {how}, {steps} steps (protocol {protocol}, {weights})"
 
 
 class RunLogger:
@@ -182,8 +198,12 @@ class RunLogger:
         n_prompts: int,
         per_prompt: int,
         fps: int | None = None,
+        title: str | None = None,
     ) -> Path | None:
         """PNG of the first ``n_prompts`` eval prompts, ``per_prompt`` samples each (a row per prompt).
+
+        ``title`` heads the grid (what :func:`grid_title` says: the epoch, sampler, eta and steps), so that
+        a grid copied out of its run directory still says what it shows.
 
         Videos ``(B, F, C, H, W)`` (``fps`` required) show as first / middle / last frame strips, and
         each is written as ``epoch_NNNN_<sampler>/prompt<r>_sample<k>.mp4`` beside the PNG.
@@ -203,7 +223,7 @@ class RunLogger:
             videos, imgs = imgs, torch.stack([frame_strip(v) for v in imgs])
             self._write_videos(videos, stem, per_prompt, check_fps(fps, "the fps of a video sample grid"), scale)
         cols = [f"sample {k + 1}" for k in range(per_prompt)]
-        grid = labelled_grid(imgs, [prompts[k * per_prompt] for k in range(rows)], per_prompt, scale, cols)
+        grid = labelled_grid(imgs, [prompts[k * per_prompt] for k in range(rows)], per_prompt, scale, cols, title)
         path = self.out / "samples" / f"{stem}.png"
         Image.fromarray(grid).save(path)
         if self.tb is not None:

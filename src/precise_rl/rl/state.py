@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import config_from_dict, config_to_dict
+from ..config import config_from_dict, config_to_dict, with_run_defaults
 from ..errors import UserError
 from ..policies.lora import save_adapter
 from . import dist
@@ -169,7 +169,9 @@ def load_checkpoint(trainer: Trainer, ckpt: Path) -> str:
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}{older_checkpoint_hint(ckpt)}") from None
     try:
-        saved_cfg = config_from_dict(state["config"])
+        # A checkpoint of a run that left sampler.eta null (before runs wrote their defaults out) ran the
+        # sampler's reference eta, as this run with the eta filled in does.
+        saved_cfg = with_run_defaults(config_from_dict(state["config"]))
         names, epoch, step_count = state["param_names"], int(state["epoch"]), int(state["global_step"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"checkpoint {str(ckpt)!r} has a state.json without this version's fields") from None

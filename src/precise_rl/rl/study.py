@@ -31,7 +31,13 @@ __all__ = [
 DEFAULT_STEPS = [6, 10, 20]
 DEFAULT_GRIDS = "uniform,shift3,model"
 DEFAULT_SEEDS = 3
-#: overrides the study puts before the user's (who can override them in turn)
+#: overrides the study puts before the user's (who can override them in turn). Why: one digits run of the
+#: default recipe (100 epochs, 10 steps, 21 evaluations of 36 held-out prompts x 4 samples under both
+#: protocols) took 18 s on one thread on the 2-core development machine at load 4-8, about 70% of it
+#: training; the 90 runs of the default study came out at 28-33 minutes on two workers, too close to a
+#: 30-minute budget. The study keeps the 100 epochs, the 3 seeds and compare's evaluation frequency and
+#: halves the evaluation cost instead (2 samples per prompt); one checkpoint at the end changes no result.
+#: Measured then: the full default study 19 min 11 s (load 5-6), ``--quick`` 2 min 14 s (load 2-3).
 STUDY_OVERRIDES = ["eval.samples_per_prompt=2", "checkpoint.every=0", "checkpoint.keep=1"]
 QUICK = {"steps": [6, 10], "seeds": 2, "overrides": ["train.epochs=30", "eval.max_prompts=16"]}
 #: a cell whose target leaves less of the way to the reward's ceiling open than this is "saturated"
@@ -81,7 +87,7 @@ def _finished(run_dir: Path, cfg: Any) -> bool:
     """Whether ``run_dir`` holds a finished run of ``cfg``; UserError if it holds one of another config."""
     import yaml
 
-    from ..config import config_to_dict
+    from ..config import same_run_config
 
     if not (run_dir / "summary.json").is_file():
         return False
@@ -89,7 +95,7 @@ def _finished(run_dir: Path, cfg: Any) -> bool:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         saved = None
-    if saved != json.loads(json.dumps(config_to_dict(cfg))):
+    if not same_run_config(saved, cfg):  # config.yaml holds the defaults the run filled in
         raise UserError(
             f"{run_dir} holds a finished run of another config; give another --output or remove that directory"
         )
@@ -445,6 +451,33 @@ def _algorithm_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _cell_text(summary: dict[str, Any], seeds: int) -> str:
+    """A heatmap cell's ratio text on short lines: the mean-curve ratio, then the seed pairs', three a line."""
+    ratio = summary.get("precise_epoch_ratio_vs_best_prior")
+    if ratio is None or seeds < 2:
+        return ratio_text(summary, seeds)
+    done = [f"{r:.2f}" for r in summary.get("precise_epoch_ratio_per_seed", []) if r is not None]
+    lines = [f"{ratio:.2f}", f"seed pairs {len(done)}/{seeds}" + (":" if done else "")]
+    lines += [", ".join(done[k : k + 3]) for k in range(0, len(done), 3)]
+    return "\n".join(lines)
+
+
+def _fit_in_cells(fig: Any, texts: list[tuple[Any, int, int, Any]], fill: float = 0.9) -> None:
+    """Shrink each cell's text until it takes at most ``fill`` of its cell's width and height.
+
+    A text's size on the page is known only once drawn: a long ratio line at the default size ran over
+    the cell borders on a figure of several grids.
+    """
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax, i, j, text in texts:
+        (x0, y0), (x1, y1) = ax.transData.transform([(j - 0.5, i - 0.5), (j + 0.5, i + 0.5)])
+        box = text.get_window_extent(renderer)
+        scale = min(1.0, fill * abs(x1 - x0) / max(box.width, 1e-9), fill * abs(y1 - y0) / max(box.height, 1e-9))
+        if scale < 1.0:
+            text.set_fontsize(text.get_fontsize() * scale)
+
+
 def plot_heatmap(result: dict[str, Any], path: Path) -> None:
     """One panel per protocol: rows steps, columns grids, colour = precise's epoch ratio vs the best prior."""
     import matplotlib
@@ -462,6 +495,7 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#d9d9d9")
     norm = Normalize(-0.6, 0.6)  # log2 of the ratio: 0.66x .. 1.5x
     image = None
+    texts: list[tuple[Any, int, int, Any]] = []  # (axes, row, column, text) of every cell
     for ax, protocol in zip(axes[0], protocols, strict=True):
         values = np.full((len(steps), len(grids)), np.nan)
         for i, n in enumerate(steps):
@@ -471,7 +505,7 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
                 ratio = summary.get("precise_epoch_ratio_vs_best_prior")
                 if ratio is not None:
                     values[i, j] = math.log2(ratio)
-                text = ratio_text(summary, seeds).replace(" (", "\n(").replace(" seed pairs", " pairs")
+                text = _cell_text(summary, seeds)
                 if text == "not reached":  # how far precise ends from the target
                     gap = summary["samplers"]["precise"]["final_reward_mean"] - summary["target"]
                     text = f"n/r\nfinal {gap:+.3f}"
@@ -480,8 +514,12 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
                 if summary.get("saturated"):
                     text += "\nsaturated"
                     ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="k", lw=0))
-                ax.text(j, i, text, ha="center", va="center", fontsize=8)
+                texts.append((ax, i, j, ax.text(j, i, text, ha="center", va="center", fontsize=8)))
         image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto")
+        for axt, i, j, text in texts:
+            if axt is ax and np.isfinite(values[i, j]):  # white on the dark ends of the colour scale
+                r, g, b, _ = cmap(norm(values[i, j]))
+                text.set_color("white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
         ax.set_xticks(range(len(grids)), grids)
         ax.set_yticks(range(len(steps)), [str(n) for n in steps])
         ax.set_xlabel("time grid")
@@ -493,6 +531,7 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
         ticks = [math.log2(v) for v in (0.7, 0.85, 1.0, 1.2, 1.4)]
         bar.set_ticks(ticks, labels=[f"{2**t:.2g}x" for t in ticks])
         bar.set_label("precise epochs to target / best prior's\n(< 1: precise faster)")
+    _fit_in_cells(fig, texts)
     fig.suptitle(
         f"Where precise wins: {result['epochs']} epochs, {seeds} seed(s), ratio on the seed-mean curves "
         "(seed pairs' ratios)\n"

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ..algorithm_table import ALGORITHM_TABLE
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, with_run_defaults
 from ..errors import UserError
 from ..policies import Policy
 from ..rewards.base import weighted_raw
@@ -37,9 +37,10 @@ from .algorithms.grpo import recompute, train_step_indices
 from .checkpoint import check_writable, remove_leftovers
 from .ema import EMA
 from .evaluate import EvalInputs, eval_weights, evaluate
-from .logging import RunLogger
+from .logging import RunLogger, grid_title
 from .memory import budget_bytes
 from .rollouts import RolloutBatch, epoch_prompt_indices
+from .threads import resolve_threads, using_threads
 from .train_state import TrainState
 from .update import Engine, count_nonfinite
 
@@ -120,6 +121,9 @@ class Trainer:
         if hasattr(self.policy, "precompute_prompts"):  # model.options cache_prompts / free_text_encoders
             self.policy.precompute_prompts(self.train_prompts + self.eval_prompts)
         self.run_rewards = setup.build_rewards(cfg, self.task, acc.device)
+        # What runs is recorded (config.yaml, checkpoints): the defaults the config left open, filled in.
+        threads = resolve_threads(cfg.train.threads, self.policy, acc.device)
+        self.cfg = cfg = with_run_defaults(cfg, reward_weights=self.run_rewards.weights, threads=threads)
         self.reward_weights = self.run_rewards.weights
         self.rewards = self.run_rewards.train
         self.eval_rewards = self.run_rewards.held_out
@@ -277,7 +281,9 @@ class Trainer:
         if result.grid is not None and self.is_main:
             images, shown, key = result.grid
             fps = getattr(self.policy, "fps", None)  # a video policy's frame rate, for the MP4s
-            self.logger.sample_grid(images, shown, epoch, key, e.grid_prompts, e.samples_per_prompt, fps)
+            p = result.protocols[key]
+            title = grid_title(epoch, key, p.sampler, p.eta, e.num_steps, self.ema is not None)
+            self.logger.sample_grid(images, shown, epoch, key, e.grid_prompts, e.samples_per_prompt, fps, title)
         return result.metrics()
 
     @property
@@ -296,7 +302,14 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, Any]:
-        """Train until ``train.epochs``; write metrics, plots, checkpoints and ``summary.json``."""
+        """Train until ``train.epochs``; write metrics, plots, checkpoints and ``summary.json``.
+
+        Torch runs with ``train.threads`` threads meanwhile (the caller's count is given back after).
+        """
+        with using_threads(self.cfg.train.threads):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         total, e_every, c_every = cfg.train.epochs, cfg.eval.every, cfg.checkpoint.every
         if self.epoch == 0 and e_every:

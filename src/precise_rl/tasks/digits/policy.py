@@ -50,6 +50,9 @@ class DigitsPolicy(Policy):
     default_model = "the shipped weights (`assets/digits_flow.safetensors`)"
     guidance_rule = "none: the digit and style are the conditioning"
     time_grid_rule = "uniform, shifted SD3-style by model option `time_shift` (3 by default)"
+    # Its tensors are a few KB: on a CPU, intra-op threads cost more in handing work out than they
+    # give, most of all on a machine whose cores other jobs share (benchmarks/cpu_threads.py).
+    cpu_threads = 1
 
     def __init__(
         self, transformer: DigitsFlowNet, device: str | torch.device = "cpu", time_shift: float = DEFAULT_TIME_SHIFT
