@@ -317,10 +317,10 @@ def generate(
 
 def _check_flags(args: argparse.Namespace) -> None:
     """The checks the flags alone allow, before anything heavy is imported (a mistyped flag answers at once)."""
+    if args.image is not None and not args.prompt:  # the more telling sentence first
+        raise UserError("--image needs a --prompt: the edit to make")
     if not args.prompt and args.prompt_file is None:
         raise UserError("give at least one --prompt (or a --prompt-file)")
-    if args.image is not None and not args.prompt:
-        raise UserError("--image needs a --prompt: the edit to make")
     for flag in ("steps", "num_images", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
