@@ -4,7 +4,7 @@
 (``@register_policy``) is a model name with the animal prompts (an editing model: the drawn scenes of
 :mod:`.edits`), and ``diffusers`` picks the adapter from the pipeline's ``model_index.json``. A model
 with prompts and rewards of its own is one builder function under ``@register_task``; a task passed to
-``GRPOTrainer(..., task=TaskSpec(...))`` needs neither.
+``Trainer(..., task=TaskSpec(...))`` needs neither.
 """
 
 from __future__ import annotations
