@@ -36,7 +36,7 @@ from .checkpoint import list_checkpoints
 from .ema import EMA
 from .memory import budget_bytes, fit_line, live_bytes, peak_bytes
 from .rollouts import RolloutBatch
-from .sharding import gradient_sync
+from .sharding import gradient_sync, is_dtensor
 from .train_state import TrainState
 
 __all__ = ["Engine", "choose_forward_batch", "count_nonfinite", "forward_chunks", "n_passes"]
@@ -178,6 +178,10 @@ class Engine:
                     finite = bool(acc.gather(flag).min() > 0)
                 if not finite:
                     skipped += 1
+                    if getattr(acc, "scaler", None) is not None:
+                        # fp16: clipping unscaled the gradients; without the scaler's update (which a step
+                        # would make) the next update's unscale would fail, and the scale would never back off
+                        acc.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)
                     state.skipped_updates += 1
                     count_nonfinite(state, self.train.max_nonfinite, self.checkpoints)
@@ -228,7 +232,9 @@ def choose_forward_batch(engine: Engine, algo: Algorithm) -> int:
         peaks.append(peak_bytes(one_pass, device))
         engine.optimizer.zero_grad(set_to_none=True)
     # AdamW's two moments per trainable weight come with the first optimizer step
-    moments = 0 if engine.optimizer.state else 2 * sum(p.numel() * p.element_size() for p in engine.params)
+    # (this process's share: an FSDP shard's numel() is the whole weight's)
+    local = [p.to_local() if is_dtensor(p) else p for p in engine.params]
+    moments = 0 if engine.optimizer.state else 2 * sum(p.numel() * p.element_size() for p in local)
     line = fit_line(live, peaks[0], peaks[1], moments)
     most = engine.train.batch_size * algo.items()
     chosen = line.largest(budget_bytes(engine.train.memory_budget_gb, device), most)
