@@ -4,7 +4,10 @@ Image tokens are patches of the ``3 x 32 x 128`` pixel latent; the prompt's word
 tokens (learned letter and position embeddings, one self-attention layer). Each block attends over the
 image tokens, then from them to the character tokens (cross-attention: where a glyph goes depends on
 which letter sits where), then an MLP; the time embedding scales and shifts each sub-layer (adaLN-Zero,
-DiT's conditioning), so a freshly built block is the identity.
+DiT's conditioning), so a freshly built block is the identity. A token is narrower than its patch
+(128 against 192 numbers), so the transformer alone could not even pass its input through; a small
+convolutional head sees the noisy pixels beside the transformer's per-pixel features and gives the
+velocity at full resolution (what removes the last of the noise at low ``t``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ class SignsNetConfig:
     mlp_ratio: int = 2
     max_chars: int = 6
     time_freqs: int = 32
+    #: feature channels per pixel that the transformer hands to the convolutional head
+    head_channels: int = 16
+    #: width of the head's hidden convolution
+    head_hidden: int = 32
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SignsNetConfig:
@@ -131,11 +138,13 @@ class SignsFlowNet(nn.Module):
         self.blocks = nn.ModuleList(SignsBlock(w, config.heads, config.mlp_ratio) for _ in range(config.depth))
         self.out_norm = nn.LayerNorm(w, elementwise_affine=False)
         self.out_ada = nn.Linear(w, 2 * w)
-        self.out = nn.Linear(w, patch)
+        self.out = nn.Linear(w, config.head_channels * config.patch_h * config.patch_w)
+        self.head1 = nn.Conv2d(config.head_channels + 3, config.head_hidden, 3, padding=1)
+        self.head2 = nn.Conv2d(config.head_hidden, 3, 3, padding=1)
         nn.init.zeros_(self.out_ada.weight)
         nn.init.zeros_(self.out_ada.bias)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        nn.init.zeros_(self.head2.weight)
+        nn.init.zeros_(self.head2.bias)
 
     @staticmethod
     def linear_names_for(config: SignsNetConfig) -> list[str]:
@@ -143,7 +152,7 @@ class SignsFlowNet(nn.Module):
         names = ["patch_in"]
         for i in range(config.depth):
             names += [f"blocks.{i}.{n}" for n in ("qkv", "proj", "q_cross", "kv_cross", "proj_cross", "fc1", "fc2")]
-        return names + ["out"]
+        return names + ["out", "head1", "head2"]
 
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -152,12 +161,12 @@ class SignsFlowNet(nn.Module):
         x = x.reshape(b, 3, rows, cfg.patch_h, cols, cfg.patch_w)
         return x.permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, -1)
 
-    def _unpatchify(self, p: torch.Tensor) -> torch.Tensor:
+    def _unpatchify(self, p: torch.Tensor, channels: int) -> torch.Tensor:
         cfg = self.config
         b = p.shape[0]
         rows, cols = cfg.grid
-        p = p.reshape(b, rows, cols, 3, cfg.patch_h, cfg.patch_w)
-        return p.permute(0, 3, 1, 4, 2, 5).reshape(b, 3, cfg.height, cfg.width_px)
+        p = p.reshape(b, rows, cols, channels, cfg.patch_h, cfg.patch_w)
+        return p.permute(0, 3, 1, 4, 2, 5).reshape(b, channels, cfg.height, cfg.width_px)
 
     def encode_text(self, chars: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Character features ``(B, L, width)`` and the attention mask ``(B, L)`` (True: a letter)."""
@@ -177,7 +186,8 @@ class SignsFlowNet(nn.Module):
         for block in self.blocks:
             h = block(h, feats, mask, c)
         shift, scale = self.out_ada(c).chunk(2, dim=1)
-        return self._unpatchify(self.out(_modulate(self.out_norm(h), shift, scale)))
+        feats = self._unpatchify(self.out(_modulate(self.out_norm(h), shift, scale)), self.config.head_channels)
+        return self.head2(F.silu(self.head1(torch.cat([feats, x.to(dtype)], dim=1))))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -51,12 +51,14 @@ class SignsPretrainSettings:
     """Training hyper-parameters (the defaults made the shipped file)."""
 
     steps: int = 3000
-    batch: int = 64
+    batch: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    warmup: int = 200
+    warmup: int = 100
     ema_decay: float = 0.998
     renders_per_word: int = 5
+    #: the first this many pretraining words make the data (all 4000 by default; fewer for quick checks)
+    num_words: int = 4000
     eval_steps: int = 10
     eval_samples_per_word: int = 4
 
@@ -154,7 +156,7 @@ def evaluate_ocr(
 
 def build_data(settings: SignsPretrainSettings, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The pretraining renders ``(N, 3, 32, 128)`` ``uint8`` and their letter tokens."""
-    words = [w for w in pretrain_words() for _ in range(settings.renders_per_word)]
+    words = [w for w in pretrain_words()[: settings.num_words] for _ in range(settings.renders_per_word)]
     images = render_signs(words, random.Random(seed))
     return torch.from_numpy(images), encode_words(words)
 
@@ -179,6 +181,8 @@ def pretrain_signs(
         settings = SignsPretrainSettings(**{**asdict(settings), "steps": steps})
     if settings.steps < 1:
         raise UserError(f"steps must be at least 1, got {settings.steps}")
+    if not 1 <= settings.num_words <= len(pretrain_words()):
+        raise UserError(f"num_words must be between 1 and {len(pretrain_words())}, got {settings.num_words}")
     if threads < 1:
         raise UserError(f"threads must be at least 1, got {threads}")
     out = Path(output_dir)
