@@ -18,17 +18,22 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..sde.samplers import prior_samplers
+from ..sde.samplers import DEFAULT_ETA, get_sampler, prior_samplers, trainable_samplers
 from .compare import PROTOCOLS, eval_every_for, run_label, sampler_of, summarise, valid_pairs
 
 __all__ = [
     "run_study",
     "format_markdown",
     "fidelity_std_ratios",
+    "cell_fidelity",
+    "parse_run",
+    "run_eta",
+    "default_runs",
     "SATURATED_HEADROOM",
+    "MATCHED_CONTROL",
 ]
 
-DEFAULT_STEPS = [6, 10, 20]
+DEFAULT_STEPS = [6, 10, 20, 30]
 DEFAULT_GRIDS = "uniform,shift3,model"
 DEFAULT_SEEDS = 3
 #: overrides the study puts before the user's (who can override them in turn). Why: one digits run of the
@@ -39,12 +44,71 @@ DEFAULT_SEEDS = 3
 #: halves the evaluation cost instead (2 samples per prompt); one checkpoint at the end changes no result.
 #: Measured then: the full default study 19 min 11 s (load 5-6), ``--quick`` 2 min 14 s (load 2-3).
 STUDY_OVERRIDES = ["eval.samples_per_prompt=2", "checkpoint.every=0", "checkpoint.keep=1"]
-QUICK = {"steps": [6, 10], "seeds": 2, "overrides": ["train.epochs=30", "eval.max_prompts=16"]}
+QUICK = {
+    "steps": [6, 10],
+    "seeds": 2,
+    "overrides": ["train.epochs=30", "eval.max_prompts=16"],
+    "samplers": ["precise", "cps", "precise@cps", "flow_grpo"],
+}
 #: a cell whose target leaves less of the way to the reward's ceiling open than this is "saturated"
 SATURATED_HEADROOM = 0.1
 #: the fidelity lab's sharp data: N(FIDELITY_MEAN, FIDELITY_STD^2), the thin manifold of clean images
 FIDELITY_MEAN = 0.5
 FIDELITY_STD = 0.02
+#: the broad data beside it, N(FIDELITY_MEAN, BROAD_FIDELITY_STD^2): where cps's bias shows at 20-30 steps
+BROAD_FIDELITY_STD = 0.5
+#: the eta-matched control: precise at the eta that matches cps's exploration on the cell's grid
+MATCHED_CONTROL = "precise@cps"
+
+
+# --------------------------------------------------------------------------- runs: sampler@eta
+
+
+#: trainable samplers the default study leaves out. Why: with step count 30 in the default, one more sampler
+#: would take the full digits study past 45 minutes on 2 cores; dance_precise (precise's exact kernel on
+#: DanceGRPO's constant schedule) learned as slowly as dance_grpo in every cell of the earlier study, and
+#: ``--samplers`` still runs it.
+LEFT_OUT_BY_DEFAULT = ("dance_precise",)
+
+
+def default_runs() -> list[str]:
+    """The study's default runs: the trainable samplers at their reference eta, then the eta-matched control."""
+    return [*(s for s in trainable_samplers() if s not in LEFT_OUT_BY_DEFAULT), MATCHED_CONTROL]
+
+
+def parse_run(label: str) -> tuple[str, float | str | None]:
+    """``(sampler, eta)`` of a run: ``NAME`` (eta None: the reference), ``NAME@ETA`` (a number) or
+    ``precise@OTHER`` (a sampler name: precise at the eta matching OTHER's exploration, per cell).
+
+    ``label`` may carry an ``algorithm/`` prefix. ``ValueError`` for an eta the sampler refuses.
+    """
+    run = label.rsplit("/", 1)[-1]
+    name, _, spec = run.partition("@")
+    if not spec:
+        return name, None
+    try:
+        eta = float(spec)
+    except ValueError:
+        eta = None
+    if eta is not None:
+        return name, get_sampler(name).check_eta(eta)
+    if name != "precise":
+        raise ValueError(f"{run!r}: only precise runs at the eta matched to another sampler (precise@{spec})")
+    if spec not in trainable_samplers() or spec == "precise":
+        raise ValueError(f"{run!r}: precise@OTHER matches another stochastic sampler, got {spec!r}")
+    return name, spec
+
+
+def run_eta(label: str, sigmas: Any) -> float:
+    """The eta a run trains at on the grid ``sigmas``: its reference, its number, or the matched eta."""
+    from ..sde.effective_eta import matched_precise_eta
+
+    name, spec = parse_run(label)
+    if spec is None:
+        return float(DEFAULT_ETA[name])
+    if isinstance(spec, float):
+        return spec
+    return matched_precise_eta(sigmas, spec)
 
 
 # --------------------------------------------------------------------------- fidelity
@@ -62,6 +126,33 @@ def fidelity_std_ratios(
     for name in samplers:
         kern = kernel(name, sigmas, None, precise_schedule if name == "precise" else None)
         out[name] = float(propagate_gaussian(kern, target).std_ratio)
+    return out
+
+
+def cell_fidelity(labels: list[str], sigmas: Any, precise_schedule: str = "logsnr") -> dict[str, dict[str, Any]]:
+    """Per run (and ``ode``) on the grid ``sigmas``: the eta it runs at, its effective precise eta (median, min,
+    max over the steps, see :mod:`precise_rl.sde.effective_eta`) and the exact output std / target std on sharp
+    (``FIDELITY_STD``) and broad (``BROAD_FIDELITY_STD``) Gaussian data."""
+    from ..fidelity.gaussian import GaussianTarget, propagate_gaussian
+    from ..sde import kernel
+    from ..sde.effective_eta import effective_eta
+
+    sharp, broad = GaussianTarget(FIDELITY_MEAN, FIDELITY_STD), GaussianTarget(FIDELITY_MEAN, BROAD_FIDELITY_STD)
+    out: dict[str, dict[str, Any]] = {}
+    for label in ["ode", *labels]:
+        if label in out:
+            continue
+        name = parse_run(label)[0]
+        eta = run_eta(label, sigmas)
+        schedule = precise_schedule if name == "precise" else None
+        kern = kernel(name, sigmas, eta, schedule)
+        out[label] = {
+            "sampler": name,
+            "eta": eta,
+            "effective_eta": effective_eta(name, sigmas, eta, schedule).summary(),
+            "std_ratio_sharp": float(propagate_gaussian(kern, sharp).std_ratio),
+            "std_ratio_broad": float(propagate_gaussian(kern, broad).std_ratio),
+        }
     return out
 
 
@@ -184,15 +275,17 @@ def _model_grid_note(model_name: str, policy: Any, merged: list[dict[str, Any]])
     return note
 
 
-def _job_cfg(base: Any, cell: dict[str, Any], algorithm: str, sampler: str, k: int) -> Any:
+def _job_cfg(base: Any, cell: dict[str, Any], algorithm: str, run: str, k: int) -> Any:
     from ..algorithm_table import ALGORITHM_TABLE
     from ..config import AlgorithmConfig
 
     cfg = copy.deepcopy(base)
     if algorithm != base.algorithm.name:  # another algorithm at its default knobs
         cfg.algorithm = AlgorithmConfig(algorithm, ALGORITHM_TABLE[algorithm].knobs())
+    sampler, spec = parse_run(run)
     cfg.sampler.name = sampler
-    cfg.sampler.eta = None  # each sampler at its reference eta
+    # None: the sampler's reference eta; else the run's number, or the eta matched on this cell's grid
+    cfg.sampler.eta = None if spec is None else run_eta(run, cell["sigmas"])
     cfg.sampler.num_steps = cell["steps"]
     cfg.eval.num_steps = cell["steps"]
     if cell["grid"] == "uniform":
@@ -249,7 +342,9 @@ def run_study(
     from ..config import validate
 
     several = algorithms is not None and len(algorithms) > 1
-    pairs, left_out = valid_pairs(algorithms or [base.algorithm.name], samplers)
+    algos = algorithms or [base.algorithm.name]
+    ok, left_out = valid_pairs(algos, list(dict.fromkeys(map(sampler_of, samplers))))
+    pairs = [(a, r) for a in algos for r in samplers if (a, sampler_of(r)) in ok]
     labels = [run_label(a, s, several) for a, s in pairs]
     jobs, done = [], 0
     # Seed-major order: a machine that slows down during the study hits every cell and sampler alike.
@@ -280,8 +375,12 @@ def run_study(
                 runs[label].append(read_metrics(run_dir / "metrics.jsonl"))
                 run_s[label].append(float(json.loads((run_dir / "summary.json").read_text())["elapsed_s"]))
         cell["protocols"] = {p: _cell_summary(summarise(runs, key)) for p, key in PROTOCOLS.items()}
-        by_sampler = fidelity_std_ratios(["ode", *dict.fromkeys(map(sampler_of, labels))], cell["sigmas"], schedule)
-        cell["fidelity_std_ratio"] = {**by_sampler, **{label: by_sampler[sampler_of(label)] for label in labels}}
+        runs_fid = cell_fidelity([r for _, r in pairs], cell["sigmas"], schedule)
+        fid = {**runs_fid, **{label: runs_fid[run] for (_, run), label in zip(pairs, labels, strict=True)}}
+        cell["fidelity"] = fid
+        cell["fidelity_std_ratio"] = {k: v["std_ratio_sharp"] for k, v in fid.items()}
+        cell["fidelity_broad_std_ratio"] = {k: v["std_ratio_broad"] for k, v in fid.items()}
+        cell["eta"] = {k: v["eta"] for k, v in fid.items()}
         cell["run_elapsed_s"] = run_s
     result: dict[str, Any] = {
         "config": items,
@@ -295,7 +394,8 @@ def run_study(
         "eval_every": base.eval.every,
         "eval": {"max_prompts": base.eval.max_prompts, "samples_per_prompt": base.eval.samples_per_prompt},
         "saturated_below_headroom": SATURATED_HEADROOM,
-        "fidelity_target": {"mean": FIDELITY_MEAN, "std": FIDELITY_STD, "eta": "each sampler's default"},
+        "fidelity_target": {"mean": FIDELITY_MEAN, "std": FIDELITY_STD, "eta": "each run's eta"},
+        "fidelity_broad_target": {"mean": FIDELITY_MEAN, "std": BROAD_FIDELITY_STD, "eta": "each run's eta"},
         "cells": cells,
         "merged": merged,
         "model_grid_note": note,
@@ -364,12 +464,39 @@ def ratio_text(summary: dict[str, Any], seeds: int) -> str:
     return text
 
 
+def _offset_lines(result: dict[str, Any]) -> list[str]:
+    """Per cell and run: the eta it ran at, its effective precise eta, the two fidelity numbers, and the
+    untrained model's reward under each protocol with the gain over it."""
+    head = ["grid", "steps", "run", "eta", "effective eta: median (min-max)", "std ratio sharp", "std ratio broad"]
+    for p in PROTOCOLS:
+        head += [f"untrained `{p}`", f"gain `{p}`"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for cell in result["cells"]:
+        fid = cell.get("fidelity", {})
+        for label in dict.fromkeys(["ode", *result["samplers"]]):
+            if label not in fid:
+                continue
+            f, e = fid[label], fid[label]["effective_eta"]
+            eff = "-" if e["median"] is None else f"{e['median']:.2f} ({e['min']:.2f}-{e['max']:.2f})"
+            if e["match"] == "variance":
+                eff += ", variance only"
+            row = [" = ".join(cell["grids"]), str(cell["steps"]), f"`{label}`", f"{f['eta']:.3g}", eff]
+            row += [_f(f["std_ratio_sharp"], ".3g"), _f(f["std_ratio_broad"], ".3g")]
+            for p in PROTOCOLS:
+                c = cell["protocols"][p]["samplers"].get(label)
+                if c is None:  # the untrained ODE as a reference row: no run of its own
+                    row += ["-", "-"]
+                    continue
+                row.append(_f(c["initial_reward_mean"]))
+                row.append(f"{c['final_reward_mean'] - c['initial_reward_mean']:+.4f}")
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def format_markdown(result: dict[str, Any]) -> str:
     samplers, seeds = result["samplers"], result["seeds"]
-    # the fidelity column is the sampler's (the same under every algorithm): one per distinct sampler
-    fidelity = list(dict.fromkeys(sampler_of(s) for s in samplers))
     head = ["grid", "steps", "protocol", "best prior", "target", "headroom", "precise epochs / best prior's"]
-    head += [f"final `{s}`" for s in samplers] + [f"std ratio `{s}`" for s in fidelity]
+    head += [f"final `{s}`" for s in samplers]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for cell in result["cells"]:
         for protocol, summary in cell["protocols"].items():
@@ -387,14 +514,14 @@ def format_markdown(result: dict[str, Any]) -> str:
             for s in samplers:
                 c = summary["samplers"][s]
                 row.append(_f(c["final_reward_mean"]) + (f" ± {c['final_reward_std']:.4f}" if seeds > 1 else ""))
-            row += [_f(cell["fidelity_std_ratio"][s], ".3g") for s in fidelity]
             lines.append("| " + " | ".join(row) + " |")
     t = result["timings"]
     notes = [
-        f"Sampler study: {len(samplers)} samplers x {seeds} seeds x steps {', '.join(map(str, result['steps']))} "
+        f"Sampler study: {len(samplers)} runs ({', '.join(f'`{s}`' for s in samplers)}) x {seeds} seeds x steps "
+        f"{', '.join(map(str, result['steps']))} "
         f"x grids {', '.join(result['grids'])}; {result['epochs']} epochs per run, evaluated every "
         f"{result['eval_every']} epochs (up to {result['eval']['max_prompts']} held-out prompts x "
-        f"{result['eval']['samples_per_prompt']} samples, EMA weights), each sampler at its reference eta.",
+        f"{result['eval']['samples_per_prompt']} samples, EMA weights).",
         "",
         "- protocol `own`: each sampler's own stochastic rollouts at its eta; `ode`: the deterministic ODE on the "
         "same weights.",
@@ -406,9 +533,22 @@ def format_markdown(result: dict[str, Any]) -> str:
         "bear out is a level finish, not a speed-up.",
         f"- headroom: the share of the way from the untrained model to the reward's ceiling that the target leaves "
         f"open; below {SATURATED_HEADROOM} the cell is saturated and its ratio says little.",
-        f"- std ratio: the fidelity lab's output std / target std on sharp Gaussian data (std {FIDELITY_STD}) on "
-        "the cell's grid and step count, exact, each sampler at its default eta (1 is exact; above 1 is excess "
-        "noise).",
+        "- runs: `NAME` trains at the sampler's reference eta, `NAME@ETA` at that eta, and "
+        f"`{MATCHED_CONTROL}` (the eta-matched control) is precise at the one eta that keeps, over the cell's "
+        "grid, the same share of the noise estimate as cps at its reference eta (the product of the kept shares "
+        "over the steps where cps has an effective eta): same exploration, but consistent. Its eta is in the "
+        "second table, per cell.",
+        "- effective eta: each step of a sampler written as a precise step, the eta that precise would need to "
+        "inject the same fresh noise on that step (median and range over the steps that have one); exact for "
+        "cps and the precise family (the same transition), a match of the fresh-noise variance only for the "
+        "Euler-Maruyama samplers (`variance only`), whose means keep a different share of the noise.",
+        f"- std ratio: the fidelity lab's output std / target std on Gaussian data, exact, on the cell's grid and "
+        f"step count at the run's eta: sharp data (std {FIDELITY_STD}: 1 is exact, above 1 is excess noise) and "
+        f"broad data (std {BROAD_FIDELITY_STD}: below 1 is contraction, where cps's bias shows at 20-30 steps).",
+        "- untrained: the held-out reward of the model before any training (the evaluation at epoch 0), seed "
+        "mean, under each protocol: under `own` each sampler's own rollouts start from a different offset; "
+        "gain: final minus untrained. A lead in final reward that is only a lead in the untrained offset is "
+        "no faster learning.",
     ]
     if result["merged"]:
         merged = "; ".join(f"N={m['steps']} {m['grid']} = {m['same_as']}" for m in result["merged"])
@@ -428,6 +568,7 @@ def format_markdown(result: dict[str, Any]) -> str:
             "best final reward of GRPO's prior samplers; left out: " + ("; ".join(result["left_out"]) or "none") + "."
         )
         lines += ["", *_algorithm_lines(result)]
+    lines += ["", *_offset_lines(result)]
     return "\n".join(["# Sampler study", "", *notes, "", *lines, ""])
 
 
