@@ -10,7 +10,7 @@ import torch
 
 from precise_rl.fidelity import GaussianTarget, propagate_gaussian
 from precise_rl.sde import kernel, shifted_sigmas, time_grid, uniform_sigmas
-from precise_rl.sde.effective_eta import effective_eta, matched_precise_eta, precise_step_coefficients
+from precise_rl.sde.precise_family import effective_eta, matched_precise_eta, precise_step_coefficients
 
 
 def _grid(rng: np.random.Generator) -> torch.Tensor:

@@ -15,6 +15,7 @@ from precise_rl.cli import study as study_cli
 from precise_rl.rl import study
 from precise_rl.rl.compare import PROTOCOLS, summarise
 from precise_rl.rl.logging import read_metrics
+from precise_rl.sde import SAMPLERS as SAMPLERS_ALL
 from precise_rl.sde import kernel, shifted_sigmas, uniform_sigmas
 
 from . import toy_task
@@ -73,7 +74,8 @@ def test_study_writes_its_files_and_merges_identical_grids(toy_study: tuple[Path
     assert cfg["eval"]["samplers"] == ["ode", "own"] and cfg["logging"]["tensorboard"] is False
     md = (out / "study.md").read_text()
     assert md.count("| uniform = model | 2 | o") == 2 and "| shift3 | 3 | ode |" in md  # a row per protocol
-    assert md.count("| uniform = model | 2 | `") == 3  # and a row per run (and the ODE) in the fidelity table
+    # and a row per sampler of the table in the fidelity table (those not trained at their reference eta)
+    assert md.count("| uniform = model | 2 | `") == len(SAMPLERS_ALL)
 
 
 def test_cell_summaries_equal_compare_summarise(toy_study: tuple[Path, Path, str]) -> None:
@@ -105,7 +107,7 @@ def test_fidelity_numbers_equal_an_independent_propagation(toy_study: tuple[Path
     out, _, _ = toy_study
     for cell in _json(out)["cells"]:
         sigmas = np.array(cell["sigmas"], dtype=np.float64)
-        assert set(cell["fidelity_std_ratio"]) == {"ode", *SAMPLERS}
+        assert set(cell["fidelity_std_ratio"]) == set(SAMPLERS_ALL)  # the runs' and the table's others
         for sampler, got in cell["fidelity_std_ratio"].items():
             assert got == pytest.approx(_propagate(sampler, sigmas, 0.02), rel=1e-9)
     # the lab's README figure: shift-3 grid, NFE 10, sharp data
@@ -295,6 +297,15 @@ def test_the_matched_control_runs_at_cps_total_noise_share_with_offsets_and_fide
     gain = f"{c['final_reward_mean'] - c['initial_reward_mean']:+.4f}"
     assert f"| `precise@cps` | {cell['eta']['precise@cps']:.3g} |" in md and gain in md
     assert "untrained `own`" in md and "std ratio broad" in md
+    # the samplers not trained here stand in the fidelity table at their reference eta, exact
+    from precise_rl.sde import effective_eta
+
+    for name in ("flow_grpo", "dance_grpo", "dance_precise", "precise"):
+        row = cell["fidelity"][name]
+        assert (
+            row["effective_eta"] == effective_eta(name, cell["sigmas"]).summary()
+            and f"| `{name}` (not trained) |" in md
+        )
 
 
 def test_an_eta_sweep_is_one_run_per_eta(tmp_path: Path) -> None:
@@ -341,4 +352,4 @@ def test_run_parsing() -> None:
     assert study_cli.parse_runs("precise, cps@0.50,precise@cps,cps@0.5") == ["precise", "cps@0.5", "precise@cps"]
     assert study.parse_run("grpo/precise@cps") == ("precise", "cps")
     assert study.run_eta("cps@0.3", uniform_sigmas(5)) == 0.3 and study.run_eta("cps", uniform_sigmas(5)) == 0.7
-    assert "precise@cps" in study.default_runs() and "dance_precise" not in study.default_runs()
+    assert study.default_runs() == ["precise", "flow_grpo", "cps", "precise@cps"]

@@ -35,13 +35,14 @@ finished run is not run again, so a killed study resumes where it stopped. Write
 ``study.md``, ``study_heatmap.png`` and ``study_curves.png`` (one series per run).
 
 The default study is 3 seeds x steps 6, 10, 20, 30 x grids uniform, shift3, model x the runs precise,
-flow_grpo, dance_grpo, cps and precise@cps, 100 epochs per run: 120 runs on the built-in task, whose
-``model`` grid is the shift3 grid (dance_precise only when named). Its runs evaluate 2 samples per held-out
-prompt and keep one checkpoint, at the end (``eval.samples_per_prompt=2 checkpoint.every=0
-checkpoint.keep=1``, before your overrides, which win). From single runs timed on the 2-core development
-machine (one 10-step run 14 s, one 30-step run 32 s) it takes about 30-45 minutes on 2 cores, depending
-on their load. ``--quick`` is 30 epochs, steps 6 and 10, 2 seeds, 16 held-out prompts and the runs
-precise, cps, precise@cps and flow_grpo: 32 runs, a few minutes.
+flow_grpo, cps and precise@cps, 100 epochs per run: 96 runs on the built-in task, whose ``model`` grid is
+the shift3 grid (dance_grpo and dance_precise train only when named; the second table lists them, exact,
+all the same). Its runs evaluate 2 samples per held-out prompt and keep one checkpoint, at the end
+(``eval.samples_per_prompt=2 checkpoint.every=0 checkpoint.keep=1``, before your overrides, which win).
+Estimated from single runs on the 2-core development machine (a 30-step run costs about 3 times a 10-step
+one) and the 19-27 minutes of the earlier 90-run study of steps 6-20: about 28-40 minutes on 2 cores,
+depending on their load. ``--quick`` is 30 epochs, steps 6 and 10, 2 seeds and 16 held-out prompts:
+32 runs, a few minutes.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated runs: NAME (the sampler at its reference eta), NAME@ETA (at that eta) or "
         f"precise@OTHER (precise at the eta that matches sampler OTHER's exploration on each cell's grid) "
-        f"(default: {','.join(default_runs())}; with --quick: {','.join(QUICK['samplers'])})",
+        f"(default: {','.join(default_runs())})",
     )
     p.add_argument(
         "--etas",
@@ -118,7 +119,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help=f"a short study: --steps {','.join(map(str, QUICK['steps']))}, --seeds {QUICK['seeds']}, "
-        f"--samplers {','.join(QUICK['samplers'])}, {' '.join(QUICK['overrides'])} (each unless given): 32 runs "
+        f"{' '.join(QUICK['overrides'])} (each unless given): 32 runs "
         "on the built-in task, 2-5 minutes on 2 cores depending on their load",
     )
     p.add_argument("--output", "-o", type=Path, default=Path("runs/study"), help="directory for runs and results")
@@ -214,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.etas is not None:
         raise UserError("--etas sweeps one sampler at a time: name it with --samplers, e.g. --samplers precise")
     else:
-        samplers = list(QUICK["samplers"] if args.quick else default_runs())
+        samplers = default_runs()
     if args.etas is not None:
         samplers = parse_etas(args.etas, samplers)
     steps = parse_steps(args.steps) if args.steps is not None else None

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..sde.samplers import DEFAULT_ETA, get_sampler, prior_samplers, trainable_samplers
+from ..sde.samplers import DEFAULT_ETA, SAMPLERS, get_sampler, prior_samplers, trainable_samplers
 from .compare import PROTOCOLS, eval_every_for, run_label, sampler_of, summarise, valid_pairs
 
 __all__ = [
@@ -44,12 +44,7 @@ DEFAULT_SEEDS = 3
 #: halves the evaluation cost instead (2 samples per prompt); one checkpoint at the end changes no result.
 #: Measured then: the full default study 19 min 11 s (load 5-6), ``--quick`` 2 min 14 s (load 2-3).
 STUDY_OVERRIDES = ["eval.samples_per_prompt=2", "checkpoint.every=0", "checkpoint.keep=1"]
-QUICK = {
-    "steps": [6, 10],
-    "seeds": 2,
-    "overrides": ["train.epochs=30", "eval.max_prompts=16"],
-    "samplers": ["precise", "cps", "precise@cps", "flow_grpo"],
-}
+QUICK = {"steps": [6, 10], "seeds": 2, "overrides": ["train.epochs=30", "eval.max_prompts=16"]}
 #: a cell whose target leaves less of the way to the reward's ceiling open than this is "saturated"
 SATURATED_HEADROOM = 0.1
 #: the fidelity lab's sharp data: N(FIDELITY_MEAN, FIDELITY_STD^2), the thin manifold of clean images
@@ -64,11 +59,13 @@ MATCHED_CONTROL = "precise@cps"
 # --------------------------------------------------------------------------- runs: sampler@eta
 
 
-#: trainable samplers the default study leaves out. Why: with step count 30 in the default, one more sampler
-#: would take the full digits study past 45 minutes on 2 cores; dance_precise (precise's exact kernel on
-#: DanceGRPO's constant schedule) learned as slowly as dance_grpo in every cell of the earlier study, and
-#: ``--samplers`` still runs it.
-LEFT_OUT_BY_DEFAULT = ("dance_precise",)
+#: trainable samplers the default study does not train (``--samplers`` still runs them; the fidelity table
+#: lists them at their reference eta all the same). Why: a 30-step run costs about 3 times a 10-step one
+#: (7.9 s and 24.8 s of training and evaluation, one run each, on the 2-core development machine), so steps
+#: 6-30 cost 1.9 times steps 6-20, and the earlier 90-run default took 19-27 minutes; six runs per cell
+#: would take the full digits study to 35-50 minutes, four keep it at about 28-40. The two left out were the
+#: slowest learners in every cell of that study (the constant schedule), and neither is cps or precise.
+LEFT_OUT_BY_DEFAULT = ("dance_grpo", "dance_precise")
 
 
 def default_runs() -> list[str]:
@@ -101,7 +98,7 @@ def parse_run(label: str) -> tuple[str, float | str | None]:
 
 def run_eta(label: str, sigmas: Any) -> float:
     """The eta a run trains at on the grid ``sigmas``: its reference, its number, or the matched eta."""
-    from ..sde.effective_eta import matched_precise_eta
+    from ..sde.precise_family import matched_precise_eta
 
     name, spec = parse_run(label)
     if spec is None:
@@ -131,15 +128,16 @@ def fidelity_std_ratios(
 
 def cell_fidelity(labels: list[str], sigmas: Any, precise_schedule: str = "logsnr") -> dict[str, dict[str, Any]]:
     """Per run (and ``ode``) on the grid ``sigmas``: the eta it runs at, its effective precise eta (median, min,
-    max over the steps, see :mod:`precise_rl.sde.effective_eta`) and the exact output std / target std on sharp
+    max over the steps, see :mod:`precise_rl.sde.precise_family`) and the exact output std / target std on sharp
     (``FIDELITY_STD``) and broad (``BROAD_FIDELITY_STD``) Gaussian data."""
     from ..fidelity.gaussian import GaussianTarget, propagate_gaussian
     from ..sde import kernel
-    from ..sde.effective_eta import effective_eta
+    from ..sde.precise_family import effective_eta
 
     sharp, broad = GaussianTarget(FIDELITY_MEAN, FIDELITY_STD), GaussianTarget(FIDELITY_MEAN, BROAD_FIDELITY_STD)
     out: dict[str, dict[str, Any]] = {}
-    for label in ["ode", *labels]:
+    # every sampler of the table at its reference eta too, as a reference row: exact numbers cost nothing
+    for label in [*labels, *(s for s in SAMPLERS if s not in labels)]:
         if label in out:
             continue
         name = parse_run(label)[0]
@@ -473,18 +471,21 @@ def _offset_lines(result: dict[str, Any]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for cell in result["cells"]:
         fid = cell.get("fidelity", {})
-        for label in dict.fromkeys(["ode", *result["samplers"]]):
+        trained = {label.rsplit("/", 1)[-1] for label in result["samplers"]}
+        reference = [k for k in fid if "/" not in k and "@" not in k and k not in trained]
+        for label in [*result["samplers"], *reference]:
             if label not in fid:
                 continue
             f, e = fid[label], fid[label]["effective_eta"]
             eff = "-" if e["median"] is None else f"{e['median']:.2f} ({e['min']:.2f}-{e['max']:.2f})"
             if e["match"] == "variance":
                 eff += ", variance only"
-            row = [" = ".join(cell["grids"]), str(cell["steps"]), f"`{label}`", f"{f['eta']:.3g}", eff]
+            name = f"`{label}`" + (" (not trained)" if label in reference else "")
+            row = [" = ".join(cell["grids"]), str(cell["steps"]), name, f"{f['eta']:.3g}", eff]
             row += [_f(f["std_ratio_sharp"], ".3g"), _f(f["std_ratio_broad"], ".3g")]
             for p in PROTOCOLS:
                 c = cell["protocols"][p]["samplers"].get(label)
-                if c is None:  # the untrained ODE as a reference row: no run of its own
+                if c is None:  # a reference row (the ODE, a sampler not trained here): no run of its own
                     row += ["-", "-"]
                     continue
                 row.append(_f(c["initial_reward_mean"]))
@@ -548,7 +549,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         "- untrained: the held-out reward of the model before any training (the evaluation at epoch 0), seed "
         "mean, under each protocol: under `own` each sampler's own rollouts start from a different offset; "
         "gain: final minus untrained. A lead in final reward that is only a lead in the untrained offset is "
-        "no faster learning.",
+        "no faster learning. Rows marked (not trained): the table's other samplers at their reference eta, for "
+        "their exact numbers alone.",
     ]
     if result["merged"]:
         merged = "; ".join(f"N={m['steps']} {m['grid']} = {m['same_as']}" for m in result["merged"])
