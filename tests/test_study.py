@@ -50,6 +50,7 @@ def test_study_writes_its_files_and_merges_identical_grids(toy_study: tuple[Path
         assert (out / name).stat().st_size > 100
     for name in ("study_heatmap.png", "study_curves.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 2000
+    assert not (out / "study_etas.png").exists()  # no eta sweep, no sweep figure
     result = _json(out)
     # the toy policy keeps the uniform default grid: model cells are the uniform ones, run once
     assert [(c["steps"], c["grids"]) for c in result["cells"]] == [
@@ -295,7 +296,7 @@ def test_the_matched_control_runs_at_cps_total_noise_share_with_offsets_and_fide
     cell = result["cells"][0]
     c = cell["protocols"]["own"]["samplers"]["precise@cps"]
     gain = f"{c['final_reward_mean'] - c['initial_reward_mean']:+.4f}"
-    assert f"| `precise@cps` | {cell['eta']['precise@cps']:.3g} |" in md and gain in md
+    assert f"| `precise@cps` | {cell['eta']['precise@cps']:.4g} |" in md and gain in md
     assert "untrained `own`" in md and "std ratio broad" in md
     # the samplers not trained here stand in the fidelity table at their reference eta, exact
     from precise_rl.sde import effective_eta
@@ -325,6 +326,7 @@ def test_an_eta_sweep_is_one_run_per_eta(tmp_path: Path) -> None:
         assert cfg["sampler"]["name"] == "precise" and cfg["sampler"]["eta"] == eta
         assert cell["eta"][label] == eta and cell["fidelity"][label]["effective_eta"]["median"] == pytest.approx(eta)
     assert "final `precise@0.5`" in (out / "study.md").read_text()
+    assert (out / "study_etas.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
@@ -346,6 +348,14 @@ def test_bad_run_flags_are_one_sentence_and_exit_2(
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_matched_control_needs_the_logsnr_schedule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["study", "sampler.schedule=constant", "--samplers", "cps,precise@cps", "-o", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "precise@cps matches on precise's logSNR schedule; drop sampler.schedule=constant" in err
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 def test_run_parsing() -> None:

@@ -331,6 +331,12 @@ def run_study(
     base = resolve_config(items, None)
     base.eval.every = eval_every_for(base.train.epochs, base.eval.every)
     base.eval.samplers = ["ode", "own"]
+    matched = [r for r in samplers if isinstance(parse_run(r)[1], str)]
+    if matched and base.sampler.schedule != "logsnr":
+        raise UserError(
+            f"{matched[0]} matches on precise's logSNR schedule; drop sampler.schedule={base.sampler.schedule} "
+            "or the precise@ runs"
+        )
 
     policy = build_task(base.model, torch.device("cpu")).policy if any(g == "model" for g, _ in grids) else None
     cells, merged = _cells(steps, grids, policy.time_grid if policy is not None else None)
@@ -406,6 +412,8 @@ def run_study(
     plot_curves(result, output / "study_curves.png")
     if several:
         plot_algorithms(result, output / "study_algorithms.png")
+    if len(sweep_runs(labels)) > 1:
+        plot_etas(result, output / "study_etas.png")
     return result
 
 
@@ -481,7 +489,7 @@ def _offset_lines(result: dict[str, Any]) -> list[str]:
             if e["match"] == "variance":
                 eff += ", variance only"
             name = f"`{label}`" + (" (not trained)" if label in reference else "")
-            row = [" = ".join(cell["grids"]), str(cell["steps"]), name, f"{f['eta']:.3g}", eff]
+            row = [" = ".join(cell["grids"]), str(cell["steps"]), name, f"{f['eta']:.4g}", eff]
             row += [_f(f["std_ratio_sharp"], ".3g"), _f(f["std_ratio_broad"], ".3g")]
             for p in PROTOCOLS:
                 c = cell["protocols"][p]["samplers"].get(label)
@@ -710,6 +718,49 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
             sat = ", saturated" if summary.get("saturated") else ""
             ax.set_title(f"N={cell['steps']} {' = '.join(cell['grids'])}, {protocol}{sat}", fontsize=10)
             ax.set_xlabel("epoch")
+            ax.set_ylabel(f"held-out reward ({protocol})")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def sweep_runs(labels: list[str]) -> dict[str, float]:
+    """The runs of ``labels`` that train at a number (``NAME@ETA``): label -> eta."""
+    out = {}
+    for label in labels:
+        spec = parse_run(label)[1]
+        if isinstance(spec, float):
+            out[label] = spec
+    return out
+
+
+def plot_etas(result: dict[str, Any], path: Path) -> None:
+    """An eta sweep: final and untrained reward (seed mean ± std) against eta, one subplot per cell and protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells, protocols = result["cells"], list(PROTOCOLS)
+    runs = sweep_runs(result["samplers"])
+    names = sorted({sampler_of(label) for label in runs})
+    fig, axes = plt.subplots(len(cells), len(protocols), figsize=(5 * len(protocols), 3 * len(cells)), squeeze=False)
+    for r, cell in enumerate(cells):
+        for col, protocol in enumerate(protocols):
+            ax = axes[r][col]
+            summary = cell["protocols"][protocol]["samplers"]
+            for i, name in enumerate(names):
+                mine = sorted((eta, label) for label, eta in runs.items() if sampler_of(label) == name)
+                etas = [eta for eta, _ in mine]
+                final = np.array([summary[label]["final_reward_mean"] for _, label in mine])
+                spread = np.array([summary[label]["final_reward_std"] for _, label in mine])
+                start = [summary[label]["initial_reward_mean"] for _, label in mine]
+                ax.errorbar(etas, final, yerr=spread, marker="o", color=f"C{i}", capsize=3, label=f"{name}: final")
+                ax.plot(etas, start, ls="--", marker=".", color=f"C{i}", label=f"{name}: untrained")
+            ax.set_title(f"N={cell['steps']} {' = '.join(cell['grids'])}, {protocol}", fontsize=10)
+            ax.set_xlabel("eta")
             ax.set_ylabel(f"held-out reward ({protocol})")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
