@@ -1,25 +1,27 @@
 """The sampler study: every sampler (and algorithm) trained over cells (step count x time grid), with fidelity.
 
 ``run_study`` runs the jobs (a pool of processes; finished runs are not run again), summarises each cell
-as ``compare`` does and writes ``study.json``, ``study.md`` and the two plots. What a cell is, what is
-reported and what the defaults cost is said in ``precise-rl study --help`` (:mod:`precise_rl.cli.study`).
+as ``compare`` does and writes ``study.json``, ``study.md`` (:mod:`.study_report`) and the figures
+(:mod:`.study_plots`); what a run is (``NAME``, ``NAME@ETA``, ``precise@OTHER``) is :mod:`.study_runs`, the
+exact numbers beside each run :mod:`.study_fidelity`. What a cell is, what is reported and what the
+defaults cost is said in ``precise-rl study --help`` (:mod:`precise_rl.cli.study`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import UserError
-from ..sde.samplers import DEFAULT_ETA, SAMPLERS, get_sampler, prior_samplers, trainable_samplers
 from .compare import PROTOCOLS, eval_every_for, run_label, sampler_of, summarise, valid_pairs
+from .study_fidelity import BROAD_FIDELITY_STD, FIDELITY_MEAN, FIDELITY_STD, cell_fidelity, fidelity_std_ratios
+from .study_plots import plot_algorithms, plot_curves, plot_etas, plot_heatmap
+from .study_report import SATURATED_HEADROOM, format_markdown
+from .study_runs import MATCHED_CONTROL, default_runs, parse_run, run_eta, sweep_runs
 
 __all__ = [
     "run_study",
@@ -29,8 +31,15 @@ __all__ = [
     "parse_run",
     "run_eta",
     "default_runs",
+    "plot_heatmap",
+    "plot_curves",
+    "plot_etas",
+    "plot_algorithms",
     "SATURATED_HEADROOM",
     "MATCHED_CONTROL",
+    "FIDELITY_MEAN",
+    "FIDELITY_STD",
+    "BROAD_FIDELITY_STD",
 ]
 
 DEFAULT_STEPS = [6, 10, 20, 30]
@@ -45,113 +54,6 @@ DEFAULT_SEEDS = 3
 #: Measured then: the full default study 19 min 11 s (load 5-6), ``--quick`` 2 min 14 s (load 2-3).
 STUDY_OVERRIDES = ["eval.samples_per_prompt=2", "checkpoint.every=0", "checkpoint.keep=1"]
 QUICK = {"steps": [6, 10], "seeds": 2, "overrides": ["train.epochs=30", "eval.max_prompts=16"]}
-#: a cell whose target leaves less of the way to the reward's ceiling open than this is "saturated"
-SATURATED_HEADROOM = 0.1
-#: the fidelity lab's sharp data: N(FIDELITY_MEAN, FIDELITY_STD^2), the thin manifold of clean images
-FIDELITY_MEAN = 0.5
-FIDELITY_STD = 0.02
-#: the broad data beside it, N(FIDELITY_MEAN, BROAD_FIDELITY_STD^2): where cps's bias shows at 20-30 steps
-BROAD_FIDELITY_STD = 0.5
-#: the eta-matched control: precise at the eta that matches cps's exploration on the cell's grid
-MATCHED_CONTROL = "precise@cps"
-
-
-# --------------------------------------------------------------------------- runs: sampler@eta
-
-
-#: trainable samplers the default study does not train (``--samplers`` still runs them; the fidelity table
-#: lists them at their reference eta all the same). Why: a 30-step run costs about 3 times a 10-step one
-#: (7.9 s and 24.8 s of training and evaluation, one run each, on the 2-core development machine), so steps
-#: 6-30 cost 1.9 times steps 6-20, and the earlier 90-run default took 19-27 minutes; six runs per cell
-#: would take the full digits study to 35-50 minutes, four keep it at about 28-40. The two left out were the
-#: slowest learners in every cell of that study (the constant schedule), and neither is cps or precise.
-LEFT_OUT_BY_DEFAULT = ("dance_grpo", "dance_precise")
-
-
-def default_runs() -> list[str]:
-    """The study's default runs: the trainable samplers at their reference eta, then the eta-matched control."""
-    return [*(s for s in trainable_samplers() if s not in LEFT_OUT_BY_DEFAULT), MATCHED_CONTROL]
-
-
-def parse_run(label: str) -> tuple[str, float | str | None]:
-    """``(sampler, eta)`` of a run: ``NAME`` (eta None: the reference), ``NAME@ETA`` (a number) or
-    ``precise@OTHER`` (a sampler name: precise at the eta matching OTHER's exploration, per cell).
-
-    ``label`` may carry an ``algorithm/`` prefix. ``ValueError`` for an eta the sampler refuses.
-    """
-    run = label.rsplit("/", 1)[-1]
-    name, _, spec = run.partition("@")
-    if not spec:
-        return name, None
-    try:
-        eta = float(spec)
-    except ValueError:
-        eta = None
-    if eta is not None:
-        return name, get_sampler(name).check_eta(eta)
-    if name != "precise":
-        raise ValueError(f"{run!r}: only precise runs at the eta matched to another sampler (precise@{spec})")
-    if spec not in trainable_samplers() or spec == "precise":
-        raise ValueError(f"{run!r}: precise@OTHER matches another stochastic sampler, got {spec!r}")
-    return name, spec
-
-
-def run_eta(label: str, sigmas: Any) -> float:
-    """The eta a run trains at on the grid ``sigmas``: its reference, its number, or the matched eta."""
-    from ..sde.precise_family import matched_precise_eta
-
-    name, spec = parse_run(label)
-    if spec is None:
-        return float(DEFAULT_ETA[name])
-    if isinstance(spec, float):
-        return spec
-    return matched_precise_eta(sigmas, spec)
-
-
-# --------------------------------------------------------------------------- fidelity
-
-
-def fidelity_std_ratios(
-    samplers: list[str], sigmas: Any, precise_schedule: str = "logsnr", std: float = FIDELITY_STD
-) -> dict[str, float]:
-    """Output std / target std of each sampler (default eta) on ``N(0.5, std^2)`` data over ``sigmas``, exact."""
-    from ..fidelity.gaussian import GaussianTarget, propagate_gaussian
-    from ..sde import kernel
-
-    target = GaussianTarget(FIDELITY_MEAN, std)
-    out = {}
-    for name in samplers:
-        kern = kernel(name, sigmas, None, precise_schedule if name == "precise" else None)
-        out[name] = float(propagate_gaussian(kern, target).std_ratio)
-    return out
-
-
-def cell_fidelity(labels: list[str], sigmas: Any, precise_schedule: str = "logsnr") -> dict[str, dict[str, Any]]:
-    """Per run (and ``ode``) on the grid ``sigmas``: the eta it runs at, its effective precise eta (median, min,
-    max over the steps, see :mod:`precise_rl.sde.precise_family`) and the exact output std / target std on sharp
-    (``FIDELITY_STD``) and broad (``BROAD_FIDELITY_STD``) Gaussian data."""
-    from ..fidelity.gaussian import GaussianTarget, propagate_gaussian
-    from ..sde import kernel
-    from ..sde.precise_family import effective_eta
-
-    sharp, broad = GaussianTarget(FIDELITY_MEAN, FIDELITY_STD), GaussianTarget(FIDELITY_MEAN, BROAD_FIDELITY_STD)
-    out: dict[str, dict[str, Any]] = {}
-    # every sampler of the table at its reference eta too, as a reference row: exact numbers cost nothing
-    for label in [*labels, *(s for s in SAMPLERS if s not in labels)]:
-        if label in out:
-            continue
-        name = parse_run(label)[0]
-        eta = run_eta(label, sigmas)
-        schedule = precise_schedule if name == "precise" else None
-        kern = kernel(name, sigmas, eta, schedule)
-        out[label] = {
-            "sampler": name,
-            "eta": eta,
-            "effective_eta": effective_eta(name, sigmas, eta, schedule).summary(),
-            "std_ratio_sharp": float(propagate_gaussian(kern, sharp).std_ratio),
-            "std_ratio_broad": float(propagate_gaussian(kern, broad).std_ratio),
-        }
-    return out
 
 
 # --------------------------------------------------------------------------- jobs
@@ -443,369 +345,3 @@ def _timings(
         "job_s": {**job_s, **seconds},
         "run_elapsed_s_total": float(sum(sum(v) for c in cells for v in c["run_elapsed_s"].values())),
     }
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _f(x: float | None, spec: str = ".4f") -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def ratio_text(summary: dict[str, Any], seeds: int) -> str:
-    """Precise's epoch ratio against the best prior on the seed-mean curves, then per seed pair, or ``not reached``.
-
-    The two can differ a lot: the target is the best prior's own seed-mean final reward, which its
-    seed-mean curve usually first reaches at the last evaluation, while single seeds cross it earlier
-    or never. Both are shown so that a ratio from the mean curves alone is not read as a speed-up.
-    """
-    ratio = summary.get("precise_epoch_ratio_vs_best_prior")
-    if ratio is None:
-        return "not reached" if "precise" in summary["samplers"] and summary["target"] is not None else "-"
-    done = [r for r in summary.get("precise_epoch_ratio_per_seed", []) if r is not None]
-    text = f"{ratio:.2f}"
-    if seeds > 1:
-        pairs = ", ".join(f"{r:.2f}" for r in done) or "none"
-        text += f" (seed pairs {pairs}: {len(done)}/{seeds})"
-    return text
-
-
-def _offset_lines(result: dict[str, Any]) -> list[str]:
-    """Per cell and run: the eta it ran at, its effective precise eta, the two fidelity numbers, and the
-    untrained model's reward under each protocol with the gain over it."""
-    head = ["grid", "steps", "run", "eta", "effective eta: median (min-max)", "std ratio sharp", "std ratio broad"]
-    for p in PROTOCOLS:
-        head += [f"untrained `{p}`", f"gain `{p}`"]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
-    for cell in result["cells"]:
-        fid = cell.get("fidelity", {})
-        trained = {label.rsplit("/", 1)[-1] for label in result["samplers"]}
-        reference = [k for k in fid if "/" not in k and "@" not in k and k not in trained]
-        for label in [*result["samplers"], *reference]:
-            if label not in fid:
-                continue
-            f, e = fid[label], fid[label]["effective_eta"]
-            eff = "-" if e["median"] is None else f"{e['median']:.2f} ({e['min']:.2f}-{e['max']:.2f})"
-            if e["match"] == "variance":
-                eff += ", variance only"
-            name = f"`{label}`" + (" (not trained)" if label in reference else "")
-            row = [" = ".join(cell["grids"]), str(cell["steps"]), name, f"{f['eta']:.4g}", eff]
-            row += [_f(f["std_ratio_sharp"], ".3g"), _f(f["std_ratio_broad"], ".3g")]
-            for p in PROTOCOLS:
-                c = cell["protocols"][p]["samplers"].get(label)
-                if c is None:  # a reference row (the ODE, a sampler not trained here): no run of its own
-                    row += ["-", "-"]
-                    continue
-                row.append(_f(c["initial_reward_mean"]))
-                row.append(f"{c['final_reward_mean'] - c['initial_reward_mean']:+.4f}")
-            lines.append("| " + " | ".join(row) + " |")
-    return lines
-
-
-def format_markdown(result: dict[str, Any]) -> str:
-    samplers, seeds = result["samplers"], result["seeds"]
-    head = ["grid", "steps", "protocol", "best prior", "target", "headroom", "precise epochs / best prior's"]
-    head += [f"final `{s}`" for s in samplers]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
-    for cell in result["cells"]:
-        for protocol, summary in cell["protocols"].items():
-            headroom = summary.get("headroom")
-            hr = "-" if headroom is None else f"{headroom:.2f}" + (" (saturated)" if summary["saturated"] else "")
-            row = [
-                " = ".join(cell["grids"]),
-                str(cell["steps"]),
-                protocol,
-                summary["best_prior"] or "-",
-                _f(summary["target"]),
-                hr,
-                ratio_text(summary, seeds),
-            ]
-            for s in samplers:
-                c = summary["samplers"][s]
-                row.append(_f(c["final_reward_mean"]) + (f" ± {c['final_reward_std']:.4f}" if seeds > 1 else ""))
-            lines.append("| " + " | ".join(row) + " |")
-    t = result["timings"]
-    notes = [
-        f"Sampler study: {len(samplers)} runs ({', '.join(f'`{s}`' for s in samplers)}) x {seeds} seeds x steps "
-        f"{', '.join(map(str, result['steps']))} "
-        f"x grids {', '.join(result['grids'])}; {result['epochs']} epochs per run, evaluated every "
-        f"{result['eval_every']} epochs (up to {result['eval']['max_prompts']} held-out prompts x "
-        f"{result['eval']['samples_per_prompt']} samples, EMA weights).",
-        "",
-        "- protocol `own`: each sampler's own stochastic rollouts at its eta; `ode`: the deterministic ODE on the "
-        "same weights.",
-        "- target: the best final reward among the prior samplers (" + ", ".join(prior_samplers()) + "), seed mean; "
-        "precise epochs / best prior's: epochs to reach it on the seed-mean curves (linear between evaluations), "
-        "then each seed pair's ratio (precise's seed k against the best prior's seed k, where both reach the "
-        "target). The target is the best prior's own seed-mean final reward, which its seed-mean curve usually "
-        "first reaches at the last evaluation: a ratio below 1 on the mean curves that the seed pairs do not "
-        "bear out is a level finish, not a speed-up.",
-        f"- headroom: the share of the way from the untrained model to the reward's ceiling that the target leaves "
-        f"open; below {SATURATED_HEADROOM} the cell is saturated and its ratio says little.",
-        "- runs: `NAME` trains at the sampler's reference eta, `NAME@ETA` at that eta, and "
-        f"`{MATCHED_CONTROL}` (the eta-matched control) is precise at the one eta that keeps, over the cell's "
-        "grid, the same share of the noise estimate as cps at its reference eta (the product of the kept shares "
-        "over the steps where cps has an effective eta): same exploration, but consistent. Its eta is in the "
-        "second table, per cell.",
-        "- effective eta: each step of a sampler written as a precise step, the eta that precise would need to "
-        "inject the same fresh noise on that step (median and range over the steps that have one); exact for "
-        "cps and the precise family (the same transition), a match of the fresh-noise variance only for the "
-        "Euler-Maruyama samplers (`variance only`), whose means keep a different share of the noise.",
-        f"- std ratio: the fidelity lab's output std / target std on Gaussian data, exact, on the cell's grid and "
-        f"step count at the run's eta: sharp data (std {FIDELITY_STD}: 1 is exact, above 1 is excess noise) and "
-        f"broad data (std {BROAD_FIDELITY_STD}: below 1 is contraction, where cps's bias shows at 20-30 steps).",
-        "- untrained: the held-out reward of the model before any training (the evaluation at epoch 0), seed "
-        "mean, under each protocol: under `own` each sampler's own rollouts start from a different offset; "
-        "gain: final minus untrained. A lead in final reward that is only a lead in the untrained offset is "
-        "no faster learning. Rows marked (not trained): the table's other samplers at their reference eta, for "
-        "their exact numbers alone.",
-    ]
-    if result["merged"]:
-        merged = "; ".join(f"N={m['steps']} {m['grid']} = {m['same_as']}" for m in result["merged"])
-        notes.append(f"- merged (identical time grids, run once): {merged}.")
-    if result["model_grid_note"]:
-        notes.append(f"- {result['model_grid_note'][0].upper()}{result['model_grid_note'][1:]}.")
-    runs_now = f"{t['jobs']} runs ({t['jobs_run']} run in {t['wall_s']:.0f} s on {t['workers']} worker(s) now"
-    if len(t["invocations"]) > 1:
-        runs_now += (
-            f", {t['jobs_resumed']} finished earlier; {t['wall_s_all_invocations']:.0f} s wall-clock over "
-            f"{len(t['invocations'])} invocations"
-        )
-    notes.append(f"- {runs_now}); {t['run_elapsed_s_total']:.0f} s of runs (training and evaluation) in all.")
-    if len(result.get("algorithms", [])) > 1:
-        notes.append(
-            "- across algorithms (runs `algorithm/sampler`, each algorithm at its default knobs): the target is the "
-            "best final reward of GRPO's prior samplers; left out: " + ("; ".join(result["left_out"]) or "none") + "."
-        )
-        lines += ["", *_algorithm_lines(result)]
-    lines += ["", *_offset_lines(result)]
-    return "\n".join(["# Sampler study", "", *notes, "", *lines, ""])
-
-
-def _algorithm_lines(result: dict[str, Any]) -> list[str]:
-    """Per cell and protocol: each algorithm's sampler ranking, and who reaches the target soonest."""
-    head = ["grid", "steps", "protocol", *(f"`{a}`: samplers by final reward" for a in result["algorithms"])]
-    head += ["soonest (wall-clock)", "soonest (model evaluations)", "best final"]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
-    for cell in result["cells"]:
-        for protocol, summary in cell["protocols"].items():
-            info = summary.get("algorithms", {})
-            ranking = info.get("ranking", {})
-            row = [" = ".join(cell["grids"]), str(cell["steps"]), protocol]
-            row += [" > ".join(ranking.get(a, [])) or "-" for a in result["algorithms"]]
-            row += [
-                info.get("soonest_by_wallclock_to_target_s") or "not reached",
-                info.get("soonest_by_model_evals_to_target") or "not reached",
-                info.get("best_final") or "-",
-            ]
-            lines.append("| " + " | ".join(row) + " |")
-    return lines
-
-
-def _cell_text(summary: dict[str, Any], seeds: int) -> str:
-    """A heatmap cell's ratio text on short lines: the mean-curve ratio, then the seed pairs', three a line."""
-    ratio = summary.get("precise_epoch_ratio_vs_best_prior")
-    if ratio is None or seeds < 2:
-        return ratio_text(summary, seeds)
-    done = [f"{r:.2f}" for r in summary.get("precise_epoch_ratio_per_seed", []) if r is not None]
-    lines = [f"{ratio:.2f}", f"seed pairs {len(done)}/{seeds}" + (":" if done else "")]
-    lines += [", ".join(done[k : k + 3]) for k in range(0, len(done), 3)]
-    return "\n".join(lines)
-
-
-def _fit_in_cells(fig: Any, texts: list[tuple[Any, int, int, Any]], fill: float = 0.9) -> None:
-    """Shrink each cell's text until it takes at most ``fill`` of its cell's width and height.
-
-    A text's size on the page is known only once drawn: a long ratio line at the default size ran over
-    the cell borders on a figure of several grids.
-    """
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    for ax, i, j, text in texts:
-        (x0, y0), (x1, y1) = ax.transData.transform([(j - 0.5, i - 0.5), (j + 0.5, i + 0.5)])
-        box = text.get_window_extent(renderer)
-        scale = min(1.0, fill * abs(x1 - x0) / max(box.width, 1e-9), fill * abs(y1 - y0) / max(box.height, 1e-9))
-        if scale < 1.0:
-            text.set_fontsize(text.get_fontsize() * scale)
-
-
-def plot_heatmap(result: dict[str, Any], path: Path) -> None:
-    """One panel per protocol: rows steps, columns grids, colour = precise's epoch ratio vs the best prior."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import Normalize
-
-    steps, grids, seeds = result["steps"], result["grids"], result["seeds"]
-    by = {(c["steps"], g): c for c in result["cells"] for g in c["grids"]}
-    protocols = list(PROTOCOLS)
-    fig, axes = plt.subplots(
-        1, len(protocols), figsize=(2.2 * len(grids) * len(protocols) + 2.5, 1.3 * len(steps) + 2), squeeze=False
-    )
-    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#d9d9d9")
-    norm = Normalize(-0.6, 0.6)  # log2 of the ratio: 0.66x .. 1.5x
-    image = None
-    texts: list[tuple[Any, int, int, Any]] = []  # (axes, row, column, text) of every cell
-    for ax, protocol in zip(axes[0], protocols, strict=True):
-        values = np.full((len(steps), len(grids)), np.nan)
-        for i, n in enumerate(steps):
-            for j, g in enumerate(grids):
-                cell = by[(n, g)]
-                summary = cell["protocols"][protocol]
-                ratio = summary.get("precise_epoch_ratio_vs_best_prior")
-                if ratio is not None:
-                    values[i, j] = math.log2(ratio)
-                text = _cell_text(summary, seeds)
-                if text == "not reached":  # how far precise ends from the target
-                    gap = summary["samplers"]["precise"]["final_reward_mean"] - summary["target"]
-                    text = f"n/r\nfinal {gap:+.3f}"
-                if g != cell["grid"]:
-                    text += f"\n(= {cell['grid']})"
-                if summary.get("saturated"):
-                    text += "\nsaturated"
-                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="k", lw=0))
-                texts.append((ax, i, j, ax.text(j, i, text, ha="center", va="center", fontsize=8)))
-        image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto")
-        for axt, i, j, text in texts:
-            if axt is ax and np.isfinite(values[i, j]):  # white on the dark ends of the colour scale
-                r, g, b, _ = cmap(norm(values[i, j]))
-                text.set_color("white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
-        ax.set_xticks(range(len(grids)), grids)
-        ax.set_yticks(range(len(steps)), [str(n) for n in steps])
-        ax.set_xlabel("time grid")
-        ax.set_ylabel("steps N")
-        what = "own stochastic rollouts" if protocol == "own" else "ODE"
-        ax.set_title(f"{protocol} ({what})")
-    if image is not None:
-        bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85)
-        ticks = [math.log2(v) for v in (0.7, 0.85, 1.0, 1.2, 1.4)]
-        bar.set_ticks(ticks, labels=[f"{2**t:.2g}x" for t in ticks])
-        bar.set_label("precise epochs to target / best prior's\n(< 1: precise faster)")
-    _fit_in_cells(fig, texts)
-    fig.suptitle(
-        f"Where precise wins: {result['epochs']} epochs, {seeds} seed(s), ratio on the seed-mean curves "
-        "(seed pairs' ratios)\n"
-        "grey n/r: precise does not reach the target (its final reward minus the target shown)",
-        y=1.04,
-    )
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_curves(result: dict[str, Any], path: Path) -> None:
-    """Reward against epoch of every sampler (seed mean ± std), one subplot per cell and protocol."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells, protocols = result["cells"], list(PROTOCOLS)
-    fig, axes = plt.subplots(len(cells), len(protocols), figsize=(6 * len(protocols), 3.2 * len(cells)), squeeze=False)
-    for r, cell in enumerate(cells):
-        for col, protocol in enumerate(protocols):
-            ax = axes[r][col]
-            summary = cell["protocols"][protocol]
-            for name, c in summary["samplers"].items():
-                ep = np.array(c["epochs"], dtype=float)
-                mu, sd = np.array(c["reward_mean"]), np.array(c["reward_std"])
-                (line,) = ax.plot(ep, mu, lw=2.2 if name == "precise" else 1.1, label=name)
-                ax.fill_between(ep, mu - sd, mu + sd, color=line.get_color(), alpha=0.12)
-            if summary["target"] is not None:
-                ax.axhline(summary["target"], color="k", ls="--", lw=0.8, label=f"target ({summary['best_prior']})")
-            if summary.get("reward_ceiling") is not None:
-                ax.axhline(summary["reward_ceiling"], color="grey", ls=":", lw=0.8, label="reward ceiling")
-            sat = ", saturated" if summary.get("saturated") else ""
-            ax.set_title(f"N={cell['steps']} {' = '.join(cell['grids'])}, {protocol}{sat}", fontsize=10)
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(f"held-out reward ({protocol})")
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def sweep_runs(labels: list[str]) -> dict[str, float]:
-    """The runs of ``labels`` that train at a number (``NAME@ETA``): label -> eta."""
-    out = {}
-    for label in labels:
-        spec = parse_run(label)[1]
-        if isinstance(spec, float):
-            out[label] = spec
-    return out
-
-
-def plot_etas(result: dict[str, Any], path: Path) -> None:
-    """An eta sweep: final and untrained reward (seed mean ± std) against eta, one subplot per cell and protocol."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells, protocols = result["cells"], list(PROTOCOLS)
-    runs = sweep_runs(result["samplers"])
-    names = sorted({sampler_of(label) for label in runs})
-    fig, axes = plt.subplots(len(cells), len(protocols), figsize=(5 * len(protocols), 3 * len(cells)), squeeze=False)
-    for r, cell in enumerate(cells):
-        for col, protocol in enumerate(protocols):
-            ax = axes[r][col]
-            summary = cell["protocols"][protocol]["samplers"]
-            for i, name in enumerate(names):
-                mine = sorted((eta, label) for label, eta in runs.items() if sampler_of(label) == name)
-                etas = [eta for eta, _ in mine]
-                final = np.array([summary[label]["final_reward_mean"] for _, label in mine])
-                spread = np.array([summary[label]["final_reward_std"] for _, label in mine])
-                start = [summary[label]["initial_reward_mean"] for _, label in mine]
-                ax.errorbar(etas, final, yerr=spread, marker="o", color=f"C{i}", capsize=3, label=f"{name}: final")
-                ax.plot(etas, start, ls="--", marker=".", color=f"C{i}", label=f"{name}: untrained")
-            ax.set_title(f"N={cell['steps']} {' = '.join(cell['grids'])}, {protocol}", fontsize=10)
-            ax.set_xlabel("eta")
-            ax.set_ylabel(f"held-out reward ({protocol})")
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_algorithms(result: dict[str, Any], path: Path) -> None:
-    """Across algorithms: reward against model evaluations and against wall-clock, every run, one row per cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells, protocols = result["cells"], list(PROTOCOLS)
-    fig, axes = plt.subplots(
-        len(cells), 2 * len(protocols), figsize=(5.5 * 2 * len(protocols), 3.4 * len(cells)), squeeze=False
-    )
-    styles = ["-", "--", ":", "-."]
-    algos = result["algorithms"]
-    samplers = list(dict.fromkeys(sampler_of(s) for s in result["samplers"]))
-    colors = {s: f"C{i}" for i, s in enumerate(samplers)}  # colour = sampler, line style = algorithm
-    for r, cell in enumerate(cells):
-        for p, protocol in enumerate(protocols):
-            summary = cell["protocols"][protocol]
-            for name, c in summary["samplers"].items():
-                algo = name.rsplit("/", 1)[0]
-                style = styles[algos.index(algo) % len(styles)] if algo in algos else "-"
-                mu = np.array(c["reward_mean"])
-                for col, key in ((2 * p, "model_evals_mean"), (2 * p + 1, "wallclock_s_mean")):
-                    axes[r][col].plot(
-                        np.array(c[key]), mu, ls=style, lw=1.4, label=name, color=colors[sampler_of(name)]
-                    )
-            for col, xl in ((2 * p, "model evaluations"), (2 * p + 1, "training wall-clock (s)")):
-                ax = axes[r][col]
-                if summary["target"] is not None:
-                    ax.axhline(summary["target"], color="k", lw=0.6, ls="-", alpha=0.6)
-                ax.set_xlabel(xl)
-                ax.set_ylabel(f"held-out reward ({protocol})")
-                ax.set_title(f"N={cell['steps']} {' = '.join(cell['grids'])}, {protocol}", fontsize=10)
-                ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, ncol=2)
-    legend = ", ".join(f"{a} {s}" for a, s in zip(algos, ["solid", "dashed", "dotted", "dash-dot"], strict=False))
-    fig.suptitle(f"Algorithms x samplers: colour = sampler, line style = algorithm ({legend}); thin black = target")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
