@@ -378,3 +378,29 @@ def test_the_broad_data_column_gives_the_quoted_contraction() -> None:
             assert fid[s]["std_ratio_broad"] == pytest.approx(
                 _fid_propagate(s, uniform_sigmas(n).numpy(), 0.5, fid[s]["eta"]), rel=1e-9
             )
+
+
+def test_precise_against_cps_splits_into_exploration_and_consistency() -> None:
+    """The split table from per-seed finals made up here: each column recomputed from the seed pairs."""
+    from precise_rl.rl.study_report import split_lines
+
+    rng = np.random.default_rng()
+    finals = {r: rng.normal(1.0, 0.1, size=3) for r in ("precise", "precise@cps", "cps")}
+    starts = {r: rng.normal(0.6, 0.05, size=3) for r in finals}
+    summary = {
+        "samplers": {
+            r: {"final_reward_per_seed": finals[r].tolist(), "reward_per_seed": [[s0, 0.0] for s0 in starts[r]]}
+            for r in finals
+        }
+    }
+    cell = {"grids": ["uniform"], "steps": 20, "protocols": {"own": summary}}
+    lines = split_lines({"samplers": ["precise", "cps", "precise@cps"], "cells": [cell]})
+    row = lines[2].strip("| ").split(" | ")
+    assert row[:3] == ["uniform", "20", "own"]
+    for text, (a, b) in zip(
+        row[3:6], [("precise", "cps"), ("precise", "precise@cps"), ("precise@cps", "cps")], strict=True
+    ):
+        d = finals[a] - finals[b]
+        assert text == f"{d.mean():+.4f} ± {d.std():.4f}"
+    assert row[6] == f"{(starts['precise@cps'] - starts['cps']).mean():+.4f}"
+    assert split_lines({"samplers": ["precise", "cps"], "cells": [cell]}) == []

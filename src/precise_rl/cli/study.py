@@ -22,13 +22,16 @@ output spread closer to cps's than at the median.
 Per cell and protocol the study reports what ``compare`` does (the target: the best final prior reward;
 each run's final reward and epochs to target; precise's epoch ratio against the best prior sampler,
 with its per-seed spread) and the headroom the target leaves below the reward's ceiling; a cell with
-headroom under 0.1 is marked saturated (its ratio says little). A second table gives, per cell and
-run: the eta it ran at; its effective precise eta (median and range over the steps; a match of the
-fresh-noise variance only for the Euler-Maruyama samplers, whose means differ); the fidelity lab's exact
-output std over the target std on sharp Gaussian data (std 0.02: the excess noise a sampler leaves) and
-on broad data (std 0.5: the contraction, where cps's bias shows at 20-30 steps); and the untrained
-model's held-out reward under each protocol (the offset each sampler's own rollouts start from) with
-the gain over it, so that a lead that is only a starting offset is not read as faster learning.
+headroom under 0.1 is marked saturated (its ratio says little). Where precise, cps and precise@cps all
+ran, a second table splits precise - cps (final reward, seed pair by seed pair) into precise -
+precise@cps, the effect of the exploration level, and precise@cps - cps, the effect of consistency at
+cps's exploration. The last table gives, per cell and run: the eta it ran at; its effective precise
+eta (median and range over the steps; a match of the fresh-noise variance only for the Euler-Maruyama
+samplers, whose means differ); the fidelity lab's exact output std over the target std on sharp
+Gaussian data (std 0.02: the excess noise a sampler leaves) and on broad data (std 0.5: the
+contraction, where cps's bias shows at 20-30 steps); and the untrained model's held-out reward under
+each protocol (the offset each sampler's own rollouts start from) with the gain over it, so that a lead
+that is only a starting offset is not read as faster learning.
 
 Jobs run in a pool of ``--workers`` processes (one torch thread each); a job whose run directory holds a
 finished run is not run again, so a killed study resumes where it stopped. Writes ``study.json``,

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from ..sde.samplers import prior_samplers
 from .compare import PROTOCOLS
 from .study_fidelity import BROAD_FIDELITY_STD, FIDELITY_STD
 from .study_runs import MATCHED_CONTROL
 
-__all__ = ["format_markdown", "ratio_text", "SATURATED_HEADROOM"]
+__all__ = ["format_markdown", "ratio_text", "split_lines", "SATURATED_HEADROOM"]
 
 #: a cell whose target leaves less of the way to the reward's ceiling open than this is "saturated"
 SATURATED_HEADROOM = 0.1
@@ -66,6 +68,38 @@ def _offset_lines(result: dict[str, Any]) -> list[str]:
                     continue
                 row.append(_f(c["initial_reward_mean"]))
                 row.append(f"{c['final_reward_mean'] - c['initial_reward_mean']:+.4f}")
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _paired(summary: dict[str, Any], a: str, b: str, key: str) -> tuple[float, float]:
+    """Mean and std over seeds of run ``a``'s ``key`` (a per-seed list) minus run ``b``'s, seed k against seed k."""
+    diff = np.asarray(summary["samplers"][a][key], dtype=float) - np.asarray(summary["samplers"][b][key], dtype=float)
+    return float(diff.mean()), float(diff.std())
+
+
+def split_lines(result: dict[str, Any]) -> list[str]:
+    """Precise against cps, split by the eta-matched control: ``precise - cps = (precise - precise@cps)``, the
+    effect of the exploration level, ``+ (precise@cps - cps)``, the effect of consistency at cps's exploration.
+
+    Per cell and protocol, on the final reward and on the untrained reward, each the mean ± std over seed pairs.
+    Empty unless the study ran ``precise``, ``cps`` and the control under one algorithm.
+    """
+    runs = ("precise", MATCHED_CONTROL, "cps")
+    if not all(r in result["samplers"] for r in runs):
+        return []
+    head = ["grid", "steps", "protocol", "final: precise - cps", f"= precise - {MATCHED_CONTROL} (exploration)"]
+    head += [f"+ {MATCHED_CONTROL} - cps (consistency)", f"untrained: {MATCHED_CONTROL} - cps"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for cell in result["cells"]:
+        for protocol, summary in cell["protocols"].items():
+            row = [" = ".join(cell["grids"]), str(cell["steps"]), protocol]
+            for a, b in (("precise", "cps"), ("precise", MATCHED_CONTROL), (MATCHED_CONTROL, "cps")):
+                mean, std = _paired(summary, a, b, "final_reward_per_seed")
+                row.append(f"{mean:+.4f} ± {std:.4f}")
+            start = [summary["samplers"][r]["reward_per_seed"] for r in (MATCHED_CONTROL, "cps")]
+            diff = [x[0] - y[0] for x, y in zip(*start, strict=True)]
+            row.append(f"{sum(diff) / len(diff):+.4f}")
             lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -127,6 +161,10 @@ def format_markdown(result: dict[str, Any]) -> str:
         "gain: final minus untrained. A lead in final reward that is only a lead in the untrained offset is "
         "no faster learning. Rows marked (not trained): the table's other samplers at their reference eta, for "
         "their exact numbers alone.",
+        f"- precise against cps, split (where the study ran precise, cps and `{MATCHED_CONTROL}`): the final "
+        f"reward's difference precise - cps is (precise - `{MATCHED_CONTROL}`), the effect of the exploration level "
+        f"at precise's consistency, plus (`{MATCHED_CONTROL}` - cps), the effect of consistency at cps's "
+        "exploration; each the mean ± std over seed pairs (seed k against seed k).",
     ]
     if result["merged"]:
         merged = "; ".join(f"N={m['steps']} {m['grid']} = {m['same_as']}" for m in result["merged"])
@@ -146,6 +184,9 @@ def format_markdown(result: dict[str, Any]) -> str:
             "best final reward of GRPO's prior samplers; left out: " + ("; ".join(result["left_out"]) or "none") + "."
         )
         lines += ["", *_algorithm_lines(result)]
+    split = split_lines(result)
+    if split:
+        lines += ["", *split]
     lines += ["", *_offset_lines(result)]
     return "\n".join(["# Sampler study", "", *notes, "", *lines, ""])
 
