@@ -88,7 +88,12 @@ def run_label(algorithm: str, sampler: str, several: bool) -> str:
 
 
 def sampler_of(label: str) -> str:
-    """The sampler of a run label (see :func:`run_label`)."""
+    """The sampler of a run label (see :func:`run_label`; the study's ``sampler@eta`` labels too)."""
+    return label.rsplit("/", 1)[-1].split("@", 1)[0]
+
+
+def _run_of(label: str) -> str:
+    """A run label without its algorithm: the sampler, with the study's ``@eta`` where it has one."""
     return label.rsplit("/", 1)[-1]
 
 
@@ -248,7 +253,7 @@ def _per_algorithm(curves: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["ranking"].setdefault(algorithm, [])
     for algorithm, ranked in out["ranking"].items():
         mine = [label for label in curves if _algorithm_of(label) == algorithm]
-        ranked.extend(sampler_of(s) for s in sorted(mine, key=lambda s: -curves[s]["final_reward_mean"]))
+        ranked.extend(_run_of(s) for s in sorted(mine, key=lambda s: -curves[s]["final_reward_mean"]))
     for axis in ("wallclock_to_target_s", "model_evals_to_target", "epochs_to_target"):
         reached = {label: c[axis] for label, c in curves.items() if c.get(axis) is not None}
         out[f"soonest_by_{axis}"] = min(reached, key=reached.get) if reached else None
