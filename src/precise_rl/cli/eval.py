@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from .paths import path_arg
 
 __all__ = ["add_arguments", "run"]
 
@@ -29,8 +30,8 @@ def _csv(kind: type):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", type=Path, help="a run directory written by precise-rl train")
-    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint directory (default: the newest)")
+    p.add_argument("run_dir", type=path_arg, help="a run directory written by precise-rl train")
+    p.add_argument("--checkpoint", type=path_arg, default=None, help="a checkpoint directory (default: the newest)")
     p.add_argument(
         "--samplers",
         type=_csv(str),
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--samples-per-prompt", type=int, default=None)
     p.add_argument("--max-prompts", type=int, default=None)
-    p.add_argument("--output", type=Path, default=None, help="JSON file to write (default: RUN_DIR/eval.json)")
+    p.add_argument("--output", type=path_arg, default=None, help="JSON file to write (default: RUN_DIR/eval.json)")
 
 
 def check_output_file(out: Path, flag: str = "--output") -> None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from ..sde.samplers import DEFAULT_ETA, SAMPLERS  # the table alone: --help and argument errors import no torch
+from .paths import path_arg
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--revision", default=None, help="hub revision (commit hash) to load")
     m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU")
     m.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    m.add_argument("--lora", type=Path, default=None, help="LoRA adapter, checkpoint or run directory")
+    m.add_argument("--lora", type=path_arg, default=None, help="LoRA adapter, checkpoint or run directory")
     m.add_argument("--height", type=int, default=None, help="image height in pixels (diffusers models)")
     m.add_argument("--width", type=int, default=None, help="image width in pixels (diffusers models)")
     m.add_argument("--guidance-scale", type=float, default=None, help="CFG / guidance weight (model default)")
@@ -54,9 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("sampling")
     s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     s.add_argument(
-        "--prompt-file", type=Path, default=None, help="text file, one prompt per line (.jsonl: prompts with images)"
+        "--prompt-file",
+        type=path_arg,
+        default=None,
+        help="text file, one prompt per line (.jsonl: prompts with images)",
     )
-    s.add_argument("--image", type=Path, default=None, help="source image of every --prompt (editing models)")
+    s.add_argument("--image", type=path_arg, default=None, help="source image of every --prompt (editing models)")
     # Each of these defaults to the run's own setting for --model RUN_DIR (a run is sampled as it trained),
     # else to the value named in its help: None here means "not given".
     s.add_argument(
@@ -93,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=list(SAMPLERS),
         help="comma-separated samplers of the grid (each at its reference eta; --sampler keeps --eta)",
     )
-    p.add_argument("--output", "-o", type=Path, default=Path("samples"), help="output directory")
+    p.add_argument("--output", "-o", type=path_arg, default=Path("samples"), help="output directory")
 
 
 def _parse_option(item: str) -> tuple[str, Any]:

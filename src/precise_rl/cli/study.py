@@ -38,6 +38,7 @@ from ..rl.run_config import split_config_and_overrides
 from ..rl.rundir import command_line, lock_run_dir
 from ..rl.study import DEFAULT_GRIDS, DEFAULT_SEEDS, DEFAULT_STEPS, QUICK, STUDY_OVERRIDES, format_markdown, run_study
 from ..sde.samplers import trainable_samplers
+from .paths import path_arg
 
 __all__ = ["add_arguments", "run", "parse_steps", "parse_grids"]
 
@@ -83,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"a short study: --steps {','.join(map(str, QUICK['steps']))}, --seeds {QUICK['seeds']}, "
         f"{' '.join(QUICK['overrides'])} (each unless given): 40 runs, 2-5 minutes on 2 cores depending on their load",
     )
-    p.add_argument("--output", "-o", type=Path, default=Path("runs/study"), help="directory for runs and results")
+    p.add_argument("--output", "-o", type=path_arg, default=Path("runs/study"), help="directory for runs and results")
 
 
 # --------------------------------------------------------------------------- flags
