@@ -536,9 +536,64 @@ def validate(cfg: ExperimentConfig) -> None:
 # --------------------------------------------------------------------------- files and overrides
 
 
+#: the deepest nesting of lists and mappings a config may have (a real one has four levels)
+MAX_YAML_DEPTH = 64
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping naming one key twice is an error (it keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class says so in its own words
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(UserError):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        where = f"twice on line {first}" if first == again else f"twice (lines {first} and {again})"
+        super().__init__(f"key {key!r} appears {where}; keep one")
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and mappings (iteratively: a deep value must not exhaust the stack)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level + 1)
+            if deepest > MAX_YAML_DEPTH:
+                return deepest
+            stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text like ``yaml.safe_load``, refusing a key given twice in one mapping and absurd nesting.
+
+    Raises :class:`yaml.YAMLError` for bad syntax and :class:`UserError` (a sentence without the
+    file's name) for a duplicate key or nesting deeper than ``MAX_YAML_DEPTH``.
+    """
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise UserError(f"it nests lists or mappings more than {MAX_YAML_DEPTH} levels deep") from None
+    if _depth(data) > MAX_YAML_DEPTH:
+        raise UserError(f"it nests lists or mappings more than {MAX_YAML_DEPTH} levels deep")
+    return data
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -561,7 +616,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise UserError(f"override {item!r}: '{part}' is not a section")
             node = child
-        node[parts[-1]] = _parse_value(raw)
+        try:
+            node[parts[-1]] = _parse_value(raw)
+        except UserError as exc:
+            raise UserError(f"override {item!r}: {exc}") from None
     return data
 
 
@@ -575,13 +633,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise UserError(f"config file {str(p)!r} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = load_yaml(p.read_text())
         except yaml.YAMLError as exc:
             raise UserError(f"config file {str(p)!r} is not valid YAML: {yaml_error_sentence(exc)}") from None
         except UnicodeDecodeError:
             raise UserError(f"config file {str(p)!r} is not a text file") from None
+        except UserError as exc:
+            raise UserError(f"config file {str(p)!r}: {exc}") from None
         if loaded is None:
-            loaded = {}
+            # an empty file is a mistake (a truncated copy, the wrong file), not a request for the default job
+            raise UserError(
+                f"config file {str(p)!r} is empty (no keys); give the keys to change, or leave the file out to "
+                "train the built-in default"
+            )
         if not isinstance(loaded, dict):
             raise UserError(f"config file {str(p)!r} must hold a mapping of keys to values")
         data = loaded
