@@ -90,3 +90,110 @@ def rng_nest(depth: int) -> str:
     opens = [rng.choice(["[", "{k: "]) for _ in range(depth - 1)]
     closes = ["]" if o == "[" else "}" for o in reversed(opens)]
     return "".join(opens) + "[]" + "".join(closes)
+
+
+# --------------------------------------------------------------------------- source images of any bit depth
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims ``width`` x ``height`` pixels and whose data is a few bytes (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def _edit_prompts(tmp_path: Path, image: str) -> Path:
+    path = tmp_path / "edits.jsonl"
+    path.write_text(json.dumps({"prompt": "make it red", "image": image}) + "\n")
+    return path
+
+
+def test_a_16_bit_grey_png_is_scaled_to_8_bit_not_clipped_to_white(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from precise_rl.policies.edit import source_pixels
+    from precise_rl.tasks.registry import read_prompt_file
+
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    grey = rng.integers(0, 65536, size=(11, 13), dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")  # really 16 bits on disk
+    (prompt,) = read_prompt_file(_edit_prompts(tmp_path, "deep.png"), "prompts.train")
+    pixels = source_pixels(prompt).numpy()
+    expected = grey.astype(np.float64) / 65535.0
+    for channel in pixels:  # grey: the three channels alike, within half an 8-bit step of the 16-bit value
+        assert np.abs(channel - expected).max() <= 0.5 / 255 + 1e-6
+    assert pixels.std() > 0.2  # a clipped conversion would be nearly all white
+
+
+def test_a_float_tiff_in_0_1_is_scaled_and_one_outside_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from precise_rl.errors import UserError
+    from precise_rl.policies.edit import source_pixels
+    from precise_rl.tasks.registry import read_prompt_file
+
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    values = rng.random((7, 9)).astype(np.float32)
+    Image.fromarray(values).save(tmp_path / "unit.tiff")
+    assert Image.open(tmp_path / "unit.tiff").mode == "F"
+    (prompt,) = read_prompt_file(_edit_prompts(tmp_path, "unit.tiff"), "prompts.train")
+    assert np.abs(source_pixels(prompt).numpy()[0] - values).max() <= 0.5 / 255 + 1e-6
+    top = float(rng.uniform(2, 300))
+    Image.fromarray((values * top).astype(np.float32)).save(tmp_path / "hdr.tiff")
+    with pytest.raises(UserError) as info:
+        read_prompt_file(_edit_prompts(tmp_path, "hdr.tiff"), "prompts.train")
+    message = str(info.value)
+    assert "line 1 of prompt file" in message and "not [0, 1]" in message
+    assert f"{float((values * top).max()):g}" in message  # the range found is named
+
+
+@pytest.mark.parametrize("kind", ["bomb", "directory", "fifo", "missing"])
+def test_a_bad_source_image_is_named_for_what_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    from precise_rl.errors import UserError
+    from precise_rl.tasks.registry import read_prompt_file
+
+    image = tmp_path / "src.png"
+    if kind == "bomb":
+        _png_header_only(image, 30000, 30000)
+    elif kind == "directory":
+        image.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(image)
+    expected = {
+        "bomb": "more than the 67108864 pixels (8192 x 8192)",
+        "directory": "is a directory, not an image file",
+        "fifo": "is a FIFO (named pipe), not an image file",
+        "missing": "does not exist",
+    }[kind]
+    with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        read_prompt_file(_edit_prompts(tmp_path, "src.png"), "prompts.train")
+    # sample --image checks the same before any model is built
+    out = tmp_path / "out"
+    assert main(["sample", "--model", "digits", "--image", str(image), "--prompt", "x", "-o", str(out)]) == 2
+    line = _one_error(capsys, "sample")
+    assert "--image" in line and expected in line, line
+    assert not out.exists()
+
+
+def test_an_image_just_over_the_pixel_limit_is_refused_before_decoding(tmp_path: Path) -> None:
+    from precise_rl.errors import UserError
+    from precise_rl.images import MAX_SOURCE_PIXELS, read_rgb8
+
+    side = int(MAX_SOURCE_PIXELS**0.5) + 1
+    _png_header_only(tmp_path / "wide.png", side, side)
+    with pytest.raises(UserError, match=f"is {side} x {side} pixels, more than"):
+        read_rgb8(tmp_path / "wide.png", "source image 'wide.png'")
