@@ -197,3 +197,50 @@ def test_an_image_just_over_the_pixel_limit_is_refused_before_decoding(tmp_path:
     _png_header_only(tmp_path / "wide.png", side, side)
     with pytest.raises(UserError, match=f"is {side} x {side} pixels, more than"):
         read_rgb8(tmp_path / "wide.png", "source image 'wide.png'")
+
+
+# --------------------------------------------------------------------------- sizes bounded up front
+
+
+@pytest.mark.parametrize(
+    ("key", "limit"),
+    [
+        ("sampler.num_steps", 1000),
+        ("eval.num_steps", 1000),
+        ("train.group_size", 4096),
+        ("train.rollout_batch_size", 4096),
+        ("train.batch_size", 4096),
+        ("eval.samples_per_prompt", 4096),
+        ("train.groups_per_epoch", 1_000_000),
+        ("eval.max_prompts", 1_000_000),
+    ],
+)
+def test_absurd_sizes_in_a_config_are_refused_naming_the_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, limit: int
+) -> None:
+    from precise_rl.config import load_config, validate
+
+    validate(load_config(None, [f"{key}={limit}"]))  # the limit itself is allowed
+    value = limit + random.Random(os.urandom(8)).randint(1, 10**8)
+    out = tmp_path / "run"
+    assert main(["train", f"{key}={value}", "--output", str(out)]) == 2
+    line = _one_error(capsys, "train")
+    assert f"'{key}' is {value}" in line and f"more than the limit of {limit}" in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "study"])
+def test_absurd_step_counts_on_the_command_line_are_refused_naming_the_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    steps = 1000 + random.Random(os.urandom(8)).randint(1, 10**8)
+    out = tmp_path / "out"
+    argv = {
+        "sample": ["sample", "--model", "digits", "--prompt", "a 7", "--steps", str(steps), "-o", str(out)],
+        "eval": ["eval", str(tmp_path), "--steps", f"10,{steps}", "--output", str(out / "eval.json")],
+        "study": ["study", "--steps", f"6,{steps}", "--output", str(out)],
+    }[command]
+    assert main(argv) == 2
+    line = _one_error(capsys, command)
+    assert f"--steps is {steps} steps, more than the limit of 1000 steps" in line, line
+    assert not out.exists()

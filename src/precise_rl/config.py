@@ -43,6 +43,10 @@ __all__ = [
     "config_from_dict",
     "with_run_defaults",
     "same_run_config",
+    "MAX_STEPS",
+    "MAX_BATCH",
+    "MAX_PROMPTS",
+    "check_at_most",
 ]
 
 
@@ -434,6 +438,22 @@ def same_run_config(saved: dict[str, Any], cfg: ExperimentConfig) -> bool:
     return plain(recorded) in (plain(cfg), plain(filled))
 
 
+#: the most sampler steps of one rollout (train, eval, sample, study): real recipes take 10 to 250; the
+#: bound stops a typo (100000000) before it allocates a trajectory of that many states
+MAX_STEPS = 1000
+#: the most images of one kind in one batch or group (group size, rollout and update batches, images per
+#: prompt): real runs take up to a few hundred
+MAX_BATCH = 4096
+#: the most prompt groups of one epoch, and held-out prompts of one evaluation
+MAX_PROMPTS = 1_000_000
+
+
+def check_at_most(what: str, value: int, limit: int, unit: str = "") -> None:
+    """Refuse ``value`` above ``limit`` in one sentence naming both (``what`` is the key or flag)."""
+    if value > limit:
+        raise UserError(f"{what} is {value}{unit}, more than the limit of {limit}{unit}; give at most {limit}")
+
+
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise UserError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
@@ -445,6 +465,13 @@ def validate(cfg: ExperimentConfig) -> None:
     for key in ("epochs", "groups_per_epoch", "group_size", "rollout_batch_size", "batch_size", "grad_accum"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.inner_epochs", t.inner_epochs)
+    for key, limit in (
+        ("group_size", MAX_BATCH),
+        ("rollout_batch_size", MAX_BATCH),
+        ("batch_size", MAX_BATCH),
+        ("groups_per_epoch", MAX_PROMPTS),
+    ):
+        check_at_most(f"config key 'train.{key}'", getattr(t, key), limit)
     if t.forward_batch != "auto":
         _positive("train.forward_batch", t.forward_batch, allow_zero=True)
     if t.memory_budget_gb is not None:
@@ -486,6 +513,7 @@ def validate(cfg: ExperimentConfig) -> None:
             f"config key 'sampler.name' must be one of {', '.join(map(repr, trainable))}{why}, got {s.name!r}"
         )
     _positive("sampler.num_steps", s.num_steps)
+    check_at_most("config key 'sampler.num_steps'", s.num_steps, MAX_STEPS, " steps")
     if s.eta is not None:
         _positive("sampler.eta", s.eta, allow_zero=True)
         bound = SAMPLER_TABLE[s.name].eta_max
@@ -509,6 +537,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _positive("eval.num_steps", e.num_steps)
     _positive("eval.samples_per_prompt", e.samples_per_prompt)
     _positive("eval.max_prompts", e.max_prompts)
+    check_at_most("config key 'eval.num_steps'", e.num_steps, MAX_STEPS, " steps")
+    check_at_most("config key 'eval.samples_per_prompt'", e.samples_per_prompt, MAX_BATCH)
+    check_at_most("config key 'eval.max_prompts'", e.max_prompts, MAX_PROMPTS)
     _positive("eval.grid_prompts", e.grid_prompts, allow_zero=True)
     allowed = ["own", *SAMPLER_TABLE]
     if not e.samplers:

@@ -11,6 +11,7 @@ import copy
 import json
 from pathlib import Path
 
+from ..config import MAX_BATCH, MAX_PROMPTS, MAX_STEPS, check_at_most
 from ..errors import UserError
 from .paths import path_arg
 
@@ -121,10 +122,14 @@ def _run_locked(args: argparse.Namespace, out: Path) -> int:
             raise UserError(f"--samplers has unknown sampler {s!r}; choose from own, {', '.join(SAMPLERS)}")
     if args.steps is not None and any(n < 1 for n in args.steps):
         raise UserError("--steps must be positive integers")
-    for flag in ("samples_per_prompt", "max_prompts"):
+    for n in args.steps or []:
+        check_at_most("--steps", n, MAX_STEPS, " steps")
+    for flag, limit in (("samples_per_prompt", MAX_BATCH), ("max_prompts", MAX_PROMPTS)):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+        if value is not None:
+            check_at_most(f"--{flag.replace('_', '-')}", value, limit)
     ckpt = latest_checkpoint(args.checkpoint or args.run_dir)
     check_output_file(out)
     cfg = resolve_config([], ckpt)

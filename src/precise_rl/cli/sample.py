@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config import MAX_BATCH, MAX_STEPS, check_at_most
 from ..errors import UserError
 from ..sde.samplers import DEFAULT_ETA, SAMPLERS  # the table alone: --help and argument errors import no torch
 from .paths import path_arg
@@ -325,10 +326,16 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError("--image needs a --prompt: the edit to make")
     if not args.prompt and args.prompt_file is None:
         raise UserError("give at least one --prompt (or a --prompt-file)")
-    for flag in ("steps", "num_images", "batch_size"):
+    for flag, limit, unit in (
+        ("steps", MAX_STEPS, " steps"),
+        ("num_images", MAX_BATCH, ""),
+        ("batch_size", MAX_BATCH, ""),
+    ):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+        if value is not None:
+            check_at_most(f"--{flag.replace('_', '-')}", value, limit, unit)
     if args.eta is not None and args.eta < 0:
         raise UserError(f"--eta must be >= 0, got {args.eta}")
     bad = [s for s in args.grid_samplers if s not in SAMPLERS]

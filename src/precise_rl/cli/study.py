@@ -32,6 +32,7 @@ import os
 from pathlib import Path
 
 from ..algorithm_table import ALGORITHM_TABLE
+from ..config import MAX_STEPS, check_at_most
 from ..errors import UserError
 from ..rl.compare import parse_algorithms, parse_samplers
 from ..rl.run_config import split_config_and_overrides
@@ -102,6 +103,7 @@ def parse_steps(text: str) -> list[int]:
             n = 0
         if n < 1:
             raise UserError(f"--steps takes comma-separated positive integers, got {part!r}")
+        check_at_most("--steps", n, MAX_STEPS, " steps")
         if n not in out:
             out.append(n)
     if not out:
