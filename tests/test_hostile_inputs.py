@@ -244,3 +244,51 @@ def test_absurd_step_counts_on_the_command_line_are_refused_naming_the_limit(
     line = _one_error(capsys, command)
     assert f"--steps is {steps} steps, more than the limit of 1000 steps" in line, line
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- reward weights that train nothing
+
+
+def test_all_reward_weights_zero_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _toy_yaml(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--output", str(out), "reward.weights.toy_brightness=0"]) == 2
+    line = _one_error(capsys, "train")
+    assert "every reward weight 0 (toy_brightness)" in line and "nothing would be trained" in line, line
+    assert not out.exists()
+    # a weight of 0 beside a non-zero one is allowed (logged, not trained on)
+    from precise_rl.config import load_config, validate
+
+    validate(load_config(cfg, ["reward.weights.other=0"]))
+
+
+def test_a_weight_big_enough_to_overflow_is_refused_and_the_limit_never_overflows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+    import torch
+
+    from precise_rl.config import MAX_REWARD_WEIGHT
+    from precise_rl.errors import UserError
+    from precise_rl.rewards.base import check_weights, combine_rewards
+
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    big = float(MAX_REWARD_WEIGHT * rng.uniform(1.5, 1e200))
+    cfg = _toy_yaml(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--output", str(out), f"reward.weights.toy_brightness={big!r}"]) == 2
+    line = _one_error(capsys, "train")
+    assert "beyond the limit of 1e+12" in line and "would overflow" in line, line
+    assert not out.exists()
+    with pytest.raises(UserError, match="beyond the limit"):
+        check_weights({"a": 1.0, "b": -big})
+    # at the limit, several rewards over a large batch (z-scores up to sqrt(n)) still combine to finite numbers
+    n = 4096
+    comps = {k: torch.from_numpy(rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3)) for k in "abc"}
+    comps["a"][0] = 1e6  # one outlier: its z-score is nearly sqrt(n)
+    weights = {"a": MAX_REWARD_WEIGHT, "b": -MAX_REWARD_WEIGHT, "c": MAX_REWARD_WEIGHT}
+    combined = combine_rewards(comps, weights).numpy()
+    assert np.isfinite(combined).all()
+    z = {k: (v.numpy() - v.numpy().mean()) / (v.numpy().std() + 1e-8) for k, v in comps.items()}
+    expected = sum(w * z[k] for k, w in weights.items())
+    np.testing.assert_allclose(combined, expected, rtol=1e-5, atol=1e-5 * MAX_REWARD_WEIGHT)

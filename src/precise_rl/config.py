@@ -47,6 +47,7 @@ __all__ = [
     "MAX_BATCH",
     "MAX_PROMPTS",
     "check_at_most",
+    "MAX_REWARD_WEIGHT",
 ]
 
 
@@ -448,6 +449,11 @@ MAX_BATCH = 4096
 MAX_PROMPTS = 1_000_000
 
 
+#: the largest reward weight in size: the combined reward sums weight x z-score, and a z-score of a batch of
+#: n images reaches sqrt(n), so weights up to this bound never overflow float32 (3.4e38)
+MAX_REWARD_WEIGHT = 1e12
+
+
 def check_at_most(what: str, value: int, limit: int, unit: str = "") -> None:
     """Refuse ``value`` above ``limit`` in one sentence naming both (``what`` is the key or flag)."""
     if value > limit:
@@ -532,6 +538,16 @@ def validate(cfg: ExperimentConfig) -> None:
     for name, weight in cfg.reward.weights.items():
         if weight != weight or abs(weight) == float("inf"):
             raise UserError(f"config key 'reward.weights.{name}' must be a finite number, got {weight!r}")
+        if abs(weight) > MAX_REWARD_WEIGHT:
+            raise UserError(
+                f"config key 'reward.weights.{name}' is {weight!r}, beyond the limit of {MAX_REWARD_WEIGHT:g} in size "
+                "(the weighted reward would overflow); only the ratios of the weights matter, so scale them down"
+            )
+    if cfg.reward.weights and not any(cfg.reward.weights.values()):
+        raise UserError(
+            f"config key 'reward.weights' gives every reward weight 0 ({', '.join(cfg.reward.weights)}): nothing would "
+            "be trained; give one a non-zero weight (rewards only to be logged go in reward.eval_only)"
+        )
     e = cfg.eval
     _positive("eval.every", e.every, allow_zero=True)
     _positive("eval.num_steps", e.num_steps)
