@@ -292,3 +292,35 @@ def test_a_weight_big_enough_to_overflow_is_refused_and_the_limit_never_overflow
     z = {k: (v.numpy() - v.numpy().mean()) / (v.numpy().std() + 1e-8) for k, v in comps.items()}
     expected = sum(w * z[k] for k, w in weights.items())
     np.testing.assert_allclose(combined, expected, rtol=1e-5, atol=1e-5 * MAX_REWARD_WEIGHT)
+
+
+# --------------------------------------------------------------------------- resume reads the run's config.yaml
+
+
+def test_edits_to_a_runs_config_yaml_are_honoured_on_resume_and_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _toy_yaml(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--output", str(out), "train.epochs=2"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    epochs = random.Random(os.urandom(8)).randint(3, 4)
+    saved["train"]["epochs"] = epochs
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"train.epochs 2 -> {epochs}" in err and "config.yaml" in err, err
+    logged = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(epochs + 1))  # the edited epoch count was trained
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == epochs  # kept, not discarded
+    # an edit the checkpoint cannot take (another sampler) is refused in one sentence, nothing changed
+    saved["sampler"]["name"] = "flow_grpo"
+    saved["sampler"]["eta"] = 0.7
+    saved["train"]["epochs"] = epochs + 1
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    before = (out / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 2
+    assert "another model or sampler" in _one_error(capsys, "train")
+    assert (out / "metrics.jsonl").read_bytes() == before

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..rl.rundir import command_line, is_main_launch_process, lock_run_dir, prepare_run_dir
 
-    cfg = resolve_config(args.items, args.resume)  # config errors come before torch is even imported
+    cfg = resolve_config(args.items, args.resume, honour_edits=True)  # config errors come before torch is even imported
     from ..rl.preflight import check_config
 
     check_config(cfg)
