@@ -324,3 +324,49 @@ def test_edits_to_a_runs_config_yaml_are_honoured_on_resume_and_named(
     assert main(["train", "--resume", str(out)]) == 2
     assert "another model or sampler" in _one_error(capsys, "train")
     assert (out / "metrics.jsonl").read_bytes() == before
+
+
+# --------------------------------------------------------------------------- eval and sample name the run's state
+
+
+def test_eval_refuses_another_runs_checkpoint_and_keeps_its_own_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    cfg = _toy_yaml(tmp_path)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    assert main(["train", str(cfg), "--output", str(ours), "train.epochs=2"]) == 0
+    seed = random.Random(os.urandom(8)).randint(4, 10**6)
+    assert main(["train", str(cfg), "--output", str(theirs), "train.epochs=2", f"seed={seed}"]) == 0
+    assert main(["eval", str(ours), "--samplers", "ode"]) == 0
+    before = (ours / "eval.json").read_bytes()
+    foreign = theirs / "checkpoints" / "epoch_000002"
+    capsys.readouterr()
+    assert main(["eval", str(ours), "--samplers", "ode", "--checkpoint", str(foreign)]) == 2
+    line = _one_error(capsys, "eval")
+    assert "is not a checkpoint of run" in line and "differs in seed" in line and "--output" in line, line
+    assert (ours / "eval.json").read_bytes() == before
+    # to a file of its own it is evaluated; a copy of the run's own checkpoint elsewhere is the run's
+    assert main(["eval", str(ours), "--checkpoint", str(foreign), "--output", str(tmp_path / "t.json")]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["checkpoint"] == str(foreign)
+    copy = tmp_path / "copy" / "epoch_000002"
+    shutil.copytree(ours / "checkpoints" / "epoch_000002", copy)
+    assert main(["eval", str(ours), "--samplers", "ode", "--checkpoint", str(copy)]) == 0
+    assert json.loads((ours / "eval.json").read_text())["checkpoint"] == str(copy)
+
+
+def test_sampling_a_run_with_no_checkpoint_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _toy_yaml(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--output", str(run), "train.epochs=1", "checkpoint.every=0"]) == 0
+    for ckpt in (run / "checkpoints").glob("epoch_*"):
+        import shutil
+
+        shutil.rmtree(ckpt)  # as a run stopped before its first checkpoint leaves it
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["sample", "--model", str(run), "--prompt", "x", "-o", str(out)]) == 2
+    line = _one_error(capsys, "sample")
+    assert "is a training run with no checkpoint yet" in line and "diffusers" not in line, line
+    assert not out.exists()

@@ -142,6 +142,19 @@ def is_run_dir(path: str) -> bool:
     return p.is_dir() and (bool(list_checkpoints(p / "checkpoints")) or (p / MANIFEST).is_file())
 
 
+def is_run_without_checkpoint(path: str) -> bool:
+    """Whether ``--model`` names a training run's directory that holds no checkpoint (not a model either)."""
+    from ..rl.rundir import MARKER_NAME
+
+    p = Path(path)
+    if not p.is_dir() or is_run_dir(path) or (p / "model_index.json").is_file():
+        return False
+    marked = (p / MARKER_NAME).is_file()
+    return marked or (
+        (p / "config.yaml").is_file() and ((p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file())
+    )
+
+
 #: what ``precise-rl sample`` draws with when neither the flags nor a run say otherwise
 SAMPLING_DEFAULTS = {
     "sampler": "precise",
@@ -377,6 +390,11 @@ def run(args: argparse.Namespace) -> int:
     out = args.output
     device = _device(args.device)
     run_ckpt, run_cfg = None, None
+    if is_run_without_checkpoint(args.model):
+        raise UserError(
+            f"--model {args.model!r} is a training run with no checkpoint yet (its checkpoints/ holds none); sample "
+            "it once training has written one (checkpoint.every), or give a model"
+        )
     if is_run_dir(args.model):
         lora_dir = None
         policy, adapter, run_ckpt, run_cfg = policy_from_run(args, device)
