@@ -370,3 +370,40 @@ def test_sampling_a_run_with_no_checkpoint_says_so(tmp_path: Path, capsys: pytes
     line = _one_error(capsys, "sample")
     assert "is a training run with no checkpoint yet" in line and "diffusers" not in line, line
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- no silent wait for a launch
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_leftover_launch_variables_end_in_one_sentence_within_the_bound(tmp_path: Path, rank: str) -> None:
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bound = random.Random(os.urandom(8)).uniform(2.0, 4.0)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "WORLD_SIZE": "2",
+        "RANK": rank,
+        "LOCAL_RANK": rank,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "PRECISE_RL_DIST_TIMEOUT_S": f"{bound:.2f}",
+    }
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "precise_rl.cli", "train", "--output", str(out), "train.epochs=1"]
+    start = time.monotonic()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    waited = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "did not meet within" in lines[0] and f"WORLD_SIZE=2, RANK={rank}" in lines[0], lines[0]
+    assert "PRECISE_RL_DIST_TIMEOUT_S" in lines[0]
+    assert waited >= bound  # it did wait for the launch, and gave up (the 240 s cap above bounds a hang)
