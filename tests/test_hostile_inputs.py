@@ -407,3 +407,83 @@ def test_leftover_launch_variables_end_in_one_sentence_within_the_bound(tmp_path
     assert "did not meet within" in lines[0] and f"WORLD_SIZE=2, RANK={rank}" in lines[0], lines[0]
     assert "PRECISE_RL_DIST_TIMEOUT_S" in lines[0]
     assert waited >= bound  # it did wait for the launch, and gave up (the 240 s cap above bounds a hang)
+
+
+# --------------------------------------------------------------------------- SIGTERM names where to go on
+
+
+def test_sigterm_names_the_last_checkpoint_and_the_resume_command(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from precise_rl.rl.checkpoint import list_checkpoints
+
+    cfg = _toy_yaml(tmp_path, epochs=400)
+    out = tmp_path / "run"
+    code = (
+        "import sys; from tests import toy_task; toy_task.register(); from precise_rl.cli import main; "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"}
+    argv = [sys.executable, "-c", code, "train", str(cfg), "--output", str(out), "checkpoint.every=1"]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240  # a bound on a hang, not a timing assertion
+    wanted = random.Random(os.urandom(8)).randint(1, 3)
+    while proc.poll() is None and len(list_checkpoints(out / "checkpoints")) < wanted:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM, err[-2000:]  # still ended by the signal, nothing cleaned up
+    last = list_checkpoints(out / "checkpoints")[-1]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("precise-rl train: terminated (SIGTERM); "), line
+    assert f"the last checkpoint is {str(last)!r}" in line and f"precise-rl train --resume {out}" in line, line
+    # and that command does go on from it
+    assert main(["train", "--resume", str(out), f"train.epochs={int(last.name.split('_')[1]) + 1}"]) == 0
+
+
+# --------------------------------------------------------------------------- words that say what is so
+
+
+def test_the_hint_after_a_complete_run_proposes_more_epochs_than_were_trained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _toy_yaml(tmp_path)
+    out = tmp_path / "run"
+    done = random.Random(os.urandom(8)).randint(2, 4)
+    assert main(["train", str(cfg), "--output", str(out), f"train.epochs={done}"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "train.epochs=1"]) == 0
+    said = capsys.readouterr().out
+    assert f"already complete ({done} epochs)" in said, said
+    proposed = int(said.split("train.epochs=")[-1].split()[0])
+    assert proposed > done
+
+
+def test_a_memory_budget_too_small_is_shown_in_a_unit_that_shows_it() -> None:
+    import re
+
+    from precise_rl.errors import UserError
+    from precise_rl.rl.memory import MemoryLine, human_bytes
+
+    rng = random.Random(os.urandom(8))
+    for _ in range(200):
+        n = int(10 ** rng.uniform(0, 12))
+        text = human_bytes(n)
+        number, unit = text.split()
+        scale = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+        assert abs(float(number) * scale - n) <= 0.006 * n + 0.5, (n, text)
+        assert float(number) != 0 or n == 0
+    budget = rng.randint(2_000, 900_000)  # bytes: "0.00 GB" before
+    line = MemoryLine(fixed=budget, per_row=rng.randint(1, 1000))
+    with pytest.raises(UserError) as info:
+        line.largest(budget, most=8)
+    message = str(info.value)
+    assert "0.00 GB" not in message
+    shown = re.search(r"budget of ([0-9.]+) (B|kB|MB)", message)
+    assert shown is not None, message
+    value = float(shown.group(1)) * {"B": 1, "kB": 1e3, "MB": 1e6}[shown.group(2)]
+    assert abs(value - budget) <= 0.01 * budget

@@ -89,10 +89,12 @@ def run(args: argparse.Namespace) -> int:
             # trains nothing more and writes the summary and plots); only a summarised run is complete.
             if args.resume is not None and trainer.epoch >= cfg.train.epochs and (out / "summary.json").is_file():
                 if trainer.is_main:
+                    # a run may have trained beyond a train.epochs given on this resume: propose more than it did
+                    done = trainer.epoch
+                    asked = f"{done} of {cfg.train.epochs}" if done == cfg.train.epochs else f"{done}"
                     print(
-                        f"the run in {out} is already complete ({trainer.epoch} of {cfg.train.epochs} epochs); "
-                        f"nothing was trained. To train longer: precise-rl train --resume {out} "
-                        f"train.epochs={cfg.train.epochs * 2}"
+                        f"the run in {out} is already complete ({asked} epochs); nothing was trained. To train "
+                        f"longer: precise-rl train --resume {out} train.epochs={max(done, cfg.train.epochs) * 2}"
                     )
                 return 0
             summary = trainer.run()
