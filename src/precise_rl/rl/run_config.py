@@ -109,6 +109,8 @@ def _with_edits(saved: dict[str, Any], ckpt: Path) -> dict[str, Any]:
         raise UserError(f"cannot read the run's {str(path)!r}: {exc}") from None
     except UserError as exc:
         raise UserError(f"the run's {str(path)!r}: {exc}") from None
+    if edited is None:  # emptied: nothing to honour, the checkpoint's config stands (and is written back)
+        return saved
     if not isinstance(edited, dict):
         raise UserError(f"the run's {str(path)!r} must hold a mapping of keys to values; fix it or delete it")
     before = _flat(_plain(saved, f"checkpoint {str(ckpt)!r}"))

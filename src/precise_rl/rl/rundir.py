@@ -74,7 +74,11 @@ RUN_OUTPUTS = (
     "reward_curve.png",
     "eval.json",
     "wandb",
+    # written aside and renamed into place: left only by a run killed in between
+    "config.yaml.tmp",
+    "metrics.jsonl.tmp",
 )
+_SHOWN_OUTPUTS = [n for n in RUN_OUTPUTS if not n.endswith(".tmp")]
 #: the outputs a run makes as directories: a file of that name is the user's, never removed
 _RUN_DIRS = ("checkpoints", "tensorboard", "samples", "wandb")
 
@@ -251,7 +255,7 @@ def check_foreign_files(directory: str | Path, flag: str = "--overwrite") -> Non
         shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
         raise UserError(
             f"output directory {str(directory)!r} holds files precise-rl did not write ({shown}); choose a new or "
-            f"empty --output, or pass {flag} to replace what a run writes there ({', '.join(RUN_OUTPUTS)}) and "
+            f"empty --output, or pass {flag} to replace what a run writes there ({', '.join(_SHOWN_OUTPUTS)}) and "
             "keep the rest"
         )
 
