@@ -312,6 +312,7 @@ def clear_run_dir(directory: str | Path, names: tuple[str, ...] | list[str] = RU
 
 def _write_marker(directory: Path) -> None:
     """Record, before anything else is written, the names this start will create (those not there now)."""
+    _make_dir(directory)
     created = [n for n in RUN_OUTPUTS if not os.path.lexists(directory / n)]
     tmp = directory / (MARKER_NAME + ".tmp")
     try:
