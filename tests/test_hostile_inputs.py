@@ -487,3 +487,20 @@ def test_a_memory_budget_too_small_is_shown_in_a_unit_that_shows_it() -> None:
     assert shown is not None, message
     value = float(shown.group(1)) * {"B": 1, "kB": 1e3, "MB": 1e6}[shown.group(2)]
     assert abs(value - budget) <= 0.01 * budget
+
+
+def test_a_study_never_removes_a_run_directory_holding_the_users_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _toy_yaml(tmp_path)
+    out = tmp_path / "study"
+    mine = out / "runs" / "N2-uniform" / f"precise-seed{toy_task.TOY_CONFIG['seed']}"
+    mine.mkdir(parents=True)
+    note = os.urandom(16).hex()
+    (mine / "notes.txt").write_text(note)
+    (mine / "metrics.jsonl").write_text("")  # beside what a killed run leaves
+    argv = ["study", str(cfg), "train.epochs=1", "--seeds", "1", "--steps", "2", "--grids", "uniform"]
+    assert main([*argv, "--samplers", "precise", "--workers", "1", "-o", str(out)]) == 2
+    line = _one_error(capsys, "study")
+    assert "holds files a run did not write (notes.txt)" in line, line
+    assert (mine / "notes.txt").read_text() == note
