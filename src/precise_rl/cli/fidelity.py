@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..fidelity.lab import GRIDS, LabConfig  # no torch: --help and argument errors answer at once
 from ..sde.samplers import SAMPLERS
+from .paths import path_arg
 
 _QUICK = {"nfe": (6, 10, 30), "samples": 500, "eta_points": 7}
 
@@ -28,7 +29,7 @@ _QUICK = {"nfe": (6, 10, 30), "samples": 500, "eta_points": 7}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``precise-rl fidelity`` flags."""
     default = LabConfig()
-    parser.add_argument("--output", "-o", type=Path, default=Path("fidelity-report"), help="report folder")
+    parser.add_argument("--output", "-o", type=path_arg, default=Path("fidelity-report"), help="report folder")
     parser.add_argument(
         "--nfe", type=int, nargs="+", default=None, help=f"step counts (default: {' '.join(map(str, default.nfe))})"
     )

@@ -57,6 +57,7 @@ import os
 from pathlib import Path
 
 from ..algorithm_table import ALGORITHM_TABLE
+from ..config import MAX_STEPS, check_at_most
 from ..errors import UserError
 from ..rl.compare import parse_algorithms, parse_samplers
 from ..rl.run_config import split_config_and_overrides
@@ -72,6 +73,7 @@ from ..rl.study import (
     parse_run,
     run_study,
 )
+from .paths import path_arg
 
 __all__ = ["add_arguments", "run", "parse_steps", "parse_grids", "parse_runs", "parse_etas"]
 
@@ -126,7 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"{' '.join(QUICK['overrides'])} (each unless given): 32 runs "
         "on the built-in task, 2-5 minutes on 2 cores depending on their load (3 min 4 s at load 8)",
     )
-    p.add_argument("--output", "-o", type=Path, default=Path("runs/study"), help="directory for runs and results")
+    p.add_argument("--output", "-o", type=path_arg, default=Path("runs/study"), help="directory for runs and results")
 
 
 # --------------------------------------------------------------------------- flags
@@ -144,6 +146,7 @@ def parse_steps(text: str) -> list[int]:
             n = 0
         if n < 1:
             raise UserError(f"--steps takes comma-separated positive integers, got {part!r}")
+        check_at_most("--steps", n, MAX_STEPS, " steps")
         if n not in out:
             out.append(n)
     if not out:

@@ -427,11 +427,13 @@ def compare_runs(
     from ..config import AlgorithmConfig, validate
     from .logging import read_metrics
     from .preflight import check_config
-    from .run_config import resolve_config
-    from .rundir import check_fresh_run_dir, command_line, lock_run_dir, prepare_run_dir
+    from .run_config import resolve_config, split_config_and_overrides
+    from .rundir import check_foreign_files, check_fresh_run_dir, command_line, lock_run_dir, prepare_run_dir
     from .trainer import Trainer
 
     base = resolve_config(items, None)
+    config_path, _ = split_config_and_overrides(items)
+    keep = [Path(config_path)] if config_path else []  # the experiment file is never among what a run replaces
     base.eval.every = eval_every_for(base.train.epochs, base.eval.every)
     base.eval.samplers = ["ode", "own"]
     several = algorithms is not None and len(algorithms) > 1
@@ -458,8 +460,9 @@ def compare_runs(
         if not overwrite:  # refuse before the first run, not after the first ones were trained
             for _, _, run_dir in jobs:
                 check_fresh_run_dir(run_dir, "--overwrite", resume_hint=False)
+                check_foreign_files(run_dir, "--overwrite")
         for label, cfg, run_dir in tqdm(jobs, desc="compare", dynamic_ncols=True):
-            prepare_run_dir(run_dir, resuming=False, overwrite=True)
+            prepare_run_dir(run_dir, resuming=False, overwrite=overwrite, keep=keep)
             Trainer(cfg, run_dir).run()
             runs[label].append(read_metrics(run_dir / "metrics.jsonl"))
     summary = {protocol: summarise(runs, key) for protocol, key in PROTOCOLS.items()}

@@ -207,6 +207,18 @@ def _cell_summary(summary: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def _check_only_run_outputs(run_dir: Path) -> None:
+    """Refuse to restart ``run_dir`` (it is removed whole) when it holds anything a run does not write."""
+    from .rundir import RUN_OUTPUTS, foreign_files
+
+    extra = [n for n in foreign_files(run_dir) if n.rstrip("/") not in RUN_OUTPUTS]
+    if extra:
+        raise UserError(
+            f"the study's run directory {str(run_dir)!r} holds files a run did not write ({', '.join(extra[:5])}); "
+            "move them away or choose another --output"
+        )
+
+
 def run_study(
     items: list[str],
     seeds: int,
@@ -267,6 +279,7 @@ def run_study(
                     done += 1
                     continue
                 if run_dir.exists():  # a run killed before it finished: start it again
+                    _check_only_run_outputs(run_dir)
                     shutil.rmtree(run_dir)
                 jobs.append(job)
     seconds = _run_jobs(jobs, workers, done)
