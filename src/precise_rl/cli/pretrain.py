@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..tasks import PRETRAIN_TASKS
+from .paths import path_arg
 
 __all__ = ["add_arguments", "run"]
 
@@ -25,7 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``precise-rl pretrain``."""
     parser.add_argument("task", choices=sorted(PRETRAIN_TASKS), help="the built-in task whose weights to regenerate")
     parser.add_argument(
-        "--output", "-o", default=None, help="output directory (default: pretrained-TASK, e.g. pretrained-digits)"
+        "--output",
+        "-o",
+        type=path_arg,
+        default=None,
+        help="output directory (default: pretrained-TASK, e.g. pretrained-digits)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split and of training (default: 0)")
     parser.add_argument(
