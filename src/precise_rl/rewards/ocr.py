@@ -216,7 +216,8 @@ class _Engine:
         self, lines: Sequence[np.ndarray], resize: str, pad_width: int, batch_size: int, pool: _Pool
     ) -> list[tuple[str, float]]:
         """``(text, mean character confidence)`` of each BGR ``uint8`` line."""
-        inputs = pool.map(lambda line: _rec_input(line, resize), lines)
+        # a resize of a line takes microseconds: handing it to a thread costs more than it saves
+        inputs = [_rec_input(line, resize) for line in lines]
         widths = [_padded_width(x.shape[2], pad_width) for x in inputs]
         order = sorted(range(len(lines)), key=lambda k: widths[k])
         chunks: list[list[int]] = []  # at most batch_size lines of one padded width each
@@ -241,16 +242,21 @@ class _Engine:
 
 
 class _Pool:
-    """``map`` over ``workers`` threads (onnxruntime and OpenCV let go of the GIL), or in this thread for one."""
+    """``map`` over ``workers`` threads (onnxruntime and OpenCV let go of the GIL), or in this thread for one.
+
+    The threads are made once and kept: starting them for every call cost more than a small batch's work.
+    """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
+        self._executor: ThreadPoolExecutor | None = None
 
     def map(self, fn: Any, items: Sequence[Any]) -> list[Any]:
         if self.workers <= 1 or len(items) <= 1:
             return [fn(item) for item in items]
-        with ThreadPoolExecutor(min(self.workers, len(items))) as pool:
-            return list(pool.map(fn, items))
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="ocr")
+        return list(self._executor.map(fn, items))
 
 
 def _rec_input(line: np.ndarray, resize: str) -> np.ndarray:
@@ -324,6 +330,7 @@ class OcrReward(Reward):
         # call per core kept 97% of a core's throughput here, two threads within one call about 75%
         self.workers = workers if workers is not None else (1 if self.device.type == "cuda" else _cpus())
         self._engine = LazyModel(self._load)
+        self._pool = _Pool(self.workers)
 
     def _load(self) -> _Engine:
         try:
@@ -356,7 +363,7 @@ class OcrReward(Reward):
         if pixels.shape[1] == 1:
             pixels = np.repeat(pixels, 3, axis=1)
         bgr = [np.ascontiguousarray(p[::-1].transpose(1, 2, 0)) for p in pixels]
-        pool = _Pool(self.workers)
+        pool = self._pool
         per_image = pool.map(engine.lines, bgr) if self.detect else [[img] for img in bgr]
         flat = [line for lines in per_image for line in lines]
         reads = engine.recognise(flat, self.resize, self.pad_width, self.batch_size, pool) if flat else []
