@@ -138,6 +138,35 @@ def test_the_recogniser_reads_clean_renders(rng: random.Random) -> None:
     assert float(scores.mean()) > 0.9
 
 
+def test_the_layout_puts_each_letter_where_the_renders_draw_it(rng: random.Random) -> None:
+    from precise_rl.tasks.signs.render import FONTS, JITTER_X, WIDTH, _font, _fitting_size, letter_advance
+
+    net = SignsFlowNet(SignsNetConfig())
+    for _ in range(20):
+        word = "".join(rng.choices(string.ascii_uppercase, k=rng.randint(1, 6)))
+        n = len(word)
+        # independent of the model: the advance of each face at its mean size, from PIL
+        advances = []
+        for face in range(len(FONTS)):
+            size = _fitting_size("H" * n, face, 0.9)
+            advances.append(_font(face, size).getlength("H" * n) / n * 0.925)
+        assert abs(letter_advance(n) - sum(advances) / len(advances)) < 1e-6
+        # the renders centre the text (within the jitter): the ink spans about n advances around the middle
+        image = render_signs([word], random.Random(rng.random()))[0].astype(np.float64).mean(axis=0)
+        cols = np.flatnonzero((image < 110).any(axis=0))
+        centre = (cols.min() + cols.max() + 1) / 2
+        assert abs(centre - WIDTH / 2) <= JITTER_X + 0.1 * letter_advance(n) + 1
+        letters, phase = net.layout(encode_words([word]))
+        x = (np.arange(16)[:, None] + np.array([0.25, 0.75])) * 8  # the sub-column centres
+        start = WIDTH / 2 - n * letter_advance(n) / 2
+        slot = np.floor((x - start) / letter_advance(n)).astype(int)
+        expect = np.where(
+            (slot >= 0) & (slot < n), [[ord(word[k]) - 64 if 0 <= k < n else 0 for k in row] for row in slot], 0
+        )
+        assert letters[0].tolist() == expect.tolist()
+        assert torch.allclose(phase[0].norm(dim=-1), torch.tensor((expect > 0).astype(np.float32)))
+
+
 def test_a_fresh_network_is_zero_and_its_config_refuses_unknown_keys() -> None:
     net = SignsFlowNet(SignsNetConfig())
     x = torch.randn(3, 3, 32, 128)
