@@ -139,7 +139,7 @@ def test_the_recogniser_reads_clean_renders(rng: random.Random) -> None:
 
 
 def test_the_layout_puts_each_letter_where_the_renders_draw_it(rng: random.Random) -> None:
-    from precise_rl.tasks.signs.render import FONTS, JITTER_X, WIDTH, _font, _fitting_size, letter_advance
+    from precise_rl.tasks.signs.render import FONTS, JITTER_X, WIDTH, _fitting_size, _font, letter_advance
 
     net = SignsFlowNet(SignsNetConfig())
     for _ in range(20):
