@@ -156,13 +156,14 @@ def test_the_layout_puts_each_letter_where_the_renders_draw_it(rng: random.Rando
         cols = np.flatnonzero((image < 110).any(axis=0))
         centre = (cols.min() + cols.max() + 1) / 2
         assert abs(centre - WIDTH / 2) <= JITTER_X + 0.1 * letter_advance(n) + 1
-        letters, phase = net.layout(encode_words([word]))
-        x = (np.arange(16)[:, None] + np.array([0.25, 0.75])) * 8  # the sub-column centres
+        # any shape of positions: random ones in a (4, 2) block, or every pixel centre
+        x = np.array([rng.uniform(0, WIDTH) for _ in range(8)]).reshape(4, 2) if rng.random() < 0.5 else None
+        x = np.arange(WIDTH) + 0.5 if x is None else x
+        letters, phase = net.layout(encode_words([word]), torch.from_numpy(x))
         start = WIDTH / 2 - n * letter_advance(n) / 2
         slot = np.floor((x - start) / letter_advance(n)).astype(int)
-        expect = np.where(
-            (slot >= 0) & (slot < n), [[ord(word[k]) - 64 if 0 <= k < n else 0 for k in row] for row in slot], 0
-        )
+        codes = np.array([0] + [ord(c) - 64 for c in word])  # 0 outside the word
+        expect = codes[np.where((slot >= 0) & (slot < n), slot + 1, 0)]
         assert letters[0].tolist() == expect.tolist()
         assert torch.allclose(phase[0].norm(dim=-1), torch.tensor((expect > 0).astype(np.float32)))
 
@@ -247,3 +248,25 @@ def test_pretraining_refuses_bad_arguments(tmp_path: Path, capsys) -> None:
         SignsPolicy.from_pretrained(assets_dir() / "digits_flow.safetensors")
     with pytest.raises(UserError, match="does not exist"):
         SignsPolicy.from_pretrained(tmp_path / "nothing")
+
+
+# --------------------------------------------------------------------------- training on the task
+
+
+@needs_rapidocr
+@pytest.mark.slow
+def test_a_short_run_of_the_signs_config_trains_and_evaluates_with_the_ocr_reward(tmp_path: Path) -> None:
+    """``configs/signs_precise.yaml``, cut to one epoch: rollouts scored by PP-OCRv4, an update, both protocols."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "signs_precise.yaml"
+    run = tmp_path / "run"
+    args = ["train", str(config), "--output", str(run), "train.epochs=1", "train.groups_per_epoch=2"]
+    args += ["train.group_size=4", "train.batch_size=8", "eval.every=1", "eval.max_prompts=2", "logging.progress=false"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "reward/ocr" in r)
+    assert 0.0 <= first["reward/ocr"] <= 1.0 and first["model_evals_rollout"] == 8 * 10
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["protocols"]) == {"ode", "own"}
+    for protocol in ("ode", "own"):
+        assert 0.0 <= summary["final_eval"][f"eval_{protocol}/ocr"] <= 1.0
+    assert summary["final_eval"]["eval_reward_ceiling"] == 1.0

@@ -37,6 +37,7 @@ __all__ = [
     "plot_algorithms",
     "SATURATED_HEADROOM",
     "MATCHED_CONTROL",
+    "TASK_SIZES",
     "FIDELITY_MEAN",
     "FIDELITY_STD",
     "BROAD_FIDELITY_STD",
@@ -54,6 +55,24 @@ DEFAULT_SEEDS = 3
 #: Measured then: the full default study 19 min 11 s (load 5-6), ``--quick`` 2 min 14 s (load 2-3).
 STUDY_OVERRIDES = ["eval.samples_per_prompt=2", "checkpoint.every=0", "checkpoint.keep=1"]
 QUICK = {"steps": [6, 10], "seeds": 2, "overrides": ["train.epochs=30", "eval.max_prompts=16"]}
+#: a built-in task whose runs cost more than the digits task's has sizes of its own, used where the
+#: command line gives none (its overrides come after the config's values and before the user's). Why for
+#: signs: an epoch of its recipe (8 x 8 rollouts of a 1.7M-parameter DiT over 32x128 pixels, each image
+#: read by PP-OCRv4) costs about 1.5 s per sampling step on one thread of the shared 2-core machine, about
+#: 20 times a digits epoch; one seed on the model's own grid (shift 3) and 4 x 8 rollouts an epoch bring
+#: the full study to about 40 minutes on 2 workers, the quick one (10 steps, 3 epochs of 4 x 4) to about 4.
+TASK_SIZES: dict[str, dict[str, Any]] = {
+    "signs": {
+        "seeds": 1,
+        "grids": "model",
+        "overrides": ["train.epochs=12", "train.groups_per_epoch=4", "eval.max_prompts=16"],
+        "quick": {
+            "steps": [10],
+            "seeds": 1,
+            "overrides": ["train.epochs=3", "train.groups_per_epoch=4", "train.group_size=4", "eval.max_prompts=8"],
+        },
+    }
+}
 
 
 # --------------------------------------------------------------------------- jobs

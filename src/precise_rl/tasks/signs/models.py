@@ -53,6 +53,8 @@ class SignsNetConfig:
     head_channels: int = 16
     #: width of the head's hidden convolution
     head_hidden: int = 32
+    #: per-pixel letter embedding the head sees (with the phase within the letter and the row)
+    layout_channels: int = 8
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SignsNetConfig:
@@ -150,7 +152,10 @@ class SignsFlowNet(nn.Module):
         self.out_norm = nn.LayerNorm(w, elementwise_affine=False)
         self.out_ada = nn.Linear(w, 2 * w)
         self.out = nn.Linear(w, config.head_channels * config.patch_h * config.patch_w)
-        self.head1 = nn.Conv2d(config.head_channels + 3, config.head_hidden, 3, padding=1)
+        # the head also sees, per pixel, the letter placed there, where in it, and the row: a glyph's strokes
+        # follow from these alone up to the render's small moves, which the transformer's features carry
+        self.layout_pixel = nn.Embedding(len(ALPHABET) + 1, config.layout_channels)
+        self.head1 = nn.Conv2d(config.head_channels + 3 + config.layout_channels + 3, config.head_hidden, 3, padding=1)
         self.head2 = nn.Conv2d(config.head_hidden, 3, 3, padding=1)
         nn.init.zeros_(self.out_ada.weight)
         nn.init.zeros_(self.out_ada.bias)
@@ -165,22 +170,19 @@ class SignsFlowNet(nn.Module):
             names += [f"blocks.{i}.{n}" for n in ("qkv", "proj", "q_cross", "kv_cross", "proj_cross", "fc1", "fc2")]
         return names + ["out", "head1", "head2"]
 
-    def layout(self, chars: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per patch column and sub-column: the letter token placed there (0 outside the word) and its phase.
+    def layout(self, chars: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """At each horizontal position ``x`` (pixels, any shape): the letter token placed there and its phase.
 
-        Returns ``(B, cols, 2)`` letter tokens and ``(B, cols, 2, 2)`` (cos, sin) of the position within the
-        letter's place, at the centres of the left and right halves of each patch column.
+        Returns ``(B, *x.shape)`` letter tokens (0 outside the word) and ``(B, *x.shape, 2)``: the (cos, sin)
+        of the position within the letter's place (zeros outside the word).
         """
-        cfg = self.config
         lengths = (chars != PAD).sum(dim=1)
-        advance = self.advance[lengths][:, None, None]
-        start = cfg.width_px / 2 - lengths[:, None, None] * advance / 2
-        cols = cfg.width_px // cfg.patch_w
-        x = torch.arange(cols, device=chars.device, dtype=advance.dtype)[:, None] * cfg.patch_w
-        x = x + torch.tensor([0.25, 0.75], device=chars.device, dtype=advance.dtype) * cfg.patch_w
-        place = (x[None] - start) / advance
+        shape = (-1,) + (1,) * x.ndim
+        advance = self.advance[lengths].reshape(shape)
+        start = self.config.width_px / 2 - lengths.reshape(shape) * advance / 2
+        place = (x.to(advance.dtype)[None] - start) / advance
         slot = place.floor().long()
-        inside = (slot >= 0) & (slot < lengths[:, None, None])
+        inside = (slot >= 0) & (slot < lengths.reshape(shape))
         letters = chars.gather(1, slot.clamp(0, chars.shape[1] - 1).reshape(chars.shape[0], -1)).reshape(slot.shape)
         angle = 2 * torch.pi * (place - place.floor())
         phase = torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1) * inside[..., None]
@@ -214,16 +216,33 @@ class SignsFlowNet(nn.Module):
         temb = timestep_embedding(t, self.config.time_freqs).to(dtype)
         pooled = (feats * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         c = F.silu(self.time_fc2(F.silu(self.time_fc1(temb))) + pooled)
-        letters, phase = self.layout(chars)
-        # one layout vector per patch column, the same for every row of patches
+        cfg = self.config
+        rows, cols = cfg.grid
+        # one layout vector per patch column (from the centres of its halves), the same for every row of patches
+        sub = torch.arange(cols, device=chars.device)[:, None] + torch.tensor([0.25, 0.75], device=chars.device)
+        letters, phase = self.layout(chars, sub * cfg.patch_w)
         column = (self.layout_emb(letters) + self.layout_phase(phase.to(dtype))).sum(dim=2)
-        rows, cols = self.config.grid
         h = self.patch_in(self._patchify(x.to(dtype))) + self.pos + column.repeat(1, rows, 1)
         for block in self.blocks:
             h = block(h, feats, mask, c)
         shift, scale = self.out_ada(c).chunk(2, dim=1)
-        feats = self._unpatchify(self.out(_modulate(self.out_norm(h), shift, scale)), self.config.head_channels)
-        return self.head2(F.silu(self.head1(torch.cat([feats, x.to(dtype)], dim=1))))
+        feats = self._unpatchify(self.out(_modulate(self.out_norm(h), shift, scale)), cfg.head_channels)
+        return self.head2(F.silu(self.head1(torch.cat([feats, x.to(dtype), self._pixel_layout(chars, dtype)], dim=1))))
+
+    def _pixel_layout(self, chars: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(B, layout_channels + 3, H, W)``: each pixel's letter embedding, phase within the letter, and row."""
+        cfg = self.config
+        b = chars.shape[0]
+        letters, phase = self.layout(chars, torch.arange(cfg.width_px, device=chars.device) + 0.5)
+        column = torch.cat([self.layout_pixel(letters), phase], dim=-1).to(dtype).transpose(1, 2)  # (B, C, W)
+        row = torch.linspace(-1.0, 1.0, cfg.height, device=chars.device, dtype=dtype)
+        return torch.cat(
+            [
+                column[:, :, None, :].expand(-1, -1, cfg.height, -1),
+                row[None, None, :, None].expand(b, 1, -1, cfg.width_px),
+            ],
+            dim=1,
+        )
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

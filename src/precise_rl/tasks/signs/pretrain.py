@@ -55,7 +55,7 @@ class SignsPretrainSettings:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup: int = 100
-    ema_decay: float = 0.998
+    ema_decay: float = 0.995
     renders_per_word: int = 5
     #: the first this many pretraining words make the data (all 4000 by default; fewer for quick checks)
     num_words: int = 4000
