@@ -50,7 +50,7 @@ EVAL_TIME_SHIFT = 3.0
 class SignsPretrainSettings:
     """Training hyper-parameters (the defaults made the shipped file)."""
 
-    steps: int = 3000
+    steps: int = 1000
     batch: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -216,6 +216,7 @@ def pretrain_signs(
     save_module(ema, out / FLOW_FILE, "signs_flow", config)
     report: dict[str, Any] = {
         "format": "precise_rl.signs/1",
+        "command": f"precise-rl pretrain signs --seed {seed} --steps {settings.steps} --threads {threads}",
         "seed": seed,
         "threads": threads,
         "torch_version": torch.__version__.split("+")[0],

@@ -1,12 +1,14 @@
 """Procedural signs: one line of capital letters in a DejaVu font (the fonts matplotlib ships) on a plain ground.
 
 Each render draws its look from a ``random.Random``: the font (the regular and bold DejaVu Sans Mono
-faces), the text size (85-100% of the largest that fits 90% of the image), the position (centred, moved
-by up to 4 pixels across and 2 down or up), a dark text colour and a light ground colour. The faces are
-monospaced and the text is centred, so where each letter goes depends on the word's length alone: the
-small model can learn to draw the letters within minutes on a CPU, where a free choice of faces and
-places (tried first: five faces, anywhere in the image) left it drawing letter-like strokes that no
-letter can be read from after 6000 steps. The text always stays one line that fills much of the image:
+faces), the text size (95-100% of the largest that fits 90% of the image), the position (centred, moved
+by up to a pixel each way), a dark text colour and a light ground colour. The faces are monospaced and
+the text is centred, so where each letter goes depends on the word's length alone, and the two faces
+share every letter's skeleton: what the model must draw for a word is nearly one image up to its
+colours, which a small model learns within minutes on a CPU. Wider choices left it drawing letter-like
+strokes no letter could be read from: five faces anywhere in the image after 6000 steps, the two faces
+at 85-100% of the size moved by up to 4 pixels after 1000 (an ODE sample then blends the places a
+letter may take). The text always stays one line that fills much of the image:
 the ``ocr`` reward reads such images whole, without text detection (see :mod:`precise_rl.rewards.ocr`).
 """
 
@@ -27,10 +29,10 @@ FONTS: tuple[tuple[str, str], ...] = (
     ("DejaVu Sans Mono", "bold"),
 )
 #: largest move of the text from the centre, pixels across and down
-JITTER_X, JITTER_Y = 4, 2
+JITTER_X, JITTER_Y = 1, 1
 _REFERENCE_SIZE = 100
 #: the text size is this share (drawn uniformly) of the largest that fits 90% of the image
-SIZE_RANGE = (0.85, 1.0)
+SIZE_RANGE = (0.95, 1.0)
 
 
 @cache
