@@ -1,9 +1,9 @@
 """The built-in ``signs`` task: a small text-to-image flow model that draws a word on a sign, scored by OCR.
 
 Prompts quote a word of capital letters (``a sign that says "MOON"``); the model (:mod:`.models`, a
-1.7M-parameter DiT over ``3 x 32 x 128`` pixels with its own letter embeddings and a layout of the letters) was pretrained on
-procedural renders (:mod:`.render`) of 4000 words; the evaluation words are held out of pretraining
-(:mod:`.words`). The task's reward is ``ocr`` (PP-OCRv4 reading the whole image as one line).
+1.7M-parameter DiT over ``3 x 32 x 128`` pixels with its own letter embeddings and a layout of the
+letters) was pretrained on procedural renders (:mod:`.render`) of 4000 words; the evaluation words are
+held out of pretraining (:mod:`.words`). The task's reward is ``ocr`` (PP-OCRv4 reading the whole image as one line).
 Regenerate the shipped weights with ``precise-rl pretrain signs``.
 """
 
