@@ -159,7 +159,8 @@ def _decode_png(item: Any, label: str, limits: Limits, total: int) -> tuple[np.n
     total += w * h
     if limits.max_request_pixels is not None and total > limits.max_request_pixels:
         raise RequestTooLarge(
-            f"the request's images add up to over {limits.max_request_pixels} pixels (the limit per request)"
+            f"the request's images add up to over {limits.max_request_pixels} pixels (the limit per request) "
+            f"with {label}"
         )
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as pil:
