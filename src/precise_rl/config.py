@@ -51,7 +51,7 @@ class ModelConfig:
     name: str = "digits"  #: policy adapter (``digits`` is the built-in task)
     path: str | None = None  #: local directory or hub id; None = the adapter's default weights
     revision: str | None = None  #: pinned hub revision
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  #: dtype the model's weights are loaded in
     options: dict[str, Any] = field(default_factory=dict)  #: adapter-specific keyword arguments
 
 
@@ -60,7 +60,7 @@ class PromptsConfig:
     #: ``builtin`` (the task's prompts), a text file (one prompt per line) or, for the editing models, a
     #: JSON-lines file (``.jsonl``: ``{"prompt": ..., "image": ...}`` per line, paths relative to the file)
     train: str = "builtin"
-    eval: str = "builtin"
+    eval: str = "builtin"  #: held-out prompts of the evaluations, in the same forms as ``train``
     #: ``shuffled``: each epoch takes the next prompts of a shuffled pass over the training set (without
     #: replacement, a new shuffle per pass, as the reference recipe draws them); ``random``: with replacement
     order: Literal["shuffled", "random"] = "shuffled"
@@ -80,7 +80,7 @@ class SamplerConfig:
     #: algorithms that train on final samples; null = the algorithm's reference sampler (GRPO: precise)
     name: str | None = None
     eta: float | None = None  #: None = the sampler's reference default
-    num_steps: int = 10
+    num_steps: int = 10  #: denoising steps of a rollout
     grid: Literal["model", "uniform", "shifted"] = "model"  #: ``model`` = the adapter's own sigmas
     shift: float = 3.0  #: for ``grid: shifted``
     schedule: Literal["logsnr", "constant"] = "logsnr"  #: exploration schedule of ``precise``
@@ -97,17 +97,18 @@ class RewardConfig:
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    rank: int = 16
-    alpha: float = 16.0
+    enabled: bool = False  #: train a LoRA adapter (peft) instead of the weights
+    rank: int = 16  #: the adapter's rank
+    alpha: float = 16.0  #: the adapter's scale numerator (scale = alpha / rank)
+    #: initial adapter weights: ``gaussian`` (the reference's) or peft's ``default``
     init: Literal["gaussian", "default"] = "gaussian"
-    dropout: float = 0.0
+    dropout: float = 0.0  #: dropout on the adapter's input
 
 
 @dataclass
 class EmaConfig:
-    enabled: bool = True
-    decay: float = 0.9
+    enabled: bool = True  #: keep an exponential moving average of the trained weights (evaluations use it)
+    decay: float = 0.9  #: the average's decay per update
     every: int = 8  #: update the average every this many optimizer steps
     #: ``interval``: ``decay`` applied once every ``every`` optimizer steps. ``reference``: the reference
     #: recipe's effective behaviour, warm-up decay ``min((1 + n) / (10 + n), decay)`` applied
@@ -117,19 +118,19 @@ class EmaConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
+    epochs: int = 100  #: epochs of training (each: rollouts, rewards, then the update)
     groups_per_epoch: int = 8  #: prompts per epoch; each is sampled ``group_size`` times
-    group_size: int = 8
+    group_size: int = 8  #: samples per prompt (a group: advantages are taken within it)
     rollout_batch_size: int = 64  #: samples per batched rollout call
     batch_size: int = 16  #: samples per training micro-batch (each with all its trained steps)
     grad_accum: int = 1  #: micro-batches per optimizer step
     inner_epochs: int = 1  #: passes over each epoch's samples
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    lr: float = 3e-4  #: AdamW learning rate
+    weight_decay: float = 0.0  #: AdamW weight decay
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  #: AdamW betas
+    adam_eps: float = 1e-8  #: AdamW epsilon
+    grad_clip: float = 1.0  #: gradients clipped to this global norm before each optimizer step
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  #: autocast of the forwards (accelerate's mixed precision)
     #: (sample, step) rows per training forward; 0 = a whole micro-batch at once; ``auto`` = the most that fit
     #: ``memory_budget_gb``, measured on the run's device at the first training pass (:mod:`precise_rl.rl.memory`)
     forward_batch: int | Literal["auto"] = 0
@@ -178,9 +179,9 @@ class EvalConfig:
     #: measure; an SDE window of training is not applied); ``ode`` = deterministic; or any sampler by name
     #: at its default eta
     samplers: list[str] = field(default_factory=lambda: ["ode", "own"])
-    num_steps: int = 10
-    samples_per_prompt: int = 4
-    max_prompts: int = 40
+    num_steps: int = 10  #: denoising steps of the evaluation samplers
+    samples_per_prompt: int = 4  #: samples per held-out prompt
+    max_prompts: int = 40  #: held-out prompts evaluated (the first ones of the eval set)
     grid_prompts: int = 8  #: prompts shown in the sample-grid PNG
 
 
@@ -192,15 +193,15 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "precise-rl"
-    progress: bool = True
+    tensorboard: bool = True  #: write TensorBoard event files under the run's ``tensorboard/``
+    wandb: bool = False  #: log to Weights & Biases too (``wandb`` installed and logged in)
+    wandb_project: str = "precise-rl"  #: the W&B project
+    progress: bool = True  #: show progress bars
 
 
 @dataclass
 class ExperimentConfig:
-    seed: int = 0
+    seed: int = 0  #: seed of every random stream of the run (sampling noise, prompt order, initial LoRA weights)
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
