@@ -76,10 +76,6 @@ class _Budget:
         self.held -= n
 
 
-class _Unacceptable(Exception):
-    """The reward said (a UserError) that it cannot take this request: answered 422 with its sentence."""
-
-
 def create_app(
     reward: Reward,
     token: str | None = None,
@@ -147,54 +143,75 @@ def create_app(
         given = credentials.strip().encode() if scheme.lower() == "bearer" else b""
         return hmac.compare_digest(given, expected or b"")
 
-    def parse(body: bytes) -> tuple[torch.Tensor, list[str], list[dict]]:
-        # Runs in a worker thread: JSON parsing and PNG decoding of a large request take seconds.
-        check_json_budget(body, limits)  # before parsing: what parsing may allocate is bounded by it
+    def parse(body: bytearray) -> tuple[torch.Tensor, list[str], list[dict]] | tuple[int, str]:
+        """The request, or the error answer's (status, sentence); runs in a worker thread.
+
+        No exception leaves this thread: one that did would reach the event loop through a future
+        whose traceback holds this frame and ``body`` in a reference cycle, which only the cyclic
+        garbage collector frees, long after the body was given back to ``bodies``. Memory held that
+        way is counted by no bound, so each error is made a sentence here and its traceback dropped.
+        """
         try:
-            decoded = json.loads(body)
-        except RecursionError:
-            raise ProtocolError("the JSON is nested too deeply") from None
-        except ValueError as exc:  # JSONDecodeError, and bytes that are not UTF-8
-            raise ProtocolError(f"the body is not JSON ({exc})") from None
-        try:
-            return parse_request(decoded, limits)
-        except RecursionError:
-            raise ProtocolError("the metadata is nested too deeply") from None
+            check_json_budget(body, limits)  # before parsing: what parsing may allocate is bounded by it
+            try:
+                decoded = json.loads(body)
+            except RecursionError:
+                raise ProtocolError("the JSON is nested too deeply") from None
+            except ValueError as exc:  # JSONDecodeError, and bytes that are not UTF-8
+                raise ProtocolError(f"the body is not JSON ({exc})") from None
+            try:
+                return parse_request(decoded, limits)
+            except RecursionError:
+                raise ProtocolError("the metadata is nested too deeply") from None
+        except RequestTooLarge as exc:
+            return 413, f"request too large: {exc}"
+        except ProtocolError as exc:
+            return 400, f"malformed request: {exc}"
+        except Exception as exc:  # noqa: BLE001 - e.g. a PNG that breaks the decoder: still the request's fault
+            return 400, f"malformed request: it could not be decoded ({type(exc).__name__})"
 
     def error(status: int, detail: str, close: bool = False) -> Any:
         # close: the rest of a body is not read, so the connection cannot carry another request
         headers = {"Connection": "close"} if close else None
         return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
-    def score(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict:
-        with lock, torch.no_grad():
-            try:
-                out = reward(images, prompts, metadata)
-            except UserError as exc:  # the reward's own sentence on what it cannot take
-                raise _Unacceptable(str(exc)) from None
-        if not isinstance(out, Mapping):
-            out = {reward.name: out}
-        if reward.name not in out:
-            if len(out) != 1:
-                raise UserError(f"reward {reward.name!r} returned fields {sorted(out)} and none named after it")
-            out = {reward.name: next(iter(out.values()))}
-        scores = {}
-        for key, value in out.items():
-            t = torch.as_tensor(value).detach().double().reshape(-1)
-            if t.numel() != images.shape[0]:
-                raise UserError(f"reward field {key!r} has {t.numel()} scores for {images.shape[0]} images")
-            scores[key] = t
-        return build_response(reward.name, scores)
+    def score(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict | tuple[int, str]:
+        """The answer, or the error answer's (status, sentence); runs in a worker thread (see ``parse``)."""
+        try:
+            with lock, torch.no_grad():
+                try:
+                    out = reward(images, prompts, metadata)
+                except UserError as exc:  # the reward's own sentence on what it cannot take
+                    return 422, f"reward {reward.name!r} cannot take this request: {exc}"
+            if not isinstance(out, Mapping):
+                out = {reward.name: out}
+            if reward.name not in out:
+                if len(out) != 1:
+                    raise UserError(f"reward {reward.name!r} returned fields {sorted(out)} and none named after it")
+                out = {reward.name: next(iter(out.values()))}
+            scores = {}
+            for key, value in out.items():
+                t = torch.as_tensor(value).detach().double().reshape(-1)
+                if t.numel() != images.shape[0]:
+                    raise UserError(f"reward field {key!r} has {t.numel()} scores for {images.shape[0]} images")
+                scores[key] = t
+            return build_response(reward.name, scores)
+        except Exception as exc:  # noqa: BLE001 - the client marks these images; the server stays up
+            return 500, f"reward {reward.name!r} failed: {type(exc).__name__}: {exc}"
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "protocol": PROTOCOL}
 
-    async def receive_body(request: Any, held: int) -> tuple[bytes | Any, int]:
-        """The body, or the error answer; and the bytes reserved for it in ``bodies`` (given back by the caller)."""
+    async def receive_body(request: Any, body: bytearray, held: int) -> tuple[Any, int]:
+        """The body read into ``body``: None, or the error answer; and the bytes reserved for it in ``bodies``.
+
+        ``body`` grows in place (a large buffer by mremap, without a copy): joining chunks would hold
+        the body twice for a moment, outside what ``bodies`` counts.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + receive_timeout
-        chunks, total = [], 0
+        total = 0
         stream = request.stream().__aiter__()
         while True:
             try:
@@ -203,6 +220,9 @@ def create_app(
                 break
             except asyncio.TimeoutError:
                 detail = f"the body did not arrive within {receive_timeout:g} s ({total} bytes came)"
+                # one line per disconnect: the connection's own deadline (connections.py) leaves a
+                # request whose body the app is reading to the app, and the two may fire together
+                LOG.warning("answered 408 to %s and closed the connection: %s", _client(request), detail)
                 return error(408, detail, close=True), held
             total += len(chunk)
             if total > max_request_bytes:
@@ -211,10 +231,8 @@ def create_app(
                 if not bodies.take(total - held):
                     return error(503, busy, close=True), held
                 held = total
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        del chunks
-        return body, held
+            body += chunk
+        return None, held
 
     busy = "the server holds as many request bodies as it may at once (--max-bodies-mb); retry later"
 
@@ -229,26 +247,24 @@ def create_app(
         held = int(length) if length is not None and length.isdigit() else 0
         if not bodies.take(held):  # refused before a byte of it is read
             return error(503, busy, close=True)
+        body = bytearray()
         try:
             try:
-                body, held = await receive_body(request, held)
+                refused, held = await receive_body(request, body, held)
             except ClientDisconnect:
                 LOG.warning("client %s went away while sending its request body", _client(request))
                 return error(400, "the client went away", close=True)
-            if not isinstance(body, bytes):
-                return body  # the error answer
+            if refused is not None:
+                return refused
             async with slots:  # bounds the decoded images held at once, whatever the number of clients
-                try:
-                    images, prompts, metadata = await run_in_threadpool(parse, body)
-                except RequestTooLarge as exc:
-                    return error(413, f"request too large: {exc}")
-                except ProtocolError as exc:
-                    return error(400, f"malformed request: {exc}")
-                except Exception as exc:  # noqa: BLE001 - e.g. a PNG that breaks the decoder: still the request's fault
-                    return error(400, f"malformed request: it could not be decoded ({type(exc).__name__})")
-                del body
-                bodies.give(held)  # decoded: the pixels are bounded by the decoding slots from here
+                parsed = await run_in_threadpool(parse, body)
+                body.clear()
+                bodies.give(held)  # parsed: the pixels are bounded by the decoding slots from here
                 held = 0
+                if len(parsed) == 2:  # (status, sentence)
+                    return error(*parsed)
+                images, prompts, metadata = parsed
+                del parsed
                 if images.ndim == 5 and not getattr(reward, "accepts_video", False):
                     return error(
                         415,
@@ -256,13 +272,13 @@ def create_app(
                         "frames=first,middle,last (or all, or frame indices) to score frames of each video, or "
                         "send images",
                     )
-                try:
-                    return await run_in_threadpool(score, images, prompts, metadata)
-                except _Unacceptable as exc:
-                    return error(422, f"reward {reward.name!r} cannot take this request: {exc}")
-                except Exception as exc:  # noqa: BLE001 - the client marks these images; the server stays up
-                    return error(500, f"reward {reward.name!r} failed: {type(exc).__name__}: {exc}")
+                answer = await run_in_threadpool(score, images, prompts, metadata)
+                return error(*answer) if isinstance(answer, tuple) else answer
         finally:
+            # Emptied here, the buffer is freed as its bytes are given back, even where a reference
+            # to it outlives the request (an exception's traceback in a cycle, freed only by the
+            # cyclic garbage collector): what ``bodies`` counts is what is held.
+            body.clear()
             bodies.give(held)
 
     # the annotation FastAPI reads to pass the raw request (a string under postponed annotations)
