@@ -16,10 +16,15 @@ frame count only as it is decoded), and neither side needs a video codec. A 200 
 
 with one list per field, as long as ``images``; field ``NAME`` is the reward itself, others are
 extra measurements; ``null`` marks an image the reward could not score. Errors answer
-``{"detail": sentence}`` with 400 (a malformed request), 401 (missing or wrong token), 413 (body, image
-or video count, frames per video or decoded pixels over the server's limits), 415 (videos sent to a
-server whose reward scores images only) or 500 (the reward raised). ``GET /health`` answers
-``{"status": "ok", "protocol": 1}``.
+``{"detail": sentence}`` with 400 (a malformed request), 401 (missing or wrong token), 408 (the body
+did not arrive in time), 413 (body, JSON values, image or video count, frames per video or decoded
+pixels over the server's limits), 415 (videos sent to a server whose reward scores images only), 422
+(the reward refused the request in a sentence of its own), 503 (the server holds as many bodies as it
+may; retry later) or 500 (the reward raised). ``GET /health`` answers ``{"status": "ok", "protocol": 1}``.
+
+A 16-bit PNG is read as its 8 high bits. A metadata value that is an image (an edit's source image)
+travels as a base64 PNG string and reaches the served reward as a ``(C, H, W)`` tensor in [0, 1];
+its pixels count in the request's bound.
 
 Decoding is bounded before it starts: a PNG's width and height are read from its header (IHDR)
 and checked against the limits per image (per frame) and per request (all frames of all videos
