@@ -1,0 +1,349 @@
+"""The ``vlm_judge`` reward against a scripted OpenAI-compatible judge on loopback (:mod:`tests.judge_server`).
+
+The real ``openai`` client talks to the test server over HTTP. The reference's UnifiedReward-v2 template and
+parsing are checked against the reference's code (Tencent-Hunyuan/Precise, ``precise_sde/rewards/remote.py``,
+``unifiedreward_score_v2``, commit 9a84f91b5acc634fb22f846acecf40b8c55b3350), written out again here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from precise_rl.errors import UserError
+from precise_rl.rewards import RewardSet, build_reward
+from precise_rl.rewards.failures import RewardServerDown, RewardServerRejected, RewardUnavailable
+from precise_rl.rewards.judge_pairs import group_pairs, pairs_per_group, win_rates
+from precise_rl.rewards.judge_templates import parse_pair_rank, parse_unifiedreward_v2, unifiedreward_v2_text
+from tests.judge_server import JudgeServer, Reply, brightness_judgement
+
+pytest.importorskip("openai")
+
+FAST = {"backoff": 0.0, "image_format": "png", "resolution": None}
+
+
+def _flat_images(values: torch.Tensor, size: int = 8) -> torch.Tensor:
+    """One flat grey image per value: its brightness survives PNG exactly at 8 bits."""
+    return values[:, None, None, None].expand(len(values), 3, size, size).clone()
+
+
+def _8bit(values: torch.Tensor) -> torch.Tensor:
+    return (values * 255).round() / 255
+
+
+# ----------------------------------------------------------------------------- templates and parsing
+
+
+def _reference_extract(text: str, acs_weights: dict | None) -> dict | None:
+    """``_extract_acs_scores`` of the reference (remote.py, 9a84f91), with None for its sentinel -10."""
+    raw = {}
+    for key, pattern in [
+        ("alignment", r"Alignment Score \(1-5\):\s*([\d.]+)"),
+        ("coherence", r"Coherence Score \(1-5\):\s*([\d.]+)"),
+        ("style", r"Style Score \(1-5\):\s*([\d.]+)"),
+    ]:
+        match = re.search(pattern, text)
+        try:
+            raw[key] = float(match.group(1)) if match else None
+        except (AttributeError, ValueError):
+            raw[key] = None
+    if any(v is None for v in raw.values()):
+        return None
+    named = {k: max(0.0, min(v, 5.0)) / 5.0 for k, v in raw.items()}
+    total = sum((acs_weights or {}).get(k, 0.0) for k in ("alignment", "coherence", "style"))
+    if acs_weights and total > 0:
+        named["avg"] = sum(named[k] * acs_weights.get(k, 0.0) for k in ("alignment", "coherence", "style")) / total
+    else:
+        named["avg"] = sum(named.values()) / 3.0
+    return named
+
+
+def test_unifiedreward_v2_instruction_is_the_references() -> None:
+    prompt = f"a photo of {random.randint(0, 10**6)} cats"
+    # remote.py lines 160-172 at 9a84f91, the f-string as the reference writes it
+    expected = (
+        "You are presented with a generated image and its associated text caption. "
+        "Provide overall assessments along the following axes (each rated from 1 to 5):\n"
+        "- Alignment Score: How well the image matches the caption.\n"
+        "- Coherence Score: How logically consistent the image is.\n"
+        "- Style Score: How aesthetically appealing the image looks.\n\n"
+        "Output your evaluation using the format below:\n\n"
+        "Alignment Score (1-5): X\n"
+        "Coherence Score (1-5): Y\n"
+        "Style Score (1-5): Z\n\n"
+        f"Your task is provided as follows:\nText Caption: [{prompt}]"
+    )
+    assert unifiedreward_v2_text(prompt) == expected
+
+
+def test_unifiedreward_v2_parsing_matches_the_reference_on_random_answers() -> None:
+    rng = random.Random()
+    for _ in range(300):
+        scores = [rng.uniform(-1, 7) for _ in range(3)]
+        lines = [
+            f"{name} Score (1-5): {abs(s):.{rng.randint(0, 3)}f}"
+            for name, s in zip(("Alignment", "Coherence", "Style"), scores, strict=True)
+        ]
+        rng.shuffle(lines)
+        if rng.random() < 0.2:
+            lines.pop(rng.randrange(3))  # a line missing
+        if rng.random() < 0.1:
+            lines[0] += "."  # "4.5." does not read as a number
+        text = rng.choice(["", "Reasoning.\n"]) + "\n".join(lines) + rng.choice(["", "\nDone."])
+        weights = rng.choice([None, {}, {"alignment": rng.random(), "style": rng.random()}, {"coherence": 0.0}])
+        got, want = parse_unifiedreward_v2(text, weights), _reference_extract(text, weights)
+        if want is None:
+            assert got is None, text
+        else:
+            assert got is not None and got.keys() == want.keys()
+            for key in want:
+                assert got[key] == pytest.approx(want[key], abs=1e-12)
+
+
+def test_pair_rank_answers() -> None:
+    assert parse_pair_rank("Image 1 is better.") == 1.0
+    assert parse_pair_rank("After comparing, image 2 is better") == 0.0
+    assert parse_pair_rank("Both images are equally good.") == 0.5
+    assert (
+        parse_pair_rank(
+            "<think>Image 1 is better in style, Image 2 is better in detail</think><answer>Image 2 is better</answer>"
+        )
+        == 0.0
+    )
+    assert parse_pair_rank("Image 1 is better in style; Image 2 is better overall.") is None
+    assert parse_pair_rank("I cannot decide.") is None
+
+
+def test_score_1_10_and_file_templates(tmp_path: Path) -> None:
+    judge = build_reward("vlm_judge", url="http://127.0.0.1:9", template="score_1_10")
+    assert judge.template.parse("Score: 7.5") == {"score": 7.5}
+    assert judge.template.parse("Score: 11") is None and judge.template.parse("no score") is None
+    path = tmp_path / "t.txt"
+    path.write_text("Rate {prompt} from 0 to 100. Say 'Final Score: N'.")
+    judge = build_reward(
+        "vlm_judge", url="http://127.0.0.1:9", template_file=str(path), score_pattern=r"Final Score:\s*(\d+)"
+    )
+    assert judge.template.text("a dog") == "Rate a dog from 0 to 100. Say 'Final Score: N'."
+    assert judge.template.parse("...\nFinal Score: 83") == {"score": 83.0}
+    with pytest.raises(UserError, match="exactly one group"):
+        build_reward("vlm_judge", url="http://127.0.0.1:9", template_file=str(path), score_pattern=r"(\d)(\d)")
+    path.write_text("no placeholder")
+    with pytest.raises(UserError, match="no {prompt} placeholder"):
+        build_reward("vlm_judge", url="http://127.0.0.1:9", template_file=str(path))
+    with pytest.raises(UserError, match="unknown judge template 'nope'"):
+        build_reward("vlm_judge", url="http://127.0.0.1:9", template="nope")
+    with pytest.raises(UserError, match="needs url"):
+        build_reward("vlm_judge")
+
+
+# ----------------------------------------------------------------------------- pairwise bookkeeping
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9])
+def test_pairs_are_bounded_and_balanced(n: int) -> None:
+    everything = group_pairs(n, "all")
+    assert len(everything) == pairs_per_group(n, "all") == n * (n - 1) // 2
+    assert {frozenset(p) for p in everything} == {frozenset(p) for p in itertools.combinations(range(n), 2)}
+    firsts = [a for a, _ in everything]
+    assert all(abs(firsts.count(i) - (n - 1) / 2) <= (n - 1) / 2 for i in range(n))
+    for k in (1, 2, 3):
+        chosen = group_pairs(n, k)
+        assert len({frozenset(p) for p in chosen}) == len(chosen)  # no pair twice
+        if 2 * k < n - 1:
+            assert len(chosen) == n * k
+            assert all(sum(i in p for p in chosen) == 2 * k for i in range(n))  # every sample equally often
+        else:
+            assert len(chosen) == n * (n - 1) // 2
+
+
+def test_win_rates_against_a_direct_count() -> None:
+    rng = random.Random()
+    for _ in range(50):
+        n = rng.randint(2, 9)
+        comparisons = group_pairs(n, rng.choice(["all", 1, 2]))
+        verdicts = [rng.choice([1.0, 0.0, 0.5, None]) for _ in comparisons]
+        got = win_rates(n, comparisons, verdicts)
+        for i in range(n):
+            mine = [(p, v) for p, v in zip(comparisons, verdicts, strict=True) if i in p and v is not None]
+            wins = sum(v if p[0] == i else 1 - v for p, v in mine)
+            if mine:
+                assert got[i][0] == pytest.approx(wins / len(mine)) and got[i][1] == len(mine)
+            else:
+                assert math.isnan(got[i][0]) and got[i][1] == 0
+
+
+# ----------------------------------------------------------------------------- over HTTP
+
+
+def test_scores_reach_their_rows_under_concurrency() -> None:
+    n = random.randint(20, 40)
+    values = torch.rand(n)
+    delays = {}
+
+    def jittered(seen):  # answers come back out of order
+        delays.setdefault(round(seen.brightness[0], 6), random.uniform(0, 0.05))
+        return Reply(brightness_judgement(seen).text, delay=delays[round(seen.brightness[0], 6)])
+
+    with JudgeServer() as server:
+        server.script = jittered
+        judge = build_reward("vlm_judge", url=server.url, concurrency=6, **FAST)
+        out = judge(_flat_images(values), [f"prompt {i}" for i in range(n)], [{}] * n)
+        b = _8bit(values)
+        assert torch.allclose(out["alignment"], (1 + 4 * b) / 5, atol=1e-4)
+        assert torch.allclose(out["coherence"], (2 + 2 * b) / 5, atol=1e-4)
+        assert torch.allclose(out["vlm_judge"], ((1 + 4 * b) / 5 + (2 + 2 * b) / 5 + 0.6) / 3, atol=1e-4)
+        assert not out["parse_failed"].any() and not out["unscored"].any()
+        assert sorted(r.text for r in server.requests) == sorted(unifiedreward_v2_text(f"prompt {i}") for i in range(n))
+        assert {r.model for r in server.requests} == {"UnifiedReward"}
+        # at most `concurrency` requests were in the server at once, and more than one was
+        events = sorted([(r.started, 1) for r in server.requests] + [(r.finished, -1) for r in server.requests])
+        peak = max(itertools.accumulate(e for _, e in events))
+        assert 1 < peak <= 6
+
+
+def test_requests_go_round_robin_over_servers() -> None:
+    with JudgeServer() as first, JudgeServer() as second:
+        judge = build_reward("vlm_judge", url=[first.url, second.url + "/v1/"], **FAST)
+        n = 2 * random.randint(3, 8)
+        out = judge(_flat_images(torch.rand(n)), ["p"] * n, [{}] * n)
+        assert not out["unscored"].any()
+        assert len(first.requests) == len(second.requests) == n // 2
+
+
+def test_5xx_and_429_are_retried_and_4xx_is_not() -> None:
+    count = itertools.count()
+    with JudgeServer() as server:
+        server.script = lambda seen: (
+            Reply(status=[500, 429, 503][k]) if (k := next(count)) < 3 else brightness_judgement(seen)
+        )
+        judge = build_reward("vlm_judge", url=server.url, concurrency=1, retries=3, **FAST)
+        values = torch.rand(2)
+        out = judge(_flat_images(values), ["p", "q"], [{}, {}])
+        assert not out["unscored"].any()
+        assert judge.client.stats == {"requests": 5, "retries": 3}
+
+        server.script = lambda seen: Reply(status=400) if seen.brightness[0] < 0.5 else brightness_judgement(seen)
+        judge = build_reward("vlm_judge", url=server.url, retries=3, **FAST)
+        values = torch.tensor([0.2, 0.8, 0.1, 0.9])
+        out = judge(_flat_images(values), ["p"] * 4, [{}] * 4)
+        assert out["unscored"].tolist() == [1.0, 0.0, 1.0, 0.0]
+        assert out["parse_failed"].tolist() == [0.0] * 4  # a failed request is no misread answer
+        assert judge.client.stats["retries"] == 0
+
+
+def test_a_slow_judge_times_out_then_the_run_stops_after_calls_without_any_answer() -> None:
+    with JudgeServer() as server:
+        server.script = lambda seen: Reply(brightness_judgement(seen).text, delay=1.0)
+        judge = build_reward("vlm_judge", url=server.url, timeout=0.2, retries=1, stop_after=2, **FAST)
+        out = judge(_flat_images(torch.rand(2)), ["p", "q"], [{}, {}])
+        assert out["unscored"].tolist() == [1.0, 1.0] and torch.isnan(out["vlm_judge"]).all()
+        with pytest.raises(RewardServerDown, match=rf"judge server {re.escape(server.url)} gave no answer in 2 calls"):
+            judge(_flat_images(torch.rand(2)), ["p", "q"], [{}, {}])
+
+
+def test_malformed_answers_are_unscored_then_stop_the_run_past_the_limit() -> None:
+    bad = "I think this image is lovely."
+    with JudgeServer() as server:
+        server.script = lambda seen: Reply(bad) if seen.brightness[0] > 0.5 else brightness_judgement(seen)
+        judge = build_reward("vlm_judge", url=server.url, parse_window=8, max_parse_failures=0.5, **FAST)
+        values = torch.tensor([0.1, 0.9, 0.2, 0.3])
+        out = judge(_flat_images(values), ["p"] * 4, [{}] * 4)
+        assert out["parse_failed"].tolist() == [0.0, 1.0, 0.0, 0.0]
+        assert out["unscored"].tolist() == [0.0, 1.0, 0.0, 0.0]
+        assert math.isnan(out["vlm_judge"][1]) and not torch.isnan(out["vlm_judge"][[0, 2, 3]]).any()
+        out = judge(_flat_images(torch.tensor([0.6, 0.7, 0.1, 0.2])), ["p"] * 4, [{}] * 4)  # 3 of 8: under
+        with pytest.raises(RewardUnavailable) as info:
+            judge(_flat_images(torch.tensor([0.6, 0.7, 0.8, 0.2])), ["p"] * 4, [{}] * 4)  # 5 of 8
+        message = str(info.value)
+        assert server.url in message and "'UnifiedReward'" in message and repr(bad) in message
+        assert "5 of the last 8 answers" in message and "\n" not in message
+
+
+def test_a_refused_key_and_an_unknown_model_stop_in_one_sentence(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret, wrong = f"sk-test-{random.getrandbits(64):016x}", f"sk-wrong-{random.getrandbits(64):016x}"
+    with JudgeServer(api_key=secret) as server:
+        monkeypatch.setenv("MY_JUDGE_KEY", wrong)
+        judge = build_reward("vlm_judge", url=server.url, api_key_env="MY_JUDGE_KEY", **FAST)
+        with pytest.raises(RewardServerRejected) as info:
+            judge(_flat_images(torch.rand(1)), ["p"], [{}])
+        assert "refused the API key" in str(info.value) and wrong not in str(info.value)
+        assert judge.client.stats["retries"] == 0
+        key_file = tmp_path / "key"
+        key_file.write_text(secret + "\n")
+        judge = build_reward("vlm_judge", url=server.url, api_key_file=str(key_file), **FAST)
+        assert not judge(_flat_images(torch.rand(1)), ["p"], [{}])["unscored"].any()
+        assert server.requests[-1].authorization == f"Bearer {secret}"
+        judge = build_reward("vlm_judge", url=server.url, api_key_file=str(key_file), model="Other", **FAST)
+        with pytest.raises(UserError, match=r"has no model 'Other'") as info:
+            judge(_flat_images(torch.rand(1)), ["p"], [{}])
+        assert secret not in str(info.value)
+    with pytest.raises(UserError) as info:
+        build_reward("vlm_judge", url="http://127.0.0.1:9", api_key_env=secret)
+    assert secret not in str(info.value) and "name of an environment variable" in str(info.value)
+
+
+def test_pairwise_win_rates_within_groups_split_across_chunks() -> None:
+    sizes = [random.randint(2, 6) for _ in range(3)]
+    n = sum(sizes)
+    values = torch.rand(n)
+    groups = [g for g, size in enumerate(sizes) for _ in range(size)]
+    prompts = [f"prompt {g}" for g in groups]
+    with JudgeServer() as server:
+        rewards = RewardSet({"vlm_judge": 1.0}, vlm_judge={"url": server.url, "template": "pair_rank", **FAST})
+        assert rewards.wants_groups
+        cut = random.randint(1, n - 1)  # a chunk boundary inside some group
+        first = rewards.submit(_flat_images(values[:cut]), prompts[:cut], None, groups=groups[:cut])
+        second = rewards.submit(_flat_images(values[cut:]), prompts[cut:], None, groups=groups[cut:])
+        out = {k: torch.cat([first.result()[k], second.result()[k]]) for k in first.result()}
+        assert len(server.requests) == sum(s * (s - 1) // 2 for s in sizes)
+        assert all(len(r.brightness) == 2 and "two generated images" in r.text for r in server.requests)
+        b = _8bit(values)
+        for i in range(n):
+            mates = [j for j in range(n) if groups[j] == groups[i] and j != i]
+            want = sum(1.0 if b[i] > b[j] else 0.5 if b[i] == b[j] else 0.0 for j in mates) / len(mates)
+            assert out["vlm_judge"][i] == pytest.approx(want)
+            assert out["vlm_judge/comparisons"][i] == len(mates)
+        # each prompt's requests carry its own caption
+        for r in server.requests:
+            assert any(r.text.endswith(f"[prompt {g}]") for g in range(3))
+
+        # bounded: each sample in two comparisons, n calls per group of n > 3
+        server.requests.clear()
+        judge = build_reward("vlm_judge", url=server.url, template="pair_rank", pairs=1, **FAST)
+        out = judge(_flat_images(torch.rand(12)), ["a"] * 6 + ["b"] * 6, [{}] * 12)
+        assert len(server.requests) == 12 and out["comparisons"].tolist() == [2.0] * 12
+
+
+def test_submission_returns_before_the_judge_answers() -> None:
+    gate = threading.Event()
+    with JudgeServer() as server:
+        server.script = lambda seen: (gate.wait(10), brightness_judgement(seen))[1]
+        rewards = RewardSet({"vlm_judge": 1.0}, vlm_judge={"url": server.url, **FAST})
+        t0 = time.perf_counter()
+        pending = rewards.submit(_flat_images(torch.rand(4)), ["p"] * 4)
+        assert time.perf_counter() - t0 < 5 and not pending.done()
+        gate.set()
+        assert not pending.result()["vlm_judge/unscored"].any()
+
+
+def test_videos_send_the_chosen_frames_together() -> None:
+    values = torch.rand(2, 5)
+    videos = values[:, :, None, None, None].expand(2, 5, 3, 8, 8).clone()
+    with JudgeServer() as server:
+        judge = build_reward("vlm_judge", url=server.url, frames="first,last", **FAST)
+        out = judge(videos, ["p", "q"], [{}, {}])
+        assert [len(r.brightness) for r in server.requests] == [2, 2]
+        b = _8bit(values[:, [0, -1]]).mean(1)
+        assert torch.allclose(out["alignment"], (1 + 4 * b) / 5, atol=1e-4)
+        with pytest.raises(UserError, match="frames"):
+            build_reward("vlm_judge", url=server.url, **FAST)(videos, ["p", "q"], [{}, {}])
