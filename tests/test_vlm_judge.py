@@ -8,9 +8,13 @@ parsing are checked against the reference's code (Tencent-Hunyuan/Precise, ``pre
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -347,3 +351,104 @@ def test_videos_send_the_chosen_frames_together() -> None:
         assert torch.allclose(out["alignment"], (1 + 4 * b) / 5, atol=1e-4)
         with pytest.raises(UserError, match="frames"):
             build_reward("vlm_judge", url=server.url, **FAST)(videos, ["p", "q"], [{}, {}])
+
+
+# ----------------------------------------------------------------------------- the probe command
+
+
+def test_probe_judge_checks_health_models_and_one_answer(capsys: pytest.CaptureFixture[str]) -> None:
+    from precise_rl.cli import main
+
+    with JudgeServer() as first, JudgeServer() as second:
+        assert main(["probe-judge", "--url", first.url, "--url", second.url + "/v1"]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert [line.split(":", 2)[:2] for line in lines] == [first.url.split(":")[:2], second.url.split(":")[:2]]
+        assert all("/health 200" in line and "avg=" in line for line in lines)
+        assert len(first.requests) == len(second.requests) == 1
+        assert main(["probe-judge", "--url", first.url, "--template", "pair_rank"]) == 0
+        out = capsys.readouterr().out
+        verdict, answer = re.search(r"verdict (\S+) .*answer '(.*)'\)", out).groups()
+        assert float(verdict) == parse_pair_rank(answer) and len(first.requests[-1].brightness) == 2
+
+        assert main(["probe-judge", "--url", first.url, "--model", "Qwen"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"precise-rl probe-judge: error: judge server {first.url} serves models ['UnifiedReward'], not 'Qwen': "
+            "set --model (reward.options.vlm_judge.model) to one of them"
+        )
+        second.script = lambda seen: Reply("It is a fine picture.")
+        assert main(["probe-judge", "--url", first.url, "--url", second.url]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert (
+            len(err) == 1 and "'It is a fine picture.', which does not parse as template 'unifiedreward_v2'" in err[0]
+        )
+        first.health_status = 503
+        assert main(["probe-judge", "--url", first.url]) == 2
+        assert "answers /health with HTTP 503" in capsys.readouterr().err
+    assert main(["probe-judge", "--url", first.url]) == 2  # stopped: nothing listens there any more
+    assert "cannot reach judge server" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- training end to end
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(run: Path, url: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``precise-rl train`` on the built-in digits task with ``reward.weights={vlm_judge: 1}``, small epochs."""
+    cmd = [sys.executable, "-m", "precise_rl.cli", "train", "--output", str(run), "reward.weights={vlm_judge: 1}"]
+    cmd += [f"reward.options.vlm_judge.url={url}", "reward.options.vlm_judge.backoff=0"]
+    cmd += ["train.epochs=2", "train.groups_per_epoch=4", "train.group_size=4", "eval.every=0", *overrides]
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_train_digits_against_the_judge_with_a_key_that_appears_nowhere(tmp_path: Path) -> None:
+    secret = f"sk-judge-{random.getrandbits(64):016x}"
+    with JudgeServer(api_key=secret) as server:
+        done = _train(tmp_path / "run", server.url, env={"PRECISE_RL_JUDGE_API_KEY": secret})
+        assert done.returncode == 0, done.stderr
+        assert len(server.requests) == 2 * 16 and {r.authorization for r in server.requests} == {f"Bearer {secret}"}
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "reward_mean" in r]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert r["unscored/vlm_judge"] == 0 and r["reward/vlm_judge/parse_failed"] == 0
+        # the scripted judge: alignment (1 + 4 b) / 5 and coherence (2 + 2 b) / 5 of the same brightness b
+        b = (5 * r["reward/vlm_judge/alignment"] - 1) / 4
+        assert r["reward/vlm_judge/coherence"] == pytest.approx((2 + 2 * b) / 5, abs=1e-5)
+        assert r["reward_mean"] == pytest.approx(r["reward/vlm_judge"], abs=1e-6)
+    written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert secret.encode() not in b"".join(p.read_bytes() for p in written)
+    assert secret not in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_a_judge_whose_answers_do_not_parse_stops_training_in_one_sentence(tmp_path: Path) -> None:
+    with JudgeServer() as server:
+        server.script = lambda seen: Reply("A charming digit, 10/10!")
+        done = _train(tmp_path / "run", server.url, "reward.options.vlm_judge.parse_window=8")
+    assert done.returncode == 2
+    err = done.stderr.strip().splitlines()[-1]
+    assert err.startswith("precise-rl train: error: training stopped: 8 of the last 8 answers of judge server ")
+    assert f"{server.url} (model 'UnifiedReward')" in err and "'A charming digit, 10/10!'" in err
+    assert "--resume" in err and (tmp_path / "run" / "checkpoints").is_dir()
+
+
+@pytest.mark.slow
+def test_train_digits_on_pairwise_win_rates_with_groups_split_across_chunks(tmp_path: Path) -> None:
+    with JudgeServer() as server:
+        # chunks of 6 rows split groups of 4: each group is still judged whole, 6 pairs a group
+        done = _train(
+            tmp_path / "run", server.url, "reward.options.vlm_judge.template=pair_rank", "train.rollout_batch_size=6"
+        )
+        assert done.returncode == 0, done.stderr
+        assert len(server.requests) == 2 * 4 * 6
+        captions = [r.text.rsplit("[", 1)[1] for r in server.requests]
+        assert all(captions.count(c) % 6 == 0 for c in set(captions))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "reward_mean" in r]
+    for r in records:
+        assert r["reward/vlm_judge"] == pytest.approx(0.5)  # win rates of a group average one half
+        assert r["reward/vlm_judge/comparisons"] == 3 and r["unscored/vlm_judge"] == 0
