@@ -452,3 +452,13 @@ def test_train_digits_on_pairwise_win_rates_with_groups_split_across_chunks(tmp_
     for r in records:
         assert r["reward/vlm_judge"] == pytest.approx(0.5)  # win rates of a group average one half
         assert r["reward/vlm_judge/comparisons"] == 3 and r["unscored/vlm_judge"] == 0
+
+
+def test_score_1_10_over_http() -> None:
+    values = torch.rand(5)
+    with JudgeServer() as server:
+        judge = build_reward("vlm_judge", url=server.url, template="score_1_10", **FAST)
+        out = judge(_flat_images(values), ["p"] * 5, [{}] * 5)
+        assert torch.allclose(out["vlm_judge"], 1 + 9 * _8bit(values), atol=1e-3)
+        assert all("Score: N" in r.text and r.text.endswith("[p]") for r in server.requests)
+        assert judge.max_score(["p"], [{}]).tolist() == [10.0]
