@@ -43,11 +43,16 @@ class Seen:
     authorization: str
     started: float
     finished: float = 0.0
+    videos: int = 0  # how many of the media were videos (``video_url`` parts)
 
 
 def image_brightness(url: str) -> float:
-    """The mean pixel value in [0, 1] of an image sent as a ``data:image/...;base64,`` URL."""
+    """The mean pixel value in [0, 1] of an image (or an MP4 video) sent as a ``data:...;base64,`` URL."""
     data = base64.b64decode(url.split(",", 1)[1])
+    if url.startswith("data:video/"):
+        from precise_rl.videos import read_mp4
+
+        return float(read_mp4(data)[0].double().mean())
     return float(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64).mean() / 255.0)
 
 
@@ -134,8 +139,10 @@ class JudgeServer:
                     return
                 content = body["messages"][0]["content"]
                 text = next(c["text"] for c in content if c["type"] == "text")
-                urls = [c["image_url"]["url"] for c in content if c["type"] == "image_url"]
+                urls = [c[c["type"]]["url"] for c in content if c["type"] in ("image_url", "video_url")]
+                seen_videos = sum(c["type"] == "video_url" for c in content)
                 seen = Seen(body["model"], text, [image_brightness(u) for u in urls], auth, time.perf_counter())
+                seen.videos = seen_videos
                 with owner._lock:
                     owner.requests.append(seen)
                 reply = owner.script(seen)

@@ -351,6 +351,13 @@ def test_videos_send_the_chosen_frames_together() -> None:
         assert torch.allclose(out["alignment"], (1 + 4 * b) / 5, atol=1e-4)
         with pytest.raises(UserError, match="frames"):
             build_reward("vlm_judge", url=server.url, **FAST)(videos, ["p", "q"], [{}, {}])
+        # whole videos as MP4s: one video part a request, every frame in it
+        server.requests.clear()
+        judge = build_reward("vlm_judge", url=server.url, video="mp4", fps=4, **FAST)
+        out = judge(videos, ["p", "q"], [{}, {}])
+        assert [(len(r.brightness), r.videos) for r in server.requests] == [(1, 1), (1, 1)]
+        b = _8bit(values).mean(1)  # H.264 keeps flat frames' levels to within a step or two
+        assert torch.allclose(out["alignment"], (1 + 4 * b) / 5, atol=0.02)
 
 
 # ----------------------------------------------------------------------------- the probe command

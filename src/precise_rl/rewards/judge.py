@@ -29,7 +29,7 @@ import torch
 from ..errors import UserError
 from .base import Reward, register_reward
 from .failures import RewardServerDown, RewardServerRejected, RewardUnavailable
-from .judge_client import API_KEY_ENV, Answer, JudgeClient, encode_image, read_api_key
+from .judge_client import API_KEY_ENV, Answer, JudgeClient, encode_image, encode_video, read_api_key
 from .judge_pairs import check_pairs, group_pairs, group_runs, win_rates
 from .judge_templates import PAIR_RANK, UNIFIEDREWARD_V2, pairwise_template, pointwise_template
 from .remote import UNSCORED
@@ -59,8 +59,10 @@ class VLMJudge(Reward):
     served model name (the reference serves UnifiedReward as ``UnifiedReward``). The key: the environment
     variable ``api_key_env`` (default ``PRECISE_RL_JUDGE_API_KEY``; a server without a key needs none) or
     the file ``api_key_file``. ``resolution``: the longer side images are sent at (None: as generated);
-    ``image_format``: ``jpeg`` (quality 95, as the reference) or ``png``. ``frames``: for videos, the frames
-    (as in :mod:`.video`) sent together, in order, as one sample's images.
+    ``image_format``: ``jpeg`` (quality 95, as the reference) or ``png``. Videos: ``frames`` (as in
+    :mod:`.video`) sends those frames together, in order, as one sample's images; ``video: mp4`` sends each
+    video whole as an H.264 MP4 at ``fps`` frames a second (a ``video_url`` part, for a server that takes
+    videos, as vLLM does for Qwen-VL models).
     """
 
     may_fail = True
@@ -87,6 +89,8 @@ class VLMJudge(Reward):
         max_tokens: int = 256,
         temperature: float = 0.0,
         frames: Any = None,
+        video: str = "frames",
+        fps: int = 8,
         max_parse_failures: float = 0.5,
         parse_window: int = 32,
         stop_after: int = 2,
@@ -114,6 +118,12 @@ class VLMJudge(Reward):
         self.resolution = None if resolution is None else _number(resolution, "resolution", integer=True)
         self.image_format = image_format
         self.frames = None if frames is None else parse_frames(frames, "vlm_judge")
+        if video not in ("frames", "mp4"):
+            raise UserError(f"the judge's video option must be 'frames' or 'mp4', got {video!r}")
+        if video == "mp4" and self.frames is not None:
+            raise UserError("the judge's video: mp4 sends whole videos: remove the frames option")
+        self.video = video
+        self.fps = _number(fps, "fps", integer=True)
         self.max_parse_failures = float(_number(max_parse_failures, "max_parse_failures", zero=True, at_most=1.0))
         self.parse_window = _number(parse_window, "parse_window", integer=True)
         self.stop_after = _number(stop_after, "stop_after", integer=True)
@@ -156,6 +166,8 @@ class VLMJudge(Reward):
 
     def _encode(self, sample: torch.Tensor) -> list[str]:
         """One sample's images as data URLs: the image, or the chosen frames of a video."""
+        if sample.ndim == 4 and self.video == "mp4":
+            return [encode_video(sample, self.resolution, self.fps)]
         if sample.ndim == 4:
             idx = resolve_frames(self.frames, sample.shape[0], self.name)
             return [encode_image(sample[k], self.resolution, self.image_format) for k in idx]
@@ -168,12 +180,12 @@ class VLMJudge(Reward):
                 f"reward {self.name!r} needs images (B, 1 or 3, H, W) or videos (B, F, 1 or 3, H, W), "
                 f"got {tuple(images.shape)}"
             )
-        if images.ndim == 5 and self.frames is None:
+        if images.ndim == 5 and self.frames is None and self.video != "mp4":
             raise UserError(
                 f"reward {self.name!r} was given videos: set reward.options.{self.name}.frames (e.g. "
-                "first,middle,last) to the frames the judge is shown"
+                f"first,middle,last) to the frames the judge is shown, or .video: mp4 to send them whole"
             )
-        if images.ndim == 4 and self.frames is not None:
+        if images.ndim == 4 and (self.frames is not None or self.video == "mp4"):
             raise UserError(
                 f"reward {self.name!r} has a frames option, which picks frames of videos, but it was given images "
                 f"shaped {tuple(images.shape)}: remove the option for an image model"

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import UserError
 
-__all__ = ["JudgeClient", "Answer", "encode_image", "normalize_url", "read_api_key", "API_KEY_ENV"]
+__all__ = ["JudgeClient", "Answer", "encode_image", "encode_video", "normalize_url", "read_api_key", "API_KEY_ENV"]
 
 #: the environment variable the judge's API key is read from by default
 API_KEY_ENV = "PRECISE_RL_JUDGE_API_KEY"
@@ -78,6 +78,20 @@ def read_api_key(api_key_env: str | None, api_key_file: str | None) -> str | Non
             "put the key itself in that variable or in a file named by api_key_file, never in the config"
         )
     return os.environ.get(api_key_env, "").strip() or None
+
+
+def encode_video(frames: torch.Tensor, resolution: int | None, fps: int) -> str:
+    """A video ``(F, C, H, W)`` in [0, 1] as a ``data:video/mp4;base64,`` URL (H.264), longer side ``resolution``."""
+    from ..videos import mp4_bytes
+
+    frames = frames.detach().float().clamp(0, 1).cpu()
+    frames = frames.expand(-1, 3, -1, -1) if frames.shape[1] == 1 else frames
+    h, w = frames.shape[-2:]
+    if resolution is not None and max(h, w) != resolution:
+        scale = resolution / max(h, w)
+        size = (max(2, round(h * scale)), max(2, round(w * scale)))
+        frames = torch.nn.functional.interpolate(frames, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+    return f"data:video/mp4;base64,{base64.b64encode(mp4_bytes(frames, fps)).decode('ascii')}"
 
 
 def encode_image(image: torch.Tensor, resolution: int | None, fmt: str) -> str:
@@ -169,7 +183,13 @@ class JudgeClient:
         import openai
 
         clients = self.clients()
-        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": url}} for url in images]
+        # a video (an MP4 data URL) goes as vLLM's and SGLang's "video_url" part, an image as "image_url"
+        content: list[dict[str, Any]] = [
+            {"type": "video_url", "video_url": {"url": url}}
+            if url.startswith("data:video/")
+            else {"type": "image_url", "image_url": {"url": url}}
+            for url in images
+        ]
         content.append({"type": "text", "text": text})
         messages = [{"role": "user", "content": content}]
         last, last_exc, k = "", None, server
