@@ -21,7 +21,7 @@ import collections
 import math
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -30,15 +30,12 @@ from ..errors import UserError
 from .base import Reward, register_reward
 from .failures import RewardServerDown, RewardServerRejected, RewardUnavailable
 from .judge_client import API_KEY_ENV, Answer, JudgeClient, encode_image, encode_video, read_api_key
-from .judge_pairs import check_pairs, group_pairs, group_runs, win_rates
+from .judge_pairs import check_pairs, group_pairs, group_runs
+from .judge_pending import PARSE_FAILED, GroupJob, PendingPairwise, PendingPointwise
 from .judge_templates import PAIR_RANK, UNIFIEDREWARD_V2, pairwise_template, pointwise_template
-from .remote import UNSCORED
 from .video import parse_frames, resolve_frames
 
 __all__ = ["VLMJudge", "PARSE_FAILED"]
-
-#: the extra field: 1 where the judge's answer did not parse (pairwise: the share of a sample's comparisons)
-PARSE_FAILED = "parse_failed"
 
 
 def _number(value: Any, name: str, *, integer: bool = False, zero: bool = False, at_most: float | None = None) -> Any:
@@ -223,7 +220,7 @@ class VLMJudge(Reward):
             keys = list(groups) if groups is not None else list(prompts)
             if len(keys) != cpu.shape[0]:
                 raise UserError(f"reward {self.name!r} got {len(keys)} group ids for {cpu.shape[0]} images")
-            pending = _PendingPairwise(self, cpu.shape[0], images.device)
+            pending = PendingPairwise(self, cpu.shape[0], images.device)
             rows = [(pending, i, keys[i], prompts[i], self._encode(cpu[i])) for i in range(cpu.shape[0])]
             self._add_rows(rows)
             return pending
@@ -231,7 +228,7 @@ class VLMJudge(Reward):
         futures = [
             pool.submit(self._ask_one, cpu[i], prompts[i], self.client.next_server()) for i in range(cpu.shape[0])
         ]
-        return _PendingPointwise(self, futures, images.device)
+        return PendingPointwise(self, futures, images.device)
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
@@ -265,7 +262,7 @@ class VLMJudge(Reward):
             pool.submit(self.client.ask, rows[a][4] + rows[b][4], text, self.client.next_server())
             for a, b in comparisons
         ]
-        job = _GroupJob(len(rows), comparisons, futures)
+        job = GroupJob(len(rows), comparisons, futures)
         for position, (pending, i, *_rest) in enumerate(rows):
             pending.jobs[i] = (job, position)
 
@@ -327,88 +324,3 @@ class VLMJudge(Reward):
                 self._pool = None
             self._open = []
         self.client.close()
-
-
-class _PendingPointwise:
-    def __init__(self, owner: VLMJudge, futures: list[Future], device: torch.device) -> None:
-        self._owner, self._futures, self._device = owner, futures, device
-        self._result: dict[str, torch.Tensor] | None = None
-        self.answers: list[Answer] = []
-
-    def done(self) -> bool:
-        return all(f.done() for f in self._futures)
-
-    def result(self) -> dict[str, torch.Tensor]:
-        if self._result is not None:
-            return self._result
-        owner, n = self._owner, len(self._futures)
-        self.answers = [f.result() for f in self._futures]
-        scores = [owner.template.parse(a.text) if a.text is not None else None for a in self.answers]
-        owner._account(self.answers, [s is not None for s in scores])
-        fields: dict[str, torch.Tensor] = {}
-        main = owner.template.main
-        keys = [main] + sorted({k for s in scores if s for k in s} - {main})
-        if owner.template.name == UNIFIEDREWARD_V2:
-            keys = [main, "alignment", "coherence", "style"]
-        for key in keys:
-            values = [s[key] if s and key in s else math.nan for s in scores]
-            fields[owner.name if key == main else key] = torch.tensor(values, dtype=torch.float32)
-        fields[PARSE_FAILED] = torch.tensor(
-            [float(a.text is not None and s is None) for a, s in zip(self.answers, scores, strict=True)]
-        )
-        fields[UNSCORED] = torch.isnan(fields[owner.name]).float()
-        assert all(len(v) == n for v in fields.values())
-        self._result = {k: v.to(self._device) for k, v in fields.items()}
-        return self._result
-
-
-class _GroupJob:
-    """One group's comparisons in flight; verdicts parsed (and counted) once, by whichever result comes first."""
-
-    def __init__(self, n: int, comparisons: list[tuple[int, int]], futures: list[Future]) -> None:
-        self.n, self.comparisons, self.futures = n, comparisons, futures
-        self.rates: list[tuple[float, int]] | None = None
-        self.failed_share: list[float] = []
-
-    def finish(self, owner: VLMJudge) -> None:
-        if self.rates is not None:
-            return
-        n = self.n
-        answers = [f.result() for f in self.futures]
-        verdicts = [owner.pair_template.parse(a.text) if a.text is not None else None for a in answers]
-        owner._account(answers, [v is not None for v in verdicts])
-        self.rates = win_rates(n, self.comparisons, verdicts)
-        misread = [0] * n
-        shown = [0] * n
-        for (a, b), answer, v in zip(self.comparisons, answers, verdicts, strict=True):
-            for i in (a, b):
-                shown[i] += answer.text is not None
-                misread[i] += answer.text is not None and v is None
-        self.failed_share = [misread[i] / shown[i] if shown[i] else 0.0 for i in range(n)]
-
-
-class _PendingPairwise:
-    def __init__(self, owner: VLMJudge, batch: int, device: torch.device) -> None:
-        self._owner, self._batch, self._device = owner, batch, device
-        self.jobs: dict[int, tuple[_GroupJob, int]] = {}  # row -> (its group's job, its place in the group)
-        self._result: dict[str, torch.Tensor] | None = None
-
-    def done(self) -> bool:
-        return len(self.jobs) == self._batch and all(f.done() for job, _ in self.jobs.values() for f in job.futures)
-
-    def result(self) -> dict[str, torch.Tensor]:
-        if self._result is not None:
-            return self._result
-        owner = self._owner
-        if len(self.jobs) < self._batch:
-            owner._flush()  # no more rows of the open group are waited for
-        rate = torch.full((self._batch,), math.nan)
-        judged = torch.zeros(self._batch)
-        failed = torch.zeros(self._batch)
-        for row, (job, position) in self.jobs.items():
-            job.finish(owner)
-            rate[row], judged[row] = job.rates[position]
-            failed[row] = job.failed_share[position]
-        fields = {owner.name: rate, "comparisons": judged, PARSE_FAILED: failed, UNSCORED: torch.isnan(rate).float()}
-        self._result = {k: v.float().to(self._device) for k, v in fields.items()}
-        return self._result
