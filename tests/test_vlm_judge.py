@@ -469,3 +469,40 @@ def test_score_1_10_over_http() -> None:
         assert torch.allclose(out["vlm_judge"], 1 + 9 * _8bit(values), atol=1e-3)
         assert all("Score: N" in r.text and r.text.endswith("[p]") for r in server.requests)
         assert judge.max_score(["p"], [{}]).tolist() == [10.0]
+
+
+def test_the_judge_answers_a_chunk_while_the_next_is_rolled_out(tmp_path: Path) -> None:
+    """Three rollout chunks an epoch: the first chunk's requests reach the judge, and are answered, before
+    the last chunk's rollout steps are done; the scores are still each image's own."""
+    import copy
+
+    from precise_rl.config import config_from_dict
+    from precise_rl.rl.rollouts import wait_scores
+    from precise_rl.rl.trainer import GRPOTrainer
+    from tests import toy_task
+
+    toy_task.register()
+    data = copy.deepcopy(toy_task.TOY_CONFIG)
+    data["train"].update(epochs=1, rollout_batch_size=4)
+    data["eval"]["every"] = 0
+    with JudgeServer() as server:
+        server.script = lambda seen: Reply(brightness_judgement(seen).text, delay=0.05)
+        data["reward"] = {"weights": {"vlm_judge": 1.0}, "options": {"vlm_judge": {"url": server.url, **FAST}}}
+        trainer = GRPOTrainer(config_from_dict(data), tmp_path / "run")
+        steps: list[float] = []
+        velocity = trainer.policy.velocity
+
+        def timed(x: torch.Tensor, t: torch.Tensor, cond: object) -> torch.Tensor:
+            if not torch.is_grad_enabled():  # a rollout step
+                steps.append(time.perf_counter())
+                time.sleep(0.03)  # a model step that takes time, as a real one does
+            return velocity(x, t, cond)
+
+        trainer.policy.velocity = timed
+        batch = trainer.collect(0)
+        scores = wait_scores(trainer.rewards, batch)
+    first_chunk = sorted(server.requests, key=lambda r: r.started)[:4]
+    assert len(steps) == 3 * trainer.cfg.sampler.num_steps
+    assert all(r.finished < steps[-1] for r in first_chunk)  # answered while the last chunk was sampled
+    b = (batch.images * 255).round().flatten(1).mean(1) / 255
+    assert torch.allclose(scores["vlm_judge/alignment"], (1 + 4 * b) / 5, atol=1e-4)
