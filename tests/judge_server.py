@@ -5,6 +5,8 @@
 judge of brightness would: each image's score is its mean pixel value (decoded from the request's data
 URL), so that a test can tell which row a score belongs to. A test sets ``script`` to change the answer
 of each request (malformed text, a delay, 500, 429) and reads ``requests`` (what each request carried).
+``max_in_flight`` makes it rate limited, as a loaded server is: a chat request that arrives while that
+many are being answered is refused with 429 and a ``Retry-After`` of ``retry_after`` seconds.
 """
 
 from __future__ import annotations
@@ -44,6 +46,20 @@ class Seen:
     started: float
     finished: float = 0.0
     videos: int = 0  # how many of the media were videos (``video_url`` parts)
+    media: list[tuple[str, int, int]] = field(default_factory=list)  # each image's (MIME type, width, height)
+
+
+def image_format(url: str) -> tuple[str, int, int]:
+    """The MIME type, width and height of an image (or of an MP4's first frame) sent as a data URL."""
+    mime = url.split(";", 1)[0].removeprefix("data:")
+    data = base64.b64decode(url.split(",", 1)[1])
+    if mime.startswith("video/"):
+        from precise_rl.videos import read_mp4
+
+        frames = read_mp4(data)
+        return mime, int(frames.shape[-1]), int(frames.shape[-2])
+    width, height = Image.open(io.BytesIO(data)).size
+    return mime, width, height
 
 
 def image_brightness(url: str) -> float:
@@ -87,6 +103,10 @@ class JudgeServer:
         self.script: Callable[[Seen], Reply] = brightness_judgement
         self.requests: list[Seen] = []
         self.health_status = 200
+        self.max_in_flight: int | None = None
+        self.retry_after = 0.0
+        self.refused = 0  # chat requests refused for the rate limit (not in ``requests``)
+        self._in_flight = 0
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -137,12 +157,28 @@ class JudgeServer:
                 if body.get("model") not in owner.models:
                     self._send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}})
                     return
+                with owner._lock:
+                    limited = owner.max_in_flight is not None and owner._in_flight >= owner.max_in_flight
+                    owner.refused += limited
+                    owner._in_flight += not limited
+                if limited:
+                    retry = {"Retry-After": f"{owner.retry_after:g}"}
+                    self._send(429, {"error": {"message": "rate limited"}}, retry)
+                    return
+                try:
+                    self._judge(body, auth)
+                finally:
+                    with owner._lock:
+                        owner._in_flight -= 1
+
+            def _judge(self, body: dict, auth: str) -> None:
                 content = body["messages"][0]["content"]
                 text = next(c["text"] for c in content if c["type"] == "text")
                 urls = [c[c["type"]]["url"] for c in content if c["type"] in ("image_url", "video_url")]
                 seen_videos = sum(c["type"] == "video_url" for c in content)
                 seen = Seen(body["model"], text, [image_brightness(u) for u in urls], auth, time.perf_counter())
                 seen.videos = seen_videos
+                seen.media = [image_format(u) for u in urls]
                 with owner._lock:
                     owner.requests.append(seen)
                 reply = owner.script(seen)

@@ -506,3 +506,86 @@ def test_the_judge_answers_a_chunk_while_the_next_is_rolled_out(tmp_path: Path) 
     assert all(r.finished < steps[-1] for r in first_chunk)  # answered while the last chunk was sampled
     b = (batch.images * 255).round().flatten(1).mean(1) / 255
     assert torch.allclose(scores["vlm_judge/alignment"], (1 + 4 * b) / 5, atol=1e-4)
+
+
+def test_images_go_as_data_urls_at_the_chosen_resolution_and_format() -> None:
+    h, w = random.choice([(8, 16), (16, 8), (12, 12)])
+    resolution = random.choice([24, 64])
+    values = torch.rand(3)
+    images = values[:, None, None, None].expand(3, 3, h, w).clone()
+    with JudgeServer() as server:
+        judge = build_reward("vlm_judge", url=server.url, resolution=resolution, backoff=0.0)  # JPEG by default
+        out = judge(images, ["p"] * 3, [{}] * 3)
+        scale = resolution / max(h, w)
+        assert [r.media for r in server.requests] == [[("image/jpeg", round(w * scale), round(h * scale))]] * 3
+        # a flat grey survives JPEG at quality 95 and bicubic scaling to within a level or two
+        assert torch.allclose(out["alignment"], (1 + 4 * _8bit(values)) / 5, atol=0.01)
+        server.requests.clear()
+        judge = build_reward("vlm_judge", url=server.url, resolution=None, image_format="png", backoff=0.0)
+        out = judge(images, ["p"] * 3, [{}] * 3)
+        assert [r.media for r in server.requests] == [[("image/png", w, h)]] * 3
+        assert torch.allclose(out["alignment"], (1 + 4 * _8bit(values)) / 5, atol=1e-4)
+    with pytest.raises(UserError, match="image_format must be 'jpeg' or 'png'"):
+        build_reward("vlm_judge", url="http://127.0.0.1:9", image_format="webp")
+
+
+def test_backoff_doubles_up_to_its_limit() -> None:
+    count = itertools.count()
+    with JudgeServer() as server:
+        server.script = lambda seen: Reply(status=502) if next(count) < 4 else brightness_judgement(seen)
+        judge = build_reward(
+            "vlm_judge", url=server.url, retries=4, backoff=0.1, backoff_max=0.25, image_format="png", resolution=None
+        )
+        out = judge(_flat_images(torch.rand(1)), ["p"], [{}])
+        assert not out["unscored"].any()
+        starts = [r.started for r in server.requests]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        # waits of 0.1, 0.2, then 0.4 and 0.8 capped at 0.25
+        assert len(gaps) == 4 and all(g >= want - 0.01 for g, want in zip(gaps, [0.1, 0.2, 0.25, 0.25], strict=True))
+        assert gaps[3] < 0.6  # the cap holds (0.8 s uncapped)
+
+
+def test_a_rate_limited_judge_is_waited_for_as_its_retry_after_asks() -> None:
+    n = random.randint(4, 6)
+    values = torch.rand(n)
+    with JudgeServer() as server:
+        # two answered at a time, each in 0.3 s; the others are refused with Retry-After: 0.8
+        server.max_in_flight, server.retry_after = 2, 0.8
+        server.script = lambda seen: Reply(brightness_judgement(seen).text, delay=0.3)
+        judge = build_reward("vlm_judge", url=server.url, concurrency=n, retries=20, **{**FAST, "backoff": 0.01})
+        t0 = time.perf_counter()
+        out = judge(_flat_images(values), [f"p{i}" for i in range(n)], [{}] * n)
+        assert not out["unscored"].any()
+        assert torch.allclose(out["alignment"], (1 + 4 * _8bit(values)) / 5, atol=1e-4)
+        assert server.refused > 0 and judge.client.stats == {"requests": n + server.refused, "retries": server.refused}
+        # the refused ones came back after the 0.8 s asked for; a 0.01 s backoff alone would have retried
+        # at 0.01, 0.03, ... 0.31 s and got in at about 0.31 s, when the first two were answered
+        third = sorted(r.started for r in server.requests)[2]
+        assert third - t0 >= 0.8 - 0.02
+        events = sorted([(r.started, 1) for r in server.requests] + [(r.finished, -1) for r in server.requests])
+        assert max(itertools.accumulate(e for _, e in events)) <= 2
+
+
+@pytest.mark.slow
+def test_answers_that_do_not_parse_are_counted_per_epoch_in_the_metrics(tmp_path: Path) -> None:
+    misread: set[int] = set()
+    share = random.uniform(0.2, 0.4)
+
+    def sometimes_malformed(seen):
+        if random.random() < share:
+            misread.add(id(seen))
+            return Reply("Alignment looks fine; the style, less so.")
+        return brightness_judgement(seen)
+
+    with JudgeServer() as server:
+        server.script = sometimes_malformed
+        done = _train(tmp_path / "run", server.url, "reward.options.vlm_judge.max_parse_failures=1.0")
+        assert done.returncode == 0, done.stderr
+        requests = list(server.requests)
+    assert len(requests) == 2 * 16
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "reward_mean" in r]
+    for epoch, r in enumerate(records):
+        bad = sum(id(seen) in misread for seen in requests[16 * epoch : 16 * (epoch + 1)])
+        assert r["unscored/vlm_judge"] == bad
+        assert r["reward/vlm_judge/parse_failed"] == pytest.approx(bad / 16)
