@@ -56,7 +56,7 @@ def image_format(url: str) -> tuple[str, int, int]:
     if mime.startswith("video/"):
         from precise_rl.videos import read_mp4
 
-        frames = read_mp4(data)
+        frames = read_mp4(data)[0]
         return mime, int(frames.shape[-1]), int(frames.shape[-2])
     width, height = Image.open(io.BytesIO(data)).size
     return mime, width, height

@@ -356,6 +356,7 @@ def test_videos_send_the_chosen_frames_together() -> None:
         judge = build_reward("vlm_judge", url=server.url, video="mp4", fps=4, **FAST)
         out = judge(videos, ["p", "q"], [{}, {}])
         assert [(len(r.brightness), r.videos) for r in server.requests] == [(1, 1), (1, 1)]
+        assert [r.media for r in server.requests] == [[("video/mp4", 8, 8)]] * 2
         b = _8bit(values).mean(1)  # H.264 keeps flat frames' levels to within a step or two
         assert torch.allclose(out["alignment"], (1 + 4 * b) / 5, atol=0.02)
 
