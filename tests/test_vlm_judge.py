@@ -168,6 +168,33 @@ def test_pairs_are_bounded_and_balanced(n: int) -> None:
             assert len(chosen) == n * (n - 1) // 2
 
 
+def _pref_grpo_win_rates(n: int, comparisons: list, verdicts: list) -> list[float]:
+    """``_pairwise_win_rate`` of Pref-GRPO (fastvideo/rewards/unifiedreward_think.py, 3e787f6), before its
+    rounding to 3 decimals: wins over comparisons, a tie one half each, 0.0 for a sample never compared."""
+    wins, count = [0.0] * n, [0] * n
+    for (first, second), v in zip(comparisons, verdicts, strict=True):
+        count[first] += 1
+        count[second] += 1
+        if v == 1.0:
+            wins[first] += 1
+        elif v == 0.0:
+            wins[second] += 1
+        else:
+            wins[first] += 0.5
+            wins[second] += 0.5
+    return [wins[i] / count[i] if count[i] else 0.0 for i in range(n)]
+
+
+def test_win_rates_match_pref_grpo_where_every_answer_parses() -> None:
+    rng = random.Random()
+    for _ in range(50):
+        n = rng.randint(2, 9)
+        comparisons = group_pairs(n, "all")  # Pref-GRPO judges every pair (itertools.combinations)
+        verdicts = [rng.choice([1.0, 0.0, 0.5]) for _ in comparisons]
+        got = [rate for rate, _ in win_rates(n, comparisons, verdicts)]
+        assert got == pytest.approx(_pref_grpo_win_rates(n, comparisons, verdicts), abs=1e-12)
+
+
 def test_win_rates_against_a_direct_count() -> None:
     rng = random.Random()
     for _ in range(50):

@@ -1,7 +1,11 @@
 """Which pairs of a group a pairwise judge compares, and each sample's win rate from the verdicts.
 
-A sample's reward is its win rate within its group, as in Pref-GRPO (CodeGoat24/Pref-GRPO): the share of
-its comparisons that it won, a tie counting one half. With ``pairs="all"`` every pair of a group of ``n``
+A sample's reward is its win rate within its group, as in Pref-GRPO (CodeGoat24/Pref-GRPO,
+``fastvideo/rewards/unifiedreward_think.py``, ``_pairwise_win_rate`` and ``cal_win_rate_images``, commit
+3e787f6dd5a3051b40d61f07e9578468ac26130a): the share of its comparisons that it won, a tie counting one
+half. Where Pref-GRPO counts an answer without a verdict as a tie, here it counts for neither sample and
+is a parse failure (counted, and stopping the run past the limit), so that a misreading judge does not
+pull every win rate toward one half unseen. With ``pairs="all"`` every pair of a group of ``n``
 is judged once: ``n(n-1)/2`` calls. With ``pairs=k`` (an integer) each sample ``i`` is compared with
 ``i+1, ..., i+k`` (indices modulo ``n``): ``n*k`` calls (fewer where ``2k >= n``, where this reaches every
 pair), and every sample is in ``2k`` comparisons, so every win rate has the same weight. The order in
