@@ -323,6 +323,23 @@ def test_an_image_that_is_not_a_png_is_a_400_naming_it() -> None:
     assert status == 400 and "image 0 is not a PNG" in body["detail"], body
 
 
+def test_a_body_refused_before_it_is_read_is_split_by_the_client() -> None:
+    """A 413 answered on the ``Content-Length`` alone, the connection closed under the client's send, is split.
+
+    16 images of noise make a body of some 4 MB against a limit of 512 kB: the server answers 413
+    and closes before reading it, so the client's send fails; the answer is read all the same, and
+    the halves, then quarters... are sent until each fits. With no retries, every image is scored.
+    """
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(2**31)))
+    images = torch.rand(16, 3, 256, 256, generator=gen)
+    want = ((images * 255).round() / 255).flatten(1).double().mean(1)
+    with thread_server(MeanPixel(), max_request_bytes=2**19) as url:
+        client = build_reward("remote", url=url, retries=0, max_batch=16, stop_after=1)
+        out = client(images, [f"p{k}" for k in range(16)], [{}] * 16)
+    assert out["unscored"].sum() == 0, out["unscored"]
+    torch.testing.assert_close(out["remote"].double(), want, rtol=0, atol=1e-5)
+
+
 def test_images_sent_to_a_video_reward_are_a_422_and_stop_the_client() -> None:
     with thread_server(build_reward("motion_smoothness")) as url:
         status, body = _post(_port(url), _request([_b64_png(np.zeros((8, 8, 3), np.uint8))]))

@@ -62,7 +62,11 @@ def _thread_server(reward: Reward, **kwargs: Any) -> Iterator[int]:
 def _post(port: int, body: bytes, headers: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("POST", "/score", body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            conn.request("POST", "/score", body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        except OSError:  # answered (413, 503) and closed before the body was read: the answer is still there
+            if conn.sock is None:
+                raise
         response = conn.getresponse()
         raw = response.read()
         try:

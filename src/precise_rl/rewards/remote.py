@@ -202,8 +202,20 @@ class RemoteReward(Reward):
         timer.daemon = True
         timer.start()
         try:
-            conn.request("POST", self._path, body=body, headers=headers)
-            response = conn.getresponse()
+            try:
+                conn.request("POST", self._path, body=body, headers=headers)
+            except OSError as exc:
+                # A server may answer before it has read the body (413 past its size limit, 503 when it
+                # holds as many bodies as it may) and close the connection: the send fails, but the
+                # answer is there to be read, and a 413 must reach the caller, which splits the request.
+                if expired.is_set() or conn.sock is None:  # never connected: there is no answer
+                    raise
+                try:
+                    response = conn.getresponse()
+                except (OSError, http.client.HTTPException):
+                    raise exc from None
+            else:
+                response = conn.getresponse()
             data = self._read_capped(response)
             if expired.is_set():  # the read ended because the socket was shut down, not with the answer
                 raise _Expired()
