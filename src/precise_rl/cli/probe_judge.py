@@ -90,11 +90,11 @@ def _models(judge: Any, k: int, root: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.timeout > 0:  # before the reward's imports (torch), so a mistyped flag answers at once
+        raise UserError(f"--timeout must be positive, got {args.timeout}")
     from ..rewards.judge import VLMJudge
     from ..rewards.judge_client import encode_image
 
-    if not args.timeout > 0:
-        raise UserError(f"--timeout must be positive, got {args.timeout}")
     judge = VLMJudge(
         url=args.url,
         model=args.model,
