@@ -399,7 +399,7 @@ def test_load_slow_bodies_amplifying_json_and_concurrent_large_bodies(capsys: py
     (``--max-bodies-mb``), parses 2 at once (the default ``--max-decoding``) with at most 250,000 JSON
     values and 1 Mpixel each, keeps 128 connections open and gives a request 3 s to arrive. Attackers:
     24 threads sending a 15 MB body (base64 text that is not a PNG: parsed and decoded before it is
-    refused) until three are answered, 4 x 3 of 15 MB of nested empty lists in ``metadata`` (5 million
+    refused) up to 15 times, until three are answered, 4 x 3 of 15 MB of nested empty lists in ``metadata`` (5 million
     values), 30 connections that trickle a body a byte every 0.2 s. Every good request gets its exact
     scores (the remote client retries what is answered 503), no hostile one gets a 500, /health
     answers every poll. The server's peak memory over its resting size is asserted under the bound
