@@ -430,6 +430,102 @@ def test_json_that_expands_when_parsed_is_refused_before_parsing() -> None:
 # --------------------------------------------------------------------------- the server: bodies and connections
 
 
+_POOLS = {
+    1: 'abcXYZ019+/= "\\\n\u00e9\u00ff',  # ASCII and Latin-1: a byte a character
+    2: "\u0100\u4e2d\u6587\uffff",  # past U+00FF: two bytes
+    4: "\U0001f600\U00010000",  # past U+FFFF: four bytes
+}
+
+
+def _width(text: str) -> int:
+    top = max(map(ord, text), default=0)
+    return 1 if top < 256 else 2 if top < 65536 else 4
+
+
+def _strings(doc: Any) -> Iterator[str]:
+    if isinstance(doc, str):
+        yield doc
+    elif isinstance(doc, dict):
+        for k, v in doc.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _strings(v)
+
+
+def test_text_width_bounds_the_widest_string_parsed() -> None:
+    """``text_width`` of a body is at least the width of every string Python parses from it, raw or escaped."""
+    from precise_rl.rewards.protocol import text_width
+
+    rng = np.random.default_rng()
+    for _ in range(300):
+        widths = [w for w in (1, 2, 4) if rng.random() < 0.5] or [1]
+        chars = "".join(_POOLS[w] for w in widths)
+        doc = {
+            "prompts": ["".join(rng.choice(list(chars), size=rng.integers(0, 12))) for _ in range(rng.integers(1, 4))],
+            "metadata": [{"".join(rng.choice(list(chars), size=3)): "x"}],
+        }
+        for ascii_only in (True, False):
+            body = json.dumps(doc, ensure_ascii=ascii_only).encode()
+            widest = max(_width(t) for t in _strings(json.loads(body)))
+            assert text_width(body) >= widest, (body, widest)
+            if widest == 1 and "\\" not in "".join(_strings(doc)):  # no escaped backslash to mislead the count
+                assert text_width(body) == 1, body
+
+
+def test_parsing_a_wide_body_stays_within_what_is_reserved_for_it() -> None:
+    """The memory json.loads takes for a body, measured, is at most twice its size plus ``text_reserve``.
+
+    Bodies of 1 to 2 MB of base64 with one escape or one character of each width put at a random
+    place, raw or escaped: the string is built piece by piece, and widened as it is built.
+    """
+    from precise_rl.rewards.protocol import text_reserve
+
+    rng = np.random.default_rng()
+    for width, char in ((1, "\n"), (1, "\u00e9"), (2, "\u4e2d"), (4, "\U0001f600")):
+        for ascii_only in (True, False):
+            n = int(rng.integers(2**20, 2**21))
+            at = int(rng.integers(0, n))
+            text = "A" * at + char + "A" * (n - at)
+            body = json.dumps({"protocol": 1, "prompts": [text]}, ensure_ascii=ascii_only).encode()
+            tracemalloc.start()
+            try:
+                parsed = json.loads(body)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert _width(parsed["prompts"][0]) == width
+            reserve = text_reserve(body)
+            assert (reserve == 0) == (b"\\" not in body and width == 1), (width, reserve)  # none for plain text
+            assert peak <= 2 * len(body) + reserve + 2**16, (width, ascii_only, peak, len(body), reserve)
+
+
+def test_a_body_of_wide_text_is_reserved_before_it_is_parsed() -> None:
+    """An emoji in a prompt of an otherwise small request: the excess its text may take is held in --max-bodies-mb.
+
+    Within the budget the request is scored; past it, 413 in one sentence (a client splits it).
+    """
+    good = _b64_png(np.full((4, 4, 3), 51, np.uint8))
+    with thread_server(MeanPixel(), max_request_bytes=2**20, max_bodies_bytes=2**22) as url:
+        port = _port(url)
+        for prompt in ("plain", "caf\u00e9", "\u4e2d" + "a" * 200_000, "\U0001f600" + "a" * 200_000):
+            body = json.dumps({"protocol": 1, "images": [good], "prompts": [prompt], "metadata": [{}]}).encode()
+            status, answer = _post(port, body)
+            assert status == 200 and answer["scores"]["mean_pixel"] == [pytest.approx(0.2)], (prompt[:8], answer)
+        for raw in (False, True):  # 500 kB and an emoji, escaped or raw: 500 kB + 8 x 500 kB over 4 MiB
+            body = json.dumps(
+                {"protocol": 1, "images": [good], "prompts": ["\U0001f600" + "a" * 500_000], "metadata": [{}]},
+                ensure_ascii=not raw,
+            ).encode()
+            status, answer = _post(port, body)
+            assert status == 413 and "characters wider than a byte" in answer["detail"], answer
+            assert "--max-bodies-mb" in answer["detail"], answer
+        # every reservation was given back: a body of the largest size still fits
+        status, answer = _post(port, _request([good], [{"pad": "a" * (2**20 - 500)}]))
+        assert status == 200, answer
+
+
 def test_bodies_held_at_once_are_bounded_before_they_are_read() -> None:
     """Two bodies of 1 MB being received fill a budget of 2 MB: a third is answered 503 at once."""
     with thread_server(MeanPixel(), max_request_bytes=2**20, max_bodies_bytes=2 * 2**20) as url:

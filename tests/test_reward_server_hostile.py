@@ -543,7 +543,8 @@ def test_load_slow_bodies_amplifying_json_and_concurrent_large_bodies(capsys: py
     assert good_scored[0] == 160
     assert set(outcomes["slow"]) <= {"HTTP/1.1 408", "closed"}, outcomes["slow"]
     assert outcomes["large"].get(400, 0) >= 2, f"too few large bodies reached the parser: {outcomes['large']}"
-    # What the options let the server hold at once, in MB (bodies are ASCII JSON, so text is a byte a character):
+    # What the options let the server hold at once, in MB. The bodies are ASCII without escapes, so their text is
+    # a byte a character (what other text may take past that is reserved in --max-bodies-mb, text_reserve):
     body_mb, bodies_mb, parses, values, pixels, connections = 16, 64, 2, 250_000, 2**20, 128
     # - bodies being received or waiting to be parsed, and the ones being parsed: --max-bodies-mb
     held = bodies_mb

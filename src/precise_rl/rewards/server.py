@@ -45,6 +45,7 @@ from .protocol import (
     check_json_budget,
     parse_request,
     read_token,
+    text_reserve,
 )
 
 __all__ = ["create_app", "serve", "read_token", "TOKEN_ENV", "DEFAULT_PORT", "DEFAULT_MAX_MB", "DEFAULT_MAX_IMAGES"]
@@ -257,6 +258,19 @@ def create_app(
             if refused is not None:
                 return refused
             async with slots:  # bounds the decoded images held at once, whatever the number of clients
+                # Characters wider than a byte make the parsed text and strings up to 4 times as large
+                # (an emoji in 15 MB of base64): the excess is reserved in ``bodies`` before parsing.
+                extra = await run_in_threadpool(text_reserve, body)
+                if extra:
+                    if held + extra > max_bodies_bytes:
+                        return error(
+                            413,
+                            f"request too large: its text holds characters wider than a byte, so parsing it may "
+                            f"take {held + extra} bytes, over the {max_bodies_bytes} of --max-bodies-mb",
+                        )
+                    if not bodies.take(extra):
+                        return error(503, busy)
+                    held += extra
                 parsed = await run_in_threadpool(parse, body)
                 body.clear()
                 bodies.give(held)  # parsed: the pixels are bounded by the decoding slots from here
