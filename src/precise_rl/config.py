@@ -137,6 +137,12 @@ class TrainConfig:
     memory_budget_gb: float | None = None
     max_nonfinite: int = 5  #: updates skipped in a row for a NaN/inf loss or gradient before the run stops
     full_finetune: bool = True  #: train every weight when LoRA is off
+    #: keep the rollouts' trajectories (latents and means) in CPU memory between rollout and update, pinned on a
+    #: GPU; each training forward brings its own rows to the device. Same numbers, less device memory.
+    latents_on_cpu: bool = False
+    #: the dtype the trajectories' latents are kept in: ``bfloat16`` halves their bytes; the chain then goes on
+    #: from each sample rounded to it, so the first pass's log-prob ratio stays exactly 1
+    latents_dtype: Literal["float32", "bfloat16"] = "float32"
     #: shard the transformer over the processes of a launch with FSDP2 (each block, then the root) instead
     #: of a whole copy per process (DDP); for models too big for one device. On one process the model is
     #: held whole, so the same config (and its checkpoints) runs on any number of processes. Not with fp16.

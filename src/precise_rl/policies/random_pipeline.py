@@ -209,6 +209,7 @@ def fill_prompt_cache(policy: Any, adapter: str, prompts: Sequence[str], seed: i
 
     if not getattr(policy, "cache_prompts", False):
         raise UserError("random prompt conditioning needs model option 'cache_prompts: true'")
+
     def draw(k: int) -> dict[str, torch.Tensor]:
         return random_conditioning(
             adapter, policy.transformer, policy.max_sequence_length, policy.model_dtype, policy.device, k

@@ -71,6 +71,8 @@ class BenchSettings:
     forward_batch: int | str = "auto"
     memory_budget_gb: float | None = None
     lora_rank: int = 32
+    #: GRPO's KL weight to the initial weights (a full fine-tune then keeps a frozen copy of them)
+    kl_beta: float = 0.0
     max_sequence_length: int | None = None
     width_scale: int = 1
     trainings: tuple[str, ...] = TRAININGS
@@ -115,6 +117,10 @@ class BenchRow:
     #: what the peak measures: ``max_memory_allocated`` (GPU) or ``peak RSS`` (CPU)
     peak_memory_kind: str
     build_s: float
+    #: the peak of each stage: the build (model and trainer), the rollouts with their scoring, the training step
+    build_peak_bytes: int
+    rollout_peak_bytes: int
+    train_peak_bytes: int
     forward_batch: int
     trainable_parameters: int
     error: str | None = None
@@ -223,6 +229,7 @@ def _config(s: BenchSettings, adapter: str, training: str, memory: str, out: Pat
             "model": {"name": adapter},
             "sampler": {"name": s.sampler, "num_steps": s.steps},
             "reward": {"weights": {"jpeg_incompressibility": 1.0}},
+            "algorithm": {"name": "grpo", "kl_beta": s.kl_beta},
             "train": train,
             "eval": {"every": 0},
             "checkpoint": {"every": 0},
@@ -280,6 +287,9 @@ def run_case(
         peak_memory_bytes=0,
         peak_memory_kind=peak.kind,
         build_s=math.nan,
+        build_peak_bytes=0,
+        rollout_peak_bytes=0,
+        train_peak_bytes=0,
         forward_batch=0,
         trainable_parameters=0,
         options={**options, **(MEMORY_ON_TRAIN if memory == "on" else {})},
@@ -295,35 +305,45 @@ def run_case(
         task = TaskSpec(policy, prompts, prompts[:1], default_rewards={"jpeg_incompressibility": 1.0})
         with tempfile.TemporaryDirectory(prefix="precise_rl_bench_") as tmp:
             cfg = _config(s, adapter, training, memory, Path(tmp))
-            trainer = Trainer(cfg, tmp, task=task, accelerator=make_accelerator(cfg.train.mixed_precision, cpu=device.type == "cpu"))
+            trainer = Trainer(
+                cfg, tmp, task=task, accelerator=make_accelerator(cfg.train.mixed_precision, cpu=device.type == "cpu")
+            )
             _sync(device)
             row.build_s = time.perf_counter() - t0
+            row.build_peak_bytes = peak.read()
             row.trainable_parameters = sum(p.numel() for p in trainer.params)
             log(f"{model} {training} memory {memory}: built in {row.build_s:.1f} s")
             rollout, train = [], []
             for epoch in range(s.warmup + s.repeats):
-                _sync(device)
+                peak.reset()
                 t0 = time.perf_counter()
                 batch = trainer.collect(epoch)
                 _, targets, _ = trainer.score(batch)
                 _sync(device)
+                rollout_s = time.perf_counter() - t0
+                row.rollout_peak_bytes = max(row.rollout_peak_bytes, peak.read())
+                peak.reset()
                 t1 = time.perf_counter()
                 trainer.train_on(batch, targets, epoch)
                 _sync(device)
                 t2 = time.perf_counter()
+                row.train_peak_bytes = max(row.train_peak_bytes, peak.read())
                 del batch, targets
                 if epoch >= s.warmup:
-                    rollout.append(t1 - t0)
+                    rollout.append(rollout_s)
                     train.append(t2 - t1)
-                log(f"{model} {training} memory {memory}: epoch {epoch} rollout {t1 - t0:.2f} s, train {t2 - t1:.2f} s")
+                log(
+                    f"{model} {training} memory {memory}: epoch {epoch} rollout {rollout_s:.2f} s, "
+                    f"train {t2 - t1:.2f} s"
+                )
             row.rollout_s = sum(rollout) / len(rollout)
             row.train_s = sum(train) / len(train)
             row.forward_batch = int(trainer.forward_batch or 0)
-            row.peak_memory_bytes = peak.read()
     except torch.cuda.OutOfMemoryError as exc:
         row.error = f"out of memory: {str(exc).splitlines()[0]}"
-        row.peak_memory_bytes = peak.read()
+        row.train_peak_bytes = max(row.train_peak_bytes, peak.read())
     finally:
+        row.peak_memory_bytes = max(row.build_peak_bytes, row.rollout_peak_bytes, row.train_peak_bytes)
         trainer = None
         gc.collect()
         if device.type == "cuda":
