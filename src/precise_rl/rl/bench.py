@@ -49,8 +49,8 @@ __all__ = [
 
 #: the adapter's memory options of ``memory: on`` (``offload_vae`` keeps the VAE off the device but for decoding)
 MEMORY_ON = {"gradient_checkpointing": True, "offload_vae": True}
-#: the ``train:`` memory options of ``memory: on``
-MEMORY_ON_TRAIN: dict[str, Any] = {}
+#: the ``train:`` memory options of ``memory: on`` (and ``reference_on_cpu`` for a full fine-tune with a KL term)
+MEMORY_ON_TRAIN: dict[str, Any] = {"latents_on_cpu": True, "latents_dtype": "bfloat16"}
 TRAININGS = ("lora", "full")
 MEMORIES = ("off", "on")
 
@@ -206,6 +206,11 @@ def bench_prompts(n: int) -> list[str]:
     return [f"bench prompt {i}" for i in range(n)]
 
 
+def _train_memory_options(s: BenchSettings, training: str) -> dict[str, Any]:
+    extra = {"reference_on_cpu": True} if training == "full" and s.kl_beta > 0 else {}
+    return {**MEMORY_ON_TRAIN, **extra}
+
+
 def _config(s: BenchSettings, adapter: str, training: str, memory: str, out: Path) -> Any:
     from ..config import config_from_dict
 
@@ -222,7 +227,7 @@ def _config(s: BenchSettings, adapter: str, training: str, memory: str, out: Pat
         "ema": {"enabled": False},
     }
     if memory == "on":
-        train.update(MEMORY_ON_TRAIN)
+        train.update(_train_memory_options(s, training))
     return config_from_dict(
         {
             "seed": s.seed,
@@ -292,7 +297,7 @@ def run_case(
         train_peak_bytes=0,
         forward_batch=0,
         trainable_parameters=0,
-        options={**options, **(MEMORY_ON_TRAIN if memory == "on" else {})},
+        options={**options, **(_train_memory_options(s, training) if memory == "on" else {})},
     )
     peak.reset()
     trainer = None
