@@ -93,5 +93,8 @@ def run(args: argparse.Namespace) -> int:
     rows = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     js, md = write_results(rows, settings, args.out)
     print(bench_table(rows))
+    for r in rows:
+        if r.error:
+            print(f"{r.model} {r.training} memory {r.memory_options}: {r.error}", file=sys.stderr)
     print(f"wrote {js} and {md}", file=sys.stderr)
-    return 0
+    return 1 if all(r.error for r in rows) else 0

@@ -65,9 +65,7 @@ class Policy(ABC):
         training at a lower resolution than evaluation). A model of one fixed size cannot."""
         from ..errors import UserError
 
-        raise UserError(
-            f"the {type(self).__name__} model has one fixed resolution: remove eval.height and eval.width"
-        )
+        raise UserError(f"the {type(self).__name__} model has one fixed resolution: remove eval.height and eval.width")
         yield  # pragma: no cover - a generator, for the context manager
 
     def time_grid(self, num_steps: int) -> torch.Tensor:

@@ -347,6 +347,8 @@ def run_case(
     except torch.cuda.OutOfMemoryError as exc:
         row.error = f"out of memory: {str(exc).splitlines()[0]}"
         row.train_peak_bytes = max(row.train_peak_bytes, peak.read())
+    except UserError as exc:  # the budget checks' refusal (forward_batch, decode_batch) is this case's result
+        row.error = str(exc)
     finally:
         row.peak_memory_bytes = max(row.build_peak_bytes, row.rollout_peak_bytes, row.train_peak_bytes)
         trainer = None
@@ -404,7 +406,7 @@ def bench_table(rows: Sequence[BenchRow]) -> str:
             str(r.images_per_step),
             _num(d["seconds_per_step"]),
             _num(d["images_per_device_per_s"], 3),
-            _num(d["peak_memory_gb"]) + ("" if r.error is None else " (out of memory)"),
+            _num(d["peak_memory_gb"]) + ("" if r.error is None else " (did not fit)"),
             _num(d["rollout_images_per_s"], 3),
             _num(d["train_s_per_image"]),
         ]

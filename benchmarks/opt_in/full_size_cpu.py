@@ -1,7 +1,8 @@
 """Full size on the CPU, once: FLUX.2 Klein 4B at its real size in bfloat16 with random weights, one GRPO step.
 
-Run with ``python benchmarks/full_size_cpu.py`` (opt-in: not part of the test suite; it needs about
-12 GB of free memory and some minutes). ``--threads`` sets torch's CPU threads (default 2).
+Run with ``python benchmarks/opt_in/full_size_cpu.py`` (opt-in: not in the test suite nor in
+``./dev.sh bench``; it needs about 14 GB of free memory and some minutes). ``--threads`` sets torch's
+CPU threads (default 2).
 
 It builds the real transformer (3.9 B parameters) and VAE from the shipped config
 ``src/precise_rl/assets/model_configs/flux2_klein_4b.json`` with random weights (nothing is
