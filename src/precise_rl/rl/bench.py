@@ -40,6 +40,7 @@ __all__ = [
     "BenchRow",
     "MEMORY_ON",
     "MEMORY_ON_TRAIN",
+    "bench_config",
     "run_bench",
     "bench_table",
     "write_results",
@@ -211,7 +212,9 @@ def _train_memory_options(s: BenchSettings, training: str) -> dict[str, Any]:
     return {**MEMORY_ON_TRAIN, **extra}
 
 
-def _config(s: BenchSettings, adapter: str, training: str, memory: str, out: Path) -> Any:
+def bench_config(s: BenchSettings, adapter: str, training: str, memory: str, **train_options: Any) -> Any:
+    """The run config of one case: one epoch of ``s.groups`` prompts x ``s.group_size`` images, one optimizer
+    step, the JPEG reward (cheap, any image); ``train_options`` added to its ``train:`` section."""
     from ..config import config_from_dict
 
     train: dict[str, Any] = {
@@ -228,6 +231,7 @@ def _config(s: BenchSettings, adapter: str, training: str, memory: str, out: Pat
     }
     if memory == "on":
         train.update(_train_memory_options(s, training))
+    train.update(train_options)
     return config_from_dict(
         {
             "seed": s.seed,
@@ -309,7 +313,7 @@ def run_case(
         fill_prompt_cache(policy, adapter, prompts, s.seed)
         task = TaskSpec(policy, prompts, prompts[:1], default_rewards={"jpeg_incompressibility": 1.0})
         with tempfile.TemporaryDirectory(prefix="precise_rl_bench_") as tmp:
-            cfg = _config(s, adapter, training, memory, Path(tmp))
+            cfg = bench_config(s, adapter, training, memory)
             trainer = Trainer(
                 cfg, tmp, task=task, accelerator=make_accelerator(cfg.train.mixed_precision, cpu=device.type == "cpu")
             )
