@@ -7,6 +7,7 @@
 #   ./dev.sh fidelity [ARGS...]  the sampler fidelity report
 #   ./dev.sh bench               the benchmarks in benchmarks/
 #   ./dev.sh lint                ruff, and lint-imports (the one-way layers of pyproject.toml)
+#   ./dev.sh docs [ARGS...]      serve the documentation site locally (mkdocs serve; `build` builds it strictly)
 #   ./dev.sh run CMD [ARGS...]   any precise-rl subcommand
 #
 # On a machine without an NVIDIA GPU, torch is installed as the CPU build first
@@ -47,7 +48,12 @@ case "$cmd" in
   fidelity) setup; exec "$VENV/bin/precise-rl" fidelity "$@" ;;
   bench) setup; for b in benchmarks/*.py; do echo "== $b"; "$PY" "$b"; done ;;
   lint) setup; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . && "$VENV/bin/lint-imports" ;;
+  docs)
+    setup
+    export NO_MKDOCS_2_WARNING=1
+    if [ "${1:-serve}" = build ]; then exec "$VENV/bin/mkdocs" build --strict --quiet; fi
+    exec "$VENV/bin/mkdocs" serve "$@" ;;
   run) setup; exec "$VENV/bin/precise-rl" "$@" ;;
   setup) setup ;;
-  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] ;;
+  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] ;;
 esac

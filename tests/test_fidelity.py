@@ -205,6 +205,20 @@ def test_cli_writes_report(tmp_path, capsys) -> None:
     assert {"w2", "mode_w2", "weight_error", "mode_frequencies", "residual_noise"} <= set(data["mixture"][0])
     printed = capsys.readouterr().out
     assert "precise" in printed and "fidelity.json" in printed
+    # the effective eta per step of every sampler, per grid and NFE, as the sde function computes it
+    from precise_rl.sde import effective_eta, matched_precise_eta
+
+    for r in data["effective_eta"]:
+        sigmas = time_grid(r["nfe"], "uniform" if r["grid"] == "uniform" else "shifted", shift=3.0)
+        if r["sampler"] == "precise matched to cps":
+            assert r["eta"] == pytest.approx(matched_precise_eta(sigmas, "cps"), rel=1e-12)
+            continue
+        eff = effective_eta(r["sampler"], sigmas)
+        np.testing.assert_allclose(np.array(r["per_step"], dtype=float), eff.values, rtol=1e-12)
+        finite = eff.values[np.isfinite(eff.values)]
+        assert r["median"] == (pytest.approx(float(np.median(finite))) if finite.size else None)
+    assert len(data["effective_eta"]) == 2 * 2 * (len(SAMPLERS) + 1)
+    assert "precise matched to cps" in printed
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 A meta-device build from a module's config has that module's parameter count (checked on the tiny
 pipelines, whose modules are really built); every shipped config file parses, builds and names its
 sources; a bad file is one clear sentence; the counts of the real checkpoints match their published
-sizes; and ``precise-rl models --memory`` prints the README's table.
+sizes; and ``precise-rl models --memory`` prints the table of the models page (``docs/models.md``).
 """
 
 from __future__ import annotations
@@ -186,8 +186,8 @@ def test_models_memory_prints_the_readmes_table(capsys: pytest.CaptureFixture[st
     assert main(["models", "--memory"]) == 0
     printed = capsys.readouterr().out.strip()
     assert printed == memory_table()
-    readme = (ROOT / "README.md").read_text()
-    memory_section = readme.split("### Memory options", 1)[1].split("\n### ", 1)[0]
+    page = (ROOT / "docs" / "models.md").read_text()
+    memory_section = page.split("### Memory options", 1)[1].split("\n### ", 1)[0]
     assert printed in memory_section
     assert main(["models", "--memory", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -1,4 +1,7 @@
-"""The README describes what exists: its Python examples run, its commands and files are real."""
+"""The README describes what exists: its Python examples run, its commands and files are real.
+
+The site's pages are checked the same way in ``tests/test_docs_site.py``.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +19,14 @@ README = (ROOT / "README.md").read_text()
 
 
 def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    """The Python examples of the README and of the site's pages (not the files a page includes)."""
+    pages = [README, *(p.read_text() for p in sorted((ROOT / "docs").rglob("*.md")))]
+    blocks = [b for text in pages for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)]
+    return [b for b in blocks if not b.startswith("--8<--")]
 
 
-def test_readme_has_python_examples() -> None:
-    assert _python_blocks()
+def test_the_pages_have_python_examples() -> None:
+    assert len(_python_blocks()) >= 4
 
 
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
@@ -46,5 +52,6 @@ def test_every_file_named_exists() -> None:
 
 
 def test_every_config_is_documented() -> None:
+    pages = README + "".join(p.read_text() for p in sorted((ROOT / "docs").rglob("*.md")))
     configs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")}
-    assert sorted(c for c in configs if c not in README) == []
+    assert sorted(c for c in configs if c not in pages) == []

@@ -301,3 +301,120 @@ def test_eval_names_its_own_arguments_not_a_resume_path(tmp_path: Path, capsys: 
     assert main(["eval", str(run), "--checkpoint", str(tmp_path / "nockpt")]) == 2
     line = _one_error(capsys, "eval")
     assert "resume" not in line and "--checkpoint" in line
+
+
+# --------------------------------------------------------------------------- case 5: only the tool's own files
+
+
+def test_a_fresh_start_refuses_a_directory_with_the_users_files_and_deletes_none_of_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _config(tmp_path)
+    out = tmp_path / "mine"
+    photo = os.urandom(257)
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / "photo.png").write_bytes(photo)
+    (out / "eval.json").write_text('{"mine": true}')
+    (out / "notes.txt").write_text("keep me")
+    before = _digests(out)
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--output", str(out), "train.epochs=1"]) == 2
+    line = _one_error(capsys, "train")
+    assert "did not write" in line and "--overwrite" in line and "samples/" in line and "notes.txt" in line
+    assert _digests(out) == before
+    # told to overwrite: what a run writes is replaced, the rest stays
+    assert main(["train", str(cfg), "--output", str(out), "train.epochs=1", "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert not (out / "samples" / "photo.png").exists()
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+
+
+def test_a_fresh_start_clears_only_what_an_earlier_start_recorded(tmp_path: Path) -> None:
+    from precise_rl.rl.rundir import MARKER_NAME
+
+    cfg = _config(tmp_path)
+    out = tmp_path / "run"
+    # a start that fails before training (a missing prompt file) leaves the directory it did not make as it was
+    out.mkdir()
+    assert main(["train", str(cfg), "--output", str(out), f"prompts.train={tmp_path / 'none.txt'}"]) == 2
+    created = set(json.loads((out / MARKER_NAME).read_text())["created"])
+    assert {"config.yaml", "samples", "checkpoints", "metrics.jsonl"} <= created
+    # what a start writes under the names it recorded is its own (here as an earlier start would leave them)
+    (out / "samples").mkdir(exist_ok=True)
+    (out / "samples" / "epoch_0009_old.png").write_bytes(os.urandom(32))
+    (out / "config.yaml").write_text("seed: 1\n")
+    # the next start removes them without being told to, and they are not mixed into the new run
+    assert main(["train", str(cfg), "--output", str(out), "train.epochs=1"]) == 0
+    assert not (out / "samples" / "epoch_0009_old.png").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 1
+    # the names recorded were those absent when the start began: a user's file is never among them
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", str(cfg), "--output", str(out), "train.epochs=1", "--overwrite"]) == 0
+    assert "notes.txt" not in json.loads((out / MARKER_NAME).read_text())["created"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_training_into_the_experiment_files_own_directory_never_overwrites_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    text = _config(tmp_path).read_text() + f"# {os.urandom(8).hex()}\n"
+    (exp / "config.yaml").write_text(text)
+    (exp / "samples").mkdir()
+    (exp / "samples" / "ref.png").write_bytes(os.urandom(64))
+    before = _digests(exp)
+    monkeypatch.chdir(exp)
+    for extra in ([], ["--overwrite"]):
+        capsys.readouterr()
+        assert main(["train", "config.yaml", "--output", ".", "train.epochs=1", *extra]) == 2
+        line = _one_error(capsys, "train")
+        assert "experiment file 'config.yaml'" in line and "would be overwritten" in line, line
+        assert _digests(exp) == before
+    # an experiment file in a folder the run would replace (with --overwrite) is kept too
+    (exp / "samples" / "exp.yaml").write_text(text)
+    capsys.readouterr()
+    assert main(["train", "samples/exp.yaml", "--output", ".", "train.epochs=1", "--overwrite"]) == 2
+    assert "would be overwritten" in _one_error(capsys, "train")
+    assert (exp / "samples" / "exp.yaml").read_text() == text
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "compare", "study", "fidelity", "pretrain"])
+def test_an_empty_output_path_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = {
+        "train": ["train", "--output", ""],
+        "sample": ["sample", "--prompt", "a 7", "--output", " "],
+        "eval": ["eval", str(tmp_path), "--output", ""],
+        "compare": ["compare", "-o", ""],
+        "study": ["study", "--output", ""],
+        "fidelity": ["fidelity", "--output", ""],
+        "pretrain": ["pretrain", "digits", "--output", ""],
+    }[command]
+    proc = subprocess.run(
+        [sys.executable, "-m", "precise_rl.cli", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is empty" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []  # nothing written in the current directory
+
+
+def test_compare_refuses_a_run_directory_holding_the_users_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _config(tmp_path, epochs=1)
+    out = tmp_path / "cmp"
+    mine = out / "runs" / f"precise-seed{toy_task.TOY_CONFIG['seed']}"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    from precise_rl.rl.compare import compare_runs
+
+    with pytest.raises(Exception, match="did not write"):
+        compare_runs([str(cfg)], 1, ["precise"], out, False)
+    assert (mine / "notes.txt").read_text() == "mine"

@@ -272,6 +272,25 @@ def test_bad_wan21_options_are_one_sentence(extra: dict, message: str, policies)
         WanPolicy(policies["wan21"].pipe, **options("wan21", **extra))
 
 
+def test_frames_beyond_the_transformers_position_table_are_refused_and_the_most_it_takes_runs(policies) -> None:
+    """The rotary table covers ``rope_max_seq_len`` latent frames: the most frames allowed give a velocity, one
+    latent frame more is one sentence at construction (it used to be a reshape error inside the transformer)."""
+    pipe = policies["wan21"].pipe
+    cfg = pipe.transformer.config
+    t = int(pipe.vae_scale_factor_temporal)
+    most = (int(cfg.rope_max_seq_len) * int(cfg.patch_size[0]) - 1) * t + 1
+    policy = WanPolicy(pipe, **options("wan21", num_frames=most))
+    x = policy.sample_noise(1, torch.Generator().manual_seed(0))
+    v = policy.velocity(x, torch.full((1,), 0.5), policy.encode_prompts(["a fox"]))
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    with pytest.raises(UserError, match=f"cannot make a video of {most + t} frames: .* at most {most} frames"):
+        WanPolicy(pipe, **options("wan21", num_frames=most + t))
+    with pytest.raises(UserError, match="'num_frames' of .* is 100001 frames, more than the limit of 1025 frames"):
+        WanPolicy(pipe, **options("wan21", num_frames=100001))
+    with pytest.raises(UserError, match="'height' of .* is 8192 pixels, more than the limit of 4096 pixels"):
+        WanPolicy(pipe, **options("wan21", height=8192))
+
+
 @pytest.mark.parametrize("experts", [[], ["mid"], "low", ["low", "low"]])
 def test_bad_train_experts_are_one_sentence(experts, policies) -> None:
     with pytest.raises(UserError, match=r"'train_experts' must list some of \['high', 'low'\]"):

@@ -173,8 +173,8 @@ class NFTKnobs:
     #: the old policy follows the trained one after every epoch with decay ``d(s) = 0`` for ``s < old_decay_flat``,
     #: else ``min((s - old_decay_flat) * old_decay_rate, old_decay_max)`` at ``s`` optimizer steps (``return_decay``)
     old_decay_flat: int = 0
-    old_decay_rate: float = 0.001
-    old_decay_max: float = 0.5
+    old_decay_rate: float = 0.001  #: growth of the old policy's decay per optimizer step past ``old_decay_flat``
+    old_decay_max: float = 0.5  #: the old policy's largest decay (< 1)
     #: rollouts drawn with the old policy (the reference); false: with the current weights
     rollout_with_old: bool = True
 
@@ -222,7 +222,7 @@ class AWMKnobs:
     clip_range: float = 1.0  #: PPO clip of the (on-policy, hence 1) ratio; kept for the reference's formula
     #: how the squared error becomes a log-prob: ``ghuber`` (the reference's recipes), ``uniform``, ``t``, ``t2``
     weighting: Literal["ghuber", "uniform", "t", "t2"] = "ghuber"
-    ghuber_power: float = 0.25
+    ghuber_power: float = 0.25  #: the power of the ``ghuber`` weighting
     train_timesteps: int = 6  #: times trained per sample, one per stratum of the grid
     timestep_fraction: float = 0.9  #: the strata cover grid indices up to floor(f * N)
     #: ``discrete``: strata over grid indices 0 .. floor(f N); ``discrete_wo_init``: from 1 (the noise end left out)
@@ -230,7 +230,7 @@ class AWMKnobs:
     kl_beta: float = 1e-4  #: weight of the velocity KL to the reference (``beta``)
     ema_kl_beta: float = 1.0  #: weight of the velocity KL to the EMA policy (``ema_beta``; only with kl_beta > 0)
     ema_decay_max: float = 0.3  #: the EMA policy's decay ``min(ema_decay_max, ema_decay_rate * optimizer steps)``
-    ema_decay_rate: float = 0.001
+    ema_decay_rate: float = 0.001  #: growth of the EMA policy's decay per optimizer step
 
     def check(self, prefix: str) -> None:
         positive(prefix + "adv_clip", self.adv_clip)

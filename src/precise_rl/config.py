@@ -43,6 +43,11 @@ __all__ = [
     "config_from_dict",
     "with_run_defaults",
     "same_run_config",
+    "MAX_STEPS",
+    "MAX_BATCH",
+    "MAX_PROMPTS",
+    "check_at_most",
+    "MAX_REWARD_WEIGHT",
 ]
 
 
@@ -51,7 +56,7 @@ class ModelConfig:
     name: str = "digits"  #: policy adapter (``digits`` is the built-in task)
     path: str | None = None  #: local directory or hub id; None = the adapter's default weights
     revision: str | None = None  #: pinned hub revision
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  #: dtype the model's weights are loaded in
     options: dict[str, Any] = field(default_factory=dict)  #: adapter-specific keyword arguments
 
 
@@ -60,7 +65,7 @@ class PromptsConfig:
     #: ``builtin`` (the task's prompts), a text file (one prompt per line) or, for the editing models, a
     #: JSON-lines file (``.jsonl``: ``{"prompt": ..., "image": ...}`` per line, paths relative to the file)
     train: str = "builtin"
-    eval: str = "builtin"
+    eval: str = "builtin"  #: held-out prompts of the evaluations, in the same forms as ``train``
     #: ``shuffled``: each epoch takes the next prompts of a shuffled pass over the training set (without
     #: replacement, a new shuffle per pass, as the reference recipe draws them); ``random``: with replacement
     order: Literal["shuffled", "random"] = "shuffled"
@@ -80,7 +85,7 @@ class SamplerConfig:
     #: algorithms that train on final samples; null = the algorithm's reference sampler (GRPO: precise)
     name: str | None = None
     eta: float | None = None  #: None = the sampler's reference default
-    num_steps: int = 10
+    num_steps: int = 10  #: denoising steps of a rollout
     grid: Literal["model", "uniform", "shifted"] = "model"  #: ``model`` = the adapter's own sigmas
     shift: float = 3.0  #: for ``grid: shifted``
     schedule: Literal["logsnr", "constant"] = "logsnr"  #: exploration schedule of ``precise``
@@ -97,17 +102,18 @@ class RewardConfig:
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    rank: int = 16
-    alpha: float = 16.0
+    enabled: bool = False  #: train a LoRA adapter (peft) instead of the weights
+    rank: int = 16  #: the adapter's rank
+    alpha: float = 16.0  #: the adapter's scale numerator (scale = alpha / rank)
+    #: initial adapter weights: ``gaussian`` (the reference's) or peft's ``default``
     init: Literal["gaussian", "default"] = "gaussian"
-    dropout: float = 0.0
+    dropout: float = 0.0  #: dropout on the adapter's input
 
 
 @dataclass
 class EmaConfig:
-    enabled: bool = True
-    decay: float = 0.9
+    enabled: bool = True  #: keep an exponential moving average of the trained weights (evaluations use it)
+    decay: float = 0.9  #: the average's decay per update
     every: int = 8  #: update the average every this many optimizer steps
     #: ``interval``: ``decay`` applied once every ``every`` optimizer steps. ``reference``: the reference
     #: recipe's effective behaviour, warm-up decay ``min((1 + n) / (10 + n), decay)`` applied
@@ -117,19 +123,19 @@ class EmaConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
+    epochs: int = 100  #: epochs of training (each: rollouts, rewards, then the update)
     groups_per_epoch: int = 8  #: prompts per epoch; each is sampled ``group_size`` times
-    group_size: int = 8
+    group_size: int = 8  #: samples per prompt (a group: advantages are taken within it)
     rollout_batch_size: int = 64  #: samples per batched rollout call
     batch_size: int = 16  #: samples per training micro-batch (each with all its trained steps)
     grad_accum: int = 1  #: micro-batches per optimizer step
     inner_epochs: int = 1  #: passes over each epoch's samples
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    lr: float = 3e-4  #: AdamW learning rate
+    weight_decay: float = 0.0  #: AdamW weight decay
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  #: AdamW betas
+    adam_eps: float = 1e-8  #: AdamW epsilon
+    grad_clip: float = 1.0  #: gradients clipped to this global norm before each optimizer step
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  #: autocast of the forwards (accelerate's mixed precision)
     #: (sample, step) rows per training forward; 0 = a whole micro-batch at once; ``auto`` = the most that fit
     #: ``memory_budget_gb``, measured on the run's device at the first training pass (:mod:`precise_rl.rl.memory`)
     forward_batch: int | Literal["auto"] = 0
@@ -187,9 +193,9 @@ class EvalConfig:
     #: measure; an SDE window of training is not applied); ``ode`` = deterministic; or any sampler by name
     #: at its default eta
     samplers: list[str] = field(default_factory=lambda: ["ode", "own"])
-    num_steps: int = 10
-    samples_per_prompt: int = 4
-    max_prompts: int = 40
+    num_steps: int = 10  #: denoising steps of the evaluation samplers
+    samples_per_prompt: int = 4  #: samples per held-out prompt
+    max_prompts: int = 40  #: held-out prompts evaluated (the first ones of the eval set)
     grid_prompts: int = 8  #: prompts shown in the sample-grid PNG
     #: evaluate at this image size in pixels instead of the model's ``height``/``width`` (both or neither): train
     #: at a lower resolution than the one evaluated (a diffusers model; its rollouts' memory falls with the area)
@@ -205,15 +211,15 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "precise-rl"
-    progress: bool = True
+    tensorboard: bool = True  #: write TensorBoard event files under the run's ``tensorboard/``
+    wandb: bool = False  #: log to Weights & Biases too (``wandb`` installed and logged in)
+    wandb_project: str = "precise-rl"  #: the W&B project
+    progress: bool = True  #: show progress bars
 
 
 @dataclass
 class ExperimentConfig:
-    seed: int = 0
+    seed: int = 0  #: seed of every random stream of the run (sampling noise, prompt order, initial LoRA weights)
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -447,6 +453,27 @@ def same_run_config(saved: dict[str, Any], cfg: ExperimentConfig) -> bool:
     return plain(recorded) in (plain(cfg), plain(filled))
 
 
+#: the most sampler steps of one rollout (train, eval, sample, study): real recipes take 10 to 250; the
+#: bound stops a typo (100000000) before it allocates a trajectory of that many states
+MAX_STEPS = 1000
+#: the most images of one kind in one batch or group (group size, rollout and update batches, images per
+#: prompt): real runs take up to a few hundred
+MAX_BATCH = 4096
+#: the most prompt groups of one epoch, and held-out prompts of one evaluation
+MAX_PROMPTS = 1_000_000
+
+
+#: the largest reward weight in size: the combined reward sums weight x z-score, and a z-score of a batch of
+#: n images reaches sqrt(n), so weights up to this bound never overflow float32 (3.4e38)
+MAX_REWARD_WEIGHT = 1e12
+
+
+def check_at_most(what: str, value: int, limit: int, unit: str = "") -> None:
+    """Refuse ``value`` above ``limit`` in one sentence naming both (``what`` is the key or flag)."""
+    if value > limit:
+        raise UserError(f"{what} is {value}{unit}, more than the limit of {limit}{unit}; give at most {limit}")
+
+
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise UserError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
@@ -458,6 +485,13 @@ def validate(cfg: ExperimentConfig) -> None:
     for key in ("epochs", "groups_per_epoch", "group_size", "rollout_batch_size", "batch_size", "grad_accum"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.inner_epochs", t.inner_epochs)
+    for key, limit in (
+        ("group_size", MAX_BATCH),
+        ("rollout_batch_size", MAX_BATCH),
+        ("batch_size", MAX_BATCH),
+        ("groups_per_epoch", MAX_PROMPTS),
+    ):
+        check_at_most(f"config key 'train.{key}'", getattr(t, key), limit)
     if t.forward_batch != "auto":
         _positive("train.forward_batch", t.forward_batch, allow_zero=True)
     if t.memory_budget_gb is not None:
@@ -508,6 +542,7 @@ def validate(cfg: ExperimentConfig) -> None:
             f"config key 'sampler.name' must be one of {', '.join(map(repr, trainable))}{why}, got {s.name!r}"
         )
     _positive("sampler.num_steps", s.num_steps)
+    check_at_most("config key 'sampler.num_steps'", s.num_steps, MAX_STEPS, " steps")
     if s.eta is not None:
         _positive("sampler.eta", s.eta, allow_zero=True)
         bound = SAMPLER_TABLE[s.name].eta_max
@@ -526,11 +561,24 @@ def validate(cfg: ExperimentConfig) -> None:
     for name, weight in cfg.reward.weights.items():
         if weight != weight or abs(weight) == float("inf"):
             raise UserError(f"config key 'reward.weights.{name}' must be a finite number, got {weight!r}")
+        if abs(weight) > MAX_REWARD_WEIGHT:
+            raise UserError(
+                f"config key 'reward.weights.{name}' is {weight!r}, beyond the limit of {MAX_REWARD_WEIGHT:g} in size "
+                "(the weighted reward would overflow); only the ratios of the weights matter, so scale them down"
+            )
+    if cfg.reward.weights and not any(cfg.reward.weights.values()):
+        raise UserError(
+            f"config key 'reward.weights' gives every reward weight 0 ({', '.join(cfg.reward.weights)}): nothing would "
+            "be trained; give one a non-zero weight (rewards only to be logged go in reward.eval_only)"
+        )
     e = cfg.eval
     _positive("eval.every", e.every, allow_zero=True)
     _positive("eval.num_steps", e.num_steps)
     _positive("eval.samples_per_prompt", e.samples_per_prompt)
     _positive("eval.max_prompts", e.max_prompts)
+    check_at_most("config key 'eval.num_steps'", e.num_steps, MAX_STEPS, " steps")
+    check_at_most("config key 'eval.samples_per_prompt'", e.samples_per_prompt, MAX_BATCH)
+    check_at_most("config key 'eval.max_prompts'", e.max_prompts, MAX_PROMPTS)
     _positive("eval.grid_prompts", e.grid_prompts, allow_zero=True)
     if (e.height is None) != (e.width is None):
         raise UserError("config keys 'eval.height' and 'eval.width' go together: give both or neither")
@@ -563,9 +611,64 @@ def validate(cfg: ExperimentConfig) -> None:
 # --------------------------------------------------------------------------- files and overrides
 
 
+#: the deepest nesting of lists and mappings a config may have (a real one has four levels)
+MAX_YAML_DEPTH = 64
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping naming one key twice is an error (it keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class says so in its own words
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(UserError):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        where = f"twice on line {first}" if first == again else f"twice (lines {first} and {again})"
+        super().__init__(f"key {key!r} appears {where}; keep one")
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and mappings (iteratively: a deep value must not exhaust the stack)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level + 1)
+            if deepest > MAX_YAML_DEPTH:
+                return deepest
+            stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text like ``yaml.safe_load``, refusing a key given twice in one mapping and absurd nesting.
+
+    Raises :class:`yaml.YAMLError` for bad syntax and :class:`UserError` (a sentence without the
+    file's name) for a duplicate key or nesting deeper than ``MAX_YAML_DEPTH``.
+    """
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise UserError(f"it nests lists or mappings more than {MAX_YAML_DEPTH} levels deep") from None
+    if _depth(data) > MAX_YAML_DEPTH:
+        raise UserError(f"it nests lists or mappings more than {MAX_YAML_DEPTH} levels deep")
+    return data
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -588,7 +691,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise UserError(f"override {item!r}: '{part}' is not a section")
             node = child
-        node[parts[-1]] = _parse_value(raw)
+        try:
+            node[parts[-1]] = _parse_value(raw)
+        except UserError as exc:
+            raise UserError(f"override {item!r}: {exc}") from None
     return data
 
 
@@ -602,13 +708,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise UserError(f"config file {str(p)!r} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = load_yaml(p.read_text())
         except yaml.YAMLError as exc:
             raise UserError(f"config file {str(p)!r} is not valid YAML: {yaml_error_sentence(exc)}") from None
         except UnicodeDecodeError:
             raise UserError(f"config file {str(p)!r} is not a text file") from None
+        except UserError as exc:
+            raise UserError(f"config file {str(p)!r}: {exc}") from None
         if loaded is None:
-            loaded = {}
+            # an empty file is a mistake (a truncated copy, the wrong file), not a request for the default job
+            raise UserError(
+                f"config file {str(p)!r} is empty (no keys); give the keys to change, or leave the file out to "
+                "train the built-in default"
+            )
         if not isinstance(loaded, dict):
             raise UserError(f"config file {str(p)!r} must hold a mapping of keys to values")
         data = loaded

@@ -1,18 +1,114 @@
 """Images as people look at them: PNG files and labelled grids of ``(B, C, H, W)`` tensors in [0, 1].
 
 Shared by the run logs (sample grids of every evaluation) and ``precise-rl sample``; like
-``config.py`` it sits outside the layers and imports none of them.
+``config.py`` it sits outside the layers and imports none of them. :func:`read_rgb8` reads a
+user's image file (an editing prompt's source image) as 8-bit RGB whatever its bit depth, or
+refuses it in one sentence.
 """
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["MAX_LABEL", "image_grid", "labelled_grid", "save_png", "to_uint8"]
+from .errors import UserError
+
+__all__ = [
+    "MAX_LABEL",
+    "MAX_SOURCE_PIXELS",
+    "image_grid",
+    "labelled_grid",
+    "save_png",
+    "to_uint8",
+    "to_rgb8",
+    "read_rgb8",
+    "not_a_file",
+]
+
+#: the most pixels an image read from the user may have (8192 x 8192): a header claiming more is refused
+#: before any pixel is decoded (a 30000 x 30000 PNG of a few kilobytes would take gigabytes)
+MAX_SOURCE_PIXELS = 8192 * 8192
+
+
+def not_a_file(path: Path) -> str | None:
+    """What ``path`` is when it is no regular file ("does not exist", "is a directory", "is a FIFO"...), else None."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")]
+    kinds += [(stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    return "is " + next((name for test, name in kinds if test(mode)), "not a regular file") + ", not an image file"
+
+
+def to_rgb8(img: Any, what: str) -> Any:
+    """A PIL image as 8-bit RGB, its values scaled from the file's bit depth (``what`` names it in errors).
+
+    ``Image.convert("RGB")`` clips 16-bit and float pixels instead of scaling them (a 16-bit grey
+    PNG turns white, a float TIFF in [0, 1] black): 16-bit integers are scaled by 255/65535, floats in
+    [0, 1] by 255; float pixels outside [0, 1] and 32-bit integers have no agreed white and are refused.
+    """
+    from PIL import Image
+
+    mode = img.mode
+    if mode.startswith("I;16"):
+        arr = np.asarray(img).astype(np.float64) / 257.0  # 65535 / 257 = 255
+        return Image.fromarray(np.round(arr).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if not (np.isfinite(arr).all() and lo >= 0.0 and hi <= 1.0):
+            raise UserError(
+                f"{what} holds floating-point pixels in [{lo:g}, {hi:g}], not [0, 1]; save it as an 8- or 16-bit PNG"
+            )
+        return Image.fromarray(np.round(arr * 255.0).astype(np.uint8), "L").convert("RGB")
+    if mode in ("I", "I;32", "I;32B", "I;32L"):
+        raise UserError(
+            f"{what} holds 32-bit integer pixels, which have no agreed white; save it as an 8- or 16-bit PNG"
+        )
+    return img.convert("RGB")
+
+
+def read_rgb8(path: str | Path, what: str) -> Any:
+    """The image file ``path`` as an 8-bit RGB ``PIL.Image`` (see :func:`to_rgb8`), or one sentence why not.
+
+    ``what`` names the image in messages (e.g. "line 3 of prompt file 'edits.jsonl': source image 'a.png'").
+    A path that is no regular file is named for what it is (a FIFO is never opened: reading it would
+    wait for a writer); a header claiming more than :data:`MAX_SOURCE_PIXELS` pixels is refused before decoding.
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    why = not_a_file(path)
+    if why is not None:
+        raise UserError(f"{what} {why}")
+    limit = f"the {MAX_SOURCE_PIXELS} pixels (8192 x 8192) an image may have"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_SOURCE_PIXELS:
+                    raise UserError(f"{what} is {w} x {h} pixels, more than {limit}; make it smaller")
+                img.load()
+                return to_rgb8(img, what)
+    except Image.DecompressionBombError:
+        raise UserError(f"{what} has a header claiming more than {limit}; make it smaller") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"{what} is not a readable image ({exc})") from None
 
 
 def to_uint8(image: torch.Tensor, scale: int = 1) -> np.ndarray:

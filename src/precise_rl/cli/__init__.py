@@ -6,11 +6,12 @@ Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from ..errors import UserError
@@ -186,6 +187,54 @@ def _main(argv: Sequence[str] | None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    with _naming_sigterm(args):
+        return _run_command(args)
+
+
+@contextlib.contextmanager
+def _naming_sigterm(args: argparse.Namespace) -> Iterator[None]:
+    """While a command runs in one process: SIGTERM first names where a run can go on from, then ends it as before.
+
+    The process still dies by SIGTERM with nothing cleaned up (a run killed so resumes bit-identically),
+    but the user learns the last checkpoint and the command that continues it, as after Ctrl-C. Under
+    a distributed launch the launcher owns SIGTERM (it stops the other processes with it) and nothing is
+    changed; nor where the signal is not this process's default (an embedding program set its own).
+    """
+    import signal
+
+    one_process = os.environ.get("WORLD_SIZE", "").strip() in ("", "1")  # read here: rl.dist imports torch
+    if (
+        not one_process
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def name_and_die(signum: int, frame: object) -> None:
+        where = ""
+        run_dir = getattr(args, "_run_dir", None)
+        if run_dir is not None:
+            try:
+                from ..rl.rundir import resume_hint
+
+                where = f"; {resume_hint(run_dir)}"
+            except Exception:  # the signal must end the process whatever the hint's trouble
+                pass
+        try:
+            print(f"precise-rl {args.command}: terminated (SIGTERM){where}", file=sys.stderr, flush=True)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, name_and_die)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         code = _exit_code[0] = int(args._run(args) or 0)
         _leave_process_group()  # a launched process that exits with its group open may abort in teardown

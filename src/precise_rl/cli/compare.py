@@ -33,6 +33,7 @@ from ..algorithm_table import ALGORITHM_TABLE
 from ..errors import UserError
 from ..rl.compare import RATIO_BASIS, compare_runs, parse_algorithms, parse_samplers, print_summary
 from ..sde.samplers import trainable_samplers
+from .paths import path_arg
 
 __all__ = ["add_arguments", "run"]
 
@@ -50,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"comma-separated algorithms to compare across (of {', '.join(ALGORITHM_TABLE)}; default: the config's)",
     )
-    p.add_argument("--output", "-o", type=Path, default=Path("runs/compare"), help="directory for runs and results")
+    p.add_argument("--output", "-o", type=path_arg, default=Path("runs/compare"), help="directory for runs and results")
     p.add_argument(
         "--overwrite", action="store_true", help="replace the runs an earlier compare left in the output directory"
     )

@@ -11,7 +11,9 @@ import copy
 import json
 from pathlib import Path
 
+from ..config import MAX_BATCH, MAX_PROMPTS, MAX_STEPS, check_at_most
 from ..errors import UserError
+from .paths import path_arg
 
 __all__ = ["add_arguments", "run"]
 
@@ -29,8 +31,8 @@ def _csv(kind: type):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", type=Path, help="a run directory written by precise-rl train")
-    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint directory (default: the newest)")
+    p.add_argument("run_dir", type=path_arg, help="a run directory written by precise-rl train")
+    p.add_argument("--checkpoint", type=path_arg, default=None, help="a checkpoint directory (default: the newest)")
     p.add_argument(
         "--samplers",
         type=_csv(str),
@@ -42,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--samples-per-prompt", type=int, default=None)
     p.add_argument("--max-prompts", type=int, default=None)
-    p.add_argument("--output", type=Path, default=None, help="JSON file to write (default: RUN_DIR/eval.json)")
+    p.add_argument("--output", type=path_arg, default=None, help="JSON file to write (default: RUN_DIR/eval.json)")
 
 
 def check_output_file(out: Path, flag: str = "--output") -> None:
@@ -103,6 +105,47 @@ def run(args: argparse.Namespace) -> int:
         return _run_locked(args, out)
 
 
+def check_own_checkpoint(run_dir: Path, ckpt: Path) -> None:
+    """Refuse a ``--checkpoint`` of another run whose results would replace ``run_dir``'s ``eval.json``.
+
+    A checkpoint under ``run_dir/checkpoints`` is the run's own; one elsewhere is taken as the run's
+    when its recorded config is the run's ``config.yaml`` (a copy), the epoch count aside (a resume
+    may extend it). Otherwise the sentence names the keys that differ.
+    """
+    from ..config import config_from_dict, config_to_dict, load_yaml
+
+    try:
+        if ckpt.resolve().parent == (run_dir / "checkpoints").resolve():
+            return
+        theirs = json.loads((ckpt / "state.json").read_text())["config"]
+        ours = load_yaml((run_dir / "config.yaml").read_text())
+        plain = [json.loads(json.dumps(config_to_dict(config_from_dict(c)))) for c in (theirs, ours)]
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        plain = None
+    if plain is not None:
+        theirs_flat, ours_flat = (_flat(c) for c in plain)
+        keys = set(theirs_flat) | set(ours_flat)
+        differ = sorted(k for k in keys if k != "train.epochs" and theirs_flat.get(k) != ours_flat.get(k))
+        if not differ:
+            return
+        why = f"its config differs in {', '.join(differ[:5])}{' and more' if len(differ) > 5 else ''}"
+    else:
+        why = f"its config cannot be compared with {str(run_dir / 'config.yaml')!r}"
+    raise UserError(
+        f"--checkpoint {str(ckpt)!r} is not a checkpoint of run {str(run_dir)!r} ({why}); its results would "
+        f"replace that run's eval.json: evaluate its own run directory, or give --output FILE"
+    )
+
+
+def _flat(data: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(data, dict) or not data:
+        return {prefix[:-1]: data}
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
 def _run_locked(args: argparse.Namespace, out: Path) -> int:
     from tqdm.auto import tqdm
 
@@ -120,11 +163,17 @@ def _run_locked(args: argparse.Namespace, out: Path) -> int:
             raise UserError(f"--samplers has unknown sampler {s!r}; choose from own, {', '.join(SAMPLERS)}")
     if args.steps is not None and any(n < 1 for n in args.steps):
         raise UserError("--steps must be positive integers")
-    for flag in ("samples_per_prompt", "max_prompts"):
+    for n in args.steps or []:
+        check_at_most("--steps", n, MAX_STEPS, " steps")
+    for flag, limit in (("samples_per_prompt", MAX_BATCH), ("max_prompts", MAX_PROMPTS)):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+        if value is not None:
+            check_at_most(f"--{flag.replace('_', '-')}", value, limit)
     ckpt = latest_checkpoint(args.checkpoint or args.run_dir)
+    if args.checkpoint is not None and args.output is None:
+        check_own_checkpoint(Path(args.run_dir), ckpt)
     check_output_file(out)
     cfg = resolve_config([], ckpt)
     # The run's model, rewards and held-out prompts, with the weights its evaluations used (EMA).

@@ -4,8 +4,12 @@ Exact numbers on Gaussian data N(m, c^2) (a sharp and a broad target): output st
 KL(output || target) and the exploration share E[Var(x0|x1)]/Var(x0), for every sampler at its
 default eta and over an eta sweep, on the uniform and the shifted time grid. Then Monte Carlo
 rollouts on a 2-D Gaussian mixture with its exact velocity: W2 to fresh target samples,
-mode-weight error and residual noise. Writes fidelity.json and PNG plots into --output and
-prints the tables.
+mode-weight error and residual noise. And each sampler written as a member of the precise family:
+per grid and NFE, the effective eta of each step (the eta of the precise step that injects the same
+fresh noise; the same transition for cps and the precise family, a match of the fresh-noise variance
+only for the Euler-Maruyama samplers), its median, min and max, and the precise eta that keeps cps's
+total share of the noise estimate (the eta of ``precise-rl study``'s control ``precise@cps``).
+Writes fidelity.json and PNG plots into --output and prints the tables.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..fidelity.lab import GRIDS, LabConfig  # no torch: --help and argument errors answer at once
 from ..sde.samplers import SAMPLERS
+from .paths import path_arg
 
 _QUICK = {"nfe": (6, 10, 30), "samples": 500, "eta_points": 7}
 
@@ -24,7 +29,7 @@ _QUICK = {"nfe": (6, 10, 30), "samples": 500, "eta_points": 7}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``precise-rl fidelity`` flags."""
     default = LabConfig()
-    parser.add_argument("--output", "-o", type=Path, default=Path("fidelity-report"), help="report folder")
+    parser.add_argument("--output", "-o", type=path_arg, default=Path("fidelity-report"), help="report folder")
     parser.add_argument(
         "--nfe", type=int, nargs="+", default=None, help=f"step counts (default: {' '.join(map(str, default.nfe))})"
     )

@@ -3,7 +3,7 @@
 One row per model: the built-in task, every registered adapter (``@register_policy``) with its
 diffusers pipeline class, default checkpoint, guidance and time grid (``sampler.grid: model``), and
 ``diffusers``, which picks the adapter from a pipeline's ``model_index.json``. The table printed is
-the README's models table. ``--memory`` prints instead the README's table of what the memory options
+the README's models table. ``--memory`` prints instead the models page's table of what the memory options
 take off the device for the real checkpoints, counted from their shipped configs on the meta device
 (:mod:`precise_rl.policies.sizes`).
 """

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..tasks import PRETRAIN_TASKS
+from .paths import path_arg
 
 __all__ = ["add_arguments", "run"]
 
@@ -21,7 +22,9 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``precise-rl pretrain``."""
     parser.add_argument("task", choices=sorted(PRETRAIN_TASKS), help="the built-in task whose weights to regenerate")
-    parser.add_argument("--output", "-o", default="pretrained-digits", help="output directory (default: %(default)s)")
+    parser.add_argument(
+        "--output", "-o", type=path_arg, default="pretrained-digits", help="output directory (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split and of training (default: 0)")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps of the flow model (default: 2000)")
     parser.add_argument(

@@ -22,8 +22,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config import MAX_BATCH, MAX_STEPS, check_at_most
 from ..errors import UserError
 from ..sde.samplers import DEFAULT_ETA, SAMPLERS  # the table alone: --help and argument errors import no torch
+from .paths import path_arg
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--revision", default=None, help="hub revision (commit hash) to load")
     m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU")
     m.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    m.add_argument("--lora", type=Path, default=None, help="LoRA adapter, checkpoint or run directory")
+    m.add_argument("--lora", type=path_arg, default=None, help="LoRA adapter, checkpoint or run directory")
     m.add_argument("--height", type=int, default=None, help="image height in pixels (diffusers models)")
     m.add_argument("--width", type=int, default=None, help="image width in pixels (diffusers models)")
     m.add_argument("--guidance-scale", type=float, default=None, help="CFG / guidance weight (model default)")
@@ -54,9 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("sampling")
     s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     s.add_argument(
-        "--prompt-file", type=Path, default=None, help="text file, one prompt per line (.jsonl: prompts with images)"
+        "--prompt-file",
+        type=path_arg,
+        default=None,
+        help="text file, one prompt per line (.jsonl: prompts with images)",
     )
-    s.add_argument("--image", type=Path, default=None, help="source image of every --prompt (editing models)")
+    s.add_argument("--image", type=path_arg, default=None, help="source image of every --prompt (editing models)")
     # Each of these defaults to the run's own setting for --model RUN_DIR (a run is sampled as it trained),
     # else to the value named in its help: None here means "not given".
     s.add_argument(
@@ -93,7 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=list(SAMPLERS),
         help="comma-separated samplers of the grid (each at its reference eta; --sampler keeps --eta)",
     )
-    p.add_argument("--output", "-o", type=Path, default=Path("samples"), help="output directory")
+    p.add_argument("--output", "-o", type=path_arg, default=Path("samples"), help="output directory")
 
 
 def _parse_option(item: str) -> tuple[str, Any]:
@@ -135,6 +140,19 @@ def is_run_dir(path: str) -> bool:
 
     p = Path(path)
     return p.is_dir() and (bool(list_checkpoints(p / "checkpoints")) or (p / MANIFEST).is_file())
+
+
+def is_run_without_checkpoint(path: str) -> bool:
+    """Whether ``--model`` names a training run's directory that holds no checkpoint (not a model either)."""
+    from ..rl.rundir import MARKER_NAME
+
+    p = Path(path)
+    if not p.is_dir() or is_run_dir(path) or (p / "model_index.json").is_file():
+        return False
+    marked = (p / MARKER_NAME).is_file()
+    return marked or (
+        (p / "config.yaml").is_file() and ((p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file())
+    )
 
 
 #: what ``precise-rl sample`` draws with when neither the flags nor a run say otherwise
@@ -321,10 +339,16 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError("--image needs a --prompt: the edit to make")
     if not args.prompt and args.prompt_file is None:
         raise UserError("give at least one --prompt (or a --prompt-file)")
-    for flag in ("steps", "num_images", "batch_size"):
+    for flag, limit, unit in (
+        ("steps", MAX_STEPS, " steps"),
+        ("num_images", MAX_BATCH, ""),
+        ("batch_size", MAX_BATCH, ""),
+    ):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+        if value is not None:
+            check_at_most(f"--{flag.replace('_', '-')}", value, limit, unit)
     if args.eta is not None and args.eta < 0:
         raise UserError(f"--eta must be >= 0, got {args.eta}")
     bad = [s for s in args.grid_samplers if s not in SAMPLERS]
@@ -366,6 +390,11 @@ def run(args: argparse.Namespace) -> int:
     out = args.output
     device = _device(args.device)
     run_ckpt, run_cfg = None, None
+    if is_run_without_checkpoint(args.model):
+        raise UserError(
+            f"--model {args.model!r} is a training run with no checkpoint yet (its checkpoints/ holds none); sample "
+            "it once training has written one (checkpoint.every), or give a model"
+        )
     if is_run_dir(args.model):
         lora_dir = None
         policy, adapter, run_ckpt, run_cfg = policy_from_run(args, device)

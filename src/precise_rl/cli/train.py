@@ -14,8 +14,9 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from ..rl.run_config import resolve_config
+from ..rl.run_config import resolve_config, split_config_and_overrides
 from ..rl.rundir import discard_unresumable, resume_hint
+from .paths import path_arg
 
 __all__ = ["add_arguments", "run"]
 
@@ -28,14 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="an optional YAML experiment file, then dotted overrides such as train.lr=1e-4",
     )
     p.add_argument(
-        "--output", "-o", type=Path, default=None, help="run directory (default: runs/<model>-<sampler>-<time>)"
+        "--output", "-o", type=path_arg, default=None, help="run directory (default: runs/<model>-<sampler>-<time>)"
     )
-    p.add_argument("--resume", type=Path, default=None, help="run directory or checkpoint to continue from")
+    p.add_argument("--resume", type=path_arg, default=None, help="run directory or checkpoint to continue from")
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the run already in --output (its metrics, checkpoints, samples); without it such a "
-        "directory is refused",
+        help="replace the run already in --output (its metrics, checkpoints, samples) and whatever else a run "
+        "writes there; without it a directory holding a run, or files precise-rl did not write, is refused",
     )
 
 
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..rl.rundir import command_line, is_main_launch_process, lock_run_dir, prepare_run_dir
 
-    cfg = resolve_config(args.items, args.resume)  # config errors come before torch is even imported
+    cfg = resolve_config(args.items, args.resume, honour_edits=True)  # config errors come before torch is even imported
     from ..rl.preflight import check_config
 
     check_config(cfg)
@@ -79,17 +80,21 @@ def run(args: argparse.Namespace) -> int:
     existed = out.exists()
     with lock_run_dir(out, command_line()) if main else contextlib.nullcontext():
         if main:
-            prepare_run_dir(out, resuming=resuming, overwrite=args.overwrite)
+            config_path, _ = split_config_and_overrides(args.items)
+            keep = [Path(config_path)] if config_path else []
+            prepare_run_dir(out, resuming=resuming, overwrite=args.overwrite, keep=keep)
         try:
             trainer = Trainer(cfg, out, resume=args.resume)
             # A run killed after its last checkpoint but before its summary is finished below (run()
             # trains nothing more and writes the summary and plots); only a summarised run is complete.
             if args.resume is not None and trainer.epoch >= cfg.train.epochs and (out / "summary.json").is_file():
                 if trainer.is_main:
+                    # a run may have trained beyond a train.epochs given on this resume: propose more than it did
+                    done = trainer.epoch
+                    asked = f"{done} of {cfg.train.epochs}" if done == cfg.train.epochs else f"{done}"
                     print(
-                        f"the run in {out} is already complete ({trainer.epoch} of {cfg.train.epochs} epochs); "
-                        f"nothing was trained. To train longer: precise-rl train --resume {out} "
-                        f"train.epochs={cfg.train.epochs * 2}"
+                        f"the run in {out} is already complete ({asked} epochs); nothing was trained. To train "
+                        f"longer: precise-rl train --resume {out} train.epochs={max(done, cfg.train.epochs) * 2}"
                     )
                 return 0
             summary = trainer.run()

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..sde import DEFAULT_ETA, SAMPLER_TABLE, kernel, rollout, time_grid
+from ..sde import DEFAULT_ETA, SAMPLER_TABLE, effective_eta, kernel, matched_precise_eta, rollout, time_grid
 from .gaussian import GaussianTarget, propagate_gaussian
 from .lab import LabConfig, sweep_eta_max
 from .mixture import (
@@ -85,6 +85,35 @@ def _gaussian_section(cfg: LabConfig, progress: bool) -> list[dict[str, Any]]:
                     "output_std": prop.std,
                 }
             )
+    return records
+
+
+def _effective_eta_section(cfg: LabConfig) -> list[dict[str, Any]]:
+    """Each sampler (default eta) as a precise-family member: its effective eta per step, per grid and NFE,
+    with the median/min/max over the steps, and the precise eta matched to cps's total noise share."""
+    records = []
+    for grid in cfg.grids:
+        for n in cfg.nfe:
+            sigmas = time_grid(n, grid, shift=cfg.shift)
+            for sampler in cfg.samplers:
+                eff = effective_eta(sampler, sigmas)
+                records.append(
+                    {
+                        "grid": grid_label(grid, cfg.shift),
+                        "nfe": n,
+                        **eff.summary(),
+                        "per_step": [_finite(float(v)) for v in eff.values],
+                    }
+                )
+            if "cps" in SAMPLER_TABLE and "precise" in SAMPLER_TABLE:
+                records.append(
+                    {
+                        "grid": grid_label(grid, cfg.shift),
+                        "nfe": n,
+                        "sampler": "precise matched to cps",
+                        "eta": matched_precise_eta(sigmas, "cps"),
+                    }
+                )
     return records
 
 
@@ -160,6 +189,7 @@ def run_lab(cfg: LabConfig, progress: bool = True) -> tuple[dict[str, Any], dict
     torch.set_num_threads(1)
     try:
         gaussian = _gaussian_section(cfg, progress)
+        effective = _effective_eta_section(cfg)
         mixture, reference, scatter = _mixture_section(cfg, mix, progress)
     finally:
         torch.set_num_threads(threads)
@@ -186,9 +216,16 @@ def run_lab(cfg: LabConfig, progress: bool = True) -> tuple[dict[str, Any], dict
             "mode_w2": "within-mode W2 / c_k: owned samples vs as many fresh draws of mode k, averaged over samples",
             "residual_noise": "RMS(|x - m_k| / (c_k sqrt(dim))) over samples, k the owning mode (about 1 if exact)",
             "residual_median": "median(|x - m_k| / c_k) over its value for exact samples (about 1 if exact)",
+            "effective_eta": "per step, the eta of the precise step (logSNR schedule) that injects the same fresh "
+            "noise, sqrt(-log(1 - (std / s)^2) / dlambda); null where no precise step matches (t = 1 unless "
+            "std = s, s = 0, std >= s); match 'exact' where that precise step is the same transition (mean too), "
+            "'variance' where only the fresh-noise std matches (Euler-Maruyama); summaries over the matched steps",
+            "precise matched to cps": "the precise eta keeping cps's product of kept noise shares over the "
+            "steps where cps has an effective eta: sqrt(sum eta_i^2 dlambda_i / sum dlambda_i)",
         },
         "mixture_spec": {"weights": list(mix.weights), "means": [list(m) for m in mix.means], "stds": list(mix.stds)},
         "gaussian": gaussian,
+        "effective_eta": effective,
         "mixture": mixture,
         "mixture_reference": reference,
     }
@@ -263,6 +300,8 @@ def format_tables(results: Mapping[str, Any]) -> str:
                 row += f" {most['eta']:5.2g} {_num(most['exploration']):>6}" if most else "     -      -"
                 lines.append(row)
 
+    lines += ["", *_effective_eta_lines(results)]
+
     ref = results["mixture_reference"]
     sn = meta["scatter_nfe"]
     lines += [
@@ -284,6 +323,37 @@ def format_tables(results: Mapping[str, Any]) -> str:
         tail += f"{_num(ref['residual_median']):>6}"
         lines.append(_row("target (fresh)", [_num(ref["mode_w2"])], 9, 14).ljust(16 + 9 * len(nfe)) + tail)
     return "\n".join(lines)
+
+
+def _effective_eta_lines(results: Mapping[str, Any]) -> list[str]:
+    """Per grid: each sampler's effective precise eta, median [min, max] over the steps, per NFE."""
+    meta = results["meta"]
+    nfe, grids = meta["nfe"], meta["grid_labels"]
+    records = results.get("effective_eta", [])
+    lines = [
+        "Each sampler as a precise step per step: the effective eta (default eta), median [min, max] over the "
+        "steps that have one; ~ marks a match of the fresh-noise variance only (Euler-Maruyama)"
+    ]
+    for grid in grids:
+        lines.append("")
+        lines.append(_row(f"{grid}", [f"NFE {n}" for n in nfe], 22, 24))
+        for s in [*meta["samplers"], "precise matched to cps"]:
+            cells = []
+            for n in nfe:
+                found = select(records, grid=grid, sampler=s, nfe=n)
+                if not found:
+                    break
+                r = found[0]
+                if "median" not in r:  # the matched eta: one number
+                    cells.append(f"{r['eta']:.3g}")
+                elif r["median"] is None:
+                    cells.append("-")
+                else:
+                    mark = "~" if r["match"] == "variance" else ""
+                    cells.append(f"{mark}{r['median']:.3g} [{r['min']:.3g}, {r['max']:.3g}]")
+            if len(cells) == len(nfe):
+                lines.append(_row(s, cells, 22, 24))
+    return lines
 
 
 def write_report(results: Mapping[str, Any], scatter: Mapping[str, Mapping[str, np.ndarray]], out: Path) -> list[Path]:

@@ -32,6 +32,7 @@ from .edit import edit_key
 from .loading import DTYPES, PIPELINE_ADAPTERS, detect_adapter, load_pipeline, read_model_index
 
 __all__ = [
+    "MAX_SIDE_PIXELS",
     "DiffusersPolicy",
     "PackedLatentsPolicy",
     "DTYPES",
@@ -44,6 +45,9 @@ __all__ = [
 
 #: the pipeline attributes that hold text encoders (those a pipeline has; FLUX.1 has two, SD3 three)
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+#: the largest height or width any adapter is asked for, in pixels (the models in the table top out at 2048):
+#: beyond it a typo would allocate latents and attention of gigabytes before any model could object
+MAX_SIDE_PIXELS = 4096
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -228,6 +232,11 @@ class DiffusersPolicy(Policy):
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UserError(f"model option '{name}' must be a positive integer number of pixels, got {value!r}")
+            if value > MAX_SIDE_PIXELS:
+                raise UserError(
+                    f"model option '{name}' is {value} pixels, more than the limit of {MAX_SIDE_PIXELS} pixels; give "
+                    f"at most {MAX_SIDE_PIXELS}"
+                )
         if height % m or width % m:
             raise UserError(
                 f"{self.display_name} cannot take a {height}x{width} image: height and width must be multiples of "

@@ -67,27 +67,17 @@ def edit_key(prompt: str) -> tuple[str, str]:
 
 
 def check_image_file(path: Path, where: str) -> None:
-    """UserError (naming ``where``) unless ``path`` is an image file PIL can read."""
-    from PIL import Image, UnidentifiedImageError
+    """UserError (naming ``where``) unless ``path`` is an image file that reads as 8-bit RGB (see ``read_rgb8``)."""
+    from ..images import read_rgb8
 
-    if not path.is_file():
-        raise UserError(f"{where}: source image {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as img:
-            img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{where}: source image {str(path)!r} is not a readable image ({exc})") from None
+    read_rgb8(path, f"{where}: source image {str(path)!r}")
 
 
 @functools.lru_cache(maxsize=256)
 def _load_rgb(path: str, where: str) -> Any:
-    from PIL import Image, UnidentifiedImageError
+    from ..images import read_rgb8
 
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{where}: source image {path!r} is not a readable image ({exc})") from None
+    return read_rgb8(path, f"{where}: source image {path!r}")
 
 
 def source_image(prompt: str) -> Any:

@@ -6,7 +6,7 @@ class (the one the diffusers pipeline loads) and the config keys that differ fro
 or shape the weights, with the file each one comes from (``source``). :func:`component_parameters`
 builds a component on the meta device from that config and counts its parameters: nothing is
 downloaded and no weight memory is allocated. :func:`model_sizes` does it for every component of
-every shipped file; ``precise-rl models --memory`` prints the result as the README's table of what the
+every shipped file; ``precise-rl models --memory`` prints the result as the models page's table of what the
 memory options take off the device.
 
 A component's bytes are its parameter count times the bytes of the dtype (2 in bfloat16); shared

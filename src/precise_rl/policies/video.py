@@ -15,9 +15,13 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import UserError
-from .diffusers_base import DiffusersPolicy, _flag
+from .diffusers_base import MAX_SIDE_PIXELS, DiffusersPolicy, _flag
 
-__all__ = ["VideoPolicy", "check_video_size"]
+__all__ = ["VideoPolicy", "check_video_size", "MAX_VIDEO_FRAMES"]
+
+#: the most frames of one video (the video models in the table make 81 to 121): a typo such as 100001 would
+#: otherwise fail deep inside the pipeline, or allocate the latents of a feature film first
+MAX_VIDEO_FRAMES = 1025
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -35,6 +39,16 @@ def check_video_size(
     num_frames = _positive_int("num_frames", num_frames)
     height = _positive_int("height", height)
     width = _positive_int("width", width)
+    for name, value, limit, unit in (
+        ("num_frames", num_frames, MAX_VIDEO_FRAMES, " frames"),
+        ("height", height, MAX_SIDE_PIXELS, " pixels"),
+        ("width", width, MAX_SIDE_PIXELS, " pixels"),
+    ):
+        if value > limit:
+            raise UserError(
+                f"model option {name!r} of {model} is {value}{unit}, more than the limit of {limit}{unit}; give at "
+                f"most {limit}"
+            )
     if (num_frames - 1) % temporal:
         fit = (num_frames - 1) // temporal * temporal + 1
         raise UserError(

@@ -152,6 +152,7 @@ class WanPolicy(VideoPolicy):
             lora_targets=lora_targets,
             **kw,
         )
+        self._check_positions(pipe.transformer)
         self.expand_timesteps = bool(pipe.config.get("expand_timesteps", False))
         # UniPC hands the transformer int64 timesteps (1000 sigma truncated), FlowMatchEuler float ones.
         self._integer_timesteps = type(sched).__name__ == "UniPCMultistepScheduler"
@@ -204,6 +205,25 @@ class WanPolicy(VideoPolicy):
                 f"no linear layer of the Wan experts {list(self.train_experts)} ends with any of {list(targets)} "
                 "(model option 'lora_targets')"
             )
+
+    def _check_positions(self, transformer: nn.Module) -> None:
+        """The transformer's rotary table covers ``rope_max_seq_len`` patches per axis: more frames (or rows) fail
+        deep inside it with a reshape error, so they are refused here naming the largest size it takes."""
+        top = int(transformer.config.get("rope_max_seq_len", 1024))
+        p_t, p_h, p_w = (int(p) for p in transformer.config.patch_size)
+        s, t = self._spatial_scale(), self._temporal_scale()
+        if self.latent_frames // p_t > top:
+            most = (top * p_t - 1) * t + 1
+            raise UserError(
+                f"{self.display_name} cannot make a video of {self.num_frames} frames: its transformer's position "
+                f"table covers at most {most} frames (model option 'num_frames')"
+            )
+        for name, value, patch in (("height", self.height, p_h), ("width", self.width, p_w)):
+            if value // s // patch > top:
+                raise UserError(
+                    f"{self.display_name} cannot take a video {value} pixels in {name}: its transformer's position "
+                    f"table covers at most {top * patch * s} pixels (model option {name!r})"
+                )
 
     def finetuned_modules(self) -> list[nn.Module]:
         if not self.two_experts:

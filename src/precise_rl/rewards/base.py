@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..config import MAX_REWARD_WEIGHT
 from ..errors import UserError
 from ..registries import add_entry, check_name
 from .failures import RewardUnavailable
@@ -201,6 +202,11 @@ def check_weights(weights: Mapping[str, Any]) -> dict[str, float]:
             raise UserError(f"reward names must be non-empty strings, got {name!r}")
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(float(w)):
             raise UserError(f"the weight of reward {name!r} must be a finite number, got {w!r}")
+        if abs(float(w)) > MAX_REWARD_WEIGHT:
+            raise UserError(
+                f"the weight of reward {name!r} is {w!r}, beyond the limit of {MAX_REWARD_WEIGHT:g} in size (the "
+                "weighted reward would overflow); only the ratios of the weights matter, so scale them down"
+            )
         out[name] = float(w)
     return out
 

@@ -88,7 +88,12 @@ def run_label(algorithm: str, sampler: str, several: bool) -> str:
 
 
 def sampler_of(label: str) -> str:
-    """The sampler of a run label (see :func:`run_label`)."""
+    """The sampler of a run label (see :func:`run_label`; the study's ``sampler@eta`` labels too)."""
+    return label.rsplit("/", 1)[-1].split("@", 1)[0]
+
+
+def _run_of(label: str) -> str:
+    """A run label without its algorithm: the sampler, with the study's ``@eta`` where it has one."""
     return label.rsplit("/", 1)[-1]
 
 
@@ -248,7 +253,7 @@ def _per_algorithm(curves: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["ranking"].setdefault(algorithm, [])
     for algorithm, ranked in out["ranking"].items():
         mine = [label for label in curves if _algorithm_of(label) == algorithm]
-        ranked.extend(sampler_of(s) for s in sorted(mine, key=lambda s: -curves[s]["final_reward_mean"]))
+        ranked.extend(_run_of(s) for s in sorted(mine, key=lambda s: -curves[s]["final_reward_mean"]))
     for axis in ("wallclock_to_target_s", "model_evals_to_target", "epochs_to_target"):
         reached = {label: c[axis] for label, c in curves.items() if c.get(axis) is not None}
         out[f"soonest_by_{axis}"] = min(reached, key=reached.get) if reached else None
@@ -422,11 +427,13 @@ def compare_runs(
     from ..config import AlgorithmConfig, validate
     from .logging import read_metrics
     from .preflight import check_config
-    from .run_config import resolve_config
-    from .rundir import check_fresh_run_dir, command_line, lock_run_dir, prepare_run_dir
+    from .run_config import resolve_config, split_config_and_overrides
+    from .rundir import check_foreign_files, check_fresh_run_dir, command_line, lock_run_dir, prepare_run_dir
     from .trainer import Trainer
 
     base = resolve_config(items, None)
+    config_path, _ = split_config_and_overrides(items)
+    keep = [Path(config_path)] if config_path else []  # the experiment file is never among what a run replaces
     base.eval.every = eval_every_for(base.train.epochs, base.eval.every)
     base.eval.samplers = ["ode", "own"]
     several = algorithms is not None and len(algorithms) > 1
@@ -453,8 +460,9 @@ def compare_runs(
         if not overwrite:  # refuse before the first run, not after the first ones were trained
             for _, _, run_dir in jobs:
                 check_fresh_run_dir(run_dir, "--overwrite", resume_hint=False)
+                check_foreign_files(run_dir, "--overwrite")
         for label, cfg, run_dir in tqdm(jobs, desc="compare", dynamic_ncols=True):
-            prepare_run_dir(run_dir, resuming=False, overwrite=True)
+            prepare_run_dir(run_dir, resuming=False, overwrite=overwrite, keep=keep)
             Trainer(cfg, run_dir).run()
             runs[label].append(read_metrics(run_dir / "metrics.jsonl"))
     summary = {protocol: summarise(runs, key) for protocol, key in PROTOCOLS.items()}

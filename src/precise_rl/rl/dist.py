@@ -133,4 +133,81 @@ def make_accelerator(mixed_precision: str, cpu: bool = False) -> Accelerator:
         and (state.get("_mixed_precision") != mixed_precision or bool(state.get("_cpu", False)) != cpu)
     ):
         AcceleratorState._reset_state()
+    if launched_processes() > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        with _bounded_meeting():
+            return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+#: the environment variable that bounds how long a launched process waits for the others, in seconds
+MEET_TIMEOUT_ENV = "PRECISE_RL_DIST_TIMEOUT_S"
+#: the default of that bound: long enough for the processes of a multi-node launch to come up
+MEET_TIMEOUT_S = 300.0
+#: after this many seconds of waiting a process says what it waits for
+MEET_NOTICE_S = 10.0
+
+
+def meet_timeout() -> float:
+    """The seconds a launched process waits for the others (``PRECISE_RL_DIST_TIMEOUT_S``, default 300)."""
+    raw = os.environ.get(MEET_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return MEET_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(
+            f"the environment variable {MEET_TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}"
+        )
+    return value
+
+
+def _launch_env() -> str:
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return ", ".join(f"{n}={os.environ[n]}" for n in names if n in os.environ)
+
+
+class _bounded_meeting:  # noqa: N801 - used as a context manager, named for what it bounds
+    """Joining the process group of a launch: say what it waits for after ``MEET_NOTICE_S``, give up after the bound.
+
+    Leftover launch variables (``WORLD_SIZE=2 RANK=0`` exported in a shell) make a plain ``train`` wait
+    for processes that will never come; torch's own wait is 30 minutes or more and says nothing. The
+    watchdog ends the process with exit code 2 and one sentence: the bound of the meeting alone, not
+    of the collectives after it (a long checkpoint write keeps torch's own timeout).
+    """
+
+    def __enter__(self) -> None:
+        import threading
+
+        self.timeout = meet_timeout()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="launch-meeting-watchdog", daemon=True)
+        self.thread.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+
+    def _watch(self) -> None:
+        import sys
+
+        world, env = launched_processes(), _launch_env()
+        if self.timeout > MEET_NOTICE_S:
+            if self.done.wait(MEET_NOTICE_S):
+                return
+            print(
+                f"precise-rl: waiting up to {self.timeout:g} s for the {world} processes of a distributed launch "
+                f"to meet ({env})",
+                file=sys.stderr,
+                flush=True,
+            )
+        if self.done.wait(self.timeout - (MEET_NOTICE_S if self.timeout > MEET_NOTICE_S else 0.0)):
+            return
+        print(
+            f"precise-rl: error: the {world} processes of a distributed launch ({env}) did not meet within "
+            f"{self.timeout:g} s; start every process (torchrun or accelerate launch), or unset WORLD_SIZE and "
+            f"RANK to run in one process ({MEET_TIMEOUT_ENV} sets the wait)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(2)  # the main thread is inside torch's wait and cannot be interrupted

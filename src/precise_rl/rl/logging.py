@@ -144,7 +144,11 @@ class RunLogger:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "samples").mkdir(exist_ok=True)
-            (self.out / "config.yaml").write_text(_yaml_dump(config_to_dict(cfg)))
+            # Written aside and renamed into place: a run killed here never leaves a half-written config.yaml,
+            # which a resume reads for the user's edits.
+            tmp = self.out / "config.yaml.tmp"
+            tmp.write_text(_yaml_dump(config_to_dict(cfg)))
+            os.replace(tmp, self.out / "config.yaml")
         except OSError as exc:
             raise UserError(f"cannot write to output directory {str(self.out)!r}: {exc.strerror or exc}") from None
         if resume_epoch is not None:

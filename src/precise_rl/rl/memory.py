@@ -27,7 +27,7 @@ import torch
 
 from ..errors import UserError
 
-__all__ = ["MemoryLine", "budget_bytes", "check_decode", "fit_line", "live_bytes", "peak_bytes"]
+__all__ = ["MemoryLine", "budget_bytes", "check_decode", "fit_line", "human_bytes", "live_bytes", "peak_bytes"]
 
 #: the share of a GPU's memory that ``auto`` plans for when ``train.memory_budget_gb`` is not set: the rest
 #: is the CUDA context, the allocator's fragmentation and the rollout's decoder, which the probe does not see
@@ -104,6 +104,22 @@ def budget_bytes(budget_gb: float | None, device: torch.device) -> int:
     )
 
 
+def human_bytes(n: float) -> str:
+    """``n`` bytes in the decimal unit that shows it with three significant digits (``"512 B"``, ``"3.41 MB"``).
+
+    A fixed unit misleads at the ends: a budget of a few kilobytes printed in GB reads "0.00 GB".
+    """
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(value) < 1000 or unit == "GB":
+            break
+        value /= 1000
+    if unit == "B":
+        return f"{int(round(value))} B"
+    digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+    return f"{value:.{digits}f} {unit}"
+
+
 @dataclass(frozen=True)
 class MemoryLine:
     """``peak(k) = fixed + k * per_row`` bytes: a training pass of ``k`` rows per forward."""
@@ -120,9 +136,9 @@ class MemoryLine:
         budget = int(budget * HEADROOM)
         if self.peak(1) > budget:
             raise UserError(
-                f"a training pass of one (sample, step) row per forward takes {self.peak(1) / GB:.2f} GB, more than "
-                f"{HEADROOM:.0%} of the budget of {budget / HEADROOM / GB:.2f} GB: raise train.memory_budget_gb, "
-                "turn on the model's gradient_checkpointing, or use a lower resolution"
+                f"a training pass of one (sample, step) row per forward takes {human_bytes(self.peak(1))}, more "
+                f"than {HEADROOM:.0%} of the budget of {human_bytes(round(budget / HEADROOM))}: raise "
+                "train.memory_budget_gb, turn on the model's gradient_checkpointing, or use a lower resolution"
             )
         if self.per_row <= 0:
             return most
@@ -165,7 +181,7 @@ def check_decode(policy: Any, budget_gb: float | None, device: torch.device, rol
             else "not even one image fits: turn on offload_vae, or lower the resolution"
         )
         raise UserError(
-            f"the rollouts' VAE decode of {images} images at once takes {need / GB:.2f} GB with what is in memory, "
-            f"more than the budget of {budget / GB:.2f} GB (train.memory_budget_gb, or 90% of the GPU): lower "
+            f"the rollouts' VAE decode of {images} images at once takes {human_bytes(need)} with what is in memory, "
+            f"more than the budget of {human_bytes(budget)} (train.memory_budget_gb, or 90% of the GPU): lower "
             f"model option 'decode_batch' ({hint})"
         )

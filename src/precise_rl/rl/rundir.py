@@ -14,6 +14,12 @@ Two guarantees, for every command that writes a run directory (``train``, ``trai
   very run (``--resume``) or the user asked to overwrite it; :func:`clear_run_dir` then removes the
   old run's files first, so that the new run never mixes its records with the old ones and never
   prunes the old run's checkpoints as if they were its own.
+* **Only its own files.** A fresh start first writes ``DIR/.precise-rl-run.json``, the list of the
+  names it is about to create. A later start deletes only those names; a directory holding anything
+  else (a user's ``photo.png``, a ``samples/`` folder no start of this tool made, the experiment
+  file itself) is refused by :func:`check_foreign_files` unless the user passes ``--overwrite``,
+  and even then only the names a run writes are replaced. The experiment file being read is never
+  among what is removed (:func:`check_keeps`).
 
 Only the main process of a launch takes the lock (:func:`is_main_launch_process`): the others
 share the directory with it by design and write nothing there.
@@ -36,11 +42,16 @@ from ..errors import UserError
 
 __all__ = [
     "LOCK_NAME",
+    "MARKER_NAME",
     "RUN_OUTPUTS",
     "RunDirBusy",
     "lock_run_dir",
     "holds_run",
     "check_fresh_run_dir",
+    "check_foreign_files",
+    "check_keeps",
+    "foreign_files",
+    "check_output_path",
     "clear_run_dir",
     "prepare_run_dir",
     "is_main_launch_process",
@@ -49,6 +60,8 @@ __all__ = [
 ]
 
 LOCK_NAME = ".precise-rl.lock"
+#: written first by a fresh start: the names in the directory that this tool created (and may delete)
+MARKER_NAME = ".precise-rl-run.json"
 
 #: what a run writes; a directory holds a run when it has a checkpoint, a summary or a trained epoch's metrics
 RUN_OUTPUTS = (
@@ -61,7 +74,11 @@ RUN_OUTPUTS = (
     "reward_curve.png",
     "eval.json",
     "wandb",
+    # written aside and renamed into place: left only by a run killed in between
+    "config.yaml.tmp",
+    "metrics.jsonl.tmp",
 )
+_SHOWN_OUTPUTS = [n for n in RUN_OUTPUTS if not n.endswith(".tmp")]
 #: the outputs a run makes as directories: a file of that name is the user's, never removed
 _RUN_DIRS = ("checkpoints", "tensorboard", "samples", "wandb")
 
@@ -202,14 +219,85 @@ def check_fresh_run_dir(directory: str | Path, flag: str = "--overwrite", resume
         )
 
 
-def clear_run_dir(directory: str | Path) -> None:
+def check_output_path(text: str | Path | None, flag: str = "--output") -> None:
+    """Refuse an empty output path: ``Path("")`` is the current directory, which nobody means by it."""
+    if text is not None and not str(text).strip():
+        raise UserError(f"{flag} is empty; give a directory path (e.g. {flag} runs/my-run)")
+
+
+def _own_names(directory: Path) -> set[str]:
+    """The names an earlier start of this tool created in ``directory`` (from its marker; none without one)."""
+    try:
+        data = json.loads((directory / MARKER_NAME).read_text())
+        names = data["created"]
+        return {n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def foreign_files(directory: str | Path) -> list[str]:
+    """What in ``directory`` no start of this tool created there (``name/`` for a folder), sorted."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    own = _own_names(directory) | {LOCK_NAME, MARKER_NAME}
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as exc:
+        raise UserError(f"cannot read output directory {str(directory)!r}: {exc.strerror or exc}") from None
+    return [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in entries if p.name not in own]
+
+
+def check_foreign_files(directory: str | Path, flag: str = "--overwrite") -> None:
+    """Refuse ``directory`` when it holds anything an earlier start of this tool did not write there."""
+    found = foreign_files(directory)
+    if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise UserError(
+            f"output directory {str(directory)!r} holds files precise-rl did not write ({shown}); choose a new or "
+            f"empty --output, or pass {flag} to replace what a run writes there ({', '.join(_SHOWN_OUTPUTS)}) and "
+            "keep the rest"
+        )
+
+
+def _removed_names(directory: Path, overwrite: bool) -> list[str]:
+    """The names a fresh start removes: its earlier starts' own, or with ``overwrite`` every name a run writes."""
+    own = _own_names(directory)
+    return [n for n in RUN_OUTPUTS if n in own or overwrite]
+
+
+def check_keeps(directory: str | Path, keep: list[Path], overwrite: bool) -> None:
+    """Refuse to start when a file the command reads (the experiment file) would be removed or overwritten."""
+    directory = Path(directory)
+    doomed = [directory / n for n in _removed_names(directory, overwrite)]
+    # the new run writes config.yaml whatever was there before
+    doomed.append(directory / "config.yaml")
+    for path in keep:
+        try:
+            target = path.resolve()
+        except OSError:
+            continue
+        for d in doomed:
+            try:
+                d_real = d.resolve()
+            except OSError:
+                continue
+            if target == d_real or d_real in target.parents:
+                raise UserError(
+                    f"the experiment file {str(path)!r} is inside the output directory where the run writes "
+                    f"{d.name!r} and would be overwritten; choose another --output"
+                )
+
+
+def clear_run_dir(directory: str | Path, names: tuple[str, ...] | list[str] = RUN_OUTPUTS) -> None:
     """Remove what a run wrote in ``directory`` (and nothing else), before a new run starts there.
 
-    Only the names a run writes are touched, and of those a run makes as folders only folders: a
-    user's file that happens to be called ``checkpoints`` stays (the trainer then names it).
+    Only ``names`` (by default every name a run writes) are touched, and of those a run makes as
+    folders only folders: a user's file that happens to be called ``checkpoints`` stays (the trainer
+    then names it).
     """
     directory = Path(directory)
-    for name in RUN_OUTPUTS:
+    for name in names:
         p = directory / name
         try:
             if p.is_symlink():
@@ -222,17 +310,43 @@ def clear_run_dir(directory: str | Path) -> None:
             raise UserError(f"cannot remove the old run's {str(p)!r}: {exc.strerror or exc}") from None
 
 
-def prepare_run_dir(directory: str | Path, *, resuming: bool, overwrite: bool, flag: str = "--overwrite") -> None:
+def _write_marker(directory: Path) -> None:
+    """Record, before anything else is written, the names this start will create (those not there now)."""
+    _make_dir(directory)
+    created = [n for n in RUN_OUTPUTS if not os.path.lexists(directory / n)]
+    tmp = directory / (MARKER_NAME + ".tmp")
+    try:
+        tmp.write_text(json.dumps({"tool": "precise-rl", "created": created}))
+        os.replace(tmp, directory / MARKER_NAME)
+    except OSError as exc:
+        raise UserError(f"cannot write to output directory {str(directory)!r}: {exc.strerror or exc}") from None
+
+
+def prepare_run_dir(
+    directory: str | Path,
+    *,
+    resuming: bool,
+    overwrite: bool,
+    flag: str = "--overwrite",
+    keep: list[Path] | None = None,
+) -> None:
     """Under the lock: keep ``directory`` for a resumed run; else refuse a run in it or clear it for a new one.
 
-    The leftovers of a start that trained nothing are cleared too, so that a new run never mixes
-    its logs with them (TensorBoard events, sample grids of another config).
+    A fresh start refuses a directory holding a run, or anything no earlier start of this tool wrote,
+    unless ``overwrite``; it removes only the names its earlier starts recorded (with ``overwrite``:
+    the names a run writes), never a file in ``keep`` (the experiment file), and records what it
+    will create before it writes anything. The leftovers of an earlier start that trained nothing
+    are cleared too, so that a new run never mixes its logs with them.
     """
     if resuming:
         return
+    directory = Path(directory)
+    check_keeps(directory, list(keep or []), overwrite)
     if not overwrite:
         check_fresh_run_dir(directory, flag)
-    clear_run_dir(directory)
+        check_foreign_files(directory, flag)
+    clear_run_dir(directory, _removed_names(directory, overwrite))
+    _write_marker(directory)
 
 
 def command_line() -> str:

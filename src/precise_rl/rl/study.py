@@ -1,34 +1,48 @@
 """The sampler study: every sampler (and algorithm) trained over cells (step count x time grid), with fidelity.
 
 ``run_study`` runs the jobs (a pool of processes; finished runs are not run again), summarises each cell
-as ``compare`` does and writes ``study.json``, ``study.md`` and the two plots. What a cell is, what is
-reported and what the defaults cost is said in ``precise-rl study --help`` (:mod:`precise_rl.cli.study`).
+as ``compare`` does and writes ``study.json``, ``study.md`` (:mod:`.study_report`) and the figures
+(:mod:`.study_plots`); what a run is (``NAME``, ``NAME@ETA``, ``precise@OTHER``) is :mod:`.study_runs`, the
+exact numbers beside each run :mod:`.study_fidelity`. What a cell is, what is reported and what the
+defaults cost is said in ``precise-rl study --help`` (:mod:`precise_rl.cli.study`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import UserError
-from ..sde.samplers import prior_samplers
 from .compare import PROTOCOLS, eval_every_for, run_label, sampler_of, summarise, valid_pairs
+from .study_fidelity import BROAD_FIDELITY_STD, FIDELITY_MEAN, FIDELITY_STD, cell_fidelity, fidelity_std_ratios
+from .study_plots import plot_algorithms, plot_curves, plot_etas, plot_heatmap
+from .study_report import SATURATED_HEADROOM, format_markdown
+from .study_runs import MATCHED_CONTROL, default_runs, parse_run, run_eta, sweep_runs
 
 __all__ = [
     "run_study",
     "format_markdown",
     "fidelity_std_ratios",
+    "cell_fidelity",
+    "parse_run",
+    "run_eta",
+    "default_runs",
+    "plot_heatmap",
+    "plot_curves",
+    "plot_etas",
+    "plot_algorithms",
     "SATURATED_HEADROOM",
+    "MATCHED_CONTROL",
+    "FIDELITY_MEAN",
+    "FIDELITY_STD",
+    "BROAD_FIDELITY_STD",
 ]
 
-DEFAULT_STEPS = [6, 10, 20]
+DEFAULT_STEPS = [6, 10, 20, 30]
 DEFAULT_GRIDS = "uniform,shift3,model"
 DEFAULT_SEEDS = 3
 #: overrides the study puts before the user's (who can override them in turn). Why: one digits run of the
@@ -40,29 +54,6 @@ DEFAULT_SEEDS = 3
 #: Measured then: the full default study 19 min 11 s (load 5-6), ``--quick`` 2 min 14 s (load 2-3).
 STUDY_OVERRIDES = ["eval.samples_per_prompt=2", "checkpoint.every=0", "checkpoint.keep=1"]
 QUICK = {"steps": [6, 10], "seeds": 2, "overrides": ["train.epochs=30", "eval.max_prompts=16"]}
-#: a cell whose target leaves less of the way to the reward's ceiling open than this is "saturated"
-SATURATED_HEADROOM = 0.1
-#: the fidelity lab's sharp data: N(FIDELITY_MEAN, FIDELITY_STD^2), the thin manifold of clean images
-FIDELITY_MEAN = 0.5
-FIDELITY_STD = 0.02
-
-
-# --------------------------------------------------------------------------- fidelity
-
-
-def fidelity_std_ratios(
-    samplers: list[str], sigmas: Any, precise_schedule: str = "logsnr", std: float = FIDELITY_STD
-) -> dict[str, float]:
-    """Output std / target std of each sampler (default eta) on ``N(0.5, std^2)`` data over ``sigmas``, exact."""
-    from ..fidelity.gaussian import GaussianTarget, propagate_gaussian
-    from ..sde import kernel
-
-    target = GaussianTarget(FIDELITY_MEAN, std)
-    out = {}
-    for name in samplers:
-        kern = kernel(name, sigmas, None, precise_schedule if name == "precise" else None)
-        out[name] = float(propagate_gaussian(kern, target).std_ratio)
-    return out
 
 
 # --------------------------------------------------------------------------- jobs
@@ -184,15 +175,17 @@ def _model_grid_note(model_name: str, policy: Any, merged: list[dict[str, Any]])
     return note
 
 
-def _job_cfg(base: Any, cell: dict[str, Any], algorithm: str, sampler: str, k: int) -> Any:
+def _job_cfg(base: Any, cell: dict[str, Any], algorithm: str, run: str, k: int) -> Any:
     from ..algorithm_table import ALGORITHM_TABLE
     from ..config import AlgorithmConfig
 
     cfg = copy.deepcopy(base)
     if algorithm != base.algorithm.name:  # another algorithm at its default knobs
         cfg.algorithm = AlgorithmConfig(algorithm, ALGORITHM_TABLE[algorithm].knobs())
+    sampler, spec = parse_run(run)
     cfg.sampler.name = sampler
-    cfg.sampler.eta = None  # each sampler at its reference eta
+    # None: the sampler's reference eta; else the run's number, or the eta matched on this cell's grid
+    cfg.sampler.eta = None if spec is None else run_eta(run, cell["sigmas"])
     cfg.sampler.num_steps = cell["steps"]
     cfg.eval.num_steps = cell["steps"]
     if cell["grid"] == "uniform":
@@ -212,6 +205,18 @@ def _cell_summary(summary: dict[str, Any]) -> dict[str, Any]:
     headroom = summary.get("headroom")
     summary["saturated"] = None if headroom is None else bool(headroom < SATURATED_HEADROOM)
     return summary
+
+
+def _check_only_run_outputs(run_dir: Path) -> None:
+    """Refuse to restart ``run_dir`` (it is removed whole) when it holds anything a run does not write."""
+    from .rundir import RUN_OUTPUTS, foreign_files
+
+    extra = [n for n in foreign_files(run_dir) if n.rstrip("/") not in RUN_OUTPUTS]
+    if extra:
+        raise UserError(
+            f"the study's run directory {str(run_dir)!r} holds files a run did not write ({', '.join(extra[:5])}); "
+            "move them away or choose another --output"
+        )
 
 
 def run_study(
@@ -240,6 +245,12 @@ def run_study(
     base = resolve_config(items, None)
     base.eval.every = eval_every_for(base.train.epochs, base.eval.every)
     base.eval.samplers = ["ode", "own"]
+    matched = [r for r in samplers if isinstance(parse_run(r)[1], str)]
+    if matched and base.sampler.schedule != "logsnr":
+        raise UserError(
+            f"{matched[0]} matches on precise's logSNR schedule; drop sampler.schedule={base.sampler.schedule} "
+            "or the precise@ runs"
+        )
 
     policy = build_task(base.model, torch.device("cpu")).policy if any(g == "model" for g, _ in grids) else None
     cells, merged = _cells(steps, grids, policy.time_grid if policy is not None else None)
@@ -249,7 +260,9 @@ def run_study(
     from ..config import validate
 
     several = algorithms is not None and len(algorithms) > 1
-    pairs, left_out = valid_pairs(algorithms or [base.algorithm.name], samplers)
+    algos = algorithms or [base.algorithm.name]
+    ok, left_out = valid_pairs(algos, list(dict.fromkeys(map(sampler_of, samplers))))
+    pairs = [(a, r) for a in algos for r in samplers if (a, sampler_of(r)) in ok]
     labels = [run_label(a, s, several) for a, s in pairs]
     jobs, done = [], 0
     # Seed-major order: a machine that slows down during the study hits every cell and sampler alike.
@@ -266,6 +279,7 @@ def run_study(
                     done += 1
                     continue
                 if run_dir.exists():  # a run killed before it finished: start it again
+                    _check_only_run_outputs(run_dir)
                     shutil.rmtree(run_dir)
                 jobs.append(job)
     seconds = _run_jobs(jobs, workers, done)
@@ -280,8 +294,12 @@ def run_study(
                 runs[label].append(read_metrics(run_dir / "metrics.jsonl"))
                 run_s[label].append(float(json.loads((run_dir / "summary.json").read_text())["elapsed_s"]))
         cell["protocols"] = {p: _cell_summary(summarise(runs, key)) for p, key in PROTOCOLS.items()}
-        by_sampler = fidelity_std_ratios(["ode", *dict.fromkeys(map(sampler_of, labels))], cell["sigmas"], schedule)
-        cell["fidelity_std_ratio"] = {**by_sampler, **{label: by_sampler[sampler_of(label)] for label in labels}}
+        runs_fid = cell_fidelity([r for _, r in pairs], cell["sigmas"], schedule)
+        fid = {**runs_fid, **{label: runs_fid[run] for (_, run), label in zip(pairs, labels, strict=True)}}
+        cell["fidelity"] = fid
+        cell["fidelity_std_ratio"] = {k: v["std_ratio_sharp"] for k, v in fid.items()}
+        cell["fidelity_broad_std_ratio"] = {k: v["std_ratio_broad"] for k, v in fid.items()}
+        cell["eta"] = {k: v["eta"] for k, v in fid.items()}
         cell["run_elapsed_s"] = run_s
     result: dict[str, Any] = {
         "config": items,
@@ -295,7 +313,8 @@ def run_study(
         "eval_every": base.eval.every,
         "eval": {"max_prompts": base.eval.max_prompts, "samples_per_prompt": base.eval.samples_per_prompt},
         "saturated_below_headroom": SATURATED_HEADROOM,
-        "fidelity_target": {"mean": FIDELITY_MEAN, "std": FIDELITY_STD, "eta": "each sampler's default"},
+        "fidelity_target": {"mean": FIDELITY_MEAN, "std": FIDELITY_STD, "eta": "each run's eta"},
+        "fidelity_broad_target": {"mean": FIDELITY_MEAN, "std": BROAD_FIDELITY_STD, "eta": "each run's eta"},
         "cells": cells,
         "merged": merged,
         "model_grid_note": note,
@@ -308,6 +327,8 @@ def run_study(
     plot_curves(result, output / "study_curves.png")
     if several:
         plot_algorithms(result, output / "study_algorithms.png")
+    if len(sweep_runs(labels)) > 1:
+        plot_etas(result, output / "study_etas.png")
     return result
 
 
@@ -337,281 +358,3 @@ def _timings(
         "job_s": {**job_s, **seconds},
         "run_elapsed_s_total": float(sum(sum(v) for c in cells for v in c["run_elapsed_s"].values())),
     }
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _f(x: float | None, spec: str = ".4f") -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def ratio_text(summary: dict[str, Any], seeds: int) -> str:
-    """Precise's epoch ratio against the best prior on the seed-mean curves, then per seed pair, or ``not reached``.
-
-    The two can differ a lot: the target is the best prior's own seed-mean final reward, which its
-    seed-mean curve usually first reaches at the last evaluation, while single seeds cross it earlier
-    or never. Both are shown so that a ratio from the mean curves alone is not read as a speed-up.
-    """
-    ratio = summary.get("precise_epoch_ratio_vs_best_prior")
-    if ratio is None:
-        return "not reached" if "precise" in summary["samplers"] and summary["target"] is not None else "-"
-    done = [r for r in summary.get("precise_epoch_ratio_per_seed", []) if r is not None]
-    text = f"{ratio:.2f}"
-    if seeds > 1:
-        pairs = ", ".join(f"{r:.2f}" for r in done) or "none"
-        text += f" (seed pairs {pairs}: {len(done)}/{seeds})"
-    return text
-
-
-def format_markdown(result: dict[str, Any]) -> str:
-    samplers, seeds = result["samplers"], result["seeds"]
-    # the fidelity column is the sampler's (the same under every algorithm): one per distinct sampler
-    fidelity = list(dict.fromkeys(sampler_of(s) for s in samplers))
-    head = ["grid", "steps", "protocol", "best prior", "target", "headroom", "precise epochs / best prior's"]
-    head += [f"final `{s}`" for s in samplers] + [f"std ratio `{s}`" for s in fidelity]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
-    for cell in result["cells"]:
-        for protocol, summary in cell["protocols"].items():
-            headroom = summary.get("headroom")
-            hr = "-" if headroom is None else f"{headroom:.2f}" + (" (saturated)" if summary["saturated"] else "")
-            row = [
-                " = ".join(cell["grids"]),
-                str(cell["steps"]),
-                protocol,
-                summary["best_prior"] or "-",
-                _f(summary["target"]),
-                hr,
-                ratio_text(summary, seeds),
-            ]
-            for s in samplers:
-                c = summary["samplers"][s]
-                row.append(_f(c["final_reward_mean"]) + (f" ± {c['final_reward_std']:.4f}" if seeds > 1 else ""))
-            row += [_f(cell["fidelity_std_ratio"][s], ".3g") for s in fidelity]
-            lines.append("| " + " | ".join(row) + " |")
-    t = result["timings"]
-    notes = [
-        f"Sampler study: {len(samplers)} samplers x {seeds} seeds x steps {', '.join(map(str, result['steps']))} "
-        f"x grids {', '.join(result['grids'])}; {result['epochs']} epochs per run, evaluated every "
-        f"{result['eval_every']} epochs (up to {result['eval']['max_prompts']} held-out prompts x "
-        f"{result['eval']['samples_per_prompt']} samples, EMA weights), each sampler at its reference eta.",
-        "",
-        "- protocol `own`: each sampler's own stochastic rollouts at its eta; `ode`: the deterministic ODE on the "
-        "same weights.",
-        "- target: the best final reward among the prior samplers (" + ", ".join(prior_samplers()) + "), seed mean; "
-        "precise epochs / best prior's: epochs to reach it on the seed-mean curves (linear between evaluations), "
-        "then each seed pair's ratio (precise's seed k against the best prior's seed k, where both reach the "
-        "target). The target is the best prior's own seed-mean final reward, which its seed-mean curve usually "
-        "first reaches at the last evaluation: a ratio below 1 on the mean curves that the seed pairs do not "
-        "bear out is a level finish, not a speed-up.",
-        f"- headroom: the share of the way from the untrained model to the reward's ceiling that the target leaves "
-        f"open; below {SATURATED_HEADROOM} the cell is saturated and its ratio says little.",
-        f"- std ratio: the fidelity lab's output std / target std on sharp Gaussian data (std {FIDELITY_STD}) on "
-        "the cell's grid and step count, exact, each sampler at its default eta (1 is exact; above 1 is excess "
-        "noise).",
-    ]
-    if result["merged"]:
-        merged = "; ".join(f"N={m['steps']} {m['grid']} = {m['same_as']}" for m in result["merged"])
-        notes.append(f"- merged (identical time grids, run once): {merged}.")
-    if result["model_grid_note"]:
-        notes.append(f"- {result['model_grid_note'][0].upper()}{result['model_grid_note'][1:]}.")
-    runs_now = f"{t['jobs']} runs ({t['jobs_run']} run in {t['wall_s']:.0f} s on {t['workers']} worker(s) now"
-    if len(t["invocations"]) > 1:
-        runs_now += (
-            f", {t['jobs_resumed']} finished earlier; {t['wall_s_all_invocations']:.0f} s wall-clock over "
-            f"{len(t['invocations'])} invocations"
-        )
-    notes.append(f"- {runs_now}); {t['run_elapsed_s_total']:.0f} s of runs (training and evaluation) in all.")
-    if len(result.get("algorithms", [])) > 1:
-        notes.append(
-            "- across algorithms (runs `algorithm/sampler`, each algorithm at its default knobs): the target is the "
-            "best final reward of GRPO's prior samplers; left out: " + ("; ".join(result["left_out"]) or "none") + "."
-        )
-        lines += ["", *_algorithm_lines(result)]
-    return "\n".join(["# Sampler study", "", *notes, "", *lines, ""])
-
-
-def _algorithm_lines(result: dict[str, Any]) -> list[str]:
-    """Per cell and protocol: each algorithm's sampler ranking, and who reaches the target soonest."""
-    head = ["grid", "steps", "protocol", *(f"`{a}`: samplers by final reward" for a in result["algorithms"])]
-    head += ["soonest (wall-clock)", "soonest (model evaluations)", "best final"]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
-    for cell in result["cells"]:
-        for protocol, summary in cell["protocols"].items():
-            info = summary.get("algorithms", {})
-            ranking = info.get("ranking", {})
-            row = [" = ".join(cell["grids"]), str(cell["steps"]), protocol]
-            row += [" > ".join(ranking.get(a, [])) or "-" for a in result["algorithms"]]
-            row += [
-                info.get("soonest_by_wallclock_to_target_s") or "not reached",
-                info.get("soonest_by_model_evals_to_target") or "not reached",
-                info.get("best_final") or "-",
-            ]
-            lines.append("| " + " | ".join(row) + " |")
-    return lines
-
-
-def _cell_text(summary: dict[str, Any], seeds: int) -> str:
-    """A heatmap cell's ratio text on short lines: the mean-curve ratio, then the seed pairs', three a line."""
-    ratio = summary.get("precise_epoch_ratio_vs_best_prior")
-    if ratio is None or seeds < 2:
-        return ratio_text(summary, seeds)
-    done = [f"{r:.2f}" for r in summary.get("precise_epoch_ratio_per_seed", []) if r is not None]
-    lines = [f"{ratio:.2f}", f"seed pairs {len(done)}/{seeds}" + (":" if done else "")]
-    lines += [", ".join(done[k : k + 3]) for k in range(0, len(done), 3)]
-    return "\n".join(lines)
-
-
-def _fit_in_cells(fig: Any, texts: list[tuple[Any, int, int, Any]], fill: float = 0.9) -> None:
-    """Shrink each cell's text until it takes at most ``fill`` of its cell's width and height.
-
-    A text's size on the page is known only once drawn: a long ratio line at the default size ran over
-    the cell borders on a figure of several grids.
-    """
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    for ax, i, j, text in texts:
-        (x0, y0), (x1, y1) = ax.transData.transform([(j - 0.5, i - 0.5), (j + 0.5, i + 0.5)])
-        box = text.get_window_extent(renderer)
-        scale = min(1.0, fill * abs(x1 - x0) / max(box.width, 1e-9), fill * abs(y1 - y0) / max(box.height, 1e-9))
-        if scale < 1.0:
-            text.set_fontsize(text.get_fontsize() * scale)
-
-
-def plot_heatmap(result: dict[str, Any], path: Path) -> None:
-    """One panel per protocol: rows steps, columns grids, colour = precise's epoch ratio vs the best prior."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import Normalize
-
-    steps, grids, seeds = result["steps"], result["grids"], result["seeds"]
-    by = {(c["steps"], g): c for c in result["cells"] for g in c["grids"]}
-    protocols = list(PROTOCOLS)
-    fig, axes = plt.subplots(
-        1, len(protocols), figsize=(2.2 * len(grids) * len(protocols) + 2.5, 1.3 * len(steps) + 2), squeeze=False
-    )
-    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#d9d9d9")
-    norm = Normalize(-0.6, 0.6)  # log2 of the ratio: 0.66x .. 1.5x
-    image = None
-    texts: list[tuple[Any, int, int, Any]] = []  # (axes, row, column, text) of every cell
-    for ax, protocol in zip(axes[0], protocols, strict=True):
-        values = np.full((len(steps), len(grids)), np.nan)
-        for i, n in enumerate(steps):
-            for j, g in enumerate(grids):
-                cell = by[(n, g)]
-                summary = cell["protocols"][protocol]
-                ratio = summary.get("precise_epoch_ratio_vs_best_prior")
-                if ratio is not None:
-                    values[i, j] = math.log2(ratio)
-                text = _cell_text(summary, seeds)
-                if text == "not reached":  # how far precise ends from the target
-                    gap = summary["samplers"]["precise"]["final_reward_mean"] - summary["target"]
-                    text = f"n/r\nfinal {gap:+.3f}"
-                if g != cell["grid"]:
-                    text += f"\n(= {cell['grid']})"
-                if summary.get("saturated"):
-                    text += "\nsaturated"
-                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="k", lw=0))
-                texts.append((ax, i, j, ax.text(j, i, text, ha="center", va="center", fontsize=8)))
-        image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto")
-        for axt, i, j, text in texts:
-            if axt is ax and np.isfinite(values[i, j]):  # white on the dark ends of the colour scale
-                r, g, b, _ = cmap(norm(values[i, j]))
-                text.set_color("white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
-        ax.set_xticks(range(len(grids)), grids)
-        ax.set_yticks(range(len(steps)), [str(n) for n in steps])
-        ax.set_xlabel("time grid")
-        ax.set_ylabel("steps N")
-        what = "own stochastic rollouts" if protocol == "own" else "ODE"
-        ax.set_title(f"{protocol} ({what})")
-    if image is not None:
-        bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85)
-        ticks = [math.log2(v) for v in (0.7, 0.85, 1.0, 1.2, 1.4)]
-        bar.set_ticks(ticks, labels=[f"{2**t:.2g}x" for t in ticks])
-        bar.set_label("precise epochs to target / best prior's\n(< 1: precise faster)")
-    _fit_in_cells(fig, texts)
-    fig.suptitle(
-        f"Where precise wins: {result['epochs']} epochs, {seeds} seed(s), ratio on the seed-mean curves "
-        "(seed pairs' ratios)\n"
-        "grey n/r: precise does not reach the target (its final reward minus the target shown)",
-        y=1.04,
-    )
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_curves(result: dict[str, Any], path: Path) -> None:
-    """Reward against epoch of every sampler (seed mean ± std), one subplot per cell and protocol."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells, protocols = result["cells"], list(PROTOCOLS)
-    fig, axes = plt.subplots(len(cells), len(protocols), figsize=(6 * len(protocols), 3.2 * len(cells)), squeeze=False)
-    for r, cell in enumerate(cells):
-        for col, protocol in enumerate(protocols):
-            ax = axes[r][col]
-            summary = cell["protocols"][protocol]
-            for name, c in summary["samplers"].items():
-                ep = np.array(c["epochs"], dtype=float)
-                mu, sd = np.array(c["reward_mean"]), np.array(c["reward_std"])
-                (line,) = ax.plot(ep, mu, lw=2.2 if name == "precise" else 1.1, label=name)
-                ax.fill_between(ep, mu - sd, mu + sd, color=line.get_color(), alpha=0.12)
-            if summary["target"] is not None:
-                ax.axhline(summary["target"], color="k", ls="--", lw=0.8, label=f"target ({summary['best_prior']})")
-            if summary.get("reward_ceiling") is not None:
-                ax.axhline(summary["reward_ceiling"], color="grey", ls=":", lw=0.8, label="reward ceiling")
-            sat = ", saturated" if summary.get("saturated") else ""
-            ax.set_title(f"N={cell['steps']} {' = '.join(cell['grids'])}, {protocol}{sat}", fontsize=10)
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(f"held-out reward ({protocol})")
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_algorithms(result: dict[str, Any], path: Path) -> None:
-    """Across algorithms: reward against model evaluations and against wall-clock, every run, one row per cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells, protocols = result["cells"], list(PROTOCOLS)
-    fig, axes = plt.subplots(
-        len(cells), 2 * len(protocols), figsize=(5.5 * 2 * len(protocols), 3.4 * len(cells)), squeeze=False
-    )
-    styles = ["-", "--", ":", "-."]
-    algos = result["algorithms"]
-    samplers = list(dict.fromkeys(sampler_of(s) for s in result["samplers"]))
-    colors = {s: f"C{i}" for i, s in enumerate(samplers)}  # colour = sampler, line style = algorithm
-    for r, cell in enumerate(cells):
-        for p, protocol in enumerate(protocols):
-            summary = cell["protocols"][protocol]
-            for name, c in summary["samplers"].items():
-                algo = name.rsplit("/", 1)[0]
-                style = styles[algos.index(algo) % len(styles)] if algo in algos else "-"
-                mu = np.array(c["reward_mean"])
-                for col, key in ((2 * p, "model_evals_mean"), (2 * p + 1, "wallclock_s_mean")):
-                    axes[r][col].plot(
-                        np.array(c[key]), mu, ls=style, lw=1.4, label=name, color=colors[sampler_of(name)]
-                    )
-            for col, xl in ((2 * p, "model evaluations"), (2 * p + 1, "training wall-clock (s)")):
-                ax = axes[r][col]
-                if summary["target"] is not None:
-                    ax.axhline(summary["target"], color="k", lw=0.6, ls="-", alpha=0.6)
-                ax.set_xlabel(xl)
-                ax.set_ylabel(f"held-out reward ({protocol})")
-                ax.set_title(f"N={cell['steps']} {' = '.join(cell['grids'])}, {protocol}", fontsize=10)
-                ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, ncol=2)
-    legend = ", ".join(f"{a} {s}" for a, s in zip(algos, ["solid", "dashed", "dotted", "dash-dot"], strict=False))
-    fig.suptitle(f"Algorithms x samplers: colour = sampler, line style = algorithm ({legend}); thin black = target")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

@@ -34,7 +34,7 @@ from ..errors import UserError
 from .algorithms.base import Algorithm
 from .checkpoint import list_checkpoints
 from .ema import EMA
-from .memory import GB, MemoryLine, budget_bytes, fit_line, live_bytes, peak_bytes
+from .memory import MemoryLine, budget_bytes, fit_line, human_bytes, live_bytes, peak_bytes
 from .rollouts import RolloutBatch
 from .sharding import gradient_sync, is_dtensor
 from .train_state import TrainState
@@ -274,8 +274,8 @@ def check_forward_batch(engine: Engine, algo: Algorithm, forward_batch: int) -> 
         fits = max(0, (budget - line.fixed) // line.per_row) if line.per_row > 0 else 0
         hint = f"at most {fits} fit" if fits >= 1 else "not even one row fits: turn on gradient_checkpointing"
         raise UserError(
-            f"train.forward_batch {forward_batch} ({rows} rows per training forward) takes {need / GB:.2f} GB, more "
-            f"than the budget of {budget / GB:.2f} GB (train.memory_budget_gb, or 90% of the GPU): lower "
+            f"train.forward_batch {forward_batch} ({rows} rows per training forward) takes {human_bytes(need)}, more "
+            f"than the budget of {human_bytes(budget)} (train.memory_budget_gb, or 90% of the GPU): lower "
             f"train.forward_batch ({hint}) or set it to auto"
         )
 

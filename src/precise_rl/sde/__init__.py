@@ -43,6 +43,9 @@ _HOME: dict[str, str] = {
         ["SCHEDULES", "constant_schedule", "logsnr_schedule", "precise_rho", "resolve_schedule"], "schedules"
     ),
     **dict.fromkeys(["STD_FLOOR", "Kernel", "kernel", "window_mask"], "kernels"),
+    **dict.fromkeys(
+        ["EffectiveEta", "effective_eta", "matched_precise_eta", "precise_step_coefficients"], "precise_family"
+    ),
     **dict.fromkeys(["NonFiniteRollout", "Trajectory", "rollout", "sde_window", "sliding_window"], "trajectory"),
     **dict.fromkeys(["StepOutput", "draw_noise", "gaussian_log_prob", "log_prob", "step"], "transition"),
 }

@@ -1,0 +1,172 @@
+"""The documentation site describes what exists: it builds strictly, and what its pages name is real.
+
+Every page of ``docs/`` (and the README) is read: each ``precise-rl`` command in a shell block parses
+with the CLI's own parser (the commands that need a GPU or real weights cannot run here; the ones the
+README's set-up names are run by the end-to-end tests), each ``./dev.sh`` command is one ``dev.sh``
+has, each file and config named exists, and the configuration reference holds every key of the
+schema with its documentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from precise_rl.cli import COMMANDS, build_parser
+from precise_rl.config import ExperimentConfig, config_to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def _hook():
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "docs" / "hooks" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _shell_commands(text: str) -> list[str]:
+    """The commands of the page's shell blocks, continuation lines joined and comments dropped."""
+    commands = []
+    for block in re.findall(r"```(?:bash|sh|shell|console)\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line.removeprefix("$ "))
+    return commands
+
+
+def _cli_calls() -> list[tuple[str, list[str]]]:
+    """(page, argv) of every ``precise-rl`` command in a shell block of any page."""
+    calls = []
+    for page in PAGES:
+        for command in _shell_commands(page.read_text()):
+            command = re.sub(r"<[\w-]+>", "VALUE", command)  # a placeholder such as <commit> is one word
+            lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+            lexer.whitespace_split = True
+            parts: list[list[str]] = [[]]
+            for token in lexer:  # a list of commands: split at ;, &&, ||, | and $( )
+                if set(token) <= set(";&|()"):
+                    parts.append([])
+                else:
+                    parts[-1].append(token)
+            for words in parts:
+                if "precise-rl" in words:
+                    argv = words[words.index("precise-rl") + 1 :]
+                elif "precise_rl.cli" in words:  # accelerate launch ... -m precise_rl.cli train ...
+                    argv = words[words.index("precise_rl.cli") + 1 :]
+                else:
+                    continue
+                calls.append((page.relative_to(ROOT).as_posix(), argv))
+    return calls
+
+
+def test_the_site_builds_strictly(tmp_path: Path) -> None:
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "site" / "configuration" / "index.html").is_file()
+    assert (tmp_path / "site" / "api" / "index.html").is_file()
+
+
+def test_every_page_is_in_the_nav() -> None:
+    import yaml
+
+    nav_text = yaml.safe_load((ROOT / "mkdocs.yml").read_text().split("\nnav:", 1)[0] + "\n")
+    listed = set(re.findall(r":\s*([\w/.-]+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), flags=re.M))
+    hidden = set((nav_text.get("not_in_nav") or "").split())
+    pages = {p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")}
+    assert sorted(pages - listed - hidden) == []
+    assert sorted(listed - pages - {"configuration.md"}) == [], "the nav lists pages that do not exist"
+
+
+def test_the_config_reference_has_every_key_with_its_documentation() -> None:
+    hook = _hook()
+    assert hook.undocumented() == []
+    page = hook.reference_markdown()
+
+    mappings = {"model.options", "reward.weights", "reward.options"}  # keys whose value is a mapping
+
+    def keys(d: dict, prefix: str = "") -> list[str]:
+        out = []
+        for k, v in d.items():
+            key = prefix + k
+            out += keys(v, key + ".") if isinstance(v, dict) and key not in mappings else [key]
+        return out
+
+    for key in keys(config_to_dict(ExperimentConfig())):
+        assert f"`{key}`" in page, key
+
+
+def test_the_config_reference_reads_a_fields_documentation_from_its_source() -> None:
+    hook = _hook()
+
+    @dataclasses.dataclass
+    class Example:
+        #: the first
+        #: and its second line
+        a: int = 1
+        b: str = "x"  #: trailing wins
+        c: float = 0.5
+
+    docs = hook.field_docs(Example)
+    assert docs == {"a": "the first and its second line", "b": "trailing wins"}
+    rows = hook.section_rows(Example, "ex.")
+    assert rows == [
+        ("ex.a", "an integer", "`1`", "the first and its second line"),
+        ("ex.b", "a string", '`"x"`', "trailing wins"),
+        ("ex.c", "a number", "`0.5`", ""),
+    ]
+
+
+def test_pages_show_shell_commands() -> None:
+    assert len(_cli_calls()) >= 10
+
+
+@pytest.mark.parametrize("page,argv", _cli_calls(), ids=lambda v: v if isinstance(v, str) else " ".join(v)[:60])
+def test_every_command_shown_parses(page: str, argv: list[str]) -> None:
+    assert argv, f"{page}: a bare precise-rl"
+    if argv[0].startswith("-"):
+        build_parser().parse_args(argv)
+        return
+    assert argv[0] in COMMANDS, f"{page}: no command {argv[0]!r}"
+    try:
+        build_parser(argv[0]).parse_args(argv)
+    except SystemExit as exit_:  # only --help and --version exit 0
+        assert exit_.code == 0, f"{page}: precise-rl {' '.join(argv)} does not parse"
+
+
+def test_every_dev_sh_command_shown_exists() -> None:
+    script = (ROOT / "dev.sh").read_text()
+    known = set(re.findall(r"^  (\w[\w-]*)\)", script, flags=re.M))
+    for page in PAGES:
+        for command in _shell_commands(page.read_text()):
+            for name in re.findall(r"\./dev\.sh (\w[\w-]*)", command):
+                assert name in known, f"{page.name}: ./dev.sh {name}"
+
+
+def test_every_file_named_on_a_page_exists() -> None:
+    missing = []
+    for page in PAGES:
+        text = page.read_text()
+        paths = set(re.findall(r"`((?:configs|benchmarks|src/precise_rl|tests|docs)/[\w./-]+)`", text))
+        paths |= set(re.findall(r"(?<![\w/])((?:configs|benchmarks)/[\w./-]+\.(?:ya?ml|py))", text))
+        missing += [f"{page.name}: {p}" for p in sorted(paths) if not (ROOT / p).exists()]
+    assert missing == []
