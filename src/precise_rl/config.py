@@ -200,7 +200,7 @@ class EvalConfig:
     #: evaluate at this image size in pixels instead of the model's ``height``/``width`` (both or neither): train
     #: at a lower resolution than the one evaluated (a diffusers model; its rollouts' memory falls with the area)
     height: int | None = None
-    width: int | None = None
+    width: int | None = None  #: the evaluation's image width in pixels, with ``eval.height``
 
 
 @dataclass
