@@ -50,6 +50,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "precise_rl.cli.serve_reward",
         "serve a registered reward over HTTP for 'remote' rewards (needs the 'serve' extra)",
     ),
+    "probe-judge": (
+        "precise_rl.cli.probe_judge",
+        "check a vision-language judge server (health, model list, one scored image) before training with vlm_judge",
+    ),
     "pretrain": (
         "precise_rl.cli.pretrain",
         "regenerate the built-in task's shipped weights (model and reward classifier)",

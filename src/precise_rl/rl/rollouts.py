@@ -218,7 +218,9 @@ def collect(inputs: RolloutInputs, epoch: int) -> RolloutBatch:
         if pending and isinstance(pending[-1], _FailedSubmit):
             return  # the epoch cannot be scored: score() raises the first failure
         try:
-            pending.append(inputs.rewards.submit(images[-1], prompts[rows], metadata[rows]))
+            # a pairwise reward compares the samples of a group: it is told each row's group
+            grouped = {"groups": group_ids[rows].tolist()} if getattr(inputs.rewards, "wants_groups", False) else {}
+            pending.append(inputs.rewards.submit(images[-1], prompts[rows], metadata[rows], **grouped))
         except Exception as exc:  # any failure of a reward stops the run after a checkpoint (see score)
             pending.append(_FailedSubmit(exc))
 
