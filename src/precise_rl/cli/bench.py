@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 __all__ = ["add_arguments", "run"]
 
@@ -24,6 +25,21 @@ def _forward_batch(text: str) -> int | str:
     return value
 
 
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``least``, refused before any heavy import."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
+        return value
+
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--models",
@@ -34,11 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda where there is a GPU)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"], help="model dtype")
-    p.add_argument("--resolution", type=int, default=512, help="image side in pixels")
+    p.add_argument("--resolution", type=_count(1), default=512, help="image side in pixels")
     p.add_argument("--sampler", default="precise", help="rollout sampler")
-    p.add_argument("--steps", type=int, default=10, help="sampler steps")
-    p.add_argument("--groups", type=int, default=2, help="prompts per step (train.groups_per_epoch)")
-    p.add_argument("--group-size", type=int, default=4, help="images per prompt (train.group_size)")
+    p.add_argument("--steps", type=_count(1), default=10, help="sampler steps")
+    p.add_argument("--groups", type=_count(1), default=2, help="prompts per step (train.groups_per_epoch)")
+    p.add_argument("--group-size", type=_count(1), default=4, help="images per prompt (train.group_size)")
     p.add_argument(
         "--forward-batch",
         type=_forward_batch,
@@ -46,19 +62,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="train.forward_batch: rows per training forward, 0 or auto (default: auto on a GPU, 2 on the CPU)",
     )
     p.add_argument("--memory-budget-gb", type=float, default=None, help="train.memory_budget_gb (for auto)")
-    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--lora-rank", type=_count(1), default=32)
     p.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (default: the model's)")
     p.add_argument(
         "--width-scale",
-        type=int,
+        type=_count(1),
         default=1,
         help="divide every width of the transformer and VAE by this (8: a reduced model for a CPU check)",
     )
     p.add_argument("--trainings", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     p.add_argument("--memory", nargs="+", default=["off", "on"], choices=["off", "on"], dest="memories")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    p.add_argument("--repeats", type=int, default=1, help="timed steps (their mean is reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's)")
+    p.add_argument("--warmup", type=_count(0), default=1, help="untimed steps first")
+    p.add_argument("--repeats", type=_count(1), default=1, help="timed steps (their mean is reported)")
+    p.add_argument("--threads", type=_count(1), default=None, help="torch's CPU threads (default: torch's)")
     p.add_argument("--out", default="bench", help="directory for bench.json and bench.md")
 
 
