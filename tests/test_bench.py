@@ -20,7 +20,8 @@ def test_bench_cli_writes_the_table_and_json(tmp_path: Path, capsys: pytest.Capt
     out = tmp_path / "bench"
     args = ["bench", "--models", "flux2_klein_4b", "--device", "cpu", "--dtype", "float32"]
     args += ["--width-scale", "8", "--resolution", "64", "--steps", "2", "--groups", "1", "--group-size", "2"]
-    args += ["--max-sequence-length", "8", "--warmup", "0", "--trainings", "lora", "full", "--out", str(out)]
+    args += ["--max-sequence-length", "8", "--warmup", "0", "--trainings", "lora", "full", "--kl-beta", "0.1"]
+    args += ["--out", str(out)]
     assert main(args) == 0
     table = capsys.readouterr().out
     lines = [line for line in table.splitlines() if line.startswith("|")]
@@ -43,6 +44,7 @@ def test_bench_cli_writes_the_table_and_json(tmp_path: Path, capsys: pytest.Capt
         on = r["memory_options"] == "on"
         assert r["options"].get("gradient_checkpointing", False) is on
         assert r["options"].get("latents_dtype", "float32") == ("bfloat16" if on else "float32")
+        assert r["options"].get("reference_on_cpu", False) is (on and r["training"] == "full")
     lora = {r["trainable_parameters"] for r in rows if r["training"] == "lora"}
     full = {r["trainable_parameters"] for r in rows if r["training"] == "full"}
     assert len(lora) == len(full) == 1 and 0 < min(lora) < min(full)

@@ -40,6 +40,16 @@ def _count(least: int) -> Callable[[str], int]:
     return parse
 
 
+def _weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--models",
@@ -63,6 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--memory-budget-gb", type=float, default=None, help="train.memory_budget_gb (for auto)")
     p.add_argument("--lora-rank", type=_count(1), default=32)
+    p.add_argument(
+        "--kl-beta",
+        type=_weight,
+        default=0.0,
+        help="GRPO's KL weight (> 0: a full fine-tune keeps a frozen reference copy, on the CPU with --memory on)",
+    )
     p.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (default: the model's)")
     p.add_argument(
         "--width-scale",
@@ -99,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         forward_batch=fb,
         memory_budget_gb=args.memory_budget_gb,
         lora_rank=args.lora_rank,
+        kl_beta=args.kl_beta,
         max_sequence_length=args.max_sequence_length,
         width_scale=args.width_scale,
         trainings=tuple(args.trainings),
