@@ -41,6 +41,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "list the models (built-in and diffusers adapters) with pipeline, guidance and time grid; --memory: what "
         "the memory options take off the device for the real checkpoints",
     ),
+    "bench": (
+        "precise_rl.cli.bench",
+        "rollout images/s, training s/image and peak memory of a real architecture (random weights, no download)",
+    ),
     "sample": ("precise_rl.cli.sample", "generate images with any sampler (diffusers pipeline or built-in model)"),
     "serve-reward": (
         "precise_rl.cli.serve_reward",
