@@ -313,6 +313,8 @@ _ARGUMENT_ERRORS = {
     "sample": ["sample", "--model", "digits"],
     "serve-reward": ["serve-reward"],
     "pretrain": ["pretrain", "nothing"],
+    "probe-judge": ["probe-judge", "--url", "http://127.0.0.1:9", "--timeout", "-1"],
+    "bench": ["bench", "--steps", "0"],
 }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import random
 import warnings
 from pathlib import Path
 
@@ -409,6 +411,9 @@ def test_resolution_the_model_cannot_take_is_a_user_error(kind: str, policies) -
         cls(pipe, **options(kind, height=30, width=16))
     with pytest.raises(UserError, match="positive integer"):
         cls(pipe, **options(kind, height=0))
+    side = 4096 + multiple * random.Random(os.urandom(8)).randint(1, 10**6)  # a multiple the model could take
+    with pytest.raises(UserError, match=f"'width' is {side} pixels, more than the limit of 4096 pixels"):
+        cls(pipe, **options(kind, height=16, width=side))
     if kind == "sd3":  # position embedding of 16 patches x 2 x VAE factor 2
         with pytest.raises(UserError, match="at most 64 pixels"):
             cls(pipe, **options(kind, height=128, width=64))

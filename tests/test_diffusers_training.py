@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from precise_rl.rl.trainer import GRPOTrainer
 
 from . import diffusers_checks as dc
 from . import tiny_pipelines as tp
+from .judge_server import JudgeServer
 
 diffusers_logging.disable_progress_bar()
 
@@ -46,6 +48,8 @@ CONFIGS = sorted(ROOT.glob("configs/*.yaml"))
 RECIPES = [p for p in CONFIGS if p.name.startswith(("flux2_klein_", "sd35_"))]
 #: the reference's FLUX.2 Klein reward ``mix``: PickScore + CLIPScore + HPSv2.1, weight 1 each
 MIX = {"pickscore": 1.0, "clipscore": 1.0, "hpsv2": 1.0}
+#: reward sets a recipe's file name gives by one word: the mix, and UnifiedReward-2.0 (a judge) beside PickScore
+NAMED_REWARDS = {"mix": MIX, "unifiedreward": {"vlm_judge": 1.0, "pickscore": 1.0}}
 # The recipes' knobs are checked against docs/reproduction.md in test_recipes.py; here they run.
 
 
@@ -53,10 +57,8 @@ def _recipe(path: Path) -> tuple[str, str, str]:
     """(model, what trains: the sampler for GRPO, else the algorithm, reward) of a recipe."""
     cfg = load_config(path)
     weights = dict(cfg.reward.weights)
-    if weights == MIX:
-        reward = "mix"
-    else:
-        (reward,) = weights
+    named = [name for name, w in NAMED_REWARDS.items() if w == weights]
+    reward = named[0] if named else "+".join(sorted(weights))
     method = cfg.sampler.name if cfg.algorithm.name == "grpo" else cfg.algorithm.name
     return cfg.model.name, method, reward
 
@@ -111,7 +113,12 @@ def test_recipe_runs_on_a_tiny_pipeline_with_its_own_rewards(path: Path, tmp_pat
         if reward in tp.TINY_REWARDS:
             tiny = tp.TINY_REWARDS[reward](tmp_path / reward)
             overrides += [f"reward.options.{reward}.{k}={v}" for k, v in tiny.items()]
-    summary = GRPOTrainer(load_config(path, overrides), tmp_path / "run").run()
+    with contextlib.ExitStack() as stack:
+        if "vlm_judge" in cfg.reward.weights:  # the recipe's own judge settings, against the loopback judge
+            judge = stack.enter_context(JudgeServer(models=(cfg.reward.options["vlm_judge"]["model"],)))
+            options = {**cfg.reward.options["vlm_judge"], "url": judge.url}
+            overrides += [f"reward.options.vlm_judge.{k}={json.dumps(v)}" for k, v in options.items()]
+        summary = GRPOTrainer(load_config(path, overrides), tmp_path / "run").run()
     assert summary["epochs"] == 1
     assert np.isfinite(summary["reward_before"]) and np.isfinite(summary["reward_after"])
     record = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -86,6 +87,39 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     assert (tmp_path / "site" / "api" / "index.html").is_file()
 
 
+def _study_hook():
+    spec = importlib.util.spec_from_file_location("study_pages", ROOT / "docs" / "hooks" / "study_pages.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_numbers_on_the_site_are_rendered_from_the_studys_json(tmp_path: Path) -> None:
+    """Each study page is the command's own report of the JSON kept under docs/data, and each study-map line
+    of a page becomes that study's summary table: no study number on the site is typed by hand."""
+    from precise_rl.rl.study_report import format_markdown, map_lines
+
+    hook = _study_hook()
+    for page in hook.STUDY_PAGES.values():
+        result = json.loads((ROOT / "docs" / page["data"]).read_text())
+        text = hook.study_page(ROOT / "docs", page)
+        assert text.startswith(f"# {page['title']}") and f"`{page['command']}`" in text
+        assert format_markdown(result).split("\n", 2)[2] in text
+    marked = [p for p in (ROOT / "docs").glob("*.md") if hook.MAP_MARKER.search(p.read_text())]
+    assert marked, "no page shows a study's summary"
+    for p in marked:
+        rendered = hook.render_maps(p.read_text(), ROOT / "docs")
+        assert "<!-- study-map" not in rendered
+        for rel in hook.MAP_MARKER.findall(p.read_text()):
+            lines = map_lines(json.loads((ROOT / "docs" / rel).read_text()))
+            assert lines and "\n".join(lines) in rendered
+    bad = "intro\n<!-- study-map: data/no_such_study.json -->\n"
+    from mkdocs.exceptions import PluginError
+
+    with pytest.raises(PluginError, match="no_such_study.json"):
+        hook.render_maps(bad, ROOT / "docs")
+
+
 def test_every_page_is_in_the_nav() -> None:
     import yaml
 
@@ -94,7 +128,8 @@ def test_every_page_is_in_the_nav() -> None:
     hidden = set((nav_text.get("not_in_nav") or "").split())
     pages = {p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")}
     assert sorted(pages - listed - hidden) == []
-    assert sorted(listed - pages - {"configuration.md"}) == [], "the nav lists pages that do not exist"
+    generated = {"configuration.md", *_study_hook().STUDY_PAGES}
+    assert sorted(listed - pages - generated) == [], "the nav lists pages that do not exist"
 
 
 def test_the_config_reference_has_every_key_with_its_documentation() -> None:

@@ -132,7 +132,12 @@ def test_bad_budgets_are_one_sentence(klein: dict, tmp_path: Path) -> None:
         _trainer(klein, tmp_path / "neg", "auto", -1.0)
     with pytest.raises(UserError, match=r"config key 'train.forward_batch' must be an integer or 'auto'|one of 'auto'"):
         _trainer(klein, tmp_path / "word", "most")
-    tiny = _trainer(klein, tmp_path / "tiny", "auto", 1e-6)
+    # a budget so small that not even the rollouts' decode fits stops the trainer's set-up, naming decode_batch
+    with pytest.raises(UserError, match="VAE decode of 8 images at once .* lower model option 'decode_batch'"):
+        _trainer(klein, tmp_path / "tiny", "auto", 1e-6)
+    # the same budget set after the set-up's decode check: the training pass's own sentence
+    tiny = _trainer(klein, tmp_path / "tiny_pass", "auto", 100.0)
+    tiny.cfg.train.memory_budget_gb = 1e-6
     batch = tiny.collect(epoch=0)
     with pytest.raises(UserError, match="more than 95% of the budget of 1.00 kB: raise train.memory_budget_gb"):
         tiny.train_on(batch, torch.ones(len(batch.row_ids)), 0)

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from precise_rl.cli.serve_reward import main as server_main
-from precise_rl.rewards import Reward
+from precise_rl.rewards import Reward, build_reward
 from precise_rl.rewards import server as server_mod
 from precise_rl.rewards.protocol import ProtocolError, decode_images, parse_request
 
@@ -62,7 +62,11 @@ def _thread_server(reward: Reward, **kwargs: Any) -> Iterator[int]:
 def _post(port: int, body: bytes, headers: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("POST", "/score", body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            conn.request("POST", "/score", body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        except OSError:  # answered (413, 503) and closed before the body was read: the answer is still there
+            if conn.sock is None:
+                raise
         response = conn.getresponse()
         raw = response.read()
         try:
@@ -378,3 +382,184 @@ def test_load_good_and_hostile_requests_mixed(capsys: pytest.CaptureFixture[str]
     # A decoded bomb alone would be 64 Mpixel x 4 bytes x several copies; the bounded server stays
     # near its resting size (Python, torch and the app), far under that.
     assert peak < 1500, f"peak RSS {peak:.0f} MB"
+
+
+def _rss_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@pytest.mark.slow
+def test_load_slow_bodies_amplifying_json_and_concurrent_large_bodies(capsys: pytest.CaptureFixture[str]) -> None:
+    """Large bodies at once, JSON that expands when parsed and slow bodies, while clients score and /health is polled.
+
+    The server takes bodies up to 16 MB (``--max-request-mb``), holds 64 MB of bodies at once
+    (``--max-bodies-mb``), parses 2 at once (the default ``--max-decoding``) with at most 250,000 JSON
+    values and 1 Mpixel each, keeps 128 connections open and gives a request 3 s to arrive. Attackers:
+    24 threads sending a 15 MB body (base64 text that is not a PNG: parsed and decoded before it is
+    refused) up to 15 times, until three are answered, 4 x 3 of 15 MB of nested empty lists in ``metadata`` (5 million
+    values), 30 connections that trickle a body a byte every 0.2 s. Every good request gets its exact
+    scores (the remote client retries what is answered 503), no hostile one gets a 500, /health
+    answers every poll. The server's peak memory over its resting size is asserted under the bound
+    its options give (the arithmetic is below); times are reported, not asserted.
+    """
+    port = _free_port()
+    proc = start_server_process(
+        port,
+        "tests.test_reward_server_hostile:MeanPixel",
+        *("--max-request-mb", "16", "--max-bodies-mb", "64", "--receive-timeout", "3", "--max-connections", "128"),
+        *("--max-json-values", "250000", "--max-image-pixels", str(2**20), "--max-request-pixels", str(2**20)),
+    )
+    large = b'{"protocol": 1, "images": ["' + b"A" * (15 * 2**20) + b'"], "prompts": ["p"], "metadata": [{}]}'
+    tiny = _b64(_png_bytes(np.zeros((1, 1), np.uint8)))
+    amplifying = (
+        b'{"protocol": 1, "images": ["'
+        + tiny.encode()
+        + b'"], "prompts": ["p"], "metadata": [{"x": ['
+        + b"[]," * (5 * 2**20)
+        + b"[]]}]}"
+    )
+    assert json.loads(amplifying)["metadata"][0]["x"][-1] == []  # well-formed: refused for what it would become
+    outcomes: dict[str, dict[Any, int]] = {"large": {}, "amplifying": {}, "slow": {}}
+    failures: list[str] = []
+    latencies: list[float] = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def note(kind: str, what: Any) -> None:
+        with lock:
+            outcomes[kind][what] = outcomes[kind].get(what, 0) + 1
+
+    def sender(kind: str, body: bytes, allowed: set[int], answers: int = 3, tries: int = 3) -> None:
+        """``body`` sent until ``answers`` of them are answered, or ``tries`` times."""
+        answered = 0
+        for _ in range(tries):
+            if answered == answers:
+                return
+            try:
+                status, answer = _post(port, body, timeout=120)
+            except OSError:  # refused (503) before its body was read: the server closed the connection
+                note(kind, "closed")
+                time.sleep(0.1)
+                continue
+            note(kind, status)
+            answered += status != 503
+            if status not in allowed:
+                with lock:
+                    failures.append(f"{kind}: {status} {answer}"[:300])
+
+    def slow_body() -> None:
+        s = socket.create_connection(("127.0.0.1", port))
+        try:
+            s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+            s.settimeout(0.2)
+            answer = b""
+            for _ in range(150):  # at most 30 s
+                with contextlib.suppress(OSError):
+                    s.sendall(b" ")
+                try:
+                    chunk = s.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                answer += chunk
+            note("slow", answer[:12].decode(errors="replace") or "closed")
+        finally:
+            s.close()
+
+    good_scored = [0]
+
+    def good_client(k: int) -> None:
+        reward = build_reward(
+            "remote", url=f"http://127.0.0.1:{port}", retries=20, backoff=0.5, backoff_max=2.0, timeout=120
+        )
+        for r in range(5):
+            images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(100 * k + r))
+            want = ((images * 255).round() / 255).flatten(1).double().mean(1)
+            out = reward(images, [f"p{j}" for j in range(8)], [{}] * 8)
+            ok = out["unscored"].sum() == 0 and torch.allclose(out["remote"].double(), want, atol=1e-5)
+            with lock:
+                if ok:
+                    good_scored[0] += 8
+                else:
+                    failures.append(f"good client {k} call {r}: {out}"[:300])
+
+    def health_poller() -> None:
+        for _ in range(20000):  # bounded; stops as soon as the clients are done
+            if done.is_set():
+                return
+            t0 = time.perf_counter()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                conn.request("GET", "/health")
+                status = conn.getresponse().status
+                conn.close()
+            except OSError as exc:
+                status = repr(exc)
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+                if status != 200:
+                    failures.append(f"/health: {status}")
+            time.sleep(0.02)
+
+    try:
+        _post(port, _request([tiny]))  # warm: the first request imports and allocates what every one uses
+        resting = _rss_mb(proc.pid, "VmRSS")
+        threads = [threading.Thread(target=sender, args=("amplifying", amplifying, {413, 503})) for _ in range(4)]
+        threads += [threading.Thread(target=good_client, args=(k,)) for k in range(4)]
+        threads += [threading.Thread(target=slow_body) for _ in range(30)]
+        threads += [threading.Thread(target=sender, args=("large", large, {400, 503}, 3, 15)) for _ in range(24)]
+        poller = threading.Thread(target=health_poller)
+        poller.start()
+        for k, t in enumerate(threads):
+            t.start()
+            if k == 3:
+                time.sleep(1.0)  # the amplifying bodies first, so that some reach the parser's budget
+        for t in threads:
+            t.join(timeout=600)
+        done.set()
+        poller.join(timeout=120)
+        alive = proc.poll() is None
+        peak = _rss_mb(proc.pid, "VmHWM") if alive else float("nan")
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    lat = np.array(latencies) * 1000
+    with capsys.disabled():
+        print(
+            f"\nload test (slow, amplifying, large bodies): {good_scored[0]}/160 good images scored; "
+            f"large bodies {outcomes['large']}, amplifying JSON {outcomes['amplifying']}, slow bodies "
+            f"{outcomes['slow']}; /health {len(lat)} polls, median {np.median(lat):.1f} ms, p99 "
+            f"{np.percentile(lat, 99):.1f} ms, max {lat.max():.1f} ms; server resting {resting:.0f} MB, "
+            f"peak {peak:.0f} MB (+{peak - resting:.0f} MB)"
+        )
+    assert alive, "the server died under load"
+    assert not failures, failures[:10]
+    assert good_scored[0] == 160
+    assert set(outcomes["slow"]) <= {"HTTP/1.1 408", "closed"}, outcomes["slow"]
+    assert outcomes["large"].get(400, 0) >= 2, f"too few large bodies reached the parser: {outcomes['large']}"
+    # What the options let the server hold at once, in MB. The bodies are ASCII without escapes, so their text is
+    # a byte a character (what other text may take past that is reserved in --max-bodies-mb, text_reserve):
+    body_mb, bodies_mb, parses, values, pixels, connections = 16, 64, 2, 250_000, 2**20, 128
+    # - bodies being received or waiting to be parsed, and the ones being parsed: --max-bodies-mb
+    held = bodies_mb
+    # - a parse: the body's text as a str while json.loads runs (1 x body), its values (strings of at
+    #   most the body's size, plus 128 bytes per value for a list, dict or float and its slot), then,
+    #   the text freed, base64 decoding (an ASCII copy of the string and 0.75 x its size decoded) and
+    #   the pixels (3 channels x 11 bytes: the decoded uint8, the stacked and the contiguous copies,
+    #   float32 and float32 scaled)
+    parsed_values = body_mb + values * 128 / 2**20
+    one_parse = max(body_mb + parsed_values, parsed_values + 1.75 * body_mb + pixels * 3 * 11 / 2**20)
+    # - each open connection: uvicorn's buffer up to its high-water mark (64 KiB) plus one socket read
+    #   (256 KiB) before it stops reading from that client
+    buffers = connections * (64 + 256) / 1024
+    bound = held + parses * one_parse + buffers
+    assert peak - resting < bound, (
+        f"peak RSS {peak:.0f} MB is {peak - resting:.0f} MB over the resting {resting:.0f} MB, over the bound "
+        f"of {bound:.0f} MB ({held} MB of bodies, {parses} parses of {one_parse:.0f} MB, {buffers:.0f} MB of buffers)"
+    )

@@ -435,3 +435,57 @@ def test_the_signs_config_takes_its_own_study_sizes_and_flags_win(tmp_path: Path
         main(["study", "--quick", "--output", str(tmp_path / "c")])
     assert seen["seeds"] == study.QUICK["seeds"] and seen["steps"] == study.QUICK["steps"]
     assert len(seen["grids"]) == 3 and not any("groups_per_epoch" in o for o in seen["items"])
+
+
+def test_the_map_row_per_cell_from_made_up_seeds() -> None:
+    """The site's summary row: ratios, precise - cps and its split, cps's etas and the broad-data ratios,
+    each recomputed here from made-up per-seed numbers; rows ordered grid by grid, then by steps."""
+    from precise_rl.rl.study_report import map_lines
+
+    rng = np.random.default_rng()
+    runs = ("precise", "precise@cps", "cps")
+
+    def protocol(ratio: float | None) -> tuple[dict, dict]:
+        finals = {r: rng.normal(1.0, 0.1, size=3) for r in runs}
+        summary = {
+            "target": 1.05,
+            "precise_epoch_ratio_vs_best_prior": ratio,
+            "precise_epoch_ratio_per_seed": [0.8, None, 0.9],
+            "samplers": {
+                r: {"final_reward_per_seed": finals[r].tolist(), "final_reward_mean": float(finals[r].mean())}
+                for r in runs
+            },
+        }
+        return summary, finals
+
+    cells, expected = [], {}
+    for steps, grid in ((20, "shift3"), (6, "uniform"), (6, "shift3")):
+        own, own_f = protocol(float(rng.uniform(0.5, 1.5)))
+        ode, ode_f = protocol(None)
+        broad = {r: float(rng.uniform(0.5, 1.0)) for r in ("precise", "cps", "ode")}
+        fidelity = {r: {"std_ratio_broad": b} for r, b in broad.items()}
+        fidelity["cps"]["effective_eta"] = {"median": float(rng.uniform(1, 3))}
+        fidelity["precise@cps"] = {"eta": float(rng.uniform(1, 3))}
+        cells.append(
+            {"grid": grid, "grids": [grid], "steps": steps, "fidelity": fidelity, "protocols": {"own": own, "ode": ode}}
+        )
+        d = own_f["precise"] - own_f["cps"]
+        e = own_f["precise"] - own_f["precise@cps"]
+        c = own_f["precise@cps"] - own_f["cps"]
+        expected[(grid, steps)] = [
+            grid,
+            str(steps),
+            f"{own['precise_epoch_ratio_vs_best_prior']:.2f} (0.80, 0.90)",
+            f"not reached ({ode_f['precise'].mean() - 1.05:+.3f})",
+            f"{d.mean():+.3f} / {(ode_f['precise'] - ode_f['cps']).mean():+.3f}",
+            f"{e.mean():+.3f} ± {e.std():.3f}",
+            f"{c.mean():+.3f} ± {c.std():.3f}",
+            f"{fidelity['cps']['effective_eta']['median']:.2f} / {fidelity['precise@cps']['eta']:.2f}",
+            " / ".join(f"{broad[r]:.3f}" for r in ("precise", "cps", "ode")),
+        ]
+    result = {"samplers": list(runs), "grids": ["uniform", "shift3"], "cells": cells}
+    rows = [line.strip("| ").split(" | ") for line in map_lines(result)[2:]]
+    assert [(r[0], int(r[1])) for r in rows] == [("uniform", 6), ("shift3", 6), ("shift3", 20)]
+    for row in rows:
+        assert row == expected[(row[0], int(row[1]))]
+    assert map_lines({**result, "samplers": ["precise", "cps"]}) == []

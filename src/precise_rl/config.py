@@ -143,6 +143,15 @@ class TrainConfig:
     memory_budget_gb: float | None = None
     max_nonfinite: int = 5  #: updates skipped in a row for a NaN/inf loss or gradient before the run stops
     full_finetune: bool = True  #: train every weight when LoRA is off
+    #: keep the rollouts' trajectories (latents and means) in CPU memory between rollout and update, pinned on a
+    #: GPU; each training forward brings its own rows to the device. Same numbers, less device memory.
+    latents_on_cpu: bool = False
+    #: keep the KL term's frozen copy of the initial weights (a full fine-tune with ``algorithm.kl_beta > 0``)
+    #: in CPU memory, moved to the device for each reference forward and back: a copy of the model off the device
+    reference_on_cpu: bool = False
+    #: the dtype the trajectories' latents are kept in: ``bfloat16`` halves their bytes; the chain then goes on
+    #: from each sample rounded to it, so the first pass's log-prob ratio stays exactly 1
+    latents_dtype: Literal["float32", "bfloat16"] = "float32"
     #: shard the transformer over the processes of a launch with FSDP2 (each block, then the root) instead
     #: of a whole copy per process (DDP); for models too big for one device. On one process the model is
     #: held whole, so the same config (and its checkpoints) runs on any number of processes. Not with fp16.
@@ -188,6 +197,10 @@ class EvalConfig:
     samples_per_prompt: int = 4  #: samples per held-out prompt
     max_prompts: int = 40  #: held-out prompts evaluated (the first ones of the eval set)
     grid_prompts: int = 8  #: prompts shown in the sample-grid PNG
+    #: evaluate at this image size in pixels instead of the model's ``height``/``width`` (both or neither): train
+    #: at a lower resolution than the one evaluated (a diffusers model; its rollouts' memory falls with the area)
+    height: int | None = None
+    width: int | None = None  #: the evaluation's image width in pixels, with ``eval.height``
 
 
 @dataclass
@@ -494,6 +507,15 @@ def validate(cfg: ExperimentConfig) -> None:
     if t.fsdp and t.mixed_precision == "fp16":
         # fp16 needs a loss scaler over the sharded gradients, which the sharded path does not run
         raise UserError("config key 'train.fsdp' takes train.mixed_precision 'no' or 'bf16', got 'fp16'")
+    if t.reference_on_cpu and t.lora.enabled:
+        raise UserError(
+            "config key 'train.reference_on_cpu' is for full fine-tunes: with LoRA the reference is the model with "
+            "its adapters off, no copy; turn it off"
+        )
+    if t.reference_on_cpu and t.fsdp:
+        raise UserError(
+            "config key 'train.reference_on_cpu' keeps a whole copy on the CPU: with train.fsdp, turn it off"
+        )
     algo = ALGORITHM_TABLE[cfg.algorithm.name]
     check = getattr(cfg.algorithm.knobs, "check", None)
     if callable(check):
@@ -558,6 +580,11 @@ def validate(cfg: ExperimentConfig) -> None:
     check_at_most("config key 'eval.samples_per_prompt'", e.samples_per_prompt, MAX_BATCH)
     check_at_most("config key 'eval.max_prompts'", e.max_prompts, MAX_PROMPTS)
     _positive("eval.grid_prompts", e.grid_prompts, allow_zero=True)
+    if (e.height is None) != (e.width is None):
+        raise UserError("config keys 'eval.height' and 'eval.width' go together: give both or neither")
+    if e.height is not None:
+        _positive("eval.height", e.height)
+        _positive("eval.width", e.width)
     allowed = ["own", *SAMPLER_TABLE]
     if not e.samplers:
         raise UserError(

@@ -7,13 +7,17 @@ import torch, so that ``precise-rl serve-reward --help`` can show them without i
 from __future__ import annotations
 
 __all__ = [
+    "DEFAULT_BODIES_FACTOR",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_DECODING",
     "DEFAULT_MAX_FRAMES",
     "DEFAULT_MAX_IMAGES",
     "DEFAULT_MAX_IMAGE_PIXELS",
+    "DEFAULT_MAX_JSON_VALUES",
     "DEFAULT_MAX_MB",
     "DEFAULT_MAX_REQUEST_PIXELS",
     "DEFAULT_PORT",
+    "DEFAULT_RECEIVE_TIMEOUT_S",
     "TOKEN_ENV",
 ]
 
@@ -31,3 +35,11 @@ DEFAULT_MAX_REQUEST_PIXELS = 32 * 1024 * 1024
 DEFAULT_MAX_FRAMES = 512
 #: requests decoded or scored at the same time (each holds at most the pixels above)
 DEFAULT_MAX_DECODING = 2
+#: JSON values of one body (arrays, objects, keys, scalars), counted before parsing: some 40 MB parsed
+DEFAULT_MAX_JSON_VALUES = 250_000
+#: bytes of request bodies held at once (received or being received, not yet decoded), in request bodies
+DEFAULT_BODIES_FACTOR = 4
+#: seconds a request (headers and body) may take to arrive
+DEFAULT_RECEIVE_TIMEOUT_S = 60.0
+#: connections open at once (each holds a file descriptor)
+DEFAULT_MAX_CONNECTIONS = 256

@@ -41,10 +41,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "list the models (built-in and diffusers adapters) with pipeline, guidance and time grid; --memory: what "
         "the memory options take off the device for the real checkpoints",
     ),
+    "bench": (
+        "precise_rl.cli.bench",
+        "rollout images/s, training s/image and peak memory of a real architecture (random weights, no download)",
+    ),
     "sample": ("precise_rl.cli.sample", "generate images with any sampler (diffusers pipeline or built-in model)"),
     "serve-reward": (
         "precise_rl.cli.serve_reward",
         "serve a registered reward over HTTP for 'remote' rewards (needs the 'serve' extra)",
+    ),
+    "probe-judge": (
+        "precise_rl.cli.probe_judge",
+        "check a vision-language judge server (health, model list, one scored image) before training with vlm_judge",
     ),
     "pretrain": (
         "precise_rl.cli.pretrain",

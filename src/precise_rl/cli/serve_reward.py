@@ -13,7 +13,10 @@ headers, before decoding). Videos travel as PNG frames: ``--max-images`` bounds 
 serves videos with ``--set frames=first,middle,last`` (see :mod:`precise_rl.rewards.video`).
 A request is parsed and decoded in a worker thread, never on the event
 loop, so ``/health`` answers while large requests are read; at most ``--max-decoding`` requests are
-decoded or scored at once, which bounds the memory they take. Requests are scored one at a time (the
+decoded or scored at once, which bounds the memory they take. Bodies being received or waiting to be
+decoded are bounded together (``--max-bodies-mb``, 503 past it), a body's JSON values are counted
+before it is parsed (``--max-json-values``, 413 past it), a request must arrive within
+``--receive-timeout`` seconds and at most ``--max-connections`` are open at once. Requests are scored one at a time (the
 model is loaded once, on the first request or at start with ``--preload``). Needs the ``serve`` extra:
 ``pip install 'precise-rl[serve]'``.
 """
@@ -21,18 +24,23 @@ model is loaded once, on the first request or at start with ``--preload``). Need
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 import yaml
 
 from ..errors import UserError
 from ..server_defaults import (  # not the server's module: --help and argument errors import no torch
+    DEFAULT_BODIES_FACTOR,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_FRAMES,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_IMAGES,
+    DEFAULT_MAX_JSON_VALUES,
     DEFAULT_MAX_MB,
     DEFAULT_MAX_REQUEST_PIXELS,
     DEFAULT_PORT,
+    DEFAULT_RECEIVE_TIMEOUT_S,
     TOKEN_ENV,
 )
 
@@ -83,6 +91,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-decoding", type=int, default=None, help="requests decoded or scored at once (default 2; 8 concurrent)"
     )
+    p.add_argument(
+        "--max-json-values",
+        type=int,
+        default=DEFAULT_MAX_JSON_VALUES,
+        help="most JSON values (arrays, objects, keys, scalars) in one body, counted before it is parsed",
+    )
+    p.add_argument(
+        "--max-bodies-mb",
+        type=float,
+        default=None,
+        help=f"request bodies held at once, being received or waiting to be decoded "
+        f"(default {DEFAULT_BODIES_FACTOR} x --max-request-mb); past it a request is answered 503 before it is read",
+    )
+    p.add_argument(
+        "--receive-timeout",
+        type=float,
+        default=DEFAULT_RECEIVE_TIMEOUT_S,
+        help="seconds a request (headers and body) may take to arrive; the connection is closed after",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="connections open at once; past it the oldest one still sending its request is closed",
+    )
     p.add_argument("--preload", action="store_true", help="load the model before accepting requests")
     p.add_argument("--allow-open", action="store_true", help="allow a non-loopback address without a token")
     p.add_argument("--concurrent", action="store_true", help="score requests in parallel (thread-safe rewards only)")
@@ -105,9 +138,29 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"reward {args.reward!r} takes no device")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
-    if not args.max_request_mb > 0:
-        raise UserError(f"--max-request-mb must be positive, got {args.max_request_mb}")
-    for flag in ("max_images", "max_image_pixels", "max_request_pixels", "max_frames", "max_decoding"):
+    for flag in ("max_request_mb", "max_bodies_mb", "receive_timeout"):
+        value = getattr(args, flag)
+        # inf and nan pass a plain "> 0" test (nan fails it, but says nothing useful); a byte count needs a finite size
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive finite number, got {value:g}")
+    max_request_bytes = int(args.max_request_mb * 2**20)
+    if max_request_bytes < 1:
+        raise UserError(f"--max-request-mb {args.max_request_mb:g} is under one byte")
+    max_bodies_bytes = None if args.max_bodies_mb is None else int(args.max_bodies_mb * 2**20)
+    if max_bodies_bytes is not None and max_bodies_bytes < max_request_bytes:
+        raise UserError(
+            f"--max-bodies-mb ({args.max_bodies_mb:g}) must be at least --max-request-mb ({args.max_request_mb:g}), "
+            "else a request of the largest size could never be taken"
+        )
+    for flag in (
+        "max_images",
+        "max_image_pixels",
+        "max_request_pixels",
+        "max_frames",
+        "max_decoding",
+        "max_json_values",
+        "max_connections",
+    ):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
@@ -124,18 +177,24 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    limits = Limits(
+        args.max_images, args.max_image_pixels, args.max_request_pixels, args.max_frames, args.max_json_values
+    )
     serve(
         reward,
         args.host,
         args.port,
         token,
-        int(args.max_request_mb * 2**20),
+        max_request_bytes,
         allow_open=args.allow_open,
         log_level=args.log_level,
         concurrent=args.concurrent,
-        limits=Limits(args.max_images, args.max_image_pixels, args.max_request_pixels, args.max_frames),
+        limits=limits,
         max_decoding=args.max_decoding,
         on_ready=announce,
+        max_bodies_bytes=max_bodies_bytes,
+        receive_timeout=args.receive_timeout,
+        max_connections=args.max_connections,
     )
     return 0
 

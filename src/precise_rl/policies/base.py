@@ -7,8 +7,9 @@ nothing about samplers or rewards.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -57,6 +58,15 @@ class Policy(ABC):
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` as floats in [0, 1]."""
+
+    @contextlib.contextmanager
+    def at_resolution(self, height: int, width: int) -> Iterator[None]:
+        """Inside it, the policy samples ``height`` x ``width`` images (config keys ``eval.height``/``eval.width``:
+        training at a lower resolution than evaluation). A model of one fixed size cannot."""
+        from ..errors import UserError
+
+        raise UserError(f"the {type(self).__name__} model has one fixed resolution: remove eval.height and eval.width")
+        yield  # pragma: no cover - a generator, for the context manager
 
     def time_grid(self, num_steps: int) -> torch.Tensor:
         """The model's own sigmas for ``num_steps`` steps (uniform unless the model shifts them)."""

@@ -251,6 +251,25 @@ class DiffusersPolicy(Policy):
             )
         return height, width
 
+    @contextlib.contextmanager
+    def at_resolution(self, height: int, width: int) -> Iterator[None]:
+        """Inside it, latents, position ids and time grid are those of ``height`` x ``width`` images (checked as
+        model options ``height``/``width`` are); the model's own resolution after it."""
+        checked = self._check_resolution(height, width)
+        before = self.height, self.width
+        self.height, self.width = checked
+        self._reset_position_cache()
+        try:
+            yield
+        finally:
+            self.height, self.width = before
+            self._reset_position_cache()
+
+    def _reset_position_cache(self) -> None:
+        """Forget position ids kept for one resolution (FLUX's image ids)."""
+        if hasattr(self, "_img_ids"):
+            self._img_ids = None
+
     @staticmethod
     def _linear_names(module: nn.Module, targets: tuple[str, ...]) -> list[str]:
         """Full names of the ``nn.Linear`` modules that ``targets`` name (exact names for peft).

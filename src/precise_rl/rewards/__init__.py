@@ -2,13 +2,14 @@
 
 Built-in: ``jpeg_compressibility`` / ``jpeg_incompressibility`` for any model and the hub scorers;
 ``ocr`` (Flow-GRPO's OCR reward on PP-OCRv4, :mod:`.ocr`); ``temporal_consistency``, ``motion_smoothness``
-(:mod:`.motion`) and the ``frames`` option of image rewards for videos (:mod:`.video`);
+(:mod:`.motion`) and the ``frames`` option of image rewards for videos (:mod:`.video`); ``vlm_judge``, a
+vision-language judge over an OpenAI-compatible API (:mod:`.judge`);
 a task's own rewards live with the task (the digits task's in ``precise_rl.tasks.digits.rewards``,
 registered when the task is imported). A reward of your own:
 decorate it with ``@register_reward("name")``, or name it by import path ``"package.module:Name"``.
 """
 
-from . import clip_models, geneval, hpsv2, image, image_reward, motion, ocr, remote, video
+from . import clip_models, geneval, hpsv2, image, image_reward, judge, motion, ocr, remote, video
 from .base import (
     FunctionReward,
     PendingRewards,
@@ -45,6 +46,7 @@ __all__ = [
     "image_reward",
     "geneval",
     "remote",
+    "judge",
     "video",
     "motion",
     "ocr",

@@ -320,6 +320,11 @@ class RewardSet:
                 options["device"] = self.device
             self.rewards[name] = build_reward(name, **options)
 
+    @property
+    def wants_groups(self) -> bool:
+        """True when a reward's ``submit`` takes each row's group (``groups``, see :meth:`submit`)."""
+        return any(callable(getattr(r, "submit", None)) and _accepts(r.submit, "groups") for r in self.rewards.values())
+
     def _check_batch(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None
     ) -> list[Mapping[str, Any]]:
@@ -345,13 +350,15 @@ class RewardSet:
         images: torch.Tensor,
         prompts: Sequence[str],
         metadata: Sequence[Mapping[str, Any]] | None = None,
+        groups: Sequence[Any] | None = None,
     ) -> PendingRewards:
         """Start scoring a batch; ``.result()`` gives what :meth:`score` returns.
 
-        Rewards with a ``submit`` method (``remote``, ``geneval``) send their requests and return at
-        once, their scores arriving in the background; the others are computed here, meanwhile.
+        Rewards with a ``submit`` method (``remote``, ``geneval``, ``vlm_judge``) send their requests and
+        return at once, their scores arriving in the background; the others are computed here, meanwhile.
         A caller that submits each chunk of a rollout as soon as it is decoded overlaps the
-        servers' scoring with the rollout of the next chunk.
+        servers' scoring with the rollout of the next chunk. ``groups`` (each row's group id, a group's
+        rows consecutive) goes to the rewards whose ``submit`` takes it (a pairwise ``vlm_judge``).
         """
         metadata = self._check_batch(images, prompts, metadata)
         images = images.to(self.device)
@@ -360,7 +367,10 @@ class RewardSet:
         for name, reward in self.rewards.items():
             if callable(getattr(reward, "submit", None)):
                 with _named_failure(name):
-                    started[name] = reward.submit(images, prompts, metadata)
+                    if groups is not None and _accepts(reward.submit, "groups"):
+                        started[name] = reward.submit(images, prompts, metadata, groups=list(groups))
+                    else:
+                        started[name] = reward.submit(images, prompts, metadata)
         done: dict[str, Any] = {}
         for name, reward in self.rewards.items():
             if name not in started:

@@ -16,10 +16,16 @@ frame count only as it is decoded), and neither side needs a video codec. A 200 
 
 with one list per field, as long as ``images``; field ``NAME`` is the reward itself, others are
 extra measurements; ``null`` marks an image the reward could not score. Errors answer
-``{"detail": sentence}`` with 400 (a malformed request), 401 (missing or wrong token), 413 (body, image
-or video count, frames per video or decoded pixels over the server's limits), 415 (videos sent to a
-server whose reward scores images only) or 500 (the reward raised). ``GET /health`` answers
-``{"status": "ok", "protocol": 1}``.
+``{"detail": sentence}`` with 400 (a malformed request), 401 (missing or wrong token), 408 (the body
+did not arrive in time), 413 (body, JSON values, what parsing its text may take, image or video
+count, frames per video or decoded pixels over the server's limits), 415 (videos sent to a server
+whose reward scores images only), 422 (the reward refused the request in a sentence of its own), 503
+(the server holds as many bodies as it may; retry later) or 500 (the reward raised). ``GET /health``
+answers ``{"status": "ok", "protocol": 1}``.
+
+A 16-bit PNG is read as its 8 high bits. A metadata value that is an image (an edit's source image)
+travels as a base64 PNG string and reaches the served reward as a ``(C, H, W)`` tensor in [0, 1];
+its pixels count in the request's bound.
 
 Decoding is bounded before it starts: a PNG's width and height are read from its header (IHDR)
 and checked against the limits per image (per frame) and per request (all frames of all videos
@@ -33,6 +39,7 @@ import binascii
 import io
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +52,17 @@ from PIL import Image
 from ..errors import UserError
 from ..server_defaults import DEFAULT_PORT, TOKEN_ENV  # kept apart: serve-reward --help reads them without torch
 
-__all__ = ["PROTOCOL", "ProtocolError", "RequestTooLarge", "Limits", "png_size"]
+__all__ = [
+    "PROTOCOL",
+    "ProtocolError",
+    "RequestTooLarge",
+    "Limits",
+    "png_size",
+    "count_json_values",
+    "check_json_budget",
+    "text_width",
+    "text_reserve",
+]
 __all__ += ["encode_images", "decode_images", "encode_videos", "decode_videos", "build_request", "parse_request"]
 __all__ += ["build_response", "parse_response", "read_token", "TOKEN_ENV", "DEFAULT_PORT"]
 
@@ -63,11 +80,23 @@ def read_token(token_file: str | Path | None = None, token_env: str | None = TOK
         token = lines[0].strip() if lines else ""
         if not token:
             raise UserError(f"the token file {str(token_file)!r} is empty")
-        return token
+        return _checked_token(token, f"the token file {str(token_file)!r}")
     if token_env:
         token = os.environ.get(token_env, "").strip()
-        return token or None
+        return _checked_token(token, f"${token_env}") if token else None
     return None
+
+
+def _checked_token(token: str, source: str) -> str:
+    """``token`` if it can travel in an HTTP header; else one sentence naming ``source``, never the token."""
+    # Visible ASCII only (RFC 9110 field values without spaces): a newline or a control character
+    # would make the HTTP library refuse the header with a message that quotes it.
+    if not all("!" <= ch <= "~" for ch in token):
+        raise UserError(
+            f"the reward server token from {source} holds a space, a control character (such as a newline) "
+            "or a non-ASCII character, which cannot go in an HTTP header: use printable ASCII only"
+        )
+    return token
 
 
 class ProtocolError(ValueError):
@@ -90,6 +119,8 @@ class Limits:
     max_request_pixels: int | None = None
     #: frames of one video
     max_frames: int | None = None
+    #: JSON values (arrays, objects, keys, scalars) of one body, counted before it is parsed
+    max_json_values: int | None = None
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -137,13 +168,20 @@ def _decode_png(item: Any, label: str, limits: Limits, total: int) -> tuple[np.n
     total += w * h
     if limits.max_request_pixels is not None and total > limits.max_request_pixels:
         raise RequestTooLarge(
-            f"the request's images add up to over {limits.max_request_pixels} pixels (the limit per request)"
+            f"the request's images add up to over {limits.max_request_pixels} pixels (the limit per request) "
+            f"with {label}"
         )
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as pil:
-            if pil.mode not in ("L", "RGB"):
-                pil = pil.convert("RGB")
-            arr = np.asarray(pil, dtype=np.uint8)
+            if pil.mode.startswith("I"):
+                # 16-bit grey: Pillow's conversion to RGB would clip every level over 255 to white.
+                # Keep its 8 high bits, as Pillow itself reads 16-bit RGB PNGs.
+                levels = np.asarray(pil).astype(np.uint32) >> max(0, data[24] - 8)
+                arr = np.minimum(levels, 255).astype(np.uint8)
+            else:
+                if pil.mode not in ("L", "RGB"):
+                    pil = pil.convert("RGB")
+                arr = np.asarray(pil, dtype=np.uint8)
     except Image.DecompressionBombError:
         raise RequestTooLarge(f"{label} is {w}x{h} pixels, more than this server decodes") from None
     except (OSError, ValueError, SyntaxError) as exc:  # a truncated or corrupt PNG body
@@ -232,8 +270,93 @@ def build_request(images: torch.Tensor, prompts: Sequence[str], metadata: Sequen
     }
 
 
+def count_json_values(body: bytes) -> int:
+    """An upper bound on the JSON values in ``body`` (arrays, objects, object keys, scalars), without parsing it.
+
+    Every value but the first of an array or object follows a comma, every key precedes a colon and
+    every array or object opens with a bracket, so the count of those four bytes (plus the top-level
+    value) bounds the values; bytes inside strings only make the bound looser.
+    """
+    return sum(body.count(ch) for ch in (b"[", b"{", b",", b":")) + 1
+
+
+def check_json_budget(body: bytes, limits: Limits) -> None:
+    """RequestTooLarge when ``body`` could parse to more JSON values than ``limits.max_json_values``.
+
+    Parsed, each value is a Python object of some 50 to 150 bytes: 60 MB of ``[],`` would become
+    about 1.3 GB of empty lists. Counting first bounds what parsing may take.
+    """
+    if limits.max_json_values is None:
+        return
+    n = count_json_values(body)
+    if n > limits.max_json_values:
+        raise RequestTooLarge(
+            f"the body could hold up to {n} JSON values (its brackets, braces, commas and colons), over the "
+            f"limit of {limits.max_json_values} per request"
+        )
+
+
+# a \\u escape of a character past U+00FF (so not \\u00XX), and one of a surrogate (a character past U+FFFF)
+_WIDE_ESCAPE = re.compile(rb"\\u(?!00[0-9a-fA-F]{2})")
+_ASTRAL_ESCAPE = re.compile(rb"\\u[dD][89abAB]")
+
+
+def text_width(body: bytes | bytearray) -> int:
+    """The most bytes a character of ``body``'s text or strings can take in Python: 1, 2 or 4.
+
+    Python stores a string at 1, 2 or 4 bytes a character, by its widest character: one emoji,
+    raw or escaped (``\\ud83d\\ude00``), makes a string of 15 MB of base64 take 60 MB. Raw UTF-8
+    lead bytes F0-F4 start characters past U+FFFF, C4-EF characters past U+00FF. An escaped
+    backslash followed by a ``u`` counts as an escape too: the width is never under-estimated.
+    """
+    if body.isascii():
+        if b"\\u" not in body:
+            return 1
+        return 4 if _ASTRAL_ESCAPE.search(body) else 2 if _WIDE_ESCAPE.search(body) else 1
+    if re.search(rb"[\xf0-\xff]", body) or _ASTRAL_ESCAPE.search(body):
+        return 4
+    return 2 if re.search(rb"[\xc4-\xef]", body) or _WIDE_ESCAPE.search(body) else 1
+
+
+def text_reserve(body: bytes | bytearray) -> int:
+    """Bytes that parsing ``body`` may take beyond twice its size (its text, and strings as long as it).
+
+    A body of characters that fit in a byte and no escapes parses to a text of its size and strings
+    of at most its size. A string holding an escape is built piece by piece with room to grow, and
+    one holding wider characters is widened as it is built, the narrow copy and the wide one held at
+    once: measured, up to 3.5, 4.75 and 8 bytes a body byte for widths 1, 2 and 4, where
+    ``2 + 2 width`` are counted (``tests/test_reward_server_bounds.py``).
+    """
+    width = text_width(body)
+    if width == 1 and b"\\" not in body:
+        return 0
+    return 2 * width * len(body)
+
+
+_PNG_BASE64 = base64.b64encode(_PNG_SIGNATURE).decode("ascii")[:10]  # "iVBORw0KGg": any PNG's first 7 bytes
+
+
+def _metadata_images(metadata: list[dict], limits: Limits, total: int) -> list[dict]:
+    """Metadata values that are base64 PNGs (a source image, sent as the images are) as ``(C, H, W)`` tensors.
+
+    Their pixels count in the request's pixel bound, after the images' ``total``.
+    """
+    out = []
+    for k, meta in enumerate(metadata):
+        entry = dict(meta)
+        for key, value in entry.items():
+            if isinstance(value, str) and value.startswith(_PNG_BASE64):
+                arr, total = _decode_png(value, f"metadata {key!r} of image {k}", limits, total)
+                entry[key] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float() / 255.0
+        out.append(entry)
+    return out
+
+
 def parse_request(body: Any, limits: Limits | None = None) -> tuple[torch.Tensor, list[str], list[dict]]:
-    """A decoded JSON request to (images or videos, prompts, metadata); ProtocolError naming what is wrong."""
+    """A decoded JSON request to (images or videos, prompts, metadata); ProtocolError naming what is wrong.
+
+    Metadata values that are base64 PNGs come back as ``(C, H, W)`` tensors in [0, 1].
+    """
     if not isinstance(body, Mapping):
         raise ProtocolError("the request body must be a JSON object")
     version = body.get("protocol", PROTOCOL)
@@ -255,7 +378,8 @@ def parse_request(body: Any, limits: Limits | None = None) -> tuple[torch.Tensor
     if not len(prompts) == len(metadata) == images.shape[0]:
         what = "videos" if images.ndim == 5 else "images"
         raise ProtocolError(f"got {images.shape[0]} {what}, {len(prompts)} prompts and {len(metadata)} metadata")
-    return images, prompts, [dict(m) for m in metadata]
+    pixels = math.prod(images.shape[:-3]) * images.shape[-2] * images.shape[-1]
+    return images, prompts, _metadata_images([dict(m) for m in metadata], limits or Limits(), pixels)
 
 
 def _number(x: float) -> float | None:

@@ -2,25 +2,31 @@
 
 A batch is split into requests of ``max_batch`` images sent concurrently by a pool of ``workers``
 threads (the server queues them; the client's encoding, the network and the scoring overlap).
-Each request has a ``timeout`` and is retried ``retries`` times with exponential backoff
+Each request has a ``timeout``, a deadline for the whole exchange (connecting, sending, the answer's
+headers and body), and is retried ``retries`` times with exponential backoff
 (``backoff * 2**k`` seconds, at most ``backoff_max``) when the server cannot be reached, times out,
-answers 5xx/429 or answers something that is not the protocol. A request still failing after its
+answers 5xx/429 or answers something that is not the protocol (an answer over ``max_response_mb`` is
+not read past that size and counts as such). A request still failing after its
 retries leaves its images unscored: their score is NaN and the field ``unscored`` is 1, so the
 trainer leaves them out of the advantages and counts them. A request the server calls malformed
-(400) is not retried; a body over the server's limit (413) is split in halves. Two things stop
+(400) is not retried; a body over the server's limit (413) is split in halves. Three things stop
 training instead (the trainer saves a checkpoint first): a server that refuses the token (401/403,
-:class:`RewardServerRejected`) and a server from which ``stop_after`` calls in a row got no score
-at all (:class:`RewardServerDown`).
+:class:`RewardServerRejected`), a server whose reward cannot take the requests (415, 422: a
+:class:`UserError` with the server's sentence) and a server from which ``stop_after`` calls in a
+row got no score at all (:class:`RewardServerDown`).
 
 The token comes from the environment variable ``token_env`` (default ``PRECISE_RL_REWARD_TOKEN``)
-or ``token_file``; it is never part of the config, which runs save with their checkpoints.
+or ``token_file``; it is never part of the config, which runs save with their checkpoints, and
+never part of a message (a token that cannot go in an HTTP header is refused without quoting it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
+import socket
 import threading
 import time
 import urllib.parse
@@ -63,6 +69,14 @@ class _Outcome:
 
 class _Retryable(Exception):
     pass
+
+
+class _Expired(Exception):
+    """The request's deadline passed (its socket was shut down under it)."""
+
+
+#: bytes read from the socket at a time while an answer is read against its size cap
+_READ_CHUNK = 1 << 16
 
 
 def _positive(value: Any, name: str, integer: bool = False, zero: bool = False) -> Any:
@@ -119,6 +133,7 @@ class RemoteReward(Reward):
         token_env: str | None = TOKEN_ENV,
         token_file: str | None = None,
         metadata_file: str | None = None,
+        max_response_mb: float = 16.0,
     ) -> None:
         if url is None:
             # Without a url the client would retry the default address for minutes before giving up:
@@ -145,6 +160,8 @@ class RemoteReward(Reward):
         self.max_batch = _positive(max_batch, "max_batch", integer=True)
         self.workers = _positive(workers, "workers", integer=True)
         self.stop_after = _positive(stop_after, "stop_after", integer=True)
+        self.max_response_mb = float(_positive(max_response_mb, "max_response_mb"))
+        self._max_response_bytes = max(1, int(self.max_response_mb * 2**20))
         self._token = read_token(token_file, token_env)
         self.metadata_file = metadata_file
         self._by_prompt = read_prompt_metadata(metadata_file) if metadata_file is not None else {}
@@ -166,16 +183,72 @@ class RemoteReward(Reward):
         return cls(self._host, self._port, timeout=self.timeout)
 
     def _post(self, body: bytes) -> tuple[int, bytes]:
+        """One exchange, all of it within ``timeout`` seconds: (status, answer body of at most the size cap)."""
         headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         conn = self._connection()
+        expired = threading.Event()
+
+        def expire() -> None:
+            # A socket timeout bounds each read alone: a server sending a byte every few seconds would
+            # hold the request for ever. Shutting the socket down ends whatever read is under way.
+            expired.set()
+            if conn.sock is not None:
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(self.timeout, expire)
+        timer.daemon = True
+        timer.start()
         try:
-            conn.request("POST", self._path, body=body, headers=headers)
-            response = conn.getresponse()
-            return response.status, response.read()
+            try:
+                conn.request("POST", self._path, body=body, headers=headers)
+            except OSError as exc:
+                # A server may answer before it has read the body (413 past its size limit, 503 when it
+                # holds as many bodies as it may) and close the connection: the send fails, but the
+                # answer is there to be read, and a 413 must reach the caller, which splits the request.
+                if expired.is_set() or conn.sock is None:  # never connected: there is no answer
+                    raise
+                try:
+                    response = conn.getresponse()
+                except (OSError, http.client.HTTPException):
+                    raise exc from None
+            else:
+                response = conn.getresponse()
+            data = self._read_capped(response)
+            if expired.is_set():  # the read ended because the socket was shut down, not with the answer
+                raise _Expired()
+            return response.status, data
+        except (OSError, http.client.HTTPException):
+            if expired.is_set():
+                raise _Expired() from None
+            raise
         finally:
+            timer.cancel()
             conn.close()
+
+    def _read_capped(self, response: http.client.HTTPResponse) -> bytes:
+        """The answer's body, refused (retryable) once past ``max_response_mb`` without reading the rest."""
+        cap = self._max_response_bytes
+        too_large = _Retryable(
+            f"an answer over {self.max_response_mb:g} MB, the remote reward option max_response_mb; raise it "
+            "if the server's answers are that large"
+        )
+        length = response.getheader("Content-Length", "")
+        if length.strip().isdigit() and int(length) > cap:
+            raise too_large
+        chunks, total = [], 0
+        while True:
+            chunk = response.read1(_READ_CHUNK)
+            if not chunk:
+                if response.length:  # the connection ended before the length the headers announced
+                    raise http.client.IncompleteRead(b"", response.length)
+                return b"".join(chunks)
+            total += len(chunk)
+            if total > cap:
+                raise too_large
+            chunks.append(chunk)
 
     def _detail(self, data: bytes) -> str:
         try:
@@ -197,8 +270,8 @@ class RemoteReward(Reward):
                 status, data = self._post(body)
                 if status in (401, 403):
                     return _Outcome(kind="rejected", reason=f"HTTP {status}: {self._detail(data)}")
-                if status == 415:  # videos sent to an image reward: no retry, no split helps
-                    return _Outcome(kind="unsupported", reason=self._detail(data))
+                if status in (415, 422):  # e.g. videos sent to an image reward: no retry, no split helps
+                    return _Outcome(kind="unsupported", reason=f"HTTP {status}: {self._detail(data)}")
                 if status == 413:
                     if images.shape[0] == 1:
                         what = "video" if images.ndim == 5 else "image"
@@ -207,7 +280,7 @@ class RemoteReward(Reward):
                     first = self._attempt(images[:half], prompts[:half], metadata[:half])
                     second = self._attempt(images[half:], prompts[half:], metadata[half:])
                     return _merge(first, second, half, images.shape[0] - half)
-                if status in (400, 422):
+                if status == 400:
                     return _Outcome(kind="invalid", reason=f"HTTP {status}: {self._detail(data)}")
                 if status != 200:
                     raise _Retryable(f"HTTP {status}: {self._detail(data)}")
@@ -218,8 +291,8 @@ class RemoteReward(Reward):
                 return _Outcome(scores=scores, reward=reward)
             except _Retryable as exc:
                 last = str(exc)
-            except TimeoutError:  # socket.timeout is TimeoutError
-                last = f"no answer within {self.timeout:g} s"
+            except (TimeoutError, _Expired):  # socket.timeout is TimeoutError
+                last = f"no answer within {self.timeout:g} s (the remote reward option timeout)"
             except (ConnectionError, http.client.HTTPException, OSError) as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return _Outcome(kind="unreachable", reason=f"{last} (after {self.retries + 1} attempts)")
@@ -304,7 +377,8 @@ class RemoteReward(Reward):
         for key in self.fields:
             fields.setdefault(key, torch.full((batch,), math.nan, dtype=torch.float64))
         if unsupported is not None:
-            raise UserError(f"reward server {self.url} cannot score videos ({unsupported})")
+            what = "score videos" if unsupported.startswith("HTTP 415") else "take these requests"
+            raise UserError(f"reward server {self.url} cannot {what} ({unsupported})")
         if rejected is not None:
             raise RewardServerRejected(f"reward server {self.url} refused the token ({rejected}); set {TOKEN_ENV}")
         if scored_any:

@@ -115,8 +115,9 @@ def launched_processes() -> int:
         ) from None
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    """An ``Accelerator`` with this precision; a single-process state left by an earlier trainer is replaced.
+def make_accelerator(mixed_precision: str, cpu: bool = False) -> Accelerator:
+    """An ``Accelerator`` with this precision (on the CPU even where there is a GPU with ``cpu``); a
+    single-process state left by an earlier trainer is replaced.
 
     accelerate keeps one state per process and refuses a second ``Accelerator`` with another mixed precision;
     in a plain (not launched) process that state holds nothing but the precision, so it is reset. Under a
@@ -129,13 +130,13 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     if (
         state
         and state.get("distributed_type") == DistributedType.NO
-        and state.get("_mixed_precision") != mixed_precision
+        and (state.get("_mixed_precision") != mixed_precision or bool(state.get("_cpu", False)) != cpu)
     ):
         AcceleratorState._reset_state()
     if launched_processes() > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         with _bounded_meeting():
-            return Accelerator(mixed_precision=mixed_precision)
-    return Accelerator(mixed_precision=mixed_precision)
+            return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 #: the environment variable that bounds how long a launched process waits for the others, in seconds

@@ -100,7 +100,15 @@ def _score_sets(inputs: EvalInputs, images: torch.Tensor, prompts: list[str], me
 
 
 def evaluate(inputs: EvalInputs, e: EvalConfig, *, with_grid: bool = True) -> EvalResult:
-    """Score the held-out prompts under every protocol of ``e.samplers`` (a collective)."""
+    """Score the held-out prompts under every protocol of ``e.samplers`` (a collective), at ``e.height`` x
+    ``e.width`` where they are set (training at a lower resolution than evaluation)."""
+    if e.height is None:
+        return _evaluate(inputs, e, with_grid)
+    with inputs.policy.at_resolution(e.height, e.width):
+        return _evaluate(inputs, e, with_grid)
+
+
+def _evaluate(inputs: EvalInputs, e: EvalConfig, with_grid: bool) -> EvalResult:
     acc = inputs.accelerator
     world, rank = acc.num_processes, acc.process_index
     prompts_base = inputs.prompts[: e.max_prompts]

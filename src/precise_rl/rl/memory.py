@@ -21,12 +21,13 @@ import gc
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..errors import UserError
 
-__all__ = ["MemoryLine", "budget_bytes", "fit_line", "human_bytes", "live_bytes", "peak_bytes"]
+__all__ = ["MemoryLine", "budget_bytes", "check_decode", "fit_line", "human_bytes", "live_bytes", "peak_bytes"]
 
 #: the share of a GPU's memory that ``auto`` plans for when ``train.memory_budget_gb`` is not set: the rest
 #: is the CUDA context, the allocator's fragmentation and the rollout's decoder, which the probe does not see
@@ -149,3 +150,38 @@ def fit_line(live: int, one_row: int, two_rows: int, optimizer_state: int = 0) -
     that will still be allocated added to the fixed part."""
     per_row = max(0, two_rows - one_row)
     return MemoryLine(fixed=live + optimizer_state + one_row - per_row, per_row=per_row)
+
+
+def check_decode(policy: Any, budget_gb: float | None, device: torch.device, rollout_batch: int) -> None:
+    """The rollouts' VAE decode against the budget, before the first epoch: one sentence naming model option
+    ``decode_batch`` if decoding that many images at once would not fit beside what is in memory now.
+
+    Decodes of one and two latents (zeros) are measured on the run's device and fitted to a line, as for the
+    training pass. A rollout chunk of ``rollout_batch`` images is decoded ``decode_batch`` at a time. Only
+    where there is a budget (a GPU, or ``train.memory_budget_gb``) and for models with a ``decode_batch``.
+    """
+    decode_batch = getattr(policy, "decode_batch", None)
+    if decode_batch is None or (device.type != "cuda" and budget_gb is None):
+        return
+    budget = budget_bytes(budget_gb, device)
+    images = min(int(decode_batch), rollout_batch)
+    live = live_bytes(device)
+    peaks = []
+    for k in (1, 2):
+        latents = torch.zeros((k, *policy.latent_shape), device=policy.device)
+        peaks.append(peak_bytes(lambda latents=latents: policy.decode(latents), device))
+        del latents
+    line = fit_line(live, peaks[0], peaks[1])
+    need = line.peak(images)
+    if need > budget:
+        fits = int((budget - line.fixed) // line.per_row) if line.per_row > 0 else 0
+        hint = (
+            f"at most {fits} fit"
+            if fits >= 1
+            else "not even one image fits: turn on offload_vae, or lower the resolution"
+        )
+        raise UserError(
+            f"the rollouts' VAE decode of {images} images at once takes {human_bytes(need)} with what is in memory, "
+            f"more than the budget of {human_bytes(budget)} (train.memory_budget_gb, or 90% of the GPU): lower "
+            f"model option 'decode_batch' ({hint})"
+        )

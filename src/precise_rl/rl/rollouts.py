@@ -33,6 +33,7 @@ __all__ = [
     "epoch_prompt_indices",
     "kernel_for_epoch",
     "sample",
+    "stored_rows",
     "wait_scores",
 ]
 
@@ -122,6 +123,8 @@ def sample(
     store: bool = True,
     on_chunk: Callable[[slice, torch.Tensor], None] | None = None,
     init_seeds: Sequence[int] | None = None,
+    store_dtype: torch.dtype = torch.float32,
+    store_device: torch.device | str | None = None,
 ) -> tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Roll out ``prompts`` in chunks of ``chunk``; returns (cond, latents, means, log_probs).
 
@@ -132,6 +135,7 @@ def sample(
     ``store=False`` keeps the final latents alone (``(B, ...)``) and no means.
     ``init_seeds``: the initial latents' seeds when they differ from the steps' (rows that share a
     start, e.g. Flow-GRPO-Fast's branches of one trajectory); None = each row's own ``seeds[i]``.
+    ``store_dtype``, ``store_device``: in what and where the trajectories are kept (:func:`precise_rl.sde.rollout`).
     Used by training, evaluation and ``precise-rl sample``.
     """
     if len(seeds) != len(prompts):
@@ -156,6 +160,8 @@ def sample(
                 generator=gens[sl],
                 store_means=store,
                 store_latents=store,
+                store_dtype=store_dtype if store else torch.float32,
+                store_device=store_device if store else None,
             )
         lat.append(traj.latents if store else traj.sample)
         if store:
@@ -212,11 +218,16 @@ def collect(inputs: RolloutInputs, epoch: int) -> RolloutBatch:
         if pending and isinstance(pending[-1], _FailedSubmit):
             return  # the epoch cannot be scored: score() raises the first failure
         try:
-            pending.append(inputs.rewards.submit(images[-1], prompts[rows], metadata[rows]))
+            # a pairwise reward compares the samples of a group: it is told each row's group
+            grouped = {"groups": group_ids[rows].tolist()} if getattr(inputs.rewards, "wants_groups", False) else {}
+            pending.append(inputs.rewards.submit(images[-1], prompts[rows], metadata[rows], **grouped))
         except Exception as exc:  # any failure of a reward stops the run after a checkpoint (see score)
             pending.append(_FailedSubmit(exc))
 
     keeps = ALGORITHM_TABLE[inputs.cfg.algorithm.name].keeps
+    # train.latents_dtype / train.latents_on_cpu: the trajectories (not a final-sample algorithm's last latents)
+    store_dtype = torch.bfloat16 if cfg.latents_dtype == "bfloat16" else torch.float32
+    store_device = "cpu" if cfg.latents_on_cpu else None
     inputs.model.eval()
     with inputs.rollout_weights():  # e.g. DiffusionNFT's old policy
         cond, latents, means, log_probs = sample(
@@ -229,6 +240,8 @@ def collect(inputs: RolloutInputs, epoch: int) -> RolloutBatch:
             store=keeps == "trajectory",
             on_chunk=submit,
             init_seeds=inputs.initial_seeds(row_seeds, size),
+            store_dtype=store_dtype,
+            store_device=store_device,
         )
     if keeps != "trajectory":
         latents = latents[:, None]  # (B, 1, ...): the final latents as the last (only) step
@@ -236,6 +249,13 @@ def collect(inputs: RolloutInputs, epoch: int) -> RolloutBatch:
     return RolloutBatch(
         prompts, metadata, group_ids, row_ids, cond, latents, means, log_probs, kern, torch.cat(images), pending
     )
+
+
+def stored_rows(stored: torch.Tensor, device: torch.device, *index: torch.Tensor) -> torch.Tensor:
+    """``stored[index]`` in float32 on ``device``: rows of latents or means kept elsewhere (``train.latents_on_cpu``)
+    or in a lower precision (``train.latents_dtype``) brought to the device, one training forward's rows at a time."""
+    rows = stored[tuple(i.to(stored.device) for i in index)]
+    return rows.to(device=device, dtype=torch.float32, non_blocking=rows.is_pinned())
 
 
 def wait_scores(rewards: RewardSet, batch: RolloutBatch) -> dict[str, torch.Tensor]:

@@ -104,6 +104,8 @@ def trainable_module(policy: Policy, cfg: ExperimentConfig) -> Trainable:
                 p.requires_grad_(True)
         # The KL term needs the initial weights: a frozen copy (see update.reference_policy).
         reference = copy.deepcopy(module).requires_grad_(False).eval() if needs_reference(cfg) else None
+        if reference is not None and cfg.train.reference_on_cpu:
+            reference.to("cpu")  # on the device only for its forwards (algorithms.base.reference_weights)
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:

@@ -12,7 +12,7 @@ from .compare import PROTOCOLS
 from .study_fidelity import BROAD_FIDELITY_STD, FIDELITY_STD
 from .study_runs import MATCHED_CONTROL
 
-__all__ = ["format_markdown", "ratio_text", "split_lines", "SATURATED_HEADROOM"]
+__all__ = ["format_markdown", "map_lines", "ratio_text", "split_lines", "SATURATED_HEADROOM"]
 
 #: a cell whose target leaves less of the way to the reward's ceiling open than this is "saturated"
 SATURATED_HEADROOM = 0.1
@@ -101,6 +101,45 @@ def split_lines(result: dict[str, Any]) -> list[str]:
             diff = [x[0] - y[0] for x, y in zip(*start, strict=True)]
             row.append(f"{sum(diff) / len(diff):+.4f}")
             lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _short_ratio(summary: dict[str, Any]) -> str:
+    """Precise's epoch ratio on the seed-mean curves with the seed pairs' in brackets, or how far it ends short."""
+    ratio = summary.get("precise_epoch_ratio_vs_best_prior")
+    if ratio is None:
+        if summary["target"] is None:
+            return "-"
+        return f"not reached ({summary['samplers']['precise']['final_reward_mean'] - summary['target']:+.3f})"
+    done = [r for r in summary.get("precise_epoch_ratio_per_seed", []) if r is not None]
+    return f"{ratio:.2f} ({', '.join(f'{r:.2f}' for r in done) or 'none'})"
+
+
+def map_lines(result: dict[str, Any]) -> list[str]:
+    """One row per cell, grid by grid: precise's ratio to the best prior under each protocol, precise - cps and
+    its split into exploration and consistency (``own``), cps's effective and matched eta, and the broad-data
+    std ratio of precise, cps and the ODE. The summary the site shows; empty unless the study ran ``precise``,
+    ``cps`` and the eta-matched control."""
+    if not all(r in result["samplers"] for r in ("precise", MATCHED_CONTROL, "cps")):
+        return []
+    head = ["grid", "steps", "precise epochs / best prior's, `own` (seed pairs)", "`ode` (seed pairs)"]
+    head += ["precise - cps, own / ode", "of which exploration, own", "of which consistency, own"]
+    head += ["cps's eta: effective (median) / matched", "broad-data std ratio, precise / cps / ODE"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    order = {g: k for k, g in enumerate(result["grids"])}
+    for cell in sorted(result["cells"], key=lambda c: (order.get(c["grid"], len(order)), c["steps"])):
+        own, ode = cell["protocols"]["own"], cell["protocols"]["ode"]
+        fid = cell["fidelity"]
+        diffs = [_paired(s, "precise", "cps", "final_reward_per_seed")[0] for s in (own, ode)]
+        explore = _paired(own, "precise", MATCHED_CONTROL, "final_reward_per_seed")
+        consist = _paired(own, MATCHED_CONTROL, "cps", "final_reward_per_seed")
+        eff = fid["cps"]["effective_eta"]["median"]
+        broad = [_f(fid.get(r, {}).get("std_ratio_broad"), ".3f") for r in ("precise", "cps", "ode")]
+        row = [" = ".join(cell["grids"]), str(cell["steps"]), _short_ratio(own), _short_ratio(ode)]
+        row += [f"{diffs[0]:+.3f} / {diffs[1]:+.3f}", f"{explore[0]:+.3f} ± {explore[1]:.3f}"]
+        row += [f"{consist[0]:+.3f} ± {consist[1]:.3f}", f"{_f(eff, '.2f')} / {fid[MATCHED_CONTROL]['eta']:.2f}"]
+        row.append(" / ".join(broad))
+        lines.append("| " + " | ".join(row) + " |")
     return lines
 
 

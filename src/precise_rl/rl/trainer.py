@@ -38,7 +38,7 @@ from .checkpoint import check_writable, remove_leftovers
 from .ema import EMA
 from .evaluate import EvalInputs, eval_weights, evaluate
 from .logging import RunLogger, grid_title
-from .memory import budget_bytes
+from .memory import budget_bytes, check_decode
 from .rollouts import RolloutBatch, epoch_prompt_indices
 from .threads import resolve_threads, using_threads
 from .train_state import TrainState
@@ -118,6 +118,9 @@ class Trainer:
             self.policy, cfg.prompts.train, self.task.train_prompts, "prompts.train"
         )
         self.eval_prompts = setup.read_prompts(self.policy, cfg.prompts.eval, self.task.eval_prompts, "prompts.eval")
+        if cfg.eval.height is not None:  # an evaluation resolution the model cannot take fails before any work
+            with self.policy.at_resolution(cfg.eval.height, cfg.eval.width):
+                pass
         if hasattr(self.policy, "precompute_prompts"):  # model.options cache_prompts / free_text_encoders
             self.policy.precompute_prompts(self.train_prompts + self.eval_prompts)
         self.run_rewards = setup.build_rewards(cfg, self.task, acc.device)
@@ -129,6 +132,8 @@ class Trainer:
         self.eval_rewards = self.run_rewards.held_out
 
         self._setup_model()
+        # the rollouts' decode under the same budget as the training pass, before any rollout
+        check_decode(self.policy, cfg.train.memory_budget_gb, acc.device, cfg.train.rollout_batch_size)
         self.sigmas = self._sigmas(cfg.sampler.num_steps)
         self.base_kernel = kernel(
             cfg.sampler.name,

@@ -34,12 +34,12 @@ from ..errors import UserError
 from .algorithms.base import Algorithm
 from .checkpoint import list_checkpoints
 from .ema import EMA
-from .memory import budget_bytes, fit_line, live_bytes, peak_bytes
+from .memory import MemoryLine, budget_bytes, fit_line, human_bytes, live_bytes, peak_bytes
 from .rollouts import RolloutBatch
 from .sharding import gradient_sync, is_dtensor
 from .train_state import TrainState
 
-__all__ = ["Engine", "choose_forward_batch", "count_nonfinite", "forward_chunks", "n_passes"]
+__all__ = ["Engine", "check_forward_batch", "choose_forward_batch", "count_nonfinite", "forward_chunks", "n_passes"]
 
 
 class _StatSums:
@@ -103,6 +103,8 @@ class Engine:
     rank: int
     #: where the run's checkpoints are (named when too many updates in a row were not finite)
     checkpoints: Path
+    #: whether a hand-set ``train.forward_batch`` was checked against the budget (once per process)
+    _budget_checked: bool = False
 
     def _idle_pass(self, algo: Algorithm, sync: bool) -> None:
         ctx = gradient_sync(self.accelerator, self.model, sync) if self.world > 1 else nullcontext()
@@ -150,6 +152,9 @@ class Engine:
                 extra = algo.epoch_stats(targets, plan)
             if state.forward_batch is None:
                 state.forward_batch = choose_forward_batch(self, algo)
+            elif not self._budget_checked:
+                check_forward_batch(self, algo, state.forward_batch)
+            self._budget_checked = True
             fb = state.forward_batch
             grad, no_grad = algo.forwards_per_row()
             evals += sum(len(m) for u in plan for m in u) * items * (2 * grad + no_grad)
@@ -207,14 +212,12 @@ class Engine:
         return out
 
 
-def choose_forward_batch(engine: Engine, algo: Algorithm) -> int:
-    """``train.forward_batch: auto``: the most rows per forward that keep a training pass within the budget.
+def _training_line(engine: Engine, algo: Algorithm) -> MemoryLine:
+    """The memory line of this run's training pass: two passes of weight 0 measured (one row, then two: the first
+    item of this process's placeholder unit) with the loss, precision and checkpointing of the run.
 
-    Measures two passes of weight 0 (one row, then two: the first item of this process's placeholder
-    unit) with the loss, precision and checkpointing of the run, fits :class:`.memory.MemoryLine` and
-    takes the largest count up to a micro-batch's rows. The passes change no weight: their gradients
-    (zero) are dropped, no gradient is synchronised, and every process runs the same two, so the
-    collectives of sharded weights stay matched. Processes take the smallest of their choices.
+    The passes change no weight: their gradients (zero) are dropped, no gradient is synchronised, and every
+    process runs the same two, so the collectives of sharded weights stay matched.
     """
     acc, device = engine.accelerator, engine.accelerator.device
     engine.model.train()  # the mode of the pass itself (dropout, and checkpointing in modules that ask for it)
@@ -235,12 +238,46 @@ def choose_forward_batch(engine: Engine, algo: Algorithm) -> int:
     # (this process's share: an FSDP shard's numel() is the whole weight's)
     local = [p.to_local() if is_dtensor(p) else p for p in engine.params]
     moments = 0 if engine.optimizer.state else 2 * sum(p.numel() * p.element_size() for p in local)
-    line = fit_line(live, peaks[0], peaks[1], moments)
+    return fit_line(live, peaks[0], peaks[1], moments)
+
+
+def choose_forward_batch(engine: Engine, algo: Algorithm) -> int:
+    """``train.forward_batch: auto``: the most rows per forward that keep a training pass within the budget.
+
+    Fits :class:`.memory.MemoryLine` (:func:`_training_line`) and takes the largest count up to a micro-batch's
+    rows. Processes take the smallest of their choices.
+    """
+    acc, device = engine.accelerator, engine.accelerator.device
+    line = _training_line(engine, algo)
     most = engine.train.batch_size * algo.items()
     chosen = line.largest(budget_bytes(engine.train.memory_budget_gb, device), most)
     if engine.world > 1:
         chosen = int(acc.gather(torch.tensor([chosen], device=device)).min())
     return chosen
+
+
+def check_forward_batch(engine: Engine, algo: Algorithm, forward_batch: int) -> None:
+    """A hand-set ``train.forward_batch`` against the budget, measured as ``auto`` measures it, at the first
+    training pass (before any update): one sentence naming the knob if its pass would not fit, instead of running
+    out of memory in the middle of the run. Only where there is a budget (a GPU, or ``train.memory_budget_gb``)."""
+    device = engine.accelerator.device
+    if device.type != "cuda" and engine.train.memory_budget_gb is None:
+        return
+    budget = budget_bytes(engine.train.memory_budget_gb, device)
+    most = engine.train.batch_size * algo.items()
+    rows = min(forward_batch or most, most)
+    line = _training_line(engine, algo)
+    need = line.peak(rows)
+    if engine.world > 1:
+        need = int(engine.accelerator.gather(torch.tensor([need], device=device)).max())
+    if need > budget:
+        fits = max(0, (budget - line.fixed) // line.per_row) if line.per_row > 0 else 0
+        hint = f"at most {fits} fit" if fits >= 1 else "not even one row fits: turn on gradient_checkpointing"
+        raise UserError(
+            f"train.forward_batch {forward_batch} ({rows} rows per training forward) takes {human_bytes(need)}, more "
+            f"than the budget of {human_bytes(budget)} (train.memory_budget_gb, or 90% of the GPU): lower "
+            f"train.forward_batch ({hint}) or set it to auto"
+        )
 
 
 def count_nonfinite(state: TrainState, limit: int, checkpoints: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .kernels import Kernel, kernel
-from .transition import Generators, step
+from .transition import Generators, gaussian_log_prob, step
 
 __all__ = ["Trajectory", "NonFiniteRollout", "rollout", "sde_window", "sliding_window"]
 
@@ -31,7 +31,7 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 @dataclass
 class Trajectory:
-    """One batched rollout, all in float32.
+    """One batched rollout, in float32 (``latents`` in the rollout's ``store_dtype``).
 
     ``latents`` is ``(B, N + 1, ...)`` (``latents[:, 0]`` is the initial noise, ``latents[:, -1]``
     the sample); ``means`` is ``(B, N, ...)`` (``None`` when not stored); ``log_probs`` is
@@ -93,6 +93,8 @@ def rollout(
     store_means: bool = True,
     store_latents: bool = True,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    store_dtype: torch.dtype = torch.float32,
+    store_device: torch.device | str | None = None,
 ) -> Trajectory:
     """Sample from ``x1`` (noise, ``(B, ...)``) down the grid ``sigmas`` with a stochastic sampler.
 
@@ -102,6 +104,13 @@ def rollout(
     Runs without autograd; every row advances in one batched call per step. ``store_latents=False``
     keeps the final latent only (``latents`` is then ``(B, 1, ...)``): what an algorithm that trains
     on final samples needs, without the ``N + 1`` latents of every row.
+
+    ``store_dtype`` (bfloat16: half the bytes) is the dtype the latents are kept in. Below float32 the
+    chain itself goes on from each step's sample rounded to it, and that step's log-prob is the density of
+    the rounded sample: the stored transitions are exactly the ones sampled, so a recomputation from
+    them with the same weights gives the same log-prob (a ratio of exactly 1 on the first pass).
+    ``store_device`` keeps the latents and means there (the CPU: pinned when the rollout runs on CUDA,
+    each step copied out as it is made), so the device holds one step's latents, not the trajectory.
     """
     kern = sampler if isinstance(sampler, Kernel) else kernel(sampler, sigmas, eta, schedule)
     if isinstance(sampler, Kernel) and sigmas is not None:
@@ -127,10 +136,17 @@ def rollout(
                 f"(eta {kern.eta:g} on this grid); lower eta",
                 step=k,
             )
-    x = x1.float()
+    rounded = store_dtype != torch.float32
+    x = x1.to(store_dtype).float() if rounded else x1.float()
     kept = n + 1 if store_latents else 1
-    latents = torch.empty((batch, kept, *x.shape[1:]), dtype=torch.float32, device=device)
-    means = torch.empty((batch, n, *x.shape[1:]), dtype=torch.float32, device=device) if store_means else None
+    where = torch.device(store_device) if store_device is not None else device
+    pin = where.type == "cpu" and device.type == "cuda"
+    latents = torch.empty((batch, kept, *x.shape[1:]), dtype=store_dtype, device=where, pin_memory=pin)
+    means = (
+        torch.empty((batch, n, *x.shape[1:]), dtype=torch.float32, device=where, pin_memory=pin)
+        if store_means
+        else None
+    )
     log_probs = torch.full((batch, n), math.nan, dtype=torch.float32, device=device)
     if store_latents:
         latents[:, 0] = x
@@ -145,15 +161,19 @@ def rollout(
                 raise ValueError(f"velocity_fn returned shape {tuple(v.shape)} for input of shape {tuple(x.shape)}")
             out = step(kern, i, x, v, generator=generator, validate=False)
             x = out.sample
+            if rounded:  # go on from the sample as it is stored, and give its density
+                x = x.to(store_dtype).float()
             if store_latents:
-                latents[:, i + 1] = x
+                latents[:, i + 1].copy_(x, non_blocking=pin)
             if means is not None:
-                means[:, i] = out.mean
+                means[:, i].copy_(out.mean, non_blocking=pin)
             if stochastic[i]:
-                log_probs[:, i] = out.log_prob
+                log_probs[:, i] = gaussian_log_prob(x, out.mean, out.std) if rounded else out.log_prob
             if callback is not None:
                 callback(i, x)
     # NaN or inf anywhere propagates to the end: one check instead of one per step.
+    if pin:
+        torch.cuda.synchronize(device)  # the copies out of the device are done before anyone reads them
     if not store_latents:
         latents[:, 0] = x
     if not bool(torch.isfinite(x).all()):

@@ -81,18 +81,25 @@ def reference_weights(ctx: RunContext) -> Iterator[None]:
     """Inside it, the policy computes with the reference weights (the initial ones).
 
     With LoRA the reference is the model with its adapters off; a full fine-tune keeps a frozen
-    copy (``ctx.reference``), which the policy computes with for the time of the block.
+    copy (``ctx.reference``), which the policy computes with for the time of the block. With
+    ``train.reference_on_cpu`` that copy lives in CPU memory and is on the device only inside the block
+    (moving weights copies them exactly: the same numbers).
     """
     if ctx.reference is None:
         with adapters_disabled(ctx.model):
             yield
         return
+    offloaded = ctx.cfg.train.reference_on_cpu
+    if offloaded:
+        ctx.reference.to(ctx.device)
     live = ctx.policy.transformer
     ctx.policy.transformer = ctx.reference
     try:
         yield
     finally:
         ctx.policy.transformer = live
+        if offloaded:
+            ctx.reference.to("cpu")
 
 
 @contextmanager

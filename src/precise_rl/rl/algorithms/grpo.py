@@ -28,7 +28,7 @@ from ...policies import index_cond
 from ...sde import Kernel, StepOutput, sde_window, step
 from .. import seeds
 from ..losses import guard_loss, kl_penalty, ppo_clip_loss
-from ..rollouts import RolloutBatch
+from ..rollouts import RolloutBatch, stored_rows
 from .base import GroupAdvantageAlgorithm, LossOutput, RunContext, reference_weights
 
 __all__ = ["GRPO", "fast_window_start", "recompute", "train_step_indices"]
@@ -42,8 +42,8 @@ def train_step_indices(kern: Kernel, timestep_fraction: float) -> list[int]:
 
 def recompute(ctx: RunContext, batch: RolloutBatch, sample_idx: torch.Tensor, step_idx: torch.Tensor) -> StepOutput:
     """Mean and log-prob of the stored transitions ``(sample, step)`` (local rows) under the current weights."""
-    x_t = batch.latents[sample_idx, step_idx]
-    x_s = batch.latents[sample_idx, step_idx + 1]
+    x_t = stored_rows(batch.latents, ctx.device, sample_idx, step_idx)
+    x_s = stored_rows(batch.latents, ctx.device, sample_idx, step_idx + 1)
     sig = batch.kernel.sigmas.to(device=x_t.device, dtype=torch.float32)
     with ctx.accelerator.autocast():
         v = ctx.policy.velocity(x_t, sig[step_idx], index_cond(batch.cond, sample_idx))
@@ -125,7 +125,7 @@ class GRPO(GroupAdvantageAlgorithm):
         a = torch.zeros_like(self.adv[sample_idx]) if idle else self.adv[sample_idx]
         out = recompute(ctx, batch, sample_idx, step_idx)
         if k.guard:
-            old_mean = batch.means[sample_idx, step_idx]
+            old_mean = stored_rows(batch.means, ctx.device, sample_idx, step_idx)
             res = guard_loss(
                 out.log_prob,
                 old_lp,
