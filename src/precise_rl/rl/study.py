@@ -58,19 +58,18 @@ QUICK = {"steps": [6, 10], "seeds": 2, "overrides": ["train.epochs=30", "eval.ma
 #: a built-in task whose runs cost more than the digits task's has sizes of its own, used where the
 #: command line gives none (its overrides come after the config's values and before the user's). Why for
 #: signs: an epoch of its recipe (8 x 8 rollouts of a 1.7M-parameter DiT over 32x128 pixels, each image
-#: read by PP-OCRv4) costs about 1.5 s per sampling step on one thread of the shared 2-core machine, about
-#: 20 times a digits epoch; one seed on the model's own grid (shift 3) and 4 x 8 rollouts an epoch bring
-#: the full study to about 40 minutes on 2 workers, the quick one (10 steps, 3 epochs of 4 x 4) to about 4.
+#: read by PP-OCRv4, GRPO's loss on 6 of 10 steps) takes 8-18 s on one thread of the shared 2-core
+#: machine, where a digits epoch takes 0.05 s. One seed on the model's own grid (shift 3; the uniform grid would
+#: double the cost) and 10 epochs a run keep the full study (16 runs) near 25 minutes on 2 workers at low
+#: load; ``--quick`` is the 4 runs at 10 steps for 6 epochs. Fewer updates than the config's EMA interval
+#: (every 8) leave the evaluated EMA weights untrained: a first quick mode of 3 epochs of 4 x 4 rollouts
+#: (one update an epoch) measured a gain of exactly 0 for every run.
 TASK_SIZES: dict[str, dict[str, Any]] = {
     "signs": {
         "seeds": 1,
         "grids": "model",
-        "overrides": ["train.epochs=12", "train.groups_per_epoch=4", "eval.max_prompts=16"],
-        "quick": {
-            "steps": [10],
-            "seeds": 1,
-            "overrides": ["train.epochs=3", "train.groups_per_epoch=4", "train.group_size=4", "eval.max_prompts=8"],
-        },
+        "overrides": ["train.epochs=10", "eval.max_prompts=16"],
+        "quick": {"steps": [10], "seeds": 1, "overrides": ["train.epochs=6", "eval.max_prompts=8"]},
     }
 }
 
