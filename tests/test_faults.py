@@ -314,6 +314,24 @@ def _assert_matches_uninterrupted(run: Path, reference: Path, note: str = "") ->
     assert json.loads((run / "summary.json").read_text())["epochs"] == EPOCHS
 
 
+def test_a_resume_finishes_the_prune_that_a_kill_after_a_checkpoint_left_undone(
+    uninterrupted: tuple[Path, float], tmp_path: Path
+) -> None:
+    """Killed between writing a checkpoint and pruning the old ones, a run holds one checkpoint too many; its
+    resume prunes it as the save would have (here: an extra older checkpoint beside the reference's two)."""
+    reference, _ = uninterrupted
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    kept = list_checkpoints(run / "checkpoints")
+    older = run / "checkpoints" / f"epoch_{int(kept[0].name.split('_')[1]) - 1:06d}"
+    shutil.copytree(kept[0], older)
+    assert [p.name for p in list_checkpoints(run / "checkpoints")][0] == older.name
+    proc = _start(run, tmp_path / "stderr.txt")
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    _assert_matches_uninterrupted(run, reference)
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_reaches_the_uninterrupted_run(
     uninterrupted: tuple[Path, float], tmp_path: Path
@@ -407,17 +425,17 @@ def test_disk_full_while_writing_a_checkpoint_is_one_sentence_and_resume_loses_n
 def test_a_file_where_the_checkpoint_directory_should_be_is_one_sentence_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """What root cannot get from chmod: the directory cannot be made at all."""
+    """What root cannot get from chmod: the directory cannot be made at all. A file of the user's in its place
+    is one the run did not write, so the start refuses the directory, naming it, and leaves the file alone."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoints").write_text("in the way")
     cfg = _write_yaml(tmp_path / "toy.yaml", _toy())
     assert main(["train", str(cfg), "--output", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
-        f"precise-rl train: error: checkpoint directory '{run / 'checkpoints'}' cannot be made: "
-        f"'{run / 'checkpoints'}' is a file"
-    ]
+    assert len(err) == 1 and err[0].startswith(
+        f"precise-rl train: error: output directory '{run}' holds files precise-rl did not write (checkpoints); "
+    ), err
     assert (run / "checkpoints").read_text() == "in the way"
     assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
 

@@ -68,7 +68,12 @@ def _post(port: int, body: bytes, headers: dict[str, str] | None = None, timeout
             if conn.sock is None:
                 raise
         response = conn.getresponse()
-        raw = response.read()
+        try:
+            raw = response.read()
+        except http.client.IncompleteRead as exc:
+            # Answered and closed before the body was read: the connection's reset may overtake the answer's
+            # body once its head has arrived; the status is the answer.
+            raw = exc.partial
         try:
             return response.status, json.loads(raw)
         except ValueError:

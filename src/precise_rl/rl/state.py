@@ -30,6 +30,7 @@ from .checkpoint import (
     MANIFEST,
     CheckpointError,
     latest_checkpoint,
+    list_checkpoints,
     older_checkpoint_hint,
     prune_checkpoints,
     read_checkpoint,
@@ -159,6 +160,13 @@ def resume(trainer: Trainer, where: str | Path) -> None:
             f"the processes found different files in checkpoint {ckpt!r}: put the run directory on "
             "storage that every machine shares"
         )
+    root = Path(ckpt).parent
+    if trainer.is_main and root.resolve() == (trainer.out / "checkpoints").resolve():
+        # A process killed between writing a checkpoint and pruning the old ones left one too many: finish
+        # that prune now, as the save would have, only where the loaded checkpoint is the newest.
+        found = list_checkpoints(root)
+        if found and found[-1].resolve() == Path(ckpt).resolve():
+            prune_checkpoints(root, trainer.cfg.checkpoint.keep)
 
 
 def load_checkpoint(trainer: Trainer, ckpt: Path) -> str:
