@@ -60,10 +60,11 @@ QUICK = {"steps": [6, 10], "seeds": 2, "overrides": ["train.epochs=30", "eval.ma
 #: signs: an epoch of its recipe (8 x 8 rollouts of a 1.7M-parameter DiT over 32x128 pixels, each image
 #: read by PP-OCRv4, GRPO's loss on 6 of 10 steps) takes 8-18 s on one thread of the shared 2-core
 #: machine, where a digits epoch takes 0.05 s. One seed on the model's own grid (shift 3; the uniform grid would
-#: double the cost) and 10 epochs a run keep the full study (16 runs) near 25 minutes on 2 workers at low
-#: load; ``--quick`` is the 4 runs at 10 steps for 6 epochs. Fewer updates than the config's EMA interval
-#: (every 8) leave the evaluated EMA weights untrained: a first quick mode of 3 epochs of 4 x 4 rollouts
-#: (one update an epoch) measured a gain of exactly 0 for every run.
+#: double the cost) and 10 epochs a run keep the full study (16 runs) to 17 min 46 s on 2 workers at load
+#: average 3 (measured); ``--quick`` is the 4 runs at 10 steps for 6 epochs (3 min 20 s at load 3).
+#: Fewer updates than the config's EMA interval (every 8) leave the evaluated EMA weights untrained: a
+#: first quick mode of 3 epochs of 4 x 4 rollouts (one update an epoch) measured a gain of exactly 0 for
+#: every run.
 TASK_SIZES: dict[str, dict[str, Any]] = {
     "signs": {
         "seeds": 1,
