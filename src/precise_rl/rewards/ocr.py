@@ -62,15 +62,14 @@ Recognition is batched: the lines of a call (whole images, or every detected cro
 sorted by width and ``batch_size`` lines of the same padded width go through the model together. A
 line's padded width depends on that line alone, so its reading does not depend on the rest of the
 batch. ``workers`` calls run in parallel threads (made once per reward and kept), each on ``threads``
-onnxruntime threads. Speed of recognition alone (``benchmarks/ocr_reward.py``; every line reaches the
-recogniser as 192x48, from a 256x64 render or a 128x32 signs image): the recognition model itself runs
-at 80-85 lines per CPU-second on one thread of this project's CPU, and the whole reward (quantisation,
-resizing, decoding, the score) keeps 67-83 of them. So two free cores give about 135-165 one-line images
-per second; the project's 2-core machine is shared, and at load average 8-9.5 the same benchmark
-measured 27 images per second (256x64) and 24 (signs) with the default two workers, 17 with one worker,
-and detection + recognition 15. One line per call stays the fastest per image on a CPU (8 and 32 per
-call: 0.54x and 0.39x, 43 and 30 lines per CPU-second): the model's per-line work does not shrink in a
-batch here, while its buffers grow out of the caches. onnxruntime runs on the CPU, or on the GPU when ``device`` is a
+onnxruntime threads. Speed of recognition alone (``benchmarks/ocr_reward.py``, 64 images a call; every
+line reaches the recogniser as 192x48, from a 256x64 render or a 128x32 signs image), on this project's
+2-core machine with its cores free (load average 0.2-0.5): 168 images per second (256x64) and 176 (signs)
+with the default two workers, 86 and 91 per CPU-second; one worker 88; detection + recognition 94. The
+machine is shared, and at load average 8-9.5 the same benchmark measured 27 (signs: 24), 17 with one
+worker and 15 with detection. One line per call stays the fastest per image on a CPU (8 and 32 per call:
+0.72x and 0.63x with the cores free): the model's per-line work does not shrink in a batch here, while
+its buffers grow out of the caches. onnxruntime runs on the CPU, or on the GPU when ``device`` is a
 CUDA device and the CUDA provider is installed (``onnxruntime-gpu``). Needs the ``ocr`` extra:
 ``pip install 'precise-rl[ocr]'``.
 """
