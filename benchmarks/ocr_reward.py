@@ -6,8 +6,9 @@ Run with ``python benchmarks/ocr_reward.py`` (``--quick`` for a smoke run, ``--r
 extra.
 
 Speed: ``--images`` one-line images of 256x64 pixels (a word of ``tests/text_renders.py`` in a DejaVu font,
-as large as fits 90% of the image), each scored by ``reward(images, prompts, metadata)`` in one call, the
-whole reward included (quantisation, detection, recognition, the Levenshtein score). Each variant is warmed
+as large as fits 90% of the image), and as many 128x32 renders of the signs task's pretraining words, each
+set scored by ``reward(images, prompts, metadata)`` in one call, the whole reward included (quantisation,
+detection, recognition, the Levenshtein score). Both sizes reach the recogniser as 192x48 lines. Each variant is warmed
 up once, then the timed passes go round the variants in turn, so that a change in the machine's load
 falls on all of them; the table gives the median images per second and the images per CPU-second of this
 process (``time.process_time``), which shows what a core gives when the machine is shared. The load
@@ -48,37 +49,54 @@ def _prompt(text: str) -> str:
     return f'a sign that says "{text}"'
 
 
+def _signs_batch(images: int) -> tuple[torch.Tensor, list[str]]:
+    """``images`` renders of the signs task (32x128, pretraining words), as its model is taught to draw them."""
+    import random
+
+    from precise_rl.tasks.signs import pretrain_words, render_signs
+
+    words = list(pretrain_words()[:images])
+    return torch.from_numpy(render_signs(words, random.Random(0))).float() / 255.0, words
+
+
 def speed(images: int, repeats: int) -> None:
     texts = [WORDS[k % len(WORDS)] for k in range(images)]
     batch = torch.stack([render(t, 256, 64, None, *FONTS[k % len(FONTS)]) for k, t in enumerate(texts)])
-    prompts, metadata = [_prompt(t) for t in texts], [{} for _ in texts]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    variants: dict[str, dict[str, Any]] = {
-        f"recognition only (default: batch 1, {cpus} workers)": {"detect": False},
-        "recognition only, batch 8": {"detect": False, "batch_size": 8},
-        "recognition only, batch 32": {"detect": False, "batch_size": 32},
-        "recognition only, 1 worker": {"detect": False, "workers": 1},
-        "recognition only, 1 worker, threads all": {"detect": False, "workers": 1, "threads": 0},
-        f"detection + recognition (default: {cpus} workers)": {"detect": True},
-        "detection + recognition, 1 worker": {"detect": True, "workers": 1},
+    signs, sign_words = _signs_batch(images)
+    inputs = {
+        "line": (batch, [_prompt(t) for t in texts], [{} for _ in texts]),
+        "signs": (signs, [_prompt(w) for w in sign_words], [{} for _ in sign_words]),
     }
-    rewards = {name: build_reward("ocr", **options) for name, options in variants.items()}
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    variants: dict[str, tuple[str, dict[str, Any]]] = {
+        f"recognition only (default: batch 1, {cpus} workers)": ("line", {"detect": False}),
+        "recognition only, 32x128 signs": ("signs", {"detect": False}),
+        "recognition only, batch 8": ("line", {"detect": False, "batch_size": 8}),
+        "recognition only, batch 32": ("line", {"detect": False, "batch_size": 32}),
+        "recognition only, batch 32, 1 worker": ("line", {"detect": False, "batch_size": 32, "workers": 1}),
+        "recognition only, 1 worker": ("line", {"detect": False, "workers": 1}),
+        "recognition only, 1 worker, threads all": ("line", {"detect": False, "workers": 1, "threads": 0}),
+        f"detection + recognition (default: {cpus} workers)": ("line", {"detect": True}),
+        "detection + recognition, 1 worker": ("line", {"detect": True, "workers": 1}),
+    }
+    rewards = {name: build_reward("ocr", **options) for name, (_, options) in variants.items()}
     means = {}
     for name, reward in rewards.items():  # warm-up: sessions made, first shapes seen
-        means[name] = float(reward(batch, prompts, metadata)["ocr"].mean())
+        means[name] = float(reward(*inputs[variants[name][0]])["ocr"].mean())
     wall: dict[str, list[float]] = {name: [] for name in rewards}
     cpu: dict[str, list[float]] = {name: [] for name in rewards}
     load_before = os.getloadavg()
     for _ in range(repeats):
         for name, reward in rewards.items():
             c0, t0 = time.process_time(), time.perf_counter()
-            reward(batch, prompts, metadata)
+            reward(*inputs[variants[name][0]])
             wall[name].append(images / (time.perf_counter() - t0))
             cpu[name].append(images / max(time.process_time() - c0, 1e-9))
     load_after = os.getloadavg()
     base = next(iter(rewards))
     print(
-        f"speed: {images} one-line images (256x64) per call, {repeats} timed passes, {os.cpu_count()} CPUs; "
+        f"speed: {images} one-line images (256x64; signs: 128x32) per call, {repeats} timed passes, "
+        f"{os.cpu_count()} CPUs; "
         f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
     )
     print(f"{'variant':52s} {'images/s':>9s} {'ratio':>6s} {'img/CPU-s':>10s} {'mean reward':>12s}")

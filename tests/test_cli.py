@@ -199,7 +199,7 @@ def test_models_lists_every_registered_adapter_and_is_the_readmes_table(capsys: 
     assert printed == models_table()
     assert printed in (ROOT / "README.md").read_text()
     rows = {r["name"]: r for r in model_rows()}
-    assert set(ADAPTERS) | {"digits", "diffusers"} == set(rows)
+    assert set(ADAPTERS) | {"digits", "signs", "diffusers"} == set(rows)
     for name, cls in ADAPTERS.items():
         assert rows[name]["pipeline"] == cls.pipeline_class and rows[name]["default_model"] == cls.default_model
     assert main(["models", "--json"]) == 0

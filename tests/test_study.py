@@ -406,6 +406,37 @@ def test_precise_against_cps_splits_into_exploration_and_consistency() -> None:
     assert split_lines({"samplers": ["precise", "cps"], "cells": [cell]}) == []
 
 
+@pytest.mark.parametrize("quick", [False, True])
+def test_the_signs_config_takes_its_own_study_sizes_and_flags_win(tmp_path: Path, monkeypatch, quick: bool) -> None:
+    seen: dict = {}
+
+    def fake_run_study(items, seeds, steps, grids, samplers, workers, output, algorithms=None):
+        seen.update(items=items, seeds=seeds, steps=steps, grids=grids)
+        raise SystemExit(0)  # stop before any training
+
+    monkeypatch.setattr(study_cli, "run_study", fake_run_study)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "signs_precise.yaml")
+    flags = ["--quick"] if quick else []
+    with pytest.raises(SystemExit):
+        main(["study", config, *flags, "--output", str(tmp_path / "a"), "train.lr=1e-4"])
+    sizes = study.TASK_SIZES["signs"]
+    own = sizes["quick"] if quick else sizes
+    assert seen["seeds"] == own["seeds"] and seen["grids"] == [("model", None)]
+    assert seen["steps"] == (own["steps"] if quick else study.DEFAULT_STEPS)
+    # the config first, then the study's and the task's overrides, the user's last (they win)
+    assert seen["items"][0] == config and seen["items"][-1] == "train.lr=1e-4"
+    assert all(o in seen["items"] for o in sizes["overrides"] + study.STUDY_OVERRIDES)
+    assert all(o in seen["items"] for o in own["overrides"])
+    # flags given win over the task's sizes; the digits config keeps the digits defaults
+    with pytest.raises(SystemExit):
+        main(["study", config, "--seeds", "2", "--grids", "uniform", "--output", str(tmp_path / "b")])
+    assert seen["seeds"] == 2 and seen["grids"] == [("uniform", None)]
+    with pytest.raises(SystemExit):
+        main(["study", "--quick", "--output", str(tmp_path / "c")])
+    assert seen["seeds"] == study.QUICK["seeds"] and seen["steps"] == study.QUICK["steps"]
+    assert len(seen["grids"]) == 3 and not any("groups_per_epoch" in o for o in seen["items"])
+
+
 def test_the_map_row_per_cell_from_made_up_seeds() -> None:
     """The site's summary row: ratios, precise - cps and its split, cps's etas and the broad-data ratios,
     each recomputed here from made-up per-seed numbers; rows ordered grid by grid, then by steps."""

@@ -56,7 +56,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "pretrain": (
         "precise_rl.cli.pretrain",
-        "regenerate the built-in task's shipped weights (model and reward classifier)",
+        "regenerate a built-in task's shipped weights (digits: model and classifiers; signs: its text-to-image model)",
     ),
 }
 

@@ -33,6 +33,7 @@ def model_rows() -> list[dict[str, Any]]:
     """The rows of the listing, from the classes' own statements (nothing is loaded or built)."""
     from ..policies.registry import ADAPTERS
     from ..tasks.digits import DigitsPolicy
+    from ..tasks.signs import SignsPolicy
 
     def row(name: str, cls: Any, pipeline: str | None) -> dict[str, Any]:
         return {
@@ -43,7 +44,7 @@ def model_rows() -> list[dict[str, Any]]:
             "time_grid": cls.time_grid_rule,
         }
 
-    rows = [row("digits", DigitsPolicy, None)]
+    rows = [row("digits", DigitsPolicy, None), row("signs", SignsPolicy, None)]
     for name, cls in ADAPTERS.items():
         rows.append(row(name, cls, getattr(cls, "pipeline_class", None)))
     rows.append(

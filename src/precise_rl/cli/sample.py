@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--model",
         required=True,
-        help="pipeline directory, hub id, built-in model name (digits), or a training run directory",
+        help="pipeline directory, hub id, built-in model name (digits, signs), or a training run directory",
     )
     m.add_argument("--adapter", default=None, help="force the adapter: a model.name of precise-rl models")
     m.add_argument("--revision", default=None, help="hub revision (commit hash) to load")
@@ -238,9 +238,10 @@ def build_policy(args: argparse.Namespace, device: torch.device) -> tuple[Any, s
         value = getattr(args, flag)
         if value is not None:
             options[key] = value
-    if name == "digits" and options:
-        raise UserError(f"the digits model takes no model options (got {sorted(options)}); it draws 8x8 images")
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" and name != "digits" else "float32")
+    built_in = {"digits": "8x8 images", "signs": "32x128 signs"}
+    if name in built_in and options:
+        raise UserError(f"the {name} model takes no model options (got {sorted(options)}); it draws {built_in[name]}")
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" and name not in built_in else "float32")
     cfg = ModelConfig(name=name, path=path, revision=args.revision, dtype=dtype, options=options)
     return build_task(cfg, device).policy, name
 

@@ -61,10 +61,15 @@ feeding                                                 one-line         square 
 Recognition is batched: the lines of a call (whole images, or every detected crop of every image) are
 sorted by width and ``batch_size`` lines of the same padded width go through the model together. A
 line's padded width depends on that line alone, so its reading does not depend on the rest of the
-batch. ``workers`` calls run in parallel threads, each on ``threads`` onnxruntime threads. On this
-project's 2-core CPU, shared with other jobs (load average 7-8), recognition alone scored 56 one-line
-images per second (82 per CPU-second) and detection + recognition 33; one line per call was faster per
-image than 8 or 32 (0.67x and 0.51x). onnxruntime runs on the CPU, or on the GPU when ``device`` is a
+batch. ``workers`` calls run in parallel threads (made once per reward and kept), each on ``threads``
+onnxruntime threads. Speed of recognition alone (``benchmarks/ocr_reward.py``, 64 images a call; every
+line reaches the recogniser as 192x48, from a 256x64 render or a 128x32 signs image), on this project's
+2-core machine with its cores free (load average 0.2-0.5): 168 images per second (256x64) and 176 (signs)
+with the default two workers, 86 and 91 per CPU-second; one worker 88; detection + recognition 94. The
+machine is shared, and at load average 8-9.5 the same benchmark measured 27 (signs: 24), 17 with one
+worker and 15 with detection. One line per call stays the fastest per image on a CPU (8 and 32 per call:
+0.72x and 0.63x with the cores free): the model's per-line work does not shrink in a batch here, while
+its buffers grow out of the caches. onnxruntime runs on the CPU, or on the GPU when ``device`` is a
 CUDA device and the CUDA provider is installed (``onnxruntime-gpu``). Needs the ``ocr`` extra:
 ``pip install 'precise-rl[ocr]'``.
 """
@@ -216,7 +221,8 @@ class _Engine:
         self, lines: Sequence[np.ndarray], resize: str, pad_width: int, batch_size: int, pool: _Pool
     ) -> list[tuple[str, float]]:
         """``(text, mean character confidence)`` of each BGR ``uint8`` line."""
-        inputs = pool.map(lambda line: _rec_input(line, resize), lines)
+        # a resize of a line takes microseconds: handing it to a thread costs more than it saves
+        inputs = [_rec_input(line, resize) for line in lines]
         widths = [_padded_width(x.shape[2], pad_width) for x in inputs]
         order = sorted(range(len(lines)), key=lambda k: widths[k])
         chunks: list[list[int]] = []  # at most batch_size lines of one padded width each
@@ -241,16 +247,21 @@ class _Engine:
 
 
 class _Pool:
-    """``map`` over ``workers`` threads (onnxruntime and OpenCV let go of the GIL), or in this thread for one."""
+    """``map`` over ``workers`` threads (onnxruntime and OpenCV let go of the GIL), or in this thread for one.
+
+    The threads are made once and kept: starting them for every call cost more than a small batch's work.
+    """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
+        self._executor: ThreadPoolExecutor | None = None
 
     def map(self, fn: Any, items: Sequence[Any]) -> list[Any]:
         if self.workers <= 1 or len(items) <= 1:
             return [fn(item) for item in items]
-        with ThreadPoolExecutor(min(self.workers, len(items))) as pool:
-            return list(pool.map(fn, items))
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="ocr")
+        return list(self._executor.map(fn, items))
 
 
 def _rec_input(line: np.ndarray, resize: str) -> np.ndarray:
@@ -324,6 +335,7 @@ class OcrReward(Reward):
         # call per core kept 97% of a core's throughput here, two threads within one call about 75%
         self.workers = workers if workers is not None else (1 if self.device.type == "cuda" else _cpus())
         self._engine = LazyModel(self._load)
+        self._pool = _Pool(self.workers)
 
     def _load(self) -> _Engine:
         try:
@@ -356,7 +368,7 @@ class OcrReward(Reward):
         if pixels.shape[1] == 1:
             pixels = np.repeat(pixels, 3, axis=1)
         bgr = [np.ascontiguousarray(p[::-1].transpose(1, 2, 0)) for p in pixels]
-        pool = _Pool(self.workers)
+        pool = self._pool
         per_image = pool.map(engine.lines, bgr) if self.detect else [[img] for img in bgr]
         flat = [line for lines in per_image for line in lines]
         reads = engine.recognise(flat, self.resize, self.pad_width, self.batch_size, pool) if flat else []

@@ -50,7 +50,12 @@ class RunRewards:
 def build_rewards(cfg: ExperimentConfig, task: TaskSpec, device: torch.device) -> RunRewards:
     """The reward sets of ``cfg`` (``reward.weights``, or the task's default rewards)."""
     weights = dict(cfg.reward.weights) or dict(task.default_rewards)
+    # the task's own options (e.g. how its images are fed to a reward) under the config's, key by key
+    scored = {*weights, *task.eval_rewards, *cfg.reward.eval_only}
     options = dict(cfg.reward.options)
+    for name, task_options in task.reward_options.items():
+        if name in scored:
+            options[name] = {**task_options, **dict(options.get(name) or {})}
     stray = sorted(set(options) - set(weights) - set(cfg.reward.eval_only))
     if stray:
         raise UserError(

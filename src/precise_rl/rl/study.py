@@ -37,6 +37,7 @@ __all__ = [
     "plot_algorithms",
     "SATURATED_HEADROOM",
     "MATCHED_CONTROL",
+    "TASK_SIZES",
     "FIDELITY_MEAN",
     "FIDELITY_STD",
     "BROAD_FIDELITY_STD",
@@ -54,6 +55,24 @@ DEFAULT_SEEDS = 3
 #: Measured then: the full default study 19 min 11 s (load 5-6), ``--quick`` 2 min 14 s (load 2-3).
 STUDY_OVERRIDES = ["eval.samples_per_prompt=2", "checkpoint.every=0", "checkpoint.keep=1"]
 QUICK = {"steps": [6, 10], "seeds": 2, "overrides": ["train.epochs=30", "eval.max_prompts=16"]}
+#: a built-in task whose runs cost more than the digits task's has sizes of its own, used where the
+#: command line gives none (its overrides come after the config's values and before the user's). Why for
+#: signs: an epoch of its recipe (8 x 8 rollouts of a 1.7M-parameter DiT over 32x128 pixels, each image
+#: read by PP-OCRv4, GRPO's loss on 6 of 10 steps) takes 8-18 s on one thread of the shared 2-core
+#: machine, where a digits epoch takes 0.05 s. One seed on the model's own grid (shift 3; the uniform grid would
+#: double the cost) and 10 epochs a run keep the full study (16 runs) to 17 min 46 s on 2 workers at load
+#: average 3 (measured); ``--quick`` is the 4 runs at 10 steps for 6 epochs (3 min 20 s at load 3).
+#: Fewer updates than the config's EMA interval (every 8) leave the evaluated EMA weights untrained: a
+#: first quick mode of 3 epochs of 4 x 4 rollouts (one update an epoch) measured a gain of exactly 0 for
+#: every run.
+TASK_SIZES: dict[str, dict[str, Any]] = {
+    "signs": {
+        "seeds": 1,
+        "grids": "model",
+        "overrides": ["train.epochs=10", "eval.max_prompts=16"],
+        "quick": {"steps": [10], "seeds": 1, "overrides": ["train.epochs=6", "eval.max_prompts=8"]},
+    }
+}
 
 
 # --------------------------------------------------------------------------- jobs

@@ -1,6 +1,6 @@
 """Task registry: a config's ``model.name`` becomes a policy plus its task (prompts, rewards).
 
-``digits`` is the built-in task; every adapter of :data:`precise_rl.policies.registry.ADAPTERS`
+``digits`` and ``signs`` are the built-in tasks; every adapter of :data:`precise_rl.policies.registry.ADAPTERS`
 (``@register_policy``) is a model name with the animal prompts (an editing model: the drawn scenes of
 :mod:`.edits`), and ``diffusers`` picks the adapter from the pipeline's ``model_index.json``. A model
 with prompts and rewards of its own is one builder function under ``@register_task``; a task passed to
@@ -23,13 +23,14 @@ from ..policies.diffusers_base import detect_adapter
 from ..policies.edit import EditPrompt, check_image_file, with_source_metadata
 from ..policies.registry import ADAPTERS
 from ..registries import add_entry, check_name
-from . import animals, digits, edits  # digits: its rewards register by name on import
+from . import animals, digits, edits, signs  # digits: its rewards register by name on import
 
 __all__ = [
     "TaskSpec",
     "TASKS",
     "build_task",
     "digits_task",
+    "signs_task",
     "model_names",
     "read_prompt_file",
     "read_edit_prompts",
@@ -48,6 +49,9 @@ class TaskSpec:
     default_rewards: dict[str, float] = field(default_factory=dict)
     #: rewards scored at evaluation only (e.g. a held-out classifier)
     eval_rewards: dict[str, float] = field(default_factory=dict)
+    #: reward name -> options the task's images need (e.g. ``ocr``'s ``detect: false`` for one-line images);
+    #: a config's ``reward.options`` entry for the same reward overrides them key by key
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # an editing prompt's source image reaches the rewards whatever the task's own metadata holds
@@ -67,6 +71,22 @@ def digits_task(policy: Policy) -> TaskSpec:
         metadata=digits.prompt_metadata,
         default_rewards=dict(digits.DEFAULT_REWARD_WEIGHTS),
         eval_rewards={"digit_recognised": 1.0},
+    )
+
+
+def _signs(model_cfg: Any, device: torch.device) -> TaskSpec:
+    return signs_task(signs.SignsPolicy.from_pretrained(model_cfg.path, device=device, **model_cfg.options))
+
+
+def signs_task(policy: Policy) -> TaskSpec:
+    """The built-in signs task (prompts with a quoted word, the ``ocr`` reward) around a signs velocity network."""
+    return TaskSpec(
+        policy=policy,
+        train_prompts=signs.train_prompts(),
+        eval_prompts=signs.eval_prompts(),
+        metadata=signs.prompt_metadata,
+        default_rewards=dict(signs.DEFAULT_REWARD_WEIGHTS),
+        reward_options={"ocr": dict(signs.OCR_OPTIONS)},
     )
 
 
@@ -111,6 +131,7 @@ def register_task(name: str) -> Callable[[B], B]:
 
 
 register_task("digits")(_digits)
+register_task("signs")(_signs)
 # any registered adapter, chosen from the pipeline's model_index.json
 register_task("diffusers")(_diffusers_builder(None))
 
