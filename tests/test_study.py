@@ -488,4 +488,7 @@ def test_the_map_row_per_cell_from_made_up_seeds() -> None:
     assert [(r[0], int(r[1])) for r in rows] == [("uniform", 6), ("shift3", 6), ("shift3", 20)]
     for row in rows:
         assert row == expected[(row[0], int(row[1]))]
+    for row in (line.strip("| ").split(" | ") for line in map_lines({**result, "seeds": 1})[2:]):
+        want = expected[(row[0], int(row[1]))]  # one seed: the split without a spread
+        assert row[5:7] == [cell.split(" ± ")[0] for cell in want[5:7]] and row[:5] == want[:5]
     assert map_lines({**result, "samplers": ["precise", "cps"]}) == []

@@ -28,6 +28,12 @@ STUDY_PAGES = {
         "command": "precise-rl study --output runs/study --workers 2",
         "machine": "the 2-core development machine",
     },
+    "study-signs.md": {
+        "data": "data/study_signs.json",
+        "title": "Study results: the signs task",
+        "command": "precise-rl study configs/signs_precise.yaml --output runs/study-signs",
+        "machine": "the 2-core development machine at load average 3 (17 min 46 s)",
+    },
 }
 
 MAP_MARKER = re.compile(r"^<!-- study-map: (\S+) -->$", re.M)

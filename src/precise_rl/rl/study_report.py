@@ -136,8 +136,9 @@ def map_lines(result: dict[str, Any]) -> list[str]:
         eff = fid["cps"]["effective_eta"]["median"]
         broad = [_f(fid.get(r, {}).get("std_ratio_broad"), ".3f") for r in ("precise", "cps", "ode")]
         row = [" = ".join(cell["grids"]), str(cell["steps"]), _short_ratio(own), _short_ratio(ode)]
-        row += [f"{diffs[0]:+.3f} / {diffs[1]:+.3f}", f"{explore[0]:+.3f} ± {explore[1]:.3f}"]
-        row += [f"{consist[0]:+.3f} ± {consist[1]:.3f}", f"{_f(eff, '.2f')} / {fid[MATCHED_CONTROL]['eta']:.2f}"]
+        spread = result.get("seeds") != 1  # one seed has no spread to show
+        split = [f"{m:+.3f}" + (f" ± {sd:.3f}" if spread else "") for m, sd in (explore, consist)]
+        row += [f"{diffs[0]:+.3f} / {diffs[1]:+.3f}", *split, f"{_f(eff, '.2f')} / {fid[MATCHED_CONTROL]['eta']:.2f}"]
         row.append(" / ".join(broad))
         lines.append("| " + " | ".join(row) + " |")
     return lines
