@@ -77,6 +77,7 @@ def test_every_documented_recipe_exists() -> None:
         (m, "precise", r) for m in ("flux2_klein", "sd3") for r in ("jpeg_compressibility", "jpeg_incompressibility")
     }
     required |= {("sd3", "nft", "pickscore"), ("flux2_klein", "nft", "pickscore"), ("sd3", "awm", "pickscore")}
+    required |= {("sd3", "precise", "ocr"), ("sd3", "flow_grpo", "ocr"), ("flux2_klein", "precise", "ocr")}
     assert required <= set(found)
     for path in RECIPES:  # the file name says what it runs
         model, sampler, reward = _recipe(path)
@@ -113,6 +114,10 @@ def test_recipe_runs_on_a_tiny_pipeline_with_its_own_rewards(path: Path, tmp_pat
         if reward in tp.TINY_REWARDS:
             tiny = tp.TINY_REWARDS[reward](tmp_path / reward)
             overrides += [f"reward.options.{reward}.{k}={v}" for k, v in tiny.items()]
+    if "ocr" in cfg.reward.weights:  # the OCR reward reads the prompt's quoted text: prompts that have one
+        words = tmp_path / "ocr_prompts.txt"
+        words.write_text("".join(f'a sign that says "{w}"\n' for w in ("CAT", "OPEN", "RIVER")))
+        overrides += [f"prompts.train={words}", f"prompts.eval={words}"]
     with contextlib.ExitStack() as stack:
         if "vlm_judge" in cfg.reward.weights:  # the recipe's own judge settings, against the loopback judge
             judge = stack.enter_context(JudgeServer(models=(cfg.reward.options["vlm_judge"]["model"],)))
