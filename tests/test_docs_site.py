@@ -120,6 +120,35 @@ def test_study_numbers_on_the_site_are_rendered_from_the_studys_json(tmp_path: P
         hook.render_maps(bad, ROOT / "docs")
 
 
+def test_the_signs_studys_reading_quotes_its_json() -> None:
+    """The prose under "On the signs task" reads the study's tables in words; the numbers it quotes are
+    recomputed here from the JSON the tables come from, so a new study cannot leave the reading behind."""
+    section = (ROOT / "docs" / "sampler-study.md").read_text().split("## On the signs task", 1)[1]
+    section = " ".join(section.split("\n## ", 1)[0].split())  # one line: a quoted range may wrap
+    cells = {c["steps"]: c["protocols"] for c in json.loads((ROOT / "docs/data/study_signs.json").read_text())["cells"]}
+
+    def rewards(protocol: str, names: tuple[str, ...], at: int) -> list[float]:
+        return [cells[n][protocol]["samplers"][s]["reward_mean"][at] for n in cells for s in names]
+
+    def span(values: list[float]) -> str:
+        return f"{min(values):.2f}-{max(values):.2f}"
+
+    for at, word in ((0, "Before any training"), (-1, "after 10 epochs")):
+        quoted = f"{span(rewards('own', ('flow_grpo',), at))} against {span(rewards('own', ('precise', 'cps'), at))}"
+        assert quoted in section, f"{word}: the tables give {quoted}"
+    lead = [
+        cells[n]["own"]["samplers"]["cps"]["reward_mean"][-1]
+        - cells[n]["own"]["samplers"]["precise"]["reward_mean"][-1]
+        for n in cells
+    ]
+    assert min(lead) > 0, "the reading says cps ends ahead under own in every cell"
+    assert f"by {min(lead):.3f} to {max(lead):.3f}" in section
+    for n in (10, 30):
+        ode = cells[n]["ode"]["samplers"]
+        assert f"{ode['precise']['reward_mean'][-1] - ode['cps']['reward_mean'][-1]:+.3f}" in section
+    assert all(cells[n]["ode"]["best_prior"] == "flow_grpo" for n in cells), "flow_grpo sets the ode target everywhere"
+
+
 def test_every_page_is_in_the_nav() -> None:
     import yaml
 
