@@ -149,6 +149,41 @@ def test_the_signs_studys_reading_quotes_its_json() -> None:
     assert all(cells[n]["ode"]["best_prior"] == "flow_grpo" for n in cells), "flow_grpo sets the ode target everywhere"
 
 
+def test_the_digits_studys_reading_quotes_its_json() -> None:
+    """The split and the broad-data fidelity numbers the digits study's reading quotes are the JSON's."""
+    text = " ".join((ROOT / "docs" / "sampler-study.md").read_text().split("## On the signs task", 1)[0].split())
+    cells = {c["name"]: c for c in json.loads((ROOT / "docs/data/study_digits.json").read_text())["cells"]}
+
+    def paired(cell: str, a: str, b: str) -> tuple[float, float]:
+        runs = cells[cell]["protocols"]["own"]["samplers"]
+        diff = [x - y for x, y in zip(runs[a]["final_reward_per_seed"], runs[b]["final_reward_per_seed"], strict=True)]
+        mean = sum(diff) / len(diff)
+        return mean, (sum((d - mean) ** 2 for d in diff) / len(diff)) ** 0.5
+
+    total, explore, consist = (
+        paired("N6-shift3", *pair) for pair in (("precise", "cps"), ("precise", "precise@cps"), ("precise@cps", "cps"))
+    )
+    assert f"({consist[0]:+.3f} of the {total[0]:+.3f}; exploration {explore[0]:+.3f})" in text
+    for cell, pair in (
+        ("N30-shift3", ("precise@cps", "cps")),
+        ("N20-uniform", ("precise@cps", "cps")),
+        ("N10-uniform", ("precise", "precise@cps")),
+        ("N10-shift3", ("precise", "precise@cps")),
+    ):
+        mean, std = paired(cell, *pair)
+        assert f"{mean:+.3f} ± {std:.3f}" in text, cell
+    broad = {n: cells[n]["fidelity_broad_std_ratio"] for n in ("N20-uniform", "N30-uniform", "N30-shift3")}
+    quoted = (
+        f"{broad['N20-uniform']['precise']:.3f} for precise against {broad['N20-uniform']['cps']:.3f} for cps "
+        "at 20 steps",
+        f"{broad['N30-uniform']['precise']:.3f} against {broad['N30-uniform']['cps']:.3f} at 30 "
+        f"(ODE {broad['N20-uniform']['ode']:.3f}, {broad['N30-uniform']['ode']:.3f})",
+        f"{broad['N30-shift3']['precise']:.3f} against {broad['N30-shift3']['cps']:.3f} at 30 on the shifted grid",
+    )
+    for q in quoted:
+        assert q in text, q
+
+
 def test_every_page_is_in_the_nav() -> None:
     import yaml
 
