@@ -12,6 +12,7 @@ import yaml
 from precise_rl.cli import main
 from precise_rl.errors import UserError
 from precise_rl.rl.compare import print_summary, summarise, time_to_target
+from precise_rl.rl.compare_report import markdown_table
 from precise_rl.rl.logging import read_metrics
 
 from . import toy_task
@@ -90,6 +91,35 @@ def test_summary_matches_a_hand_computation() -> None:
     assert summary["precise_time_saving_pct_vs_best_prior"] == pytest.approx((1 - p / b) * 100)
 
 
+def test_the_markdown_table_reads_each_runs_curve_final_and_epochs_to_target() -> None:
+    rng = np.random.default_rng()
+    epochs = [0, 20, 40, 60, 80, 100]
+    protocols, raw = {}, {}
+    for protocol in ("own", "ode"):
+        runs = {}
+        for name in ("precise", "flow_grpo", "cps"):
+            raw[protocol, name] = np.cumsum(rng.uniform(0, 0.2, (3, len(epochs))), axis=1)
+            runs[name] = [_records(epochs, [float(e) for e in epochs], list(r)) for r in raw[protocol, name]]
+        protocols[protocol] = summarise(runs)
+    lines = markdown_table({"protocols": protocols, "seeds": 3})
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[0] == "run" and head[1] == "`own` epoch 20 / 40 / 60" and head[4] == "`ode` epoch 20 / 40 / 60"
+    assert head[3] == f"`own` epochs to {protocols['own']['target']:.4f}"
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")][1:] for r in lines[2:]}
+    assert set(rows) == {"`precise`", "`flow_grpo`", "`cps`"}
+    for k, protocol in enumerate(("own", "ode")):
+        finals = {n: raw[protocol, n][:, -1].mean() for n in ("precise", "flow_grpo", "cps")}
+        target = max(finals["flow_grpo"], finals["cps"])
+        for name in finals:
+            curve = raw[protocol, name].mean(axis=0)
+            marks, final, to_target = rows[f"`{name}`"][3 * k : 3 * k + 3]
+            assert marks == " / ".join(f"{curve[i]:.3f}" for i in (1, 2, 3))
+            text = f"{finals[name]:.4f} ± {raw[protocol, name][:, -1].std():.4f}"
+            assert final == (f"**{text}**" if finals[name] == max(finals.values()) else text)
+            crossing = _crossing(epochs, curve, target)
+            assert to_target == ("not reached" if crossing is None else format(round(crossing, 1), "g"))
+
+
 def test_time_to_target_interpolates_between_evaluations() -> None:
     assert time_to_target([0, 10, 20], [0.0, 0.5, 1.0], 0.75) == pytest.approx(15.0)
     assert time_to_target([0, 10, 20], [0.0, 0.5, 1.0], 1.5) is None
@@ -150,6 +180,7 @@ def test_compare_command_writes_json_and_plot(tmp_path: Path, capsys: pytest.Cap
         summary["samplers"]["cps"]["reward_mean"][0]
     )
     assert (out / "compare.png").stat().st_size > 1000
+    assert (out / "compare.md").read_text() == "\n".join(markdown_table(result)) + "\n"
     printed = capsys.readouterr().out
     assert "target (best final prior reward, cps)" in printed
     assert "== protocol own" in printed and "== protocol ode" in printed

@@ -7,7 +7,9 @@ uses (``precise_rl.rl.study_report``):
 - each page of ``STUDY_PAGES``: the study's full report, as the command wrote it, under a line naming
   the command and the machine;
 - a ``<!-- study-map: data/FILE.json -->`` line in any page: the one-row-per-cell summary
-  (``map_lines``).
+  (``map_lines``);
+- a ``<!-- compare-table: data/FILE.json -->`` line: the table of a ``compare.json``, as
+  ``precise-rl compare`` writes it in ``compare.md`` (``precise_rl.rl.compare_report``).
 
 So no number of a study on the site is typed by hand: a new study's JSON replaces the old one and the
 pages follow. MkDocs loads this file as a hook (``hooks:`` in ``mkdocs.yml``).
@@ -37,6 +39,7 @@ STUDY_PAGES = {
 }
 
 MAP_MARKER = re.compile(r"^<!-- study-map: (\S+) -->$", re.M)
+COMPARE_MARKER = re.compile(r"^<!-- compare-table: (\S+) -->$", re.M)
 
 
 def _load(docs_dir: Path, rel: str) -> dict[str, Any]:
@@ -44,7 +47,7 @@ def _load(docs_dir: Path, rel: str) -> dict[str, Any]:
 
     path = docs_dir / rel
     if not path.is_file():
-        raise PluginError(f"the study data {path} named in docs/hooks/study_pages.py or a study-map line is missing")
+        raise PluginError(f"the data {path} named in docs/hooks/study_pages.py or a page's marker line is missing")
     return json.loads(path.read_text())
 
 
@@ -77,6 +80,13 @@ def render_maps(markdown: str, docs_dir: Path) -> str:
     return MAP_MARKER.sub(table, markdown)
 
 
+def render_compares(markdown: str, docs_dir: Path) -> str:
+    """Each ``<!-- compare-table: FILE -->`` line replaced by the table ``precise-rl compare`` writes."""
+    from precise_rl.rl.compare_report import markdown_table
+
+    return COMPARE_MARKER.sub(lambda m: "\n".join(markdown_table(_load(docs_dir, m.group(1)))), markdown)
+
+
 def on_files(files: Any, config: Any) -> Any:
     """MkDocs hook: add each study page."""
     from mkdocs.structure.files import File
@@ -87,5 +97,5 @@ def on_files(files: Any, config: Any) -> Any:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
-    """MkDocs hook: the study-map lines of a page."""
-    return render_maps(markdown, Path(config["docs_dir"]))
+    """MkDocs hook: the study-map and compare-table lines of a page."""
+    return render_compares(render_maps(markdown, Path(config["docs_dir"])), Path(config["docs_dir"]))

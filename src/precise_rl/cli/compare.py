@@ -21,7 +21,7 @@ per-sampler medians differ by noise alone); each sampler's own median and the me
 wall-clock are reported beside it; the robust clock pools each algorithm's epochs apart, as algorithms
 cost differently per epoch. Reward is also read against model evaluations spent (rollout forwards,
 one per sample and step, plus the training passes' forwards and backwards, one each per row), the
-cost that does not depend on the machine. Writes ``compare.json`` and ``compare.png``.
+cost that does not depend on the machine. Writes ``compare.json``, ``compare.md`` (the table) and ``compare.png``.
 """
 
 from __future__ import annotations
@@ -69,5 +69,5 @@ def run(args: argparse.Namespace) -> int:
         print_summary(summary, protocol, args.seeds)
     if result.get("ema_note"):
         print(f"\nnote: {result['ema_note']}")
-    print(f"\nwrote {args.output / 'compare.json'} and {args.output / 'compare.png'}")
+    print(f"\nwrote {args.output / 'compare.json'}, {args.output / 'compare.md'} and {args.output / 'compare.png'}")
     return 0

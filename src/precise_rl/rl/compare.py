@@ -20,6 +20,7 @@ import numpy as np
 from ..algorithm_table import ALGORITHM_TABLE
 from ..errors import UserError
 from ..sde.samplers import SAMPLER_TABLE, prior_samplers, trainable_samplers
+from .compare_report import markdown_table
 
 __all__ = [
     "compare_runs",
@@ -479,6 +480,7 @@ def compare_runs(
     }
     output.mkdir(parents=True, exist_ok=True)
     (output / "compare.json").write_text(json.dumps(result, indent=1))
+    (output / "compare.md").write_text("\n".join(markdown_table(result)) + "\n")
     plot_comparison(summary, output / "compare.png", note=note)
     return result
 
