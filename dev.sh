@@ -46,7 +46,7 @@ case "$cmd" in
   train) setup; exec "$VENV/bin/precise-rl" train "$@" ;;
   test) setup; exec "$PY" -m pytest "$@" ;;
   fidelity) setup; exec "$VENV/bin/precise-rl" fidelity "$@" ;;
-  bench) setup; for b in benchmarks/*.py; do echo "== $b"; "$PY" "$b"; done ;;
+  bench) setup; for b in benchmarks/[!_]*.py; do echo "== $b"; "$PY" "$b"; done ;;
   lint) setup; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . && "$VENV/bin/lint-imports" ;;
   docs)
     setup

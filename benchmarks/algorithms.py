@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import write
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,6 +285,21 @@ def measure(bench: Bench, variants: list[Variant], tmp: Path, repeats: int) -> N
 # --------------------------------------------------------------------------- the table
 
 
+def markdown(bench: Bench, repeats: int) -> str:
+    """The same numbers as :func:`table`, as the Markdown table the documentation includes."""
+    base = bench.results.get(BASELINE)
+    head = ["algorithm (sampler)"] + [f"{label} | x GRPO" for _, label, _ in COLUMNS]
+    lines = [f"{bench.title}, medians of {repeats} epochs:", "", "| " + " | ".join(head) + " |"]
+    lines.append("| --- " * (1 + 2 * len(COLUMNS)) + "|")
+    for (algorithm, sampler), res in bench.results.items():
+        cells = [f"`{algorithm}` ({sampler})"]
+        for key, _, form in COLUMNS:
+            ratio = f"{res[key] / base[key]:.2f}" if base and base[key] else "-"
+            cells += [form.format(res[key]).strip(), ratio]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(bench: Bench, device: str, repeats: int) -> str:
     """One line per variant: each measure and its ratio to GRPO's."""
     base = bench.results.get(BASELINE)
@@ -353,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print()
     print("\n\n".join(table(b, device, args.repeats) for b in benches))
+    if not args.quick:
+        write("algorithms", "\n\n".join(markdown(b, args.repeats) for b in benches), device)
     if args.json is not None:
         data: dict[str, Any] = {
             "device": device,

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: the child: one training run of the default recipe, with progress bars and TensorBoard off
@@ -96,17 +98,25 @@ def stop_busy(procs: list[subprocess.Popen]) -> None:
         p.wait(timeout=30)
 
 
-def report(label: str, runs: dict[int, list[dict[str, float]]], default: int, load: tuple[float, float]) -> None:
+HEAD = [
+    "| machine | threads | training s (median) | x one thread | whole command s (median) | reward after (each run) |",
+    "| --- | --- | --- | --- | --- | --- |",
+]
+
+
+def report(label: str, runs: dict[int, list[dict[str, float]]], default: int, load: tuple[float, float]) -> list[str]:
+    """Print and return the table rows of one half (``label`` names the machine's state and its load)."""
     one = statistics.median(r["train_s"] for r in runs[1])
-    print(f"\n{label} (load average {load[0]:.1f} before, {load[1]:.1f} after)")
-    print("| threads | training s (median) | x one thread | whole command s (median) | reward after (each run) |")
-    print("| --- | --- | --- | --- | --- |")
+    label = f"{label} (load average {load[0]:.1f} before, {load[1]:.1f} after)"
+    rows = []
     for n, rs in runs.items():
         train = statistics.median(r["train_s"] for r in rs)
         wall = statistics.median(r["wall_s"] for r in rs)
         rewards = ", ".join(f"{r['reward_after']:.4f}" for r in rs)
         name = f"{n} (torch default)" if n == default else str(n)
-        print(f"| {name} | {train:.2f} | {train / one:.2f}x | {wall:.1f} | {rewards} |")
+        rows.append(f"| {label} | {name} | {train:.2f} | {train / one:.2f}x | {wall:.1f} | {rewards} |")
+    print("\n".join(["", *HEAD, *rows]))
+    return rows
 
 
 def main() -> None:
@@ -126,7 +136,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         before = os.getloadavg()[0]
         quiet = measure(counts, epochs, repeats, Path(tmp))
-        report("as the machine is (nothing started here)", quiet, default, (before, os.getloadavg()[0]))
+        rows = report("as it was (nothing started here)", quiet, default, (before, os.getloadavg()[0]))
         busy_procs = start_busy(args.busy)
         try:
             time.sleep(2)  # let the spinners take their cores
@@ -135,7 +145,9 @@ def main() -> None:
             after = os.getloadavg()[0]
         finally:
             stop_busy(busy_procs)
-        report(f"with {args.busy} busy processes started here", busy, default, (before, after))
+        rows += report(f"+ {args.busy} busy processes", busy, default, (before, after))
+    if not args.quick:
+        write("cpu_threads", "\n".join([*HEAD, *rows]))
 
 
 if __name__ == "__main__":

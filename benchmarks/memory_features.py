@@ -1,7 +1,7 @@
 """Bytes each memory feature saves, measured on a reduced-width FLUX.2 Klein 4B (random weights).
 
 Run with ``python benchmarks/memory_features.py`` (``--width-scale``, ``--resolution``, ``--steps``
-to change the model and the work). The model is the bench's
+to change the model and the work; ``--quick`` for a smoke run). The model is the bench's
 (:func:`precise_rl.policies.random_pipeline.random_pipeline`): the real architecture with every width
 divided by ``--width-scale``, in float32 on the CPU; one GRPO epoch of 2 prompts x 4 images.
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import write
 
 from precise_rl.policies.random_pipeline import fill_prompt_cache, random_pipeline
 from precise_rl.policies.registry import ADAPTERS
@@ -65,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width-scale", type=int, default=8)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--quick", action="store_true", help="a smoke run: 32x32, 2 steps; writes no table")
     args = p.parse_args(argv)
+    if args.quick:
+        args.resolution, args.steps = 32, 2
     s = BenchSettings(
         device="cpu",
         dtype="float32",
@@ -115,10 +119,13 @@ def main(argv: list[str] | None = None) -> None:
         f"FLUX.2 Klein 4B at width / {s.width_scale}, float32, {s.resolution}x{s.resolution}, {s.steps} steps, "
         f"{s.groups} prompts x {s.group_size} images"
     )
-    print("| feature | what | without (MB) | with (MB) | saved |")
-    print("| --- | --- | --- | --- | --- |")
+    table = ["| feature | what | without (MB) | with (MB) | saved |", "| --- | --- | --- | --- | --- |"]
     for feature, what, before, after in rows:
-        print(f"| `{feature}` | {what} | {before / MB:.2f} | {after / MB:.2f} | {1 - after / before:.0%} |")
+        name = f"`{feature}`" if feature.startswith("train.") else feature
+        table.append(f"| {name} | {what} | {before / MB:.2f} | {after / MB:.2f} | {1 - after / before:.0%} |")
+    print("\n".join(table))
+    if not args.quick:
+        write("memory_features", "\n".join(table))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import write
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tests' text renders
@@ -59,7 +60,7 @@ def _signs_batch(images: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(render_signs(words, random.Random(0))).float() / 255.0, words
 
 
-def speed(images: int, repeats: int) -> None:
+def speed(images: int, repeats: int) -> list[str]:
     texts = [WORDS[k % len(WORDS)] for k in range(images)]
     batch = torch.stack([render(t, 256, 64, None, *FONTS[k % len(FONTS)]) for k, t in enumerate(texts)])
     signs, sign_words = _signs_batch(images)
@@ -100,13 +101,22 @@ def speed(images: int, repeats: int) -> None:
         f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
     )
     print(f"{'variant':52s} {'images/s':>9s} {'ratio':>6s} {'img/CPU-s':>10s} {'mean reward':>12s}")
+    table = [
+        f"Speed: {images} images per call, {repeats} timed passes, medians (load average {load_before[0]:.1f} "
+        f"before, {load_after[0]:.1f} after):",
+        "",
+        "| variant | images/s | x the first | images per CPU-second | mean reward |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name in rewards:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
         ratio = w / statistics.median(wall[base])
         print(f"{name:52s} {w:9.1f} {ratio:6.2f} {c:10.1f} {means[name]:12.3f}")
+        table.append(f"| {name} | {w:.1f} | {ratio:.2f} | {c:.1f} | {means[name]:.3f} |")
+    return table
 
 
-def quality(per_shape: int) -> None:
+def quality(per_shape: int) -> list[str]:
     renders = render_set(LINE_SHAPES + SQUARE_SHAPES, per_shape=per_shape)
     variants: dict[str, dict[str, Any]] = {
         "detection, PaddleOCR's size (max 960; default)": {"detect": True},
@@ -118,6 +128,12 @@ def quality(per_shape: int) -> None:
     }
     print(f"\nfeeding: mean reward (exact reads) on {len(renders)} PIL renders")
     print(f"{'variant':52s} {'one-line':>16s} {'square':>16s} {'ms/image':>9s}")
+    table = [
+        f"Feeding: mean reward (exact reads) on {len(renders)} PIL renders:",
+        "",
+        "| variant | one-line | square | ms per image |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, options in variants.items():
         reward = build_reward("ocr", **options)
         cells = []
@@ -134,14 +150,22 @@ def quality(per_shape: int) -> None:
             cells.append(f"{sum(scores) / len(scores):.3f} ({exact:>2d}/{len(group):>2d})")
         ms = 1000 * (time.perf_counter() - t0) / len(renders)
         print(f"{name:52s} {cells[0]:>16s} {cells[1]:>16s} {ms:9.1f}")
+        table.append(f"| {name} | {cells[0].replace('( ', '(')} | {cells[1].replace('( ', '(')} | {ms:.1f} |")
+    return table
 
 
-def text_size() -> None:
+def text_size() -> list[str]:
     """Recognition alone against detection as the text shrinks in a 256x64 image."""
     words = ["MOON", "hello", "coffee", "river stone", "ZEBRA", "bakery"]
     rewards = {"detection": build_reward("ocr", detect=True), "recognition only": build_reward("ocr", detect=False)}
     print("\ntext size: mean reward (exact reads) of 24 renders on 256x64, the text as large as fits the share given")
     print(f"{'share':>6s} " + " ".join(f"{name:>18s}" for name in rewards))
+    table = [
+        "Text size: mean reward (exact reads) of 24 renders on 256x64, the text as large as fits the share given:",
+        "",
+        "| share | " + " | ".join(rewards) + " |",
+        "| --- " * (len(rewards) + 1) + "|",
+    ]
     for share in (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3):
         texts = [w for _ in FONTS for w in words]
         fonts = [f for f in FONTS for _ in words]
@@ -155,6 +179,8 @@ def text_size() -> None:
             exact = sum(normalise(read) == normalise(text) for read, text in zip(reads, texts, strict=True))
             cells.append(f"{sum(scores) / len(scores):.3f} ({exact:>2d}/{len(texts)})")
         print(f"{share:6.1f} " + " ".join(f"{cell:>18s}" for cell in cells))
+        table.append(f"| {share:.1f} | " + " | ".join(c.replace("( ", "(") for c in cells) + " |")
+    return table
 
 
 def main() -> None:
@@ -166,11 +192,13 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true", help="the feeding table alone")
     args = parser.parse_args()
     images, repeats, per_shape = (16, 1, 2) if args.quick else (args.images, args.repeats, 12)
+    tables = []
     if not args.skip_speed:
-        speed(images, repeats)
+        tables.append(speed(images, repeats))
     if not args.skip_quality:
-        quality(per_shape)
-        text_size()
+        tables += [quality(per_shape), text_size()]
+    if not args.quick:
+        write("ocr_reward", "\n\n".join("\n".join(t) for t in tables))
 
 
 if __name__ == "__main__":

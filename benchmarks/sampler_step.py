@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _results import write
 
 from precise_rl.sde import Kernel, kernel, shifted_sigmas, step
 
@@ -170,6 +171,8 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     results: dict[tuple[str, str], tuple[float, float]] = {}
+    rows = ["| tensors | sampler | floor | step | per-row | (a) step / floor | (b) per-row / batched |"]
+    rows.append("| --- | --- | --- | --- | --- | --- | --- |")
     for size, shape in SHAPES.items():
         gen = torch.Generator(device).manual_seed(0)
         x = torch.randn(shape, generator=gen, device=device)
@@ -192,12 +195,21 @@ def main() -> None:
             ratio_a = times["step"] / times["floor"]
             ratio_b = times["per-row"] / times["step"]
             results[(size, name)] = (ratio_a, ratio_b)
+            rows.append(
+                f"| {size} | `{name}` | {fmt_time(times['floor']).strip()} | {fmt_time(times['step']).strip()} | "
+                f"{fmt_time(times['per-row']).strip()} | {ratio_a:.2f}x | {ratio_b:.1f}x |"
+            )
             print(
                 f"{size:<22}{name:<15}{fmt_time(times['floor']):>12}{fmt_time(times['step']):>12}"
                 f"{fmt_time(times['per-row']):>12}{ratio_a:>15.2f}x{ratio_b:>20.1f}x{err:>10.1e}",
                 flush=True,
             )
     print()
+    worst = [
+        f"| tensors | (a) worst step / floor (goal <= {FLOOR_GOAL}x) "
+        f"| (b) worst per-row / batched (goal >= {LOOP_GOAL}x) |"
+    ]
+    worst.append("| --- | --- | --- |")
     for size in SHAPES:
         worst_a = max(results[(size, n)][0] for n in SAMPLERS)
         worst_b = min(results[(size, n)][1] for n in SAMPLERS)
@@ -208,6 +220,9 @@ def main() -> None:
             f"{size:<22} (a) worst step/floor {worst_a:5.2f}x <= {FLOOR_GOAL}x: {met_a:<7} "
             f"(b) worst per-row/batched {worst_b:6.1f}x >= {LOOP_GOAL}x: {met_b}"
         )
+        worst.append(f"| {size} | {worst_a:.2f}x ({met_a.lower()}) | {worst_b:.1f}x ({met_b.lower()}) |")
+    if not args.quick:
+        write("sampler_step", "\n".join([*worst, "", "Each sampler:", "", *rows]), device)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import write
 
 from precise_rl.config import ExperimentConfig, apply_overrides, config_from_dict
 from precise_rl.policies import index_cond
@@ -92,10 +93,11 @@ class BareWork:
         self.sigmas = trainer.base_kernel.sigmas.to(device=device, dtype=torch.float32)
         self.num_steps = trainer.base_kernel.num_steps
         self.rollout_chunk = cfg.rollout_batch_size
-        self.steps = train_step_indices(trainer.kernel_for_epoch(0), cfg.timestep_fraction)
+        algo = trainer.cfg.algorithm  # GRPO's knobs (trained steps, KL) live in the algorithm section
+        self.steps = train_step_indices(trainer.kernel_for_epoch(0), algo.timestep_fraction)
         self.batch_size = cfg.batch_size
         self.forward_batch = cfg.forward_batch
-        self.kl = cfg.kl_beta > 0
+        self.kl = algo.kl_beta > 0
         self.n = n
         self.set_live_rows(n)
 
@@ -320,6 +322,12 @@ def main() -> None:
         )
     )
     print()
+    table = ["| | " + " | ".join(f"width {r['width']} ({r['params'] / 1e6:.2f}M params)" for r in results) + " |"]
+    table.append("| --- " * (len(results) + 1) + "|")
+    for label, key in rows:
+        name = f"of which {label.strip()}" if label.startswith(" ") else label
+        table.append(f"| {name} | " + " | ".join(f"{r['median'][key] * 1e3:.1f} ms" for r in results) + " |")
+    verdicts = []
     for r in results:
         ov = r["median"]["overhead"]
         if r["width"] == SHIPPED_WIDTH:
@@ -330,6 +338,10 @@ def main() -> None:
             f"width {r['width']:>5}: overhead {ov * 100:6.1f}% of medians, {r['best']['overhead'] * 100:6.1f}% of "
             f"fastest times (goal <= {GOAL * 100:.0f}% at the wide size, on medians: {verdict})"
         )
+        verdicts.append(f"{ov:.1%} ({verdict}; {r['best']['overhead']:.1%} on the fastest epochs)")
+    table.append(f"| overhead: epoch / bare - 1 (goal <= {GOAL:.0%} at the wide size) | " + " | ".join(verdicts) + " |")
+    if not args.quick:
+        write("trainer_overhead", "\n".join(table), device)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import write
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,18 +155,24 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.size}x{args.size}, {device}"
     )
     print(f"{'rows per forward':>22} {'checkpointing':>13} {'peak MB':>9} {'x ref':>6} {'time s':>8} {'x ref':>6}")
+    table = ["| rows per forward | checkpointing | peak MB | x reference | time s | x reference |"]
+    table.append("| --- | --- | --- | --- | --- | --- |")
     for ckpt in (False, True):
         ref_mb, ref_s = results[("reference", ckpt)]
         for key in ["reference", *map(str, counts)]:
             mb, s = results[(key, ckpt)]
             label = f"reference ({REFERENCE_IMAGES_PER_FORWARD} images)" if key == "reference" else f"ours {key}"
             print(f"{label:>22} {'on' if ckpt else 'off':>13} {mb:9.1f} {mb / ref_mb:6.2f} {s:8.3f} {s / ref_s:6.2f}")
+            on = "on" if ckpt else "off"
+            table.append(f"| {label} | {on} | {mb:.1f} | {mb / ref_mb:.2f} | {s:.2f} | {s / ref_s:.2f} |")
     budget = args.budget_gb if args.budget_gb is not None else results[("reference", False)][0] / 1e3
     tr = make_trainer(path, tmp / "auto", args.size, "auto", False, memory_budget_gb=budget)
     mb, s = measure(tr, ours, args.repeats)
-    print(
-        f"forward_batch: auto within {budget * 1e3:.1f} MB chooses {tr.forward_batch} rows: peak {mb:.1f} MB, {s:.3f} s"
-    )
+    rows = f"{tr.forward_batch} row" + ("s" if tr.forward_batch != 1 else "")
+    auto = f"auto within {budget * 1e3:.1f} MB chooses {rows} per forward: peak {mb:.1f} MB, {s:.3f} s"
+    print(f"forward_batch: {auto}")
+    if not args.quick:
+        write("training_memory", "\n".join([*table, "", f"`forward_batch`: {auto}."]), device)
 
 
 if __name__ == "__main__":

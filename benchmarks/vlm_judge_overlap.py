@@ -37,6 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tests' judge server
 
+from _results import write  # noqa: E402
+
 from precise_rl.config import config_from_dict  # noqa: E402
 from precise_rl.rewards import RewardSet  # noqa: E402
 from precise_rl.rl.logging import read_metrics  # noqa: E402
@@ -128,6 +130,16 @@ def main() -> None:
         f"overlapped epoch {a['epoch_s']:.3f} s against {b['epoch_s']:.3f} s scored after sampling; "
         f"sampling and training alone {alone:.3f} s"
     )
+    if not args.quick:
+        table = ["| scoring | rollout s | reward wait s | update s | epoch s |", "| --- | --- | --- | --- | --- |"]
+        for mode, r in rows.items():
+            table.append(
+                f"| {mode} | {r['time_rollout_s']:.3f} | {r['time_reward_s']:.3f} | {r['time_train_s']:.3f} "
+                f"| {r['epoch_s']:.3f} |"
+            )
+        write(
+            "vlm_judge_overlap", "\n".join([*table, "", f"Sampling and update alone (overlapped run): {alone:.3f} s."])
+        )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: where results are written
+from _results import write  # noqa: E402
+
 from precise_rl.cli.models import memory_rows
 from precise_rl.rl.bench import BenchSettings, peak_rss_bytes, reset_peak_rss, run_case
 
@@ -98,6 +101,20 @@ def main(argv: list[str] | None = None) -> None:
         f"models --memory predicts {weights / GB:.2f} GB of bf16 weights that stay (transformer + VAE); "
         f"the text encoder's {predicted['text_encoders_bytes'] / GB:.2f} GB is never built"
     )
+    table = [
+        "| stage | seconds | peak resident memory (GB) |",
+        "| --- | --- | --- |",
+        f"| before the build | | {start_rss / GB:.2f} |",
+        f"| build (transformer, VAE, trainer) | {row.build_s:.1f} | {row.build_peak_bytes / GB:.2f} |",
+        f"| rollout + decode + reward (2 images) | {row.rollout_s:.1f} | {row.rollout_peak_bytes / GB:.2f} |",
+        f"| LoRA training step | {row.train_s:.1f} | {row.train_peak_bytes / GB:.2f} |",
+        "",
+        f"`precise-rl models --memory` counts {weights / GB:.2f} GB of bf16 weights that stay (transformer "
+        f"{predicted['transformer_bytes'] / GB:.2f} + VAE {predicted['vae_bytes'] / GB:.2f}); the text encoder's "
+        f"{predicted['text_encoders_bytes'] / GB:.2f} GB is never built. LoRA trains "
+        f"{row.trainable_parameters / 1e6:.1f}M parameters.",
+    ]
+    write("full_size_cpu", "\n".join(table))
 
 
 if __name__ == "__main__":
