@@ -113,6 +113,15 @@ def test_study_numbers_on_the_site_are_rendered_from_the_studys_json(tmp_path: P
         for rel in hook.MAP_MARKER.findall(p.read_text()):
             lines = map_lines(json.loads((ROOT / "docs" / rel).read_text()))
             assert lines and "\n".join(lines) in rendered
+    from precise_rl.rl.compare_report import markdown_table
+
+    compared = [p for p in (ROOT / "docs").glob("*.md") if hook.COMPARE_MARKER.search(p.read_text())]
+    assert compared, "no page shows a comparison's table"
+    for p in compared:
+        rendered = hook.render_compares(p.read_text(), ROOT / "docs")
+        assert "<!-- compare-table" not in rendered
+        for rel in hook.COMPARE_MARKER.findall(p.read_text()):
+            assert "\n".join(markdown_table(json.loads((ROOT / "docs" / rel).read_text()))) in rendered
     bad = "intro\n<!-- study-map: data/no_such_study.json -->\n"
     from mkdocs.exceptions import PluginError
 
@@ -147,6 +156,28 @@ def test_the_signs_studys_reading_quotes_its_json() -> None:
         ode = cells[n]["ode"]["samplers"]
         assert f"{ode['precise']['reward_mean'][-1] - ode['cps']['reward_mean'][-1]:+.3f}" in section
     assert all(cells[n]["ode"]["best_prior"] == "flow_grpo" for n in cells), "flow_grpo sets the ode target everywhere"
+
+
+def test_the_compare_reading_quotes_its_json() -> None:
+    """The reading under the built-in default's comparison quotes what its compare.json holds."""
+    text = " ".join((ROOT / "docs" / "sampler-study.md").read_text().split("**The map**", 1)[0].split())
+    protocols = json.loads((ROOT / "docs/data/compare_digits.json").read_text())["protocols"]
+
+    def final(protocol: str, run: str) -> str:
+        c = protocols[protocol]["samplers"][run]
+        return f"{c['final_reward_mean']:.4f} ± {c['final_reward_std']:.4f}"
+
+    assert f"{final('own', 'cps')} against precise's {final('own', 'precise')}" in text
+    assert f"{final('ode', 'cps')} against {final('ode', 'precise')}" in text
+    reached = [e for e in protocols["ode"]["samplers"]["precise"]["epochs_to_target_per_seed"] if e is not None]
+    assert len(reached) == 1 and f"(at {reached[0]:.1f} epochs)" in text
+    own = protocols["own"]["samplers"]
+    start = (
+        f"start at {own['flow_grpo']['initial_reward_mean']:.2f} against {own['precise']['initial_reward_mean']:.2f}"
+    )
+    assert start in text and f"ends at {own['flow_grpo']['final_reward_mean']:.2f}" in text
+    rooms = sorted(p["headroom"] for p in protocols.values())
+    assert f"leave {rooms[0]:.0%}-{rooms[-1]:.0%} of the way".replace("%-", "-") in text
 
 
 def test_the_digits_studys_reading_quotes_its_json() -> None:
