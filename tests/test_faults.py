@@ -971,7 +971,11 @@ def test_a_fault_on_one_process_is_handled_alike_on_every_process(tmp_path: Path
         *("--main_process_port", str(_free_port())),
         *("tests/dist_entry.py", "train", *args, "--output", str(run)),
     ]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as exc:  # a hang at the distributed stop: show what each process said
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        pytest.fail(f"the two processes did not end within 300 s; their stderr:\n{err[-8000:]}")
     ckpts = run / "checkpoints"
     sentence = (
         "precise-rl train: error: training stopped: 2 updates in a row had a NaN or infinite loss or gradient, or "
