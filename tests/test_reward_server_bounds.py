@@ -38,23 +38,9 @@ from precise_rl.rewards.protocol import Limits, read_token
 
 from . import tiny_pipelines as tp
 from .test_reward_server import thread_server
+from .test_reward_server_hostile import MeanPixel, _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class MeanPixel(Reward):
-    """The mean level of each image in [0, 1]."""
-
-    name = "mean_pixel"
-
-    def __call__(self, images: torch.Tensor, prompts: Any, metadata: Any) -> torch.Tensor:
-        return images.flatten(1).double().mean(dim=1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _b64_png(pixels: np.ndarray) -> str:

@@ -82,6 +82,35 @@ def _post(port: int, body: bytes, headers: dict[str, str] | None = None, timeout
         conn.close()
 
 
+def _poll_health(
+    port: int,
+    done: threading.Event,
+    lock: threading.Lock,
+    latencies: list[float],
+    failures: list[str],
+    rounds: int,
+    pause: float,
+) -> None:
+    """GET /health every ``pause`` seconds until ``done`` (at most ``rounds`` times), recording each answer's
+    latency and any answer that is not 200 (the load tests' poller)."""
+    for _ in range(rounds):
+        if done.is_set():
+            return
+        t0 = time.perf_counter()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("GET", "/health")
+            status = conn.getresponse().status
+            conn.close()
+        except OSError as exc:
+            status = repr(exc)
+        with lock:
+            latencies.append(time.perf_counter() - t0)
+            if status != 200:
+                failures.append(f"/health: {status}")
+        time.sleep(pause)
+
+
 def _png_bytes(pixels: np.ndarray) -> bytes:
     """An 8-bit PNG written with PIL (grey for 2-D arrays, RGB for H x W x 3)."""
     buf = io.BytesIO()
@@ -340,22 +369,7 @@ def test_load_good_and_hostile_requests_mixed(capsys: pytest.CaptureFixture[str]
                         failures.append(f"attacker {k} round {r} {name}: {status} {answer}"[:300])
 
     def health_poller() -> None:
-        for _ in range(5000):  # bounded; stops as soon as the clients are done
-            if done.is_set():
-                return
-            t0 = time.perf_counter()
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                conn.request("GET", "/health")
-                status = conn.getresponse().status
-                conn.close()
-            except OSError as exc:
-                status = repr(exc)
-            with lock:
-                latencies.append(time.perf_counter() - t0)
-                if status != 200:
-                    failures.append(f"/health: {status}")
-            time.sleep(0.01)
+        _poll_health(port, done, lock, latencies, failures, rounds=5000, pause=0.01)
 
     try:
         threads = [threading.Thread(target=good_client, args=(k,)) for k in range(6)]
@@ -495,22 +509,7 @@ def test_load_slow_bodies_amplifying_json_and_concurrent_large_bodies(capsys: py
                     failures.append(f"good client {k} call {r}: {out}"[:300])
 
     def health_poller() -> None:
-        for _ in range(20000):  # bounded; stops as soon as the clients are done
-            if done.is_set():
-                return
-            t0 = time.perf_counter()
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                conn.request("GET", "/health")
-                status = conn.getresponse().status
-                conn.close()
-            except OSError as exc:
-                status = repr(exc)
-            with lock:
-                latencies.append(time.perf_counter() - t0)
-                if status != 200:
-                    failures.append(f"/health: {status}")
-            time.sleep(0.02)
+        _poll_health(port, done, lock, latencies, failures, rounds=20000, pause=0.02)
 
     try:
         _post(port, _request([tiny]))  # warm: the first request imports and allocates what every one uses
