@@ -119,21 +119,21 @@ def _command_of(argv: Sequence[str]) -> str:
 LEAVE_TIMEOUT_S = 60.0
 
 
-def _leave_process_group() -> None:
+def _leave_process_group() -> bool:
     """Under a distributed launch, leave the process group before exiting (done, or on an agreed error).
 
     Exiting with it still open may abort the process (SIGABRT from the communication threads:
     "terminate called without an active exception") instead of ending with its exit code. Leaving
     can itself hang (seen once with gloo on a loaded machine: both processes in
     ``destroy_process_group`` after an agreed error): after ``LEAVE_TIMEOUT_S`` the process gives up
-    and exits at once with the code already decided.
+    and exits at once with the code already decided. Returns whether there was a group to leave.
     """
     dist = sys.modules.get("torch.distributed")
     try:
         if dist is None or not dist.is_available() or not dist.is_initialized():
-            return
+            return False
     except Exception:
-        return
+        return False
     left = threading.Event()
 
     def leave() -> None:
@@ -153,6 +153,7 @@ def _leave_process_group() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit_code[0])  # the interpreter's teardown would wait on the same group
+    return True
 
 
 #: the exit code main() returns, for an exit that cannot wait for the interpreter's teardown
@@ -246,7 +247,13 @@ def _run_command(args: argparse.Namespace) -> int:
     except UserError as exc:
         print(f"precise-rl {args.command}: error: {exc}", file=sys.stderr)
         _exit_code[0] = 2
-        _leave_process_group()
+        if _leave_process_group():
+            # A launched process stopping on an error ends here: in the interpreter's teardown the communication
+            # threads of a peer that already left can abort it ("terminate called without an active exception",
+            # SIGABRT) or hang it, seen in the two-process fault tests; the error is out and the files closed.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         where = ""
